@@ -1,0 +1,47 @@
+# The commands a newcomer needs. Everything runs from a local virtualenv (.venv)
+# that the first target to need it creates: no global installs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
+ARGS   ?=
+
+.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean
+
+$(STAMP): $(SOURCES)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+## serve: run the server on the embedded default (SQLite under ./data)
+serve: $(STAMP)
+	$(BIN)/sovereign serve $(ARGS)
+
+## test: lint, type-check and the whole test suite (what CI runs)
+test: $(STAMP) lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## bench: microbenchmarks, saved under .benchmarks/
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-autosave $(ARGS)
+
+## bench-compare: fail if a benchmark regressed more than 10% against the last saved run
+bench-compare: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:10% $(ARGS)
+
+clean:
+	rm -rf build $(VENV) src/sovereign/_fast/*.c src/sovereign/_fast/*.so src/sovereign/v1/*_pb2.py*

@@ -1,0 +1,236 @@
+"""Typed configuration (SPEC §9, §11).
+
+Precedence: command-line flag > ``SOVEREIGN_<KEY>`` environment variable > config
+file (TOML) > default. Every key is validated at start-up; a bad value raises
+:class:`ConfigError` whose message is one line naming the key and what is allowed.
+List-valued environment keys are comma-separated (SPEC §12.21).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import msgspec
+
+Registration = Literal["open", "invite", "closed"]
+MlsValidation = Literal["strict", "opaque"]
+StorageBackend = Literal["sqlite", "postgres"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # listeners and identity
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "127.0.0.1:8081"
+    data_dir: str = "./data"
+    server_name: str = "Sovereign"
+    rp_id: str = "localhost"
+    rp_name: str = "Sovereign"
+    rp_origins: list[str] = msgspec.field(default_factory=lambda: ["http://localhost:8080"])
+    allowed_origins: list[str] | None = None  # None: same as rp_origins (SPEC §12.10)
+    tls_cert: str = ""
+    tls_key: str = ""
+    # policy
+    registration: Registration = "open"
+    mls_validation: MlsValidation = "strict"
+    # storage
+    storage: StorageBackend = "sqlite"
+    postgres_dsn: str = "postgresql://localhost/sovereign"
+    redis_url: str = ""
+    # limits (SPEC §9)
+    max_envelope_bytes: int = 65_536
+    max_frame_bytes: int = 1_048_576
+    max_message_size_bytes: int = 65_536
+    rate_limit_per_second: float = 30.0
+    rate_limit_burst: int = 10
+    max_connections: int = 10_000
+    max_connections_per_user: int = 5
+    auth_timeout: float = 10.0
+    idle_timeout: float = 90.0
+    challenge_timeout: float = 60.0
+    max_auth_failures: int = 5
+    session_timeout_hours: int = 720
+    max_group_members: int = 1_000
+    max_groups_per_user: int = 500
+    max_key_packages: int = 100
+    min_key_packages: int = 5
+    retention_days: int = 90
+    send_buffer_limit: int = 4 * 1_048_576
+    # operations
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
+    group_commit_max_batch: int = 512
+
+    @property
+    def origins_allowed(self) -> list[str]:
+        return list(self.rp_origins if self.allowed_origins is None else self.allowed_origins)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.data_dir) / "sovereign.db"
+
+
+_POSITIVE = {
+    "max_envelope_bytes",
+    "max_frame_bytes",
+    "max_message_size_bytes",
+    "rate_limit_per_second",
+    "rate_limit_burst",
+    "max_connections",
+    "max_connections_per_user",
+    "auth_timeout",
+    "idle_timeout",
+    "challenge_timeout",
+    "session_timeout_hours",
+    "max_group_members",
+    "max_groups_per_user",
+    "max_key_packages",
+    "send_buffer_limit",
+    "group_commit_max_batch",
+}
+_NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
+
+
+def _hints() -> dict[str, Any]:
+    return get_type_hints(Config)
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    return "a list of strings (comma-separated in the environment)"
+
+
+def _coerce_env(key: str, raw: str, tp: Any) -> Any:
+    """Turn an environment string into the key's type (SPEC §11)."""
+    base = tp
+    if isinstance(tp, types.UnionType):  # "list[str] | None" -> list[str]
+        base = next(a for a in get_args(tp) if a is not type(None))
+    try:
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+        if get_origin(base) is list:
+            return [p.strip() for p in raw.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"{key}: {raw!r} is not valid; expected {_describe(base)}") from None
+    return raw
+
+
+def _parse_hostport(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: {value!r} is not valid; expected HOST:PORT (port 0-65535)")
+
+
+def validate(cfg: Config) -> Config:
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0 (got {getattr(cfg, key)})")
+    for key in _NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be 0 or more (got {getattr(cfg, key)})")
+    _parse_hostport("listen", cfg.listen)
+    _parse_hostport("admin_listen", cfg.admin_listen)
+    if cfg.max_envelope_bytes > cfg.max_frame_bytes:
+        raise ConfigError("max_envelope_bytes: must not exceed max_frame_bytes")
+    if not cfg.rp_origins:
+        raise ConfigError("rp_origins: at least one origin is required")
+    for origin in cfg.rp_origins + (cfg.allowed_origins or []):
+        if not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"rp_origins: {origin!r} is not an http(s) origin")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert: tls_cert and tls_key must be set together")
+    if cfg.max_connections_per_user > cfg.max_connections:
+        raise ConfigError("max_connections_per_user: must not exceed max_connections")
+    return cfg
+
+
+def _convert(data: Mapping[str, Any], where: str) -> Config:
+    try:
+        return msgspec.convert(dict(data), Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.auth_timeout`"
+        text = str(exc)
+        key = text.rsplit("$.", 1)[-1].rstrip("`") if "$." in text else ""
+        if key and key in _hints():
+            raise ConfigError(
+                f"{key}: invalid value in {where}; expected {_describe(_hints()[key])}"
+            ) from None
+        if "unknown field" in text.lower():
+            field = text.split("`")[1] if "`" in text else text
+            raise ConfigError(f"{field}: unknown configuration key in {where}") from None
+        raise ConfigError(f"config: {text} ({where})") from None
+
+
+def load(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective configuration: flags > environment > file > default."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    hints = _hints()
+    if config_file is None:
+        # A data dir chosen by flag or environment may hold a sovereign.toml (setup writes it).
+        data_dir = (overrides or {}).get("data_dir") or env.get("SOVEREIGN_DATA_DIR") or "./data"
+        candidate = Path(data_dir) / "sovereign.toml"
+        if candidate.is_file():
+            config_file = candidate
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            with path.open("rb") as fh:
+                data.update(tomllib.load(fh))
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {str(path)!r} is not valid TOML ({exc})") from None
+    for key, tp in hints.items():
+        raw = env.get("SOVEREIGN_" + key.upper())
+        if raw is not None:
+            data[key] = _coerce_env(key, raw, tp)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return validate(_convert(data, "configuration"))
+
+
+def dump_toml(cfg: Config) -> str:
+    """Render a config as TOML (used by ``sovereign setup``)."""
+    lines = []
+    for key, value in msgspec.structs.asdict(cfg).items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            rendered = repr(value)
+        elif isinstance(value, list):
+            rendered = "[" + ", ".join(_toml_str(v) for v in value) + "]"
+        else:
+            rendered = _toml_str(str(value))
+        lines.append(f"{key} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
