@@ -1,0 +1,22 @@
+"""Stub for the compiled Envelope codec (twin: sovereign.codec.envelope)."""
+
+from sovereign.codec.envelope import REASONS as REASONS
+from sovereign.codec.envelope import EnvelopeError as EnvelopeError
+
+__all__ = [
+    "REASONS",
+    "EnvelopeError",
+    "decode_envelope",
+    "encode_envelope",
+    "encode_envelope_into",
+]
+
+def decode_envelope(
+    buf: bytes | bytearray | memoryview, max_request_id: int = 64
+) -> tuple[int, str, memoryview]: ...
+def encode_envelope(
+    msg_type: int, request_id: str, payload: bytes | bytearray | memoryview
+) -> bytes: ...
+def encode_envelope_into(
+    out: bytearray, msg_type: int, request_id: str, payload: bytes | bytearray | memoryview
+) -> None: ...

@@ -1,0 +1,234 @@
+"""Pure-Python twin of ``sovereign._fast.envelope`` (the ``Envelope`` codec, SPEC §2).
+
+``Envelope { MessageType type = 1; string request_id = 2; bytes payload = 3; }``
+
+Decoding follows the protobuf runtime (upb) for proto3: fields in any order, the last
+occurrence of a field wins, fields with an unknown number *or* an unexpected wire type
+are skipped, ``type`` is the low 32 bits of its varint read as int32, every
+``request_id`` occurrence must be valid UTF-8. Tags and length prefixes are at most 5
+bytes (tag <= 2**32-1), other varints at most 10. One deliberate difference: groups
+(wire types 3/4) are rejected, while upb skips well-formed ones as unknown fields.
+
+The compiled module must give identical results and identical error reasons; the
+parity tests in ``tests/unit/test_envelope_codec.py`` hold both to that.
+"""
+
+from __future__ import annotations
+
+import operator
+
+__all__ = [
+    "REASONS",
+    "EnvelopeError",
+    "decode_envelope",
+    "encode_envelope",
+    "encode_envelope_into",
+]
+
+
+class EnvelopeError(ValueError):
+    """The bytes are not a valid ``Envelope`` (SPEC §2 → Error 3005 InvalidEnvelope)."""
+
+
+# Error reasons, indexed by the status codes the compiled parser returns.
+REASONS: tuple[str, ...] = (
+    "",
+    "truncated varint",
+    "varint too long",
+    "tag too long",
+    "field number 0",
+    "groups are not supported",
+    "invalid wire type",
+    "length prefix too long",
+    "truncated field",
+    "request_id is not valid UTF-8",
+    "request_id too long",
+)
+_TRUNCATED_VARINT = 1
+_VARINT_TOO_LONG = 2
+_TAG_TOO_LONG = 3
+_FIELD_ZERO = 4
+_GROUP = 5
+_BAD_WIRE_TYPE = 6
+_LENGTH_TOO_LONG = 7
+_TRUNCATED_FIELD = 8
+_BAD_UTF8 = 9
+_RID_TOO_LONG = 10
+
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+_EMPTY = b""
+
+
+def _error(status: int) -> EnvelopeError:
+    return EnvelopeError(REASONS[status])
+
+
+def _byte_source(buf: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """Something indexable by byte offset: bytes/bytearray as-is, else a 1-D 'B' view."""
+    if isinstance(buf, (bytes, bytearray)):
+        return buf
+    mv = memoryview(buf)
+    if not mv.c_contiguous:
+        raise BufferError("buffer is not C-contiguous")
+    if mv.ndim != 1 or mv.format != "B":
+        mv = mv.cast("B")
+    return mv
+
+
+def _varint(
+    data: bytes | bytearray | memoryview, pos: int, end: int, limit: int, too_long: int
+) -> tuple[int, int]:
+    """Read a varint of at most ``limit`` bytes; returns (value mod 2**64, new pos)."""
+    result = 0
+    shift = 0
+    count = 0
+    while True:
+        if pos >= end:
+            raise _error(_TRUNCATED_VARINT)
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result & _U64, pos
+        count += 1
+        shift += 7
+        if count == limit:
+            raise _error(too_long)
+
+
+def _parse(data: bytes | bytearray | memoryview, end: int) -> tuple[int, int, int, int, int]:
+    """Scan the whole message; returns (type, rid_off, rid_len, pay_off, pay_len)."""
+    msg_type = 0
+    rid_off = rid_len = -1
+    pay_off = pay_len = 0
+    pos = 0
+    while pos < end:
+        # Tag: a varint of at most 5 bytes whose value fits in uint32.
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(data, pos, end, 5, _TAG_TOO_LONG)
+            if tag > 0xFFFF_FFFF:
+                raise _error(_TAG_TOO_LONG)
+        field = tag >> 3
+        wire = tag & 7
+        if field == 0:
+            raise _error(_FIELD_ZERO)
+        if wire == 0:
+            value, pos = _varint(data, pos, end, 10, _VARINT_TOO_LONG)
+            if field == 1:
+                value &= 0xFFFF_FFFF  # int32: low 32 bits, sign-interpreted
+                msg_type = value - 0x1_0000_0000 if value >= 0x8000_0000 else value
+        elif wire == 2:
+            if pos < end and data[pos] < 0x80:
+                length = data[pos]
+                pos += 1
+            else:
+                length, pos = _varint(data, pos, end, 5, _LENGTH_TOO_LONG)
+            if length > end - pos:
+                raise _error(_TRUNCATED_FIELD)
+            if field == 2:
+                if rid_len > 0:
+                    # upb validates every occurrence, not only the one that wins.
+                    _check_utf8(data, rid_off, rid_len)
+                rid_off, rid_len = pos, length
+            elif field == 3:
+                pay_off, pay_len = pos, length
+            pos += length
+        elif wire == 1:
+            if end - pos < 8:
+                raise _error(_TRUNCATED_FIELD)
+            pos += 8
+        elif wire == 5:
+            if end - pos < 4:
+                raise _error(_TRUNCATED_FIELD)
+            pos += 4
+        elif wire == 3 or wire == 4:
+            raise _error(_GROUP)
+        else:
+            raise _error(_BAD_WIRE_TYPE)
+    return msg_type, rid_off, rid_len, pay_off, pay_len
+
+
+def _check_utf8(data: bytes | bytearray | memoryview, off: int, length: int) -> str:
+    try:
+        return str(data[off : off + length], "utf-8")
+    except UnicodeDecodeError:
+        raise _error(_BAD_UTF8) from None
+
+
+def _payload(
+    buf: bytes | bytearray | memoryview, source: bytes | bytearray | memoryview, off: int, n: int
+) -> memoryview:
+    if n == 0:
+        return memoryview(_EMPTY)
+    mv = source if isinstance(source, memoryview) else memoryview(buf)
+    return mv[off : off + n]
+
+
+def decode_envelope(
+    buf: bytes | bytearray | memoryview, max_request_id: int = 64
+) -> tuple[int, str, memoryview]:
+    """Decode one serialized Envelope into ``(type, request_id, payload)``.
+
+    ``payload`` is a zero-copy slice of ``buf`` (it keeps a bytearray from resizing
+    while alive). Raises :class:`EnvelopeError` on malformed input, or when the
+    request_id is longer than ``max_request_id`` UTF-8 bytes (SPEC §2).
+    """
+    data = _byte_source(buf)
+    end = len(data)
+    msg_type, rid_off, rid_len, pay_off, pay_len = _parse(data, end)
+    if rid_len <= 0:
+        request_id = ""
+    else:
+        if rid_len > max_request_id:
+            raise _error(_RID_TOO_LONG)
+        request_id = _check_utf8(data, rid_off, rid_len)
+    return msg_type, request_id, _payload(buf, data, pay_off, pay_len)
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    value &= _U64
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def encode_envelope_into(
+    out: bytearray, msg_type: int, request_id: str, payload: bytes | bytearray | memoryview
+) -> None:
+    """Append the serialized Envelope to ``out`` (byte-identical to protobuf)."""
+    if not isinstance(out, bytearray):
+        raise TypeError(f"out must be a bytearray, not {type(out).__name__}")
+    msg_type = operator.index(msg_type)
+    if not -0x8000_0000 <= msg_type <= 0x7FFF_FFFF:
+        raise EnvelopeError("type out of int32 range")
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be str, not {type(request_id).__name__}")
+    rid = request_id.encode("utf-8")
+    pv = memoryview(payload)
+    if not pv.c_contiguous:
+        raise BufferError("payload is not C-contiguous")
+    # Field order and default omission as protobuf's serializer (proto3).
+    if msg_type:
+        out.append(0x08)
+        _put_varint(out, msg_type)  # negative: sign-extended, 10 bytes
+    if rid:
+        out.append(0x12)
+        _put_varint(out, len(rid))
+        out += rid
+    if pv.nbytes:
+        out.append(0x1A)
+        _put_varint(out, pv.nbytes)
+        out += pv
+
+
+def encode_envelope(
+    msg_type: int, request_id: str, payload: bytes | bytearray | memoryview
+) -> bytes:
+    """Serialize an Envelope; the bytes equal protobuf's ``SerializeToString()``."""
+    out = bytearray()
+    encode_envelope_into(out, msg_type, request_id, payload)
+    return bytes(out)

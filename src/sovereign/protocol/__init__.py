@@ -1,0 +1,1 @@
+"""Protocol layer (SPEC §1-§4): types, upgrade, connection state, envelope dispatch."""
