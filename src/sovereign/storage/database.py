@@ -1,0 +1,635 @@
+"""SQLite with one writer thread doing group commit, and a pool of readers.
+
+Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
+
+- Exactly one connection writes, from one dedicated thread. ``write(fn)`` queues ``fn``;
+  the thread takes everything queued (up to ``max_batch``) and runs it inside ONE
+  transaction (``BEGIN IMMEDIATE`` … ``COMMIT``): one fsync for many writes. Each ``fn``
+  runs inside its own SAVEPOINT, so a failing ``fn`` undoes only its own work and gets
+  its exception while the rest of the batch still commits.
+- A write's future is resolved only after COMMIT returned, so "awaited" means
+  "durable" (``synchronous=FULL``). All futures of a batch are resolved by ONE
+  ``call_soon_threadsafe`` (one loop wake-up per batch, not per write).
+- If SQLite aborts the whole transaction, or COMMIT fails, every write whose work was
+  lost gets a :class:`DatabaseError`; a write that failed on its own keeps its own error.
+- Reads run on ``readers`` read-only connections in a small thread pool; WAL lets them
+  run beside the writer. Each read runs in one read transaction, so ``fn`` sees one
+  consistent snapshot of committed data.
+- The event loop never blocks on SQLite: opening, migrating, checkpointing and closing
+  all happen on the writer thread.
+
+Write functions must not COMMIT or ROLLBACK themselves (they may use their own
+SAVEPOINTs). Cancelling an awaiting ``write()`` does not un-queue it: it may still
+commit. Exceptions that are ``sqlite3.Error`` reach callers as :class:`DatabaseError`
+(chained); every other exception passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any, TypeAlias, TypeVar
+
+from sovereign.storage.engines import ENGINE, SqliteEngine
+from sovereign.storage.errors import DatabaseClosed, DatabaseError, MigrationError, StorageError
+
+log = logging.getLogger("sovereign.storage")
+
+T = TypeVar("T")
+
+#: What a ``_txn`` function receives. One alias, so the engine seam stays in one place.
+Conn: TypeAlias = sqlite3.Connection
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.([a-z]+))?\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseStats:
+    """Counters for /metrics (read without locking: plain ints under the GIL)."""
+
+    batches_committed: int
+    writes_committed: int
+    writes_failed: int
+    largest_batch: int
+    queue_depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+# An outcome: (future, exception or None, result).
+_Outcome: TypeAlias = tuple["asyncio.Future[Any]", BaseException | None, Any]
+
+
+class _Stop:
+    """Queue sentinel: drain what came before, then shut down."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[None]) -> None:
+        self.fut = fut
+
+
+_QueueItem: TypeAlias = "tuple[Callable[[Conn], Any], asyncio.Future[Any]] | _Stop"
+
+
+class Database:
+    """The SQLite database: a single group-committing writer plus read-only readers."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_batch: int,
+        readers: int,
+        busy_timeout_ms: int,
+        migrations: Traversable,
+        engine: SqliteEngine = ENGINE,
+    ) -> None:
+        # Use Database.open(); the constructor only records settings.
+        if max_batch < 1 or readers < 1:
+            raise ValueError("max_batch and readers must be >= 1")
+        self.path = path
+        self.engine = engine
+        self.max_batch = max_batch
+        self._n_readers = readers
+        self._busy_timeout_ms = busy_timeout_ms
+        self._migrations = migrations
+        self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
+        self._closed = True  # until open() finishes
+        self._dead = False  # the writer thread has shut down
+        self._lock = threading.Lock()
+        self._closing: asyncio.Future[None] | None = None
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._rconns: list[sqlite3.Connection] = []
+        self._rfree: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._rpool: ThreadPoolExecutor | None = None
+        self.schema_version = 0
+        # metrics
+        self._batches = 0
+        self._writes_ok = 0
+        self._writes_failed = 0
+        self._largest = 0
+
+    # -- lifecycle ------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        max_batch: int = 512,
+        readers: int = 2,
+        busy_timeout_ms: int = 5000,
+        migrations: Traversable | Path | None = None,
+    ) -> Database:
+        """Create (if needed), migrate and open the database at ``path`` (SPEC §11)."""
+        p = Path(path)
+        if str(path) == ":memory:":
+            raise ValueError("Database needs a file: readers and the writer share it")
+        ENGINE.check_version()
+        mig = migrations if migrations is not None else default_migrations()
+        db = cls(
+            p,
+            max_batch=max_batch,
+            readers=readers,
+            busy_timeout_ms=busy_timeout_ms,
+            migrations=mig,
+        )
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Daemon: a process that exits without close() must not hang on this thread;
+        # WAL makes an unclean exit as safe as a crash.
+        writer = threading.Thread(
+            target=db._writer_main, args=(started,), name="sovereign-db-writer", daemon=True
+        )
+        writer.start()
+        try:
+            await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # Cancelled mid-open: close it once it has opened, so nothing leaks.
+            task = asyncio.get_running_loop().create_task(db._close_after_open(started, writer))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+            raise
+        db._writer = writer
+        db._closed = False
+        return db
+
+    async def _close_after_open(
+        self, started: asyncio.Future[None], writer: threading.Thread
+    ) -> None:
+        try:
+            await started
+        except BaseException:
+            return  # the thread already cleaned up
+        self._writer = writer
+        self._closed = False
+        await self.close()
+
+    async def close(self) -> None:
+        """Finish queued writes, checkpoint the WAL, close every connection.
+
+        Idempotent. After close, :meth:`write` and :meth:`read` raise DatabaseClosed.
+        """
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._writer is None or self._dead:
+                self._closed = True
+                return
+            self._closed = True
+            self._closing = closing
+            self._queue.put(_Stop(closing))
+        await asyncio.shield(closing)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- public API -------------------------------------------------------------
+    async def write(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn(conn)`` on the writer inside a group-committed transaction.
+
+        Returns ``fn``'s result once the transaction holding it has committed.
+        """
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        # The lock pairs with _shutdown: a write is either queued before the writer's
+        # final drain (and answered) or refused here, never stranded.
+        with self._lock:
+            if self._closed:
+                raise DatabaseClosed("database is closed")
+            self._queue.put((fn, fut))
+        return await fut
+
+    async def read(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
+        return await self._on_reader(fn, True)
+
+    async def backup(self, dest: str | Path) -> None:
+        """Write a consistent copy of the database to ``dest`` (SPEC §11 ``backup``).
+
+        Uses SQLite's online backup API on a reader in one step, i.e. from one WAL
+        snapshot, so writers keep going. The copy is written beside ``dest`` and
+        renamed into place, so ``dest`` is either absent or complete.
+        """
+        target = Path(dest)
+        if target.resolve() == self.path.resolve():
+            raise ValueError("backup destination is the live database")
+        await self._on_reader(lambda conn: _backup_to(conn, target), False)
+
+    def stats(self) -> DatabaseStats:
+        return DatabaseStats(
+            batches_committed=self._batches,
+            writes_committed=self._writes_ok,
+            writes_failed=self._writes_failed,
+            largest_batch=self._largest,
+            queue_depth=self._queue.qsize(),
+        )
+
+    @property
+    def batches_committed(self) -> int:
+        return self._batches
+
+    @property
+    def writes_committed(self) -> int:
+        return self._writes_ok
+
+    @property
+    def largest_batch(self) -> int:
+        return self._largest
+
+    def size_bytes(self) -> int:
+        """Database plus WAL size on disk (admin ``info``, SPEC §10)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    # -- readers ----------------------------------------------------------------
+    async def _on_reader(self, fn: Callable[[Conn], T], snapshot: bool) -> T:
+        if self._closed or self._rpool is None:
+            raise DatabaseClosed("database is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            fut = loop.run_in_executor(self._rpool, self._run_read, fn, snapshot)
+        except RuntimeError:  # pool shut down between the check and the submit
+            raise DatabaseClosed("database is closed") from None
+        return await fut
+
+    def _run_read(self, fn: Callable[[Conn], T], snapshot: bool) -> T:
+        # The pool has exactly as many threads as connections: one is always free.
+        conn = self._rfree.get()
+        try:
+            if snapshot:
+                conn.execute("BEGIN")
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise _db_error("read failed", exc) from exc
+        finally:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("reader rollback failed")
+            self._rfree.put(conn)
+
+    # -- writer thread ----------------------------------------------------------
+    def _writer_main(self, started: asyncio.Future[None]) -> None:
+        loop = started.get_loop()
+        try:
+            self._startup()
+        except BaseException as exc:
+            self._close_connections()
+            err = exc if isinstance(exc, StorageError) else _db_error("open failed", exc)
+            _call_soon(loop, _settle, [(started, err, None)])
+            return
+        _call_soon(loop, _settle, [(started, None, None)])
+        stop: _Stop | None = None
+        try:
+            stop = self._serve()
+        except BaseException:
+            log.exception("storage writer crashed")
+        finally:
+            self._shutdown(stop)
+
+    def _startup(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
+        self._wconn = conn
+        self.engine.configure_writer(conn, self._busy_timeout_ms)
+        self.schema_version = apply_migrations(
+            conn, load_migrations(self._migrations, self.engine.name)
+        )
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        for _ in range(self._n_readers):
+            r = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self._rconns.append(r)
+            self.engine.configure_reader(r, self._busy_timeout_ms)
+            self._rfree.put(r)
+        self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
+
+    def _serve(self) -> _Stop:
+        q = self._queue
+        limit = self.max_batch
+        while True:
+            first = q.get()
+            if isinstance(first, _Stop):
+                return first
+            batch = [first]
+            stop: _Stop | None = None
+            while len(batch) < limit:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stop = item
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+            if stop is not None:
+                return stop
+
+    def _run_batch(self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any]]]) -> None:
+        conn = self._wconn
+        assert conn is not None
+        outcomes: list[_Outcome] = []
+        pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
+        committed = False
+        try:
+            for i, (fn, fut) in enumerate(batch):
+                if not conn.in_transaction:
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                    except sqlite3.Error as exc:
+                        # Without a transaction nothing left in this batch can run.
+                        outcomes += [
+                            (f, _db_error("BEGIN failed", exc), None) for _, f in batch[i:]
+                        ]
+                        break
+                try:
+                    conn.execute("SAVEPOINT batch_item")
+                    result = fn(conn)
+                    conn.execute("RELEASE batch_item")
+                except Exception as exc:
+                    err = _db_error("write failed", exc) if isinstance(exc, sqlite3.Error) else exc
+                    outcomes.append((fut, err, None))
+                    if not _rollback_item(conn):
+                        # SQLite rolled back the whole transaction (e.g. SQLITE_FULL): the
+                        # earlier writes of this batch went with it.
+                        outcomes += [
+                            (f, _db_error("transaction aborted", exc), None) for f, _ in pending
+                        ]
+                        pending.clear()
+                else:
+                    pending.append((fut, result))
+            if conn.in_transaction:
+                try:
+                    conn.execute("COMMIT")
+                    committed = True
+                except sqlite3.Error as exc:
+                    _rollback_all(conn)
+                    outcomes += [(f, _db_error("COMMIT failed", exc), None) for f, _ in pending]
+                else:
+                    outcomes += [(f, None, r) for f, r in pending]
+                pending.clear()
+        except BaseException as exc:  # a bug here must never leave a caller waiting
+            _rollback_all(conn)
+            seen = {id(o[0]) for o in outcomes}
+            outcomes += [
+                (f, _db_error("writer failed", exc), None) for _, f in batch if id(f) not in seen
+            ]
+            raise
+        finally:
+            if committed:
+                self._batches += 1
+                self._largest = max(self._largest, len(batch))
+            ok = sum(1 for o in outcomes if o[1] is None)
+            self._writes_ok += ok
+            self._writes_failed += len(outcomes) - ok
+            _post(outcomes)
+
+    def _shutdown(self, stop: _Stop | None) -> None:
+        with self._lock:
+            self._closed = True
+            self._dead = True
+        # Anything queued after the stop (or left by a crash) is refused, not dropped.
+        leftovers: list[_Outcome] = []
+        stops = [stop] if stop is not None else []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Stop):
+                stops.append(item)
+            else:
+                leftovers.append((item[1], DatabaseClosed("database is closed"), None))
+        _post(leftovers)
+        if self._rpool is not None:
+            self._rpool.shutdown(wait=True)  # in-flight reads finish first
+        conn = self._wconn
+        if conn is not None:
+            try:
+                # Fold the WAL back so the closed database is one self-contained file.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                log.exception("WAL checkpoint at close failed")
+        self._close_connections()
+        _post([(s.fut, None, None) for s in stops])
+
+    def _close_connections(self) -> None:
+        for r in self._rconns:
+            r.close()
+        self._rconns.clear()
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _db_error(what: str, exc: BaseException) -> DatabaseError:
+    err = DatabaseError(f"{what}: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _rollback_item(conn: sqlite3.Connection) -> bool:
+    """Undo one write's SAVEPOINT; False if the enclosing transaction is gone."""
+    if not conn.in_transaction:
+        return False
+    try:
+        conn.execute("ROLLBACK TO batch_item")
+        conn.execute("RELEASE batch_item")
+        return True
+    except sqlite3.Error:
+        _rollback_all(conn)
+        return False
+
+
+def _rollback_all(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("ROLLBACK failed")
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """Runs on the event loop: resolve a whole batch in one callback."""
+    for fut, exc, result in outcomes:
+        if fut.done():  # the caller gave up (cancelled)
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, cb: Callable[..., Any], arg: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # loop closed: nobody is left to wait
+        loop.call_soon_threadsafe(cb, arg)
+
+
+def _post(outcomes: list[_Outcome]) -> None:
+    """One ``call_soon_threadsafe`` per event loop per batch (normally one loop)."""
+    if not outcomes:
+        return
+    loop = outcomes[0][0].get_loop()
+    if all(o[0].get_loop() is loop for o in outcomes):
+        _call_soon(loop, _settle, outcomes)
+        return
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for o in outcomes:
+        by_loop.setdefault(o[0].get_loop(), []).append(o)
+    for lp, items in by_loop.items():
+        _call_soon(lp, _settle, items)
+
+
+def _backup_to(conn: sqlite3.Connection, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    out = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.backup(out)  # pages=-1: one step, one snapshot
+        # A single self-contained file (no -wal sidecar) is what an operator copies.
+        out.execute("PRAGMA journal_mode = DELETE")
+        ok = out.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise StorageError(f"backup failed its integrity check: {ok}")
+    finally:
+        out.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
+# -- migrations --------------------------------------------------------------------
+
+
+def default_migrations() -> Traversable:
+    return resources.files("sovereign.storage").joinpath("migrations")
+
+
+def load_migrations(directory: Traversable | Path, engine: str) -> list[Migration]:
+    """Numbered ``NNNN_name.sql`` files in order; ``NNNN_name.<engine>.sql`` wins over
+    the generic file of the same number; other engines' files are ignored."""
+    chosen: dict[int, tuple[bool, str, Traversable | Path]] = {}
+    for entry in directory.iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m is None:
+            continue
+        version, name, eng = int(m.group(1)), m.group(2), m.group(3)
+        if eng is not None and eng != engine:
+            continue
+        specific = eng is not None
+        prev = chosen.get(version)
+        if prev is not None:
+            if prev[1] != name:
+                raise MigrationError(f"two migrations numbered {version:04d}: {prev[1]}, {name}")
+            if prev[0] or not specific:
+                continue
+        chosen[version] = (specific, name, entry)
+    return [
+        Migration(v, name, entry.read_text(encoding="utf-8"))
+        for v, (_, name, entry) in sorted(chosen.items())
+    ]
+
+
+def split_statements(script: str) -> Iterator[str]:
+    """Split a script into statements (triggers and quoted ';' stay intact)."""
+    pieces = script.split(";")
+    buf = ""
+    for i, piece in enumerate(pieces):
+        buf += piece if i == len(pieces) - 1 else piece + ";"
+        if sqlite3.complete_statement(buf):
+            if not _blank(buf):
+                yield buf
+            buf = ""
+    if not _blank(buf):
+        if sqlite3.complete_statement(buf + ";"):  # last statement without its ';'
+            yield buf
+        else:
+            raise MigrationError(f"incomplete SQL statement: {buf.strip()[:80]!r}")
+
+
+def _blank(sql: str) -> bool:
+    """Only whitespace, ';' and comments."""
+    return not _COMMENTS.sub("", sql).strip(" \t\r\n;")
+
+
+def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> int:
+    """Apply each missing migration in its own transaction; returns the schema version.
+
+    Safe to re-run and against a concurrent opener: each migration re-checks
+    ``schema_version`` under the write lock before applying.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_us INTEGER NOT NULL"
+        ") STRICT"
+    )
+    applied = {int(r[0]) for r in conn.execute("SELECT version FROM schema_version")}
+    known = max((m.version for m in migrations), default=0)
+    newest = max(applied, default=0)
+    if newest > known:
+        # Never run old code against a newer schema.
+        raise MigrationError(
+            f"database schema version {newest} is newer than this server ({known})"
+        )
+    for m in migrations:
+        if m.version in applied:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            again = conn.execute(
+                "SELECT 1 FROM schema_version WHERE version = ?", (m.version,)
+            ).fetchone()
+            if again is None:
+                for stmt in split_statements(m.sql):
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at_us) VALUES (?, ?, ?)",
+                    (m.version, m.name, time.time_ns() // 1000),
+                )
+                log.info("applied migration %04d_%s", m.version, m.name)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            _rollback_all(conn)
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc
+        applied.add(m.version)
+    return max(applied, default=0)

@@ -1,0 +1,520 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sovereign.storage import Database, DatabaseClosed, DatabaseError, MigrationError
+from sovereign.storage import database as database_mod
+from sovereign.storage.database import default_migrations, load_migrations, split_statements
+
+from .conftest import Gate
+
+
+def _insert(value: str) -> Callable[[sqlite3.Connection], str]:
+    """A write fn adding one row (settings is a handy key/value table)."""
+
+    def fn(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO settings (key, value) VALUES (?, '1')", (value,))
+        return value
+
+    return fn
+
+
+def _keys(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT key FROM settings ORDER BY key")]
+
+
+# -- opening, pragmas, migrations ------------------------------------------------------
+
+
+async def test_open_creates_parent_dir_and_sets_pragmas(db: Database, db_path: Path) -> None:
+    assert db_path.exists()
+
+    def pragmas(conn: sqlite3.Connection) -> tuple[str, int, int, int]:
+        return (
+            conn.execute("PRAGMA journal_mode").fetchone()[0],
+            conn.execute("PRAGMA synchronous").fetchone()[0],
+            conn.execute("PRAGMA foreign_keys").fetchone()[0],
+            conn.execute("PRAGMA busy_timeout").fetchone()[0],
+        )
+
+    mode, sync, fks, busy = await db.write(pragmas)
+    assert mode == "wal"
+    assert sync == 2  # FULL (SPEC §11)
+    assert fks == 1
+    assert busy == 5000
+    # Readers see the same WAL database and return sqlite3.Row.
+    row = await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone())
+    assert isinstance(row, sqlite3.Row)
+    assert row[0] == "wal"
+
+
+async def test_readers_are_read_only(db: Database) -> None:
+    with pytest.raises(DatabaseError):
+        await db.read(lambda c: c.execute("INSERT INTO settings VALUES ('k', '1')"))
+
+
+async def test_migrations_applied_once_and_idempotent(db_path: Path) -> None:
+    def versions(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+        return [tuple(r) for r in conn.execute("SELECT version, name FROM schema_version")]
+
+    for _ in range(3):
+        db = await Database.open(db_path)
+        try:
+            assert db.schema_version == 1
+            assert await db.read(versions) == [(1, "auth")]
+            tables = await db.read(
+                lambda c: {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+            )
+            assert {"users", "credentials", "sessions", "challenges", "invites", "settings"} <= (
+                tables
+            )
+        finally:
+            await db.close()
+
+
+def _migrations_dir(tmp_path: Path, extra: dict[str, str]) -> Path:
+    d = tmp_path / "migrations"
+    d.mkdir(exist_ok=True)
+    for entry in default_migrations().iterdir():
+        if entry.name.endswith(".sql"):
+            (d / entry.name).write_text(entry.read_text())
+    for name, sql in extra.items():
+        (d / name).write_text(sql)
+    return d
+
+
+async def test_new_migration_applied_on_reopen(tmp_path: Path, db_path: Path) -> None:
+    (await Database.open(db_path)).schema_version  # noqa: B018
+    db = await Database.open(db_path)
+    await db.close()
+    mig = _migrations_dir(tmp_path, {"0002_extra.sql": "CREATE TABLE extra (x INTEGER) STRICT;"})
+    db = await Database.open(db_path, migrations=mig)
+    try:
+        assert db.schema_version == 2
+        assert await db.read(lambda c: c.execute("SELECT COUNT(*) FROM extra").fetchone()[0]) == 0
+    finally:
+        await db.close()
+
+
+async def test_refuses_schema_newer_than_code(tmp_path: Path, db_path: Path) -> None:
+    mig = _migrations_dir(tmp_path, {"0002_extra.sql": "CREATE TABLE extra (x INTEGER);"})
+    await (await Database.open(db_path, migrations=mig)).close()
+    with pytest.raises(MigrationError, match="newer"):
+        await Database.open(db_path)
+
+
+async def test_failed_migration_rolls_back_and_open_fails_cleanly(
+    tmp_path: Path, db_path: Path
+) -> None:
+    before = {t.name for t in threading.enumerate()}
+    mig = _migrations_dir(
+        tmp_path,
+        {"0002_bad.sql": "CREATE TABLE half (x INTEGER);\nINSERT INTO nowhere VALUES (1);\n"},
+    )
+    with pytest.raises(MigrationError, match="0002_bad"):
+        await Database.open(db_path, migrations=mig)
+    # 0001 committed in its own transaction; 0002 left nothing behind.
+    db = await Database.open(db_path)
+    try:
+        assert db.schema_version == 1
+        names = await db.read(lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master")])
+        assert "half" not in names
+    finally:
+        await db.close()
+    for _ in range(100):  # the failed opener's writer thread is gone
+        if "sovereign-db-writer" not in {t.name for t in threading.enumerate()} - before:
+            break
+        await asyncio.sleep(0.01)
+    assert "sovereign-db-writer" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_engine_specific_migration_wins(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("generic;")
+    (tmp_path / "0001_a.sqlite.sql").write_text("sqlite;")
+    (tmp_path / "0001_a.postgres.sql").write_text("postgres;")
+    (tmp_path / "0002_b.postgres.sql").write_text("pg only;")
+    (tmp_path / "0003_c.sql").write_text("c;")
+    (tmp_path / "README.md").write_text("ignored")
+    got = load_migrations(tmp_path, "sqlite")
+    assert [(m.version, m.name, m.sql) for m in got] == [(1, "a", "sqlite;"), (3, "c", "c;")]
+
+
+def test_duplicate_migration_numbers_refused(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("x;")
+    (tmp_path / "0001_b.sql").write_text("y;")
+    with pytest.raises(MigrationError, match="two migrations"):
+        load_migrations(tmp_path, "sqlite")
+
+
+def test_split_statements_keeps_triggers_and_quoted_semicolons() -> None:
+    script = """
+    -- a comment; with a semicolon
+    CREATE TABLE t (x TEXT);
+    INSERT INTO t VALUES ('a;b');
+    CREATE TRIGGER tr AFTER INSERT ON t BEGIN
+        INSERT INTO t VALUES ('c'); SELECT 1;
+    END;
+    -- trailing comment
+    """
+    stmts = list(split_statements(script))
+    assert len(stmts) == 3
+    assert "'a;b'" in stmts[1]
+    assert stmts[2].rstrip().endswith("END;")
+    conn = sqlite3.connect(":memory:")
+    try:
+        for s in stmts:
+            conn.execute(s)
+    finally:
+        conn.close()
+
+
+async def test_memory_path_refused() -> None:
+    with pytest.raises(ValueError):
+        await Database.open(":memory:")
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+async def test_concurrent_writes_are_group_committed(db: Database) -> None:
+    results = await asyncio.gather(*(db.write(_insert(f"k{i:03d}")) for i in range(200)))
+    assert results == [f"k{i:03d}" for i in range(200)]
+    stats = db.stats()
+    assert stats.writes_committed == 200
+    assert stats.batches_committed < 50, stats  # far fewer transactions than writes
+    assert stats.largest_batch > 1
+    assert await db.read(_keys) == [f"k{i:03d}" for i in range(200)]
+
+
+async def test_queued_writes_form_one_batch_resolved_by_one_callback(
+    db: Database, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    settle_calls: list[int] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(cb, *args, **kw):  # type: ignore[no-untyped-def]
+        if cb is database_mod._settle:
+            settle_calls.append(len(args[0]))
+        return real(cb, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    rest = [asyncio.ensure_future(db.write(_insert(f"k{i:03d}"))) for i in range(200)]
+    await asyncio.sleep(0)  # every task has queued its write
+    gate.release()
+    assert await first == "gate"
+    assert await asyncio.gather(*rest) == [f"k{i:03d}" for i in range(200)]
+    assert settle_calls == [1, 200]  # one wake-up per batch, not per write
+    stats = db.stats()
+    assert (stats.batches_committed, stats.largest_batch) == (2, 200)
+
+
+async def test_max_batch_caps_a_transaction(db_path: Path, gate: Gate) -> None:
+    db = await Database.open(db_path, max_batch=50)
+    try:
+        first = asyncio.ensure_future(db.write(gate.fn))
+        await gate.wait_entered()
+        rest = [asyncio.ensure_future(db.write(_insert(f"k{i:03d}"))) for i in range(200)]
+        await asyncio.sleep(0)
+        gate.release()
+        await first
+        await asyncio.gather(*rest)
+        assert db.stats().batches_committed == 1 + 4
+        assert db.largest_batch == 50
+    finally:
+        await db.close()
+
+
+async def test_failing_write_rolls_back_only_itself(db: Database, gate: Gate) -> None:
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
+        raise RuntimeError("boom")
+
+    def sql_error(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    futs = [
+        asyncio.ensure_future(db.write(_insert("a"))),
+        asyncio.ensure_future(db.write(half_then_fail)),
+        asyncio.ensure_future(db.write(_insert("b"))),
+        asyncio.ensure_future(db.write(sql_error)),
+        asyncio.ensure_future(db.write(_insert("c"))),
+    ]
+    await asyncio.sleep(0)
+    gate.release()
+    await first
+    res = await asyncio.gather(*futs, return_exceptions=True)
+    assert res[0] == "a" and res[2] == "b" and res[4] == "c"
+    assert isinstance(res[1], RuntimeError)  # the fn's own exception, unchanged
+    assert isinstance(res[3], DatabaseError)  # sqlite3 errors arrive typed
+    assert isinstance(res[3].__cause__, sqlite3.OperationalError)
+    assert await db.read(_keys) == ["a", "b", "c"]
+    assert db.stats().batches_committed == 2
+    assert db.stats().writes_failed == 2
+
+
+async def test_failed_commit_fails_every_write_in_the_batch(db: Database, gate: Gate) -> None:
+    def deferred_violation(conn: sqlite3.Connection) -> str:
+        # Deferred FK checks run at COMMIT: the whole batch's COMMIT fails.
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute(
+            "INSERT INTO credentials (credential_id, user_id, public_key, created_at_us)"
+            " VALUES (x'01', 'nobody', x'00', 0)"
+        )
+        return "ok?"
+
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    futs = [
+        asyncio.ensure_future(db.write(_insert("a"))),
+        asyncio.ensure_future(db.write(deferred_violation)),
+        asyncio.ensure_future(db.write(_insert("b"))),
+    ]
+    await asyncio.sleep(0)
+    gate.release()
+    await first
+    res = await asyncio.gather(*futs, return_exceptions=True)
+    assert all(isinstance(r, DatabaseError) and "COMMIT" in str(r) for r in res), res
+    assert await db.read(_keys) == []
+    # The writer carries on.
+    assert await db.write(_insert("after")) == "after"
+    assert await db.read(_keys) == ["after"]
+
+
+async def test_write_that_ends_the_transaction_fails_earlier_writes(
+    db: Database, gate: Gate
+) -> None:
+    def abort(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does itself on e.g. SQLITE_FULL
+        raise RuntimeError("aborted")
+
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    futs = [
+        asyncio.ensure_future(db.write(_insert("a"))),
+        asyncio.ensure_future(db.write(abort)),
+        asyncio.ensure_future(db.write(_insert("b"))),
+    ]
+    await asyncio.sleep(0)
+    gate.release()
+    res = await asyncio.gather(first, *futs, return_exceptions=True)
+    assert res[0] == "gate"  # its own batch
+    # "a" was lost with the transaction: it must not report success.
+    assert isinstance(res[1], DatabaseError) and "aborted" in str(res[1])
+    assert isinstance(res[2], RuntimeError)
+    assert res[3] == "b"  # ran in a fresh transaction
+    assert await db.read(_keys) == ["b"]
+
+
+async def test_writes_compose_in_one_transaction(db: Database) -> None:
+    def two_then_fail(conn: sqlite3.Connection) -> None:
+        _insert("x")(conn)
+        _insert("y")(conn)
+        raise ValueError("all or nothing")
+
+    with pytest.raises(ValueError):
+        await db.write(two_then_fail)
+    assert await db.read(_keys) == []
+
+
+async def test_cancelled_waiter_does_not_break_the_batch(db: Database, gate: Gate) -> None:
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    doomed = asyncio.ensure_future(db.write(_insert("a")))
+    kept = asyncio.ensure_future(db.write(_insert("b")))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    gate.release()
+    await first
+    assert await kept == "b"
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    # Cancelling the waiter does not un-queue the write (documented).
+    assert await db.read(_keys) == ["a", "b"]
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+async def test_reads_do_not_see_uncommitted_writes(db: Database) -> None:
+    inserted = threading.Event()
+    release = threading.Event()
+
+    def slow_write(conn: sqlite3.Connection) -> None:
+        _insert("pending")(conn)
+        inserted.set()
+        assert release.wait(10)
+
+    fut = asyncio.ensure_future(db.write(slow_write))
+    try:
+        while not inserted.is_set():
+            await asyncio.sleep(0.001)
+        assert await db.read(_keys) == []  # WAL: the reader sees the last commit
+    finally:
+        release.set()
+    await fut
+    assert await db.read(_keys) == ["pending"]
+
+
+async def test_reads_run_concurrently(db: Database) -> None:
+    barrier = threading.Barrier(2, timeout=5)
+
+    def meet(conn: sqlite3.Connection) -> int:
+        barrier.wait()  # BrokenBarrierError unless both readers run at once
+        return int(conn.execute("SELECT 1").fetchone()[0])
+
+    assert list(await asyncio.gather(db.read(meet), db.read(meet))) == [1, 1]
+
+
+async def test_read_sees_one_snapshot(db: Database) -> None:
+    seen_second: list[list[str]] = []
+    first_done = threading.Event()
+    write_done = threading.Event()
+
+    def two_queries(conn: sqlite3.Connection) -> list[str]:
+        first = _keys(conn)
+        first_done.set()
+        assert write_done.wait(5)
+        seen_second.append(_keys(conn))
+        return first
+
+    reader = asyncio.ensure_future(db.read(two_queries))
+    while not first_done.is_set():
+        await asyncio.sleep(0.001)
+    await db.write(_insert("new"))
+    write_done.set()
+    assert await reader == []
+    assert seen_second == [[]]  # same snapshot within one read()
+
+
+# -- durability, close, backup -----------------------------------------------------------
+
+
+async def test_data_survives_close_and_reopen(db_path: Path) -> None:
+    db = await Database.open(db_path)
+    await asyncio.gather(*(db.write(_insert(f"k{i}")) for i in range(10)))
+    await db.close()
+    assert not Path(f"{db_path}-wal").exists() or Path(f"{db_path}-wal").stat().st_size == 0
+    db = await Database.open(db_path)
+    try:
+        assert len(await db.read(_keys)) == 10
+    finally:
+        await db.close()
+
+
+async def test_close_drains_queue_then_refuses(db_path: Path) -> None:
+    db = await Database.open(db_path)
+    pending = [asyncio.ensure_future(db.write(_insert(f"k{i}"))) for i in range(50)]
+    await asyncio.sleep(0)  # queued
+    await db.close()
+    assert len(await asyncio.gather(*pending)) == 50  # nothing queued before close is lost
+    assert db.closed
+    with pytest.raises(DatabaseClosed):
+        await db.write(_insert("late"))
+    with pytest.raises(DatabaseClosed):
+        await db.read(_keys)
+    with pytest.raises(DatabaseClosed):
+        await db.backup(db_path.parent / "b.db")
+    await db.close()  # idempotent
+    db = await Database.open(db_path)
+    try:
+        assert len(await db.read(_keys)) == 50
+    finally:
+        await db.close()
+
+
+async def test_concurrent_close_calls(db_path: Path) -> None:
+    db = await Database.open(db_path)
+    await asyncio.gather(db.close(), db.close(), db.close())
+    assert db.closed
+
+
+async def test_backup_is_consistent_and_openable(db: Database, tmp_path: Path) -> None:
+    await asyncio.gather(*(db.write(_insert(f"k{i:03d}")) for i in range(100)))
+
+    async def keep_writing() -> None:
+        for i in range(100):
+            await db.write(_insert(f"z{i:03d}"))
+
+    writer = asyncio.ensure_future(keep_writing())
+    dest = tmp_path / "backups" / "copy.db"
+    await db.backup(dest)
+    await writer
+    assert dest.exists()
+    assert not (tmp_path / "backups" / "copy.db.partial").exists()
+    assert not Path(f"{dest}-wal").exists()
+    conn = sqlite3.connect(dest)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        keys = [r[0] for r in conn.execute("SELECT key FROM settings ORDER BY key")]
+        assert keys[:100] == [f"k{i:03d}" for i in range(100)]
+        z = keys[100:]
+        assert z == [f"z{i:03d}" for i in range(len(z))]  # a prefix: one snapshot
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+    finally:
+        conn.close()
+    # The copy opens as a live database too.
+    copy = await Database.open(dest)
+    try:
+        assert len(await copy.read(_keys)) == len(keys)
+    finally:
+        await copy.close()
+
+
+async def test_backup_refuses_live_path(db: Database, db_path: Path) -> None:
+    with pytest.raises(ValueError):
+        await db.backup(db_path)
+
+
+async def test_two_databases_on_one_file_serialize_writes(db_path: Path) -> None:
+    a = await Database.open(db_path)
+    b = await Database.open(db_path)
+    try:
+        await asyncio.gather(
+            *(a.write(_insert(f"a{i}")) for i in range(50)),
+            *(b.write(_insert(f"b{i}")) for i in range(50)),
+        )
+        assert len(await a.read(_keys)) == 100
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_size_bytes(db: Database) -> None:
+    assert db.size_bytes() > 0
+
+
+async def test_read_passes_other_exceptions_through(db: Database) -> None:
+    def boom(conn: sqlite3.Connection) -> None:
+        raise KeyError("mine")
+
+    with pytest.raises(KeyError):
+        await db.read(boom)
+    assert await db.read(_keys) == []  # the reader connection is still usable
+
+
+async def test_cancelled_open_leaks_nothing(db_path: Path) -> None:
+    def writers() -> int:
+        return sum(t.name == "sovereign-db-writer" for t in threading.enumerate())
+
+    before = writers()
+    task = asyncio.ensure_future(Database.open(db_path))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if writers() == before:
+            break
+        await asyncio.sleep(0.01)
+    assert writers() == before
