@@ -1,0 +1,1 @@
+"""Authentication: WebAuthn ceremonies (registration and login) and sessions."""

@@ -1,0 +1,1 @@
+"""Client-side helpers: a software WebAuthn authenticator for bots and tests."""
