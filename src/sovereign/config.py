@@ -9,8 +9,8 @@ List-valued environment keys are comma-separated (SPEC §12.21).
 from __future__ import annotations
 
 import os
-import types
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints

@@ -1,0 +1,60 @@
+"""HTTP upgrade policy for the main listener (SPEC §1, §4, §10, §12.10). No I/O.
+
+The listener answers only ``GET /ws`` (the WebSocket endpoint) and ``GET /healthz``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+SUBPROTOCOL = "sovereign.v1"
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeDecision:
+    status: int  # 101 accept, 200 health, else the HTTP error
+    subprotocol: str | None = None
+    reason: str = ""
+
+
+def parse_subprotocols(values: Collection[str]) -> list[str]:
+    """``Sec-WebSocket-Protocol`` may repeat and hold comma-separated tokens (RFC 6455 §4.1)."""
+    out: list[str] = []
+    for value in values:
+        out.extend(p.strip() for p in value.split(",") if p.strip())
+    return out
+
+
+def decide(
+    *,
+    method: str,
+    path: str,
+    origin: str | None,
+    offered_subprotocols: list[str],
+    allowed_origins: Collection[str],
+    active_connections: int,
+    max_connections: int,
+    accepting: bool = True,
+) -> UpgradeDecision:
+    route = path.split("?", 1)[0]
+    if method != "GET":
+        return UpgradeDecision(405, reason="method not allowed")
+    if route == "/healthz":
+        return UpgradeDecision(200, reason="ok")
+    if route != "/ws":
+        return UpgradeDecision(404, reason="not found")
+    if not accepting:
+        return UpgradeDecision(503, reason="server shutting down")
+    # SPEC §12.10: browsers always send Origin; native clients send none and pass.
+    if origin is not None and origin not in allowed_origins:
+        return UpgradeDecision(403, reason="origin not allowed")
+    # SPEC §1: offered but not ours -> 400; none offered -> accept without one.
+    subprotocol: str | None = None
+    if offered_subprotocols:
+        if SUBPROTOCOL not in offered_subprotocols:
+            return UpgradeDecision(400, reason=f"subprotocol {SUBPROTOCOL} required")
+        subprotocol = SUBPROTOCOL
+    if active_connections >= max_connections:
+        return UpgradeDecision(503, reason="server at connection limit")
+    return UpgradeDecision(101, subprotocol=subprotocol)

@@ -1,0 +1,1 @@
+"""Policy: auth, sessions, messaging, groups. Services raise SovereignError; storage owns SQL."""

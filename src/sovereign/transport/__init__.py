@@ -1,0 +1,1 @@
+"""Transport adapters: picows WebSocket listener (thin glue over the protocol core)."""

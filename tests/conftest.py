@@ -1,0 +1,51 @@
+"""Shared fixtures. Integration tests start the real server on 127.0.0.1 with a
+temporary data directory; nothing stands in for the server, SQLite or WebAuthn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from tests.helpers.server import RunningServer, running_server
+
+# Async tests run on uvloop (what production uses). SOVEREIGN_TEST_LOOP=asyncio runs
+# them on the stdlib loop instead, =both runs every async test on each.
+_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    choice = os.environ.get("SOVEREIGN_TEST_LOOP", "uvloop")
+    if choice == "both":
+        return dict(_LOOPS)
+    return {choice: _LOOPS[choice]}
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    async with running_server(tmp_path / "data") as srv:
+        yield srv
+
+
+@pytest.fixture
+def server_with(
+    tmp_path: Path,
+) -> Callable[..., AbstractAsyncContextManager[RunningServer]]:
+    """``async with server_with(auth_timeout=1) as srv:`` for per-test limits."""
+    counter = iter(range(1000))
+
+    def make(**overrides: Any) -> AbstractAsyncContextManager[RunningServer]:
+        return running_server(tmp_path / f"data{next(counter)}", **overrides)
+
+    return make

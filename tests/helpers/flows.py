@@ -1,0 +1,81 @@
+"""Real WebAuthn ceremonies over a real connection, for tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sovereign.client.authenticator import SoftwareAuthenticator
+from sovereign.protocol.types import MessageType as T
+from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.server import ORIGIN
+from tests.helpers.wsclient import WsClient
+
+
+@dataclass
+class Account:
+    user_id: str
+    username: str
+    token: str
+    authenticator: SoftwareAuthenticator
+
+
+async def register(
+    client: WsClient,
+    username: str,
+    *,
+    invite_code: str = "",
+    authenticator: SoftwareAuthenticator | None = None,
+    display_name: str = "",
+) -> Account:
+    auth = authenticator or SoftwareAuthenticator()
+    challenge = await client.request(
+        T.AUTH_REGISTER_REQUEST,
+        pb.AuthRegisterRequest(
+            username=username, display_name=display_name or username, invite_code=invite_code
+        ),
+        T.AUTH_REGISTER_CHALLENGE,
+    )
+    att = auth.create(challenge.credential_creation_options, ORIGIN)
+    ok = await client.request(
+        T.AUTH_REGISTER_RESPONSE,
+        pb.AuthRegisterResponse(
+            credential_id=att["credential_id"],
+            authenticator_data=att["authenticator_data"],
+            client_data_json=att["client_data_json"],
+            attestation_object=att["attestation_object"],
+        ),
+        T.AUTH_REGISTER_SUCCESS,
+    )
+    return Account(ok.user_id, username, ok.session_token, auth)
+
+
+def assertion_response(
+    auth: SoftwareAuthenticator, options: bytes, **knobs: object
+) -> pb.AuthResponse:
+    a = auth.get(options, ORIGIN, **knobs)
+    return pb.AuthResponse(
+        credential_id=a["credential_id"],
+        authenticator_data=a["authenticator_data"],
+        client_data_json=a["client_data_json"],
+        signature=a["signature"],
+        user_handle=a["user_handle"] or b"",
+    )
+
+
+async def login(client: WsClient, account: Account) -> pb.AuthSuccess:
+    challenge = await client.request(
+        T.AUTH_REQUEST, pb.AuthRequest(username=account.username), T.AUTH_CHALLENGE
+    )
+    success: pb.AuthSuccess = await client.request(
+        T.AUTH_RESPONSE,
+        assertion_response(account.authenticator, challenge.credential_request_options),
+        T.AUTH_SUCCESS,
+    )
+    return success
+
+
+async def resume(client: WsClient, token: str) -> pb.AuthSuccess:
+    success: pb.AuthSuccess = await client.request(
+        T.AUTH_REQUEST, pb.AuthRequest(session_token=token), T.AUTH_SUCCESS
+    )
+    return success

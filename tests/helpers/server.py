@@ -1,0 +1,138 @@
+"""Start the real server for tests: in-process on 127.0.0.1:0 (same event loop), or
+as a subprocess (for signals, crashes and the CLI). Real SQLite files in tmp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sovereign.config import Config, load
+from sovereign.server import App, create_app
+
+ORIGIN = "http://localhost:8080"
+
+
+def test_config(data_dir: Path, **overrides: Any) -> Config:
+    base: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "listen": "127.0.0.1:0",
+        "rp_id": "localhost",
+        "rp_origins": [ORIGIN],
+        "registration": "open",
+    }
+    base.update(overrides)
+    return load(None, base, environ={})
+
+
+@dataclass
+class RunningServer:
+    app: App
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.app.port}/ws"
+
+    @property
+    def base(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+
+@asynccontextmanager
+async def running_server(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
+    cfg = test_config(data_dir, **overrides)
+    app = await create_app(cfg)
+    await app.start()
+    try:
+        yield RunningServer(app, cfg)
+    finally:
+        await app.shutdown(timeout=5)
+
+
+class ServerProcess:
+    """``sovereign serve`` in a child process; parses its port from the log."""
+
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.env = {**os.environ, **(env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.lines: list[str] = []
+
+    async def start(self, timeout: float = 20.0) -> ServerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "sovereign",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        assert self.proc.stdout is not None
+        while loop.time() < deadline:
+            line = await loop.run_in_executor(None, self.proc.stdout.readline)
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"listening on wss?://[\d.]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                loop.run_in_executor(None, self._drain)
+                return self
+        raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sovereign", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )

@@ -1,0 +1,207 @@
+"""A small, strict WebSocket test client on picows (real sockets, real frames).
+
+It records every Envelope and the close code, and can send arbitrary frames (text,
+fragments, RSV bits) for the transport's negative tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import picows
+from google.protobuf.message import Message
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
+
+from sovereign.protocol.types import MessageType as T
+from sovereign.v1 import sovereign_pb2 as pb
+
+PAYLOAD_TYPES: dict[int, type[Message]] = {
+    T.AUTH_CHALLENGE: pb.AuthChallenge,
+    T.AUTH_SUCCESS: pb.AuthSuccess,
+    T.AUTH_ERROR: pb.AuthError,
+    T.AUTH_REGISTER_CHALLENGE: pb.AuthRegisterChallenge,
+    T.AUTH_REGISTER_SUCCESS: pb.AuthRegisterSuccess,
+    T.MESSAGE_RECEIVE: pb.MessageReceive,
+    T.MESSAGE_DELIVERED: pb.MessageDelivered,
+    T.MESSAGE_HISTORY_RESPONSE: pb.HistoryResponse,
+    T.MESSAGE_READ_RECEIPT: pb.ReadReceipt,
+    T.SYNC_COMPLETE: pb.SyncComplete,
+    T.GROUP_CREATED: pb.GroupCreated,
+    T.GROUP_MEMBER_ADDED: pb.GroupMemberAdded,
+    T.GROUP_MEMBER_REMOVED: pb.GroupMemberRemoved,
+    T.CONVERSATION_LIST: pb.ConversationList,
+    T.MLS_KEY_PACKAGE_RESPONSE: pb.MLSKeyPackageResponse,
+    T.MLS_WELCOME_RECEIVE: pb.MLSWelcomeReceive,
+    T.MLS_COMMIT_BROADCAST: pb.MLSCommitBroadcast,
+    T.MLS_KEY_PACKAGE_LOW: pb.KeyPackageLow,
+    T.MLS_GROUP_INFO: pb.GroupInfo,
+    T.PRESENCE_NOTIFY: pb.PresenceNotify,
+    T.TYPING_NOTIFY: pb.TypingNotify,
+    T.PING: pb.Ping,
+    T.PONG: pb.Pong,
+    T.ERROR: pb.Error,
+    T.ACK: pb.Ack,
+}
+
+
+@dataclass
+class Received:
+    type: int
+    request_id: str
+    message: Any
+    raw: bytes = b""
+
+    def __repr__(self) -> str:
+        name = T(self.type).name if self.type in T._value2member_map_ else str(self.type)
+        body = str(self.message).replace("\n", " ")
+        return f"<{name} rid={self.request_id!r} {body}>"
+
+
+class _Listener(WSListener):
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: asyncio.Queue[Received | None] = asyncio.Queue()
+        self.close_code: int | None = None
+        self.control: list[tuple[int, bytes]] = []
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code())
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        if frame.msg_type in (WSMsgType.PING, WSMsgType.PONG):
+            self.control.append((int(frame.msg_type), frame.get_payload_as_bytes()))
+            return
+        raw = frame.get_payload_as_bytes()
+        env = pb.Envelope.FromString(raw)
+        cls = PAYLOAD_TYPES.get(env.type)
+        msg = cls.FromString(env.payload) if cls is not None else env.payload
+        self.queue.put_nowait(Received(env.type, env.request_id, msg, raw))
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.queue.put_nowait(None)
+
+
+class WsClient:
+    def __init__(self, transport: WSTransport, listener: _Listener) -> None:
+        self.transport = transport
+        self.listener = listener
+        self.backlog: list[Received] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        subprotocols: list[str] | None = None,
+        origin: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> WsClient:
+        extra: dict[str, str] = dict(headers or {})
+        if subprotocols is None:
+            subprotocols = ["sovereign.v1"]
+        if subprotocols:
+            extra["Sec-WebSocket-Protocol"] = ", ".join(subprotocols)
+        if origin is not None:
+            extra["Origin"] = origin
+        transport, listener = await picows.ws_connect(
+            _Listener, url, extra_headers=extra, enable_auto_pong=False
+        )
+        return cls(transport, listener)
+
+    # -- sending -----------------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        self.transport.send(WSMsgType.BINARY, data)
+
+    def send(
+        self, msg_type: int, message: Message | bytes | None = None, request_id: str | None = None
+    ) -> str:
+        rid = uuid.uuid4().hex if request_id is None else request_id
+        payload = (
+            message
+            if isinstance(message, bytes)
+            else (message.SerializeToString() if message is not None else b"")
+        )
+        env = pb.Envelope(type=msg_type, request_id=rid, payload=payload)
+        self.send_raw(env.SerializeToString())
+        return rid
+
+    # -- receiving ---------------------------------------------------------------
+    async def recv(self, timeout: float = 5.0) -> Received:
+        if self.backlog:
+            return self.backlog.pop(0)
+        item = await asyncio.wait_for(self.listener.queue.get(), timeout)
+        if item is None:
+            self.listener.queue.put_nowait(None)  # keep reporting the disconnect
+            raise ConnectionError(f"disconnected (close code {self.listener.close_code})")
+        return item
+
+    async def expect(
+        self, msg_type: int, request_id: str | None = None, timeout: float = 5.0
+    ) -> Any:
+        """The next envelope must be ``msg_type`` (and echo ``request_id``)."""
+        got = await self.recv(timeout)
+        assert got.type == msg_type, f"expected {T(msg_type).name}, got {got!r}"
+        if request_id is not None:
+            assert got.request_id == request_id, f"request_id {got.request_id!r} != {request_id!r}"
+        return got.message
+
+    async def wait_for(
+        self, msg_type: int, request_id: str | None = None, timeout: float = 5.0
+    ) -> Any:
+        """Skip other envelopes (kept in backlog) until ``msg_type`` arrives."""
+        skipped: list[Received] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                got = await self.recv(max(0.01, deadline - loop.time()))
+                if got.type == msg_type and (request_id is None or got.request_id == request_id):
+                    return got.message
+                skipped.append(got)
+        finally:
+            self.backlog[:0] = skipped
+
+    async def request(
+        self, msg_type: int, message: Message | bytes | None, expect_type: int, timeout: float = 5.0
+    ) -> Any:
+        rid = self.send(msg_type, message)
+        got = await self.recv(timeout)
+        assert got.request_id == rid, f"response for another request: {got!r}"
+        assert got.type == expect_type, f"expected {T(expect_type).name}, got {got!r}"
+        return got.message
+
+    async def error(
+        self, msg_type: int, message: Message | bytes | None, timeout: float = 5.0
+    ) -> tuple[int, Any]:
+        """Send a request that must fail; returns (code, Error or AuthError)."""
+        rid = self.send(msg_type, message)
+        got = await self.recv(timeout)
+        assert got.request_id == rid, f"response for another request: {got!r}"
+        if got.type == T.AUTH_ERROR:
+            return got.message.error_code, got.message
+        assert got.type == T.ERROR, f"expected an error, got {got!r}"
+        return got.message.code, got.message
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Wait for the server to close; returns the close code it sent."""
+        await asyncio.wait_for(self.transport.wait_disconnected(), timeout)
+        return self.listener.close_code
+
+    async def nothing(self, within: float = 0.2) -> None:
+        """Assert that no envelope arrives within ``within`` seconds."""
+        try:
+            got = await self.recv(within)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected envelope {got!r}")
+
+    async def close(self) -> None:
+        if not self.transport.is_disconnected:
+            self.transport.send_close(picows.WSCloseCode.OK)
+            self.transport.disconnect()
+            await self.transport.wait_disconnected()

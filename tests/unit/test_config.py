@@ -1,0 +1,86 @@
+"""Configuration precedence and validation (SPEC §11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sovereign.config import ConfigError, dump_toml, load
+
+
+def test_defaults_match_spec_section_9() -> None:
+    c = load(None, {}, environ={})
+    assert (c.max_envelope_bytes, c.max_frame_bytes) == (65_536, 1_048_576)
+    assert (c.rate_limit_per_second, c.rate_limit_burst) == (30.0, 10)
+    assert (c.max_connections, c.max_connections_per_user) == (10_000, 5)
+    assert (c.auth_timeout, c.idle_timeout) == (10.0, 90.0)
+    assert c.session_timeout_hours == 30 * 24
+    assert (c.max_group_members, c.max_groups_per_user) == (1_000, 500)
+    assert (c.max_key_packages, c.min_key_packages, c.retention_days) == (100, 5, 90)
+    assert (c.listen, c.admin_listen, c.data_dir) == ("0.0.0.0:8080", "127.0.0.1:8081", "./data")
+    assert c.origins_allowed == c.rp_origins
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('auth_timeout = 3\nserver_name = "file"\nregistration = "invite"\n')
+    env = {"SOVEREIGN_AUTH_TIMEOUT": "4", "SOVEREIGN_SERVER_NAME": "env"}
+    c = load(f, {"auth_timeout": 5.0}, environ=env)
+    assert c.auth_timeout == 5.0  # flag
+    assert c.server_name == "env"  # environment
+    assert c.registration == "invite"  # file
+    assert c.idle_timeout == 90.0  # default
+
+
+def test_list_keys_from_environment_are_comma_separated() -> None:
+    c = load(None, {}, environ={"SOVEREIGN_RP_ORIGINS": "https://a.example, https://b.example"})
+    assert c.rp_origins == ["https://a.example", "https://b.example"]
+
+
+def test_data_dir_toml_is_picked_up(tmp_path: Path) -> None:
+    (tmp_path / "sovereign.toml").write_text('server_name = "from data dir"\n')
+    assert load(None, {"data_dir": str(tmp_path)}, environ={}).server_name == "from data dir"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"SOVEREIGN_AUTH_TIMEOUT": "soon"}, "auth_timeout"),
+        ({"SOVEREIGN_REGISTRATION": "maybe"}, "registration"),
+        ({"SOVEREIGN_MLS_VALIDATION": "lenient"}, "mls_validation"),
+        ({"SOVEREIGN_MAX_CONNECTIONS": "0"}, "max_connections"),
+        ({"SOVEREIGN_LISTEN": "nowhere"}, "listen"),
+        ({"SOVEREIGN_RP_ORIGINS": "ftp://x"}, "rp_origins"),
+        ({"SOVEREIGN_MAX_ENVELOPE_BYTES": "2000000"}, "max_envelope_bytes"),
+        ({"SOVEREIGN_TLS_CERT": "/x.pem"}, "tls_cert"),
+    ],
+)
+def test_bad_values_name_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, {}, environ=env)
+    msg = str(info.value)
+    assert msg.startswith(key + ":") and "\n" not in msg
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("no_such_key = 1\n")
+    with pytest.raises(ConfigError, match="no_such_key"):
+        load(f, {}, environ={})
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml", {}, environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("= =")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad, {}, environ={})
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    c = load(None, {"server_name": 'quote " name', "rp_origins": ["https://x.example"]}, environ={})
+    f = tmp_path / "out.toml"
+    f.write_text(dump_toml(c))
+    assert load(f, {}, environ={}) == c
