@@ -106,6 +106,7 @@ class CloseCode(IntEnum):
     UNSUPPORTED_DATA = 1003  # text frame
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # slow reader dropped; not in SPEC §4, see docs/decisions.md
     AUTH_TIMEOUT = 4001
     AUTH_FAILED = 4002
     TOO_MANY_CONNECTIONS = 4003

@@ -72,6 +72,12 @@ class App:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.rejected: dict[int, int] = {}
         self.auth = AuthService(config, storage)
+        from sovereign.services.messaging import MessagingService
+
+        self.messaging = MessagingService(self)
+        self.auth.device_hooks.append(self.messaging.device_created)
+        # Run at the end of a connection's offline sync (issue 4 adds KeyPackage LOW).
+        self.sync_hooks: list[Callable[[Connection], None]] = []
         self._dispatch_mod, self.dispatch_impl = _load_dispatch()
         self.handlers: dict[int, Handler] = {}
         api.install(self)
@@ -83,7 +89,7 @@ class App:
         self._stopped = asyncio.Event()
         # Called once a connection is READY and its success response is out; the
         # messaging service hooks its sync/presence work here (SPEC §4 "On READY").
-        self.ready_hooks: list[Callable[[Connection], None]] = []
+        self.ready_hooks: list[Callable[[Connection], None]] = [self.messaging.on_ready]
 
     # -- connection registry ------------------------------------------------
     def next_conn_id(self) -> int:
@@ -107,6 +113,7 @@ class App:
         if conn.user_id:
             _remove(self.by_user, conn.user_id, conn)
             _remove(self.by_session, conn.session_id, conn)
+            self.messaging.detach(conn)
 
     def mark_ready(
         self,
@@ -122,6 +129,7 @@ class App:
         if conn.state.closed:
             return False
         conn.state.authenticated()
+        conn.live = True
         conn.user_id = user_id
         conn.username = username
         conn.session_id = session_id
@@ -239,6 +247,7 @@ class App:
             reuse_address=True,
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self.messaging.start_background()
         log.info(
             "sovereign %s listening on %s://%s (envelope codec: %s, dispatcher: %s)",
             __version__,
@@ -269,6 +278,7 @@ class App:
             conn.close(CloseCode.SERVER_SHUTDOWN, "server shutdown")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self.messaging.stop()  # every queued event and ack reaches storage
         # Give transports a moment to flush their close frames.
         deadline = self.clock() + 2.0
         while self.connections and self.clock() < deadline:
@@ -310,6 +320,7 @@ async def create_app(config: Config) -> App:
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
     app = App(config, storage)
     await app.auth.load_settings()
+    await app.messaging.load()
     return app
 
 

@@ -26,6 +26,7 @@ async def register(
     invite_code: str = "",
     authenticator: SoftwareAuthenticator | None = None,
     display_name: str = "",
+    sync: bool = True,
 ) -> Account:
     auth = authenticator or SoftwareAuthenticator()
     challenge = await client.request(
@@ -46,6 +47,8 @@ async def register(
         ),
         T.AUTH_REGISTER_SUCCESS,
     )
+    if sync:
+        await client.until_sync()
     return Account(ok.user_id, username, ok.session_token, auth)
 
 
@@ -62,7 +65,7 @@ def assertion_response(
     )
 
 
-async def login(client: WsClient, account: Account) -> pb.AuthSuccess:
+async def login(client: WsClient, account: Account, *, sync: bool = True) -> pb.AuthSuccess:
     challenge = await client.request(
         T.AUTH_REQUEST, pb.AuthRequest(username=account.username), T.AUTH_CHALLENGE
     )
@@ -71,11 +74,16 @@ async def login(client: WsClient, account: Account) -> pb.AuthSuccess:
         assertion_response(account.authenticator, challenge.credential_request_options),
         T.AUTH_SUCCESS,
     )
+    if sync:
+        await client.until_sync()
     return success
 
 
-async def resume(client: WsClient, token: str) -> pb.AuthSuccess:
+async def resume(client: WsClient, token: str, *, sync: bool = True) -> pb.AuthSuccess:
+    """Resume by token; with ``sync`` also consume the backlog up to SYNC_COMPLETE."""
     success: pb.AuthSuccess = await client.request(
         T.AUTH_REQUEST, pb.AuthRequest(session_token=token), T.AUTH_SUCCESS
     )
+    if sync:
+        await client.until_sync()
     return success

@@ -28,6 +28,9 @@ def test_config(data_dir: Path, **overrides: Any) -> Config:
         "rp_id": "localhost",
         "rp_origins": [ORIGIN],
         "registration": "open",
+        # Tests fire requests back to back; the rate-limit test sets its own values.
+        "rate_limit_per_second": 10_000.0,
+        "rate_limit_burst": 10_000,
     }
     base.update(overrides)
     return load(None, base, environ={})

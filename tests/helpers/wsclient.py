@@ -166,12 +166,30 @@ class WsClient:
         finally:
             self.backlog[:0] = skipped
 
+    async def response(self, rid: str, timeout: float = 5.0) -> Received:
+        """The response to ``rid``; pushes (request_id "") that arrive first are kept."""
+        skipped: list[Received] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                got = await self.recv(max(0.01, deadline - loop.time()))
+                if got.request_id == rid:
+                    return got
+                assert got.request_id == "", f"response for another request: {got!r}"
+                skipped.append(got)
+        finally:
+            self.backlog[:0] = skipped
+
     async def request(
-        self, msg_type: int, message: Message | bytes | None, expect_type: int, timeout: float = 5.0
+        self,
+        msg_type: int,
+        message: Message | bytes | None,
+        expect_type: int,
+        timeout: float = 5.0,
     ) -> Any:
         rid = self.send(msg_type, message)
-        got = await self.recv(timeout)
-        assert got.request_id == rid, f"response for another request: {got!r}"
+        got = await self.response(rid, timeout)
         assert got.type == expect_type, f"expected {T(expect_type).name}, got {got!r}"
         return got.message
 
@@ -180,12 +198,20 @@ class WsClient:
     ) -> tuple[int, Any]:
         """Send a request that must fail; returns (code, Error or AuthError)."""
         rid = self.send(msg_type, message)
-        got = await self.recv(timeout)
-        assert got.request_id == rid, f"response for another request: {got!r}"
+        got = await self.response(rid, timeout)
         if got.type == T.AUTH_ERROR:
             return got.message.error_code, got.message
         assert got.type == T.ERROR, f"expected an error, got {got!r}"
         return got.message.code, got.message
+
+    async def until_sync(self, timeout: float = 5.0) -> tuple[list[Received], Any]:
+        """Everything pushed up to SYNC_COMPLETE, and the SyncComplete itself."""
+        before: list[Received] = []
+        while True:
+            got = await self.recv(timeout)
+            if got.type == T.SYNC_COMPLETE:
+                return before, got.message
+            before.append(got)
 
     async def closed(self, timeout: float = 5.0) -> int | None:
         """Wait for the server to close; returns the close code it sent."""

@@ -50,6 +50,7 @@ def test_close_codes_match_spec() -> None:
         1003,
         1009,
         1011,
+        1013,
         4001,
         4002,
         4003,

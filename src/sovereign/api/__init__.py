@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def install(app: App) -> None:
-    from sovereign.api import auth, core
+    from sovereign.api import auth, core, messaging
 
     core.install(app)
     auth.install(app)
+    messaging.install(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ulid import ULID
@@ -44,6 +45,8 @@ class AuthService:
     def __init__(self, config: Config, storage: Storage) -> None:
         self.config = config
         self.storage = storage
+        # Called with (device_id, user_id) after a new session (device) is stored.
+        self.device_hooks: list[Callable[[str, str], Awaitable[None]]] = []
         self.rp = wa.RelyingParty(
             rp_id=config.rp_id, rp_name=config.rp_name, origins=tuple(config.rp_origins)
         )
@@ -174,6 +177,8 @@ class AuthService:
             credential_id=credential_id,
             user_agent=user_agent,
         )
+        for hook in self.device_hooks:
+            await hook(session.device_id, user_id)
         return session, token
 
     # -- registration (SPEC §4, §12.19) ------------------------------------------

@@ -68,11 +68,15 @@ class Connection(WSListener):
         "device_id",
         "frag",
         "is_admin",
+        "live",
+        "out",
         "pending",
+        "presence",
         "ready_at",
         "session_id",
         "state",
         "transport",
+        "typing_marks",
         "user_id",
         "username",
     )
@@ -81,6 +85,10 @@ class Connection(WSListener):
         self.app = app
         self.conn_id = conn_id
         self.transport: WSTransport | None = None
+        # Fan-out fast path (sovereign._fast.fanout): the raw asyncio transport and a
+        # flag that is True exactly while the connection is READY and not closed.
+        self.out: Any = None
+        self.live = False
         self.state = ConnectionState()
         self.bucket = app.new_bucket()
         self.frag: bytearray | None = None
@@ -91,15 +99,20 @@ class Connection(WSListener):
         self.is_admin = False
         self.ready_at = 0.0
         self.auth_busy = False
-        self.pending: Any = None  # per-connection auth/sync scratch owned by services
+        self.pending: Any = None  # the messaging service's SyncState while syncing
+        self.presence = "online"  # this connection's PRESENCE_UPDATE status
+        self.typing_marks: dict[str, float] | None = None  # conversation -> last TYPING
 
     # -- picows callbacks ---------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        self.out = transport.underlying_transport
         self.state.upgraded(self.app.clock())
         self.app.connection_opened(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.live = False
+        self.out = None
         self.state.closing(self.state.close_code or CloseCode.GOING_AWAY)
         self.frag = None
         self.app.connection_closed(self)
@@ -155,6 +168,13 @@ class Connection(WSListener):
             return
         # PONG: only refreshes the idle clock.
 
+    def pause_writing(self) -> None:
+        """Flow control is ours: writers check the buffer size against send_buffer_limit
+        (overflow) or wait for it to drain (offline sync); picows need not log it."""
+
+    def resume_writing(self) -> None:
+        pass
+
     # -- output ---------------------------------------------------------------
     def send_payload(self, msg_type: int, request_id: str, payload: bytes) -> None:
         t = self.transport
@@ -198,8 +218,23 @@ class Connection(WSListener):
         self.app.metrics_rejected(code)
         self.send_error(code, request_id, _REJECT_TEXT.get(code, ""), retry_after_ms)
 
+    def overflow(self) -> None:
+        """A reader that does not keep up: drop it rather than buffer without bound.
+
+        Its events stay in storage above its cursors and arrive on reconnect (SPEC §5).
+        The close frame would queue behind the backlog, so the socket is aborted.
+        """
+        if not self.state.closing(CloseCode.TRY_AGAIN_LATER):
+            return
+        self.live = False
+        self.frag = None
+        log.info("closing slow reader conn=%s user=%s", self.conn_id, self.user_id)
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
+
     def close(self, code: int, reason: str = "") -> None:
         t = self.transport
+        self.live = False
         if not self.state.closing(int(code)):
             return
         self.frag = None

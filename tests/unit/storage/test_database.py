@@ -14,6 +14,11 @@ from sovereign.storage.database import default_migrations, load_migrations, spli
 
 from .conftest import Gate
 
+# The migrations the code ships; tests add theirs after the last one.
+SHIPPED = [(m.version, m.name) for m in load_migrations(default_migrations(), "sqlite")]
+LATEST = SHIPPED[-1][0]
+NEXT = f"{LATEST + 1:04d}"
+
 
 def _insert(value: str) -> Callable[[sqlite3.Connection], str]:
     """A write fn adding one row (settings is a handy key/value table)."""
@@ -66,8 +71,9 @@ async def test_migrations_applied_once_and_idempotent(db_path: Path) -> None:
     for _ in range(3):
         db = await Database.open(db_path)
         try:
-            assert db.schema_version == 1
-            assert await db.read(versions) == [(1, "auth")]
+            assert db.schema_version == LATEST
+            assert await db.read(versions) == SHIPPED
+            assert SHIPPED[0] == (1, "auth")
             tables = await db.read(
                 lambda c: {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
             )
@@ -93,17 +99,17 @@ async def test_new_migration_applied_on_reopen(tmp_path: Path, db_path: Path) ->
     (await Database.open(db_path)).schema_version  # noqa: B018
     db = await Database.open(db_path)
     await db.close()
-    mig = _migrations_dir(tmp_path, {"0002_extra.sql": "CREATE TABLE extra (x INTEGER) STRICT;"})
+    mig = _migrations_dir(tmp_path, {f"{NEXT}_extra.sql": "CREATE TABLE extra (x INTEGER) STRICT;"})
     db = await Database.open(db_path, migrations=mig)
     try:
-        assert db.schema_version == 2
+        assert db.schema_version == LATEST + 1
         assert await db.read(lambda c: c.execute("SELECT COUNT(*) FROM extra").fetchone()[0]) == 0
     finally:
         await db.close()
 
 
 async def test_refuses_schema_newer_than_code(tmp_path: Path, db_path: Path) -> None:
-    mig = _migrations_dir(tmp_path, {"0002_extra.sql": "CREATE TABLE extra (x INTEGER);"})
+    mig = _migrations_dir(tmp_path, {f"{NEXT}_extra.sql": "CREATE TABLE extra (x INTEGER);"})
     await (await Database.open(db_path, migrations=mig)).close()
     with pytest.raises(MigrationError, match="newer"):
         await Database.open(db_path)
@@ -115,14 +121,14 @@ async def test_failed_migration_rolls_back_and_open_fails_cleanly(
     before = {t.name for t in threading.enumerate()}
     mig = _migrations_dir(
         tmp_path,
-        {"0002_bad.sql": "CREATE TABLE half (x INTEGER);\nINSERT INTO nowhere VALUES (1);\n"},
+        {f"{NEXT}_bad.sql": "CREATE TABLE half (x INTEGER);\nINSERT INTO nowhere VALUES (1);\n"},
     )
-    with pytest.raises(MigrationError, match="0002_bad"):
+    with pytest.raises(MigrationError, match=f"{NEXT}_bad"):
         await Database.open(db_path, migrations=mig)
-    # 0001 committed in its own transaction; 0002 left nothing behind.
+    # The shipped ones committed in their own transactions; the bad one left nothing.
     db = await Database.open(db_path)
     try:
-        assert db.schema_version == 1
+        assert db.schema_version == LATEST
         names = await db.read(lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master")])
         assert "half" not in names
     finally:
@@ -460,7 +466,7 @@ async def test_backup_is_consistent_and_openable(db: Database, tmp_path: Path) -
         assert keys[:100] == [f"k{i:03d}" for i in range(100)]
         z = keys[100:]
         assert z == [f"z{i:03d}" for i in range(len(z))]  # a prefix: one snapshot
-        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == LATEST
     finally:
         conn.close()
     # The copy opens as a live database too.

@@ -1,0 +1,279 @@
+"""In-memory conversation state and the event log writer (SPEC §5).
+
+Theory of operation
+-------------------
+Conversations, members, sequence counters and MLS epochs live in memory, loaded at
+start-up; the hot path reads nothing from disk. Every change to a conversation is an
+:class:`Op`, built synchronously on the event loop: it validates against memory,
+applies itself to memory at once (so the next request sees it), allocates dense seqs
+and strictly increasing timestamps, and records how to undo itself.
+
+:class:`EventLog` writes ops to SQLite in batches with exactly one batch in flight:
+while one transaction commits, new ops queue; when it returns, everything queued goes
+in the next transaction (group commit). Only after the commit does an op run its
+effects (echo to the sender, fan-out). If a transaction fails, every op of the batch
+is undone in reverse order (no other batch is in flight, so memory returns exactly to
+the committed state) and fails with 9002 — a seq is never burned, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from sovereign.services.ids import new_ulid
+from sovereign.storage import messaging as sql
+from sovereign.storage.database import Conn, Database
+
+log = logging.getLogger("sovereign.eventlog")
+
+RECENT_EVENTS = 512  # per conversation, for acks and MESSAGE_DELIVERED without disk reads
+
+
+class Member:
+    __slots__ = ("joined_at_us", "joined_seq", "left_seq", "role", "user_id")
+
+    def __init__(
+        self,
+        user_id: str,
+        role: str,
+        joined_seq: int,
+        joined_at_us: int,
+        left_seq: int | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.role = role
+        self.joined_seq = joined_seq
+        self.joined_at_us = joined_at_us
+        self.left_seq = left_seq
+
+
+class Conv:
+    """One conversation's state. ``last_seq`` includes queued ops; ``committed_seq``
+    only what is durable (offline sync and history never go past it)."""
+
+    __slots__ = (
+        "_recipients",
+        "committed_seq",
+        "conversation_id",
+        "created_at_us",
+        "created_by",
+        "epoch",
+        "former",
+        "group_id",
+        "group_info",
+        "group_info_epoch",
+        "last_seq",
+        "last_ts_us",
+        "members",
+        "purged_seq",
+        "recent",
+        "title",
+    )
+
+    def __init__(
+        self, conversation_id: str, title: str, created_by: str, created_at_us: int
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.title = title
+        self.created_by = created_by
+        self.created_at_us = created_at_us
+        self.last_seq = 0
+        self.committed_seq = 0
+        self.last_ts_us = 0
+        self.purged_seq = 0
+        self.group_id: bytes | None = None
+        self.epoch = 0
+        self.group_info: bytes | None = None
+        self.group_info_epoch: int | None = None
+        self.members: dict[str, Member] = {}  # current, in join order
+        self.former: dict[str, Member] = {}  # removed or left (left_seq set)
+        # (seq, event_id, type, sender_id) of the latest committed events
+        self.recent: deque[tuple[int, str, int, str]] = deque(maxlen=RECENT_EVENTS)
+        self._recipients: tuple[str, ...] | None = None
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """Current member ids; a cached tuple, so an event captures it for free."""
+        r = self._recipients
+        if r is None:
+            r = self._recipients = tuple(self.members)
+        return r
+
+    def membership_changed(self) -> None:
+        self._recipients = None
+
+    def member_view(self, user_id: str) -> Member | None:
+        """The membership that governs what ``user_id`` may see (current or former)."""
+        return self.members.get(user_id) or self.former.get(user_id)
+
+
+class Event:
+    """A durable conversation event, allocated but maybe not yet committed."""
+
+    __slots__ = (
+        "conv",
+        "event_id",
+        "payload",
+        "recipients",
+        "sender_id",
+        "seq",
+        "ts_us",
+        "type",
+    )
+
+    def __init__(
+        self, conv: Conv, type_: int, sender_id: str, seq: int, event_id: str, ts_us: int
+    ) -> None:
+        self.conv = conv
+        self.type = type_
+        self.sender_id = sender_id
+        self.seq = seq
+        self.event_id = event_id
+        self.ts_us = ts_us
+        self.payload = b""
+        self.recipients: tuple[str, ...] = ()
+
+    def row(self) -> sql.EventRow:
+        return (
+            self.conv.conversation_id,
+            self.seq,
+            self.event_id,
+            self.type,
+            self.sender_id,
+            self.ts_us,
+            self.payload,
+        )
+
+
+class Op:
+    """One request's change: events, extra SQL, memory undo, and post-commit effects."""
+
+    __slots__ = ("events", "fail", "finish", "txns", "undos")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.txns: list[Callable[[Conn], None]] = []
+        self.undos: list[Callable[[], object]] = []
+        self.finish: Callable[[], None] | None = None
+        self.fail: Callable[[BaseException], None] | None = None
+
+    def allocate(self, conv: Conv, type_: int, sender_id: str) -> Event:
+        """Next seq and a strictly increasing timestamp, even if the clock steps back."""
+        prev_seq, prev_ts = conv.last_seq, conv.last_ts_us
+        now = time.time_ns() // 1000
+        ts = now if now > prev_ts else prev_ts + 1
+        ev = Event(conv, type_, sender_id, prev_seq + 1, new_ulid(ts // 1000), ts)
+        conv.last_seq = ev.seq
+        conv.last_ts_us = ts
+
+        def undo() -> None:
+            conv.last_seq, conv.last_ts_us = prev_seq, prev_ts
+
+        self.undos.append(undo)
+        self.events.append(ev)
+        return ev
+
+    def on_undo(self, fn: Callable[[], object]) -> None:
+        self.undos.append(fn)
+
+
+class EventLog:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._queue: list[Op] = []
+        self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.batches = 0
+        self.events_written = 0
+
+    def submit(self, op: Op) -> None:
+        self._queue.append(op)
+        if not self._busy:
+            self._busy = True
+            self._idle.clear()
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._write(batch)
+        finally:
+            self._busy = False
+            self._idle.set()
+
+    async def _write(self, batch: list[Op]) -> None:
+        rows: list[sql.EventRow] = []
+        heads: dict[str, tuple[int, int, str]] = {}
+        txns: list[Callable[[Conn], None]] = []
+        for op in batch:
+            for ev in op.events:
+                rows.append(ev.row())
+                heads[ev.conv.conversation_id] = (ev.seq, ev.ts_us, ev.conv.conversation_id)
+            txns.extend(op.txns)
+
+        def txn(conn: Conn) -> None:
+            # Extra SQL first: it creates conversations and members the events refer to.
+            for fn in txns:
+                fn(conn)
+            if rows:
+                sql.insert_events_txn(conn, rows)
+                sql.update_heads_txn(conn, heads.values())
+
+        try:
+            await self.db.write(txn)
+        except Exception as exc:
+            log.error("event batch of %d ops failed: %s", len(batch), exc)
+            for op in reversed(batch):
+                for undo in reversed(op.undos):
+                    undo()
+            for op in batch:
+                if op.fail is not None:
+                    op.fail(exc)
+            return
+        self.batches += 1
+        self.events_written += len(rows)
+        for op in batch:
+            for ev in op.events:
+                conv = ev.conv
+                conv.committed_seq = ev.seq
+                conv.recent.append((ev.seq, ev.event_id, ev.type, ev.sender_id))
+            if op.finish is not None:
+                try:
+                    op.finish()
+                except Exception:
+                    log.exception("post-commit effect failed")
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def load_state(
+    records: tuple[list[sql.ConversationRecord], list[sql.MemberRecord]],
+) -> dict[str, Conv]:
+    convs: dict[str, Conv] = {}
+    for r in records[0]:
+        c = Conv(r.conversation_id, r.title, r.created_by, r.created_at_us)
+        c.last_seq = c.committed_seq = r.last_seq
+        c.last_ts_us = r.last_ts_us
+        c.purged_seq = r.purged_seq
+        c.group_id = r.mls_group_id
+        c.epoch = r.mls_epoch
+        c.group_info = r.group_info
+        c.group_info_epoch = r.group_info_epoch
+        convs[c.conversation_id] = c
+    for m in records[1]:
+        conv = convs.get(m.conversation_id)
+        if conv is None:
+            continue
+        member = Member(m.user_id, m.role, m.joined_seq, m.joined_at_us, m.left_seq)
+        (conv.former if m.left_seq is not None else conv.members)[m.user_id] = member
+    return convs

@@ -1,0 +1,374 @@
+"""SQL for conversations, the event log, cursors and receipts (SPEC §5, §6).
+
+The messaging service keeps conversations, members and sequence counters in memory
+(the hot path reads nothing from disk) and writes through these ``*_txn`` functions,
+many events per transaction. Reads here serve offline sync and history pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sovereign.storage.database import Conn
+
+
+@dataclass(slots=True)
+class ConversationRecord:
+    conversation_id: str
+    title: str
+    created_by: str
+    created_at_us: int
+    last_seq: int = 0
+    last_ts_us: int = 0
+    purged_seq: int = 0
+    mls_group_id: bytes | None = None
+    mls_epoch: int = 0
+    group_info: bytes | None = None
+    group_info_epoch: int | None = None
+
+
+@dataclass(slots=True)
+class MemberRecord:
+    conversation_id: str
+    user_id: str
+    role: str
+    joined_seq: int
+    joined_at_us: int
+    left_seq: int | None = None
+
+
+#: (conversation_id, seq, event_id, type, sender_id, ts_us, payload)
+EventRow = tuple[str, int, str, int, str, int, bytes]
+#: (seq, event_id, type, sender_id, ts_us, payload)
+StoredEvent = tuple[int, str, int, str, int, bytes]
+#: (event_id, conversation_id, sender_id, ts_us, payload)
+StoredWelcome = tuple[str, str, str, int, bytes]
+
+
+# -- load at start-up -------------------------------------------------------------------
+
+
+def load_conversations_txn(conn: Conn) -> tuple[list[ConversationRecord], list[MemberRecord]]:
+    convs = [
+        ConversationRecord(*row)
+        for row in conn.execute(
+            "SELECT conversation_id, title, created_by, created_at_us, last_seq, last_ts_us,"
+            " purged_seq, mls_group_id, mls_epoch, group_info, group_info_epoch"
+            " FROM conversations"
+        )
+    ]
+    members = [
+        MemberRecord(*row)
+        for row in conn.execute(
+            "SELECT conversation_id, user_id, role, joined_seq, joined_at_us, left_seq"
+            " FROM members ORDER BY conversation_id, joined_seq"
+        )
+    ]
+    return convs, members
+
+
+# -- the event batch --------------------------------------------------------------------
+
+
+def insert_events_txn(conn: Conn, events: Sequence[EventRow]) -> None:
+    conn.executemany(
+        "INSERT INTO events (conversation_id, seq, event_id, type, sender_id, ts_us, payload)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        events,
+    )
+
+
+def update_heads_txn(conn: Conn, heads: Iterable[tuple[int, int, str]]) -> None:
+    """(last_seq, last_ts_us, conversation_id): once per conversation per batch."""
+    conn.executemany(
+        "UPDATE conversations SET last_seq = ?, last_ts_us = ? WHERE conversation_id = ?", heads
+    )
+
+
+def insert_conversation_txn(conn: Conn, rec: ConversationRecord) -> None:
+    conn.execute(
+        "INSERT INTO conversations (conversation_id, title, created_by, created_at_us)"
+        " VALUES (?, ?, ?, ?)",
+        (rec.conversation_id, rec.title, rec.created_by, rec.created_at_us),
+    )
+
+
+def upsert_member_txn(
+    conn: Conn, conversation_id: str, user_id: str, role: str, joined_seq: int, joined_at_us: int
+) -> None:
+    conn.execute(
+        "INSERT INTO members (conversation_id, user_id, role, joined_seq, joined_at_us, left_seq)"
+        " VALUES (?, ?, ?, ?, ?, NULL)"
+        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET role = excluded.role,"
+        " joined_seq = excluded.joined_seq, joined_at_us = excluded.joined_at_us, left_seq = NULL",
+        (conversation_id, user_id, role, joined_seq, joined_at_us),
+    )
+
+
+def mark_member_left_txn(conn: Conn, conversation_id: str, user_id: str, left_seq: int) -> None:
+    conn.execute(
+        "UPDATE members SET left_seq = ?, role = 'member'"
+        " WHERE conversation_id = ? AND user_id = ?",
+        (left_seq, conversation_id, user_id),
+    )
+
+
+def set_role_txn(conn: Conn, conversation_id: str, user_id: str, role: str) -> None:
+    conn.execute(
+        "UPDATE members SET role = ? WHERE conversation_id = ? AND user_id = ?",
+        (role, conversation_id, user_id),
+    )
+
+
+def start_join_cursors_txn(conn: Conn, conversation_id: str, user_id: str, cursor: int) -> None:
+    """Every device of a joining user starts at its GROUP_MEMBER_ADDED seq - 1 (SPEC §5)."""
+    conn.execute(
+        "INSERT INTO cursors (device_id, conversation_id, acked_seq)"
+        " SELECT device_id, ?, ? FROM sessions WHERE user_id = ? AND revoked_at_us IS NULL"
+        " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+        (conversation_id, cursor, user_id),
+    )
+    conn.execute(
+        "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = excluded.up_to_seq",
+        (conversation_id, user_id, cursor),
+    )
+
+
+def start_device_cursors_txn(
+    conn: Conn, device_id: str, cursors: Iterable[tuple[str, int]]
+) -> None:
+    """A device created after its user joined starts at the current last seq (§12.12)."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)",
+        [(device_id, conv, seq) for conv, seq in cursors],
+    )
+
+
+def insert_send_request_txn(
+    conn: Conn, user_id: str, request_id: str, event_id: str, now_us: int
+) -> None:
+    conn.execute(
+        "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, request_id) DO UPDATE SET"
+        " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
+        (user_id, request_id, event_id, now_us),
+    )
+
+
+def insert_welcome_txn(
+    conn: Conn,
+    event_id: str,
+    user_id: str,
+    conversation_id: str,
+    sender_id: str,
+    ts_us: int,
+    payload: bytes,
+) -> None:
+    conn.execute(
+        "INSERT INTO welcomes (event_id, user_id, conversation_id, sender_id, ts_us, payload)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (event_id, user_id, conversation_id, sender_id, ts_us, payload),
+    )
+
+
+def update_mls_txn(
+    conn: Conn,
+    conversation_id: str,
+    group_id: bytes | None,
+    epoch: int,
+    group_info: bytes | None,
+    group_info_epoch: int | None,
+) -> None:
+    conn.execute(
+        "UPDATE conversations SET mls_group_id = ?, mls_epoch = ?, group_info = ?,"
+        " group_info_epoch = ? WHERE conversation_id = ?",
+        (group_id, epoch, group_info, group_info_epoch, conversation_id),
+    )
+
+
+# -- coalesced delivery-state writes -------------------------------------------------------
+
+
+def save_delivery_state_txn(
+    conn: Conn,
+    cursors: Sequence[tuple[str, str, int]],
+    dropped_cursors: Sequence[tuple[str, str]],
+    delivery: Sequence[tuple[str, str, int]],
+    welcome_acks: Sequence[tuple[str, str]],
+    read_markers: Sequence[tuple[str, str, int, int]],
+) -> None:
+    """One transaction for everything acks and read markers moved since the last flush."""
+    if cursors:
+        conn.executemany(
+            "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
+            " ON CONFLICT (device_id, conversation_id) DO UPDATE SET"
+            " acked_seq = max(acked_seq, excluded.acked_seq)",
+            cursors,
+        )
+    if dropped_cursors:
+        conn.executemany(
+            "DELETE FROM cursors WHERE device_id = ? AND conversation_id = ?", dropped_cursors
+        )
+    if delivery:
+        conn.executemany(
+            "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
+            " ON CONFLICT (conversation_id, user_id) DO UPDATE SET"
+            " up_to_seq = max(up_to_seq, excluded.up_to_seq)",
+            delivery,
+        )
+    if welcome_acks:
+        conn.executemany(
+            "INSERT OR IGNORE INTO welcome_acks (device_id, event_id) VALUES (?, ?)", welcome_acks
+        )
+    if read_markers:
+        conn.executemany(
+            "INSERT INTO read_markers (conversation_id, user_id, up_to_seq, updated_at_us)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET"
+            " up_to_seq = max(up_to_seq, excluded.up_to_seq),"
+            " updated_at_us = excluded.updated_at_us",
+            read_markers,
+        )
+
+
+# -- reads ----------------------------------------------------------------------------
+
+
+def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:
+    return {
+        conv: seq
+        for conv, seq in conn.execute(
+            "SELECT conversation_id, acked_seq FROM cursors WHERE device_id = ?", (device_id,)
+        )
+    }
+
+
+def load_delivery_txn(conn: Conn, conversation_id: str, user_id: str) -> int | None:
+    row = conn.execute(
+        "SELECT up_to_seq FROM delivery WHERE conversation_id = ? AND user_id = ?",
+        (conversation_id, user_id),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def read_marker_txn(conn: Conn, conversation_id: str, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT up_to_seq FROM read_markers WHERE conversation_id = ? AND user_id = ?",
+        (conversation_id, user_id),
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def events_after_txn(
+    conn: Conn, conversation_id: str, after_seq: int, up_to_seq: int, limit: int
+) -> list[StoredEvent]:
+    """Events with after_seq < seq <= up_to_seq, ascending, at most ``limit``."""
+    return [
+        tuple(r)
+        for r in conn.execute(
+            "SELECT seq, event_id, type, sender_id, ts_us, payload FROM events"
+            " WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (conversation_id, after_seq, up_to_seq, limit),
+        )
+    ]
+
+
+def events_before_txn(
+    conn: Conn, conversation_id: str, before_seq: int, min_seq: int, limit: int
+) -> list[StoredEvent]:
+    """Events with min_seq <= seq < before_seq, the newest ``limit`` of them, ascending."""
+    rows = [
+        tuple(r)
+        for r in conn.execute(
+            "SELECT seq, event_id, type, sender_id, ts_us, payload FROM events"
+            " WHERE conversation_id = ? AND seq < ? AND seq >= ? ORDER BY seq DESC LIMIT ?",
+            (conversation_id, before_seq, min_seq, limit),
+        )
+    ]
+    rows.reverse()
+    return rows
+
+
+def event_by_id_txn(conn: Conn, event_id: str) -> tuple[str, int, int, str] | None:
+    """(conversation_id, seq, type, sender_id) of a stored conversation event."""
+    row = conn.execute(
+        "SELECT conversation_id, seq, type, sender_id FROM events WHERE event_id = ?",
+        (event_id,),
+    ).fetchone()
+    return None if row is None else (row[0], int(row[1]), int(row[2]), row[3])
+
+
+def event_payload_txn(conn: Conn, event_id: str) -> tuple[str, int, bytes] | None:
+    row = conn.execute(
+        "SELECT conversation_id, type, payload FROM events WHERE event_id = ?", (event_id,)
+    ).fetchone()
+    return None if row is None else (row[0], int(row[1]), bytes(row[2]))
+
+
+def welcome_owner_txn(conn: Conn, event_id: str) -> str | None:
+    row = conn.execute("SELECT user_id FROM welcomes WHERE event_id = ?", (event_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def pending_welcomes_txn(
+    conn: Conn, user_id: str, device_id: str, since_us: int
+) -> list[StoredWelcome]:
+    """Welcomes stored after the device existed that the device has not acked (§12.12)."""
+    return [
+        tuple(r)
+        for r in conn.execute(
+            "SELECT w.event_id, w.conversation_id, w.sender_id, w.ts_us, w.payload"
+            " FROM welcomes w WHERE w.user_id = ? AND w.ts_us >= ? AND NOT EXISTS"
+            " (SELECT 1 FROM welcome_acks a WHERE a.device_id = ? AND a.event_id = w.event_id)"
+            " ORDER BY w.event_id",
+            (user_id, since_us, device_id),
+        )
+    ]
+
+
+def recent_send_requests_txn(
+    conn: Conn, since_us: int, limit: int
+) -> list[tuple[str, str, str, int]]:
+    """(user_id, request_id, event_id, created_at_us), newest first."""
+    return [
+        (r[0], r[1], r[2], int(r[3]))
+        for r in conn.execute(
+            "SELECT user_id, request_id, event_id, created_at_us FROM send_requests"
+            " WHERE created_at_us >= ? ORDER BY created_at_us DESC LIMIT ?",
+            (since_us, limit),
+        )
+    ]
+
+
+def send_request_txn(conn: Conn, user_id: str, request_id: str, since_us: int) -> str | None:
+    row = conn.execute(
+        "SELECT event_id FROM send_requests WHERE user_id = ? AND request_id = ?"
+        " AND created_at_us >= ?",
+        (user_id, request_id, since_us),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+# -- retention ------------------------------------------------------------------------
+
+
+def purge_events_txn(conn: Conn, before_event_id: str) -> dict[str, int]:
+    """Delete events older than the cutoff ULID; returns conversation -> highest purged seq."""
+    purged: dict[str, int] = {}
+    for conv, seq in conn.execute(
+        "DELETE FROM events WHERE event_id < ? RETURNING conversation_id, seq",
+        (before_event_id,),
+    ).fetchall():
+        if seq > purged.get(conv, 0):
+            purged[conv] = int(seq)
+    conn.executemany(
+        "UPDATE conversations SET purged_seq = max(purged_seq, ?) WHERE conversation_id = ?",
+        [(seq, conv) for conv, seq in purged.items()],
+    )
+    conn.execute("DELETE FROM welcomes WHERE event_id < ?", (before_event_id,))
+    return purged
+
+
+def purge_send_requests_txn(conn: Conn, before_us: int) -> int:
+    return conn.execute("DELETE FROM send_requests WHERE created_at_us < ?", (before_us,)).rowcount
