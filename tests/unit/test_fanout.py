@@ -686,3 +686,22 @@ def test_reference_parser_rejects_what_it_should() -> None:
     ):
         with pytest.raises(AssertionError):
             parse_frames(bad)
+
+
+# -- collect: the corked variant (one write per connection per commit batch) ----------
+
+
+def test_collect_appends_per_connection_and_skips_like_fanout(impl: ModuleType) -> None:
+    class C:
+        def __init__(self, live: bool = True) -> None:
+            self.live = live
+
+    sender, other_dev, peer, dead = C(), C(), C(), C(live=False)
+    by_user = {"alice": [sender, other_dev], "bob": [peer, dead]}
+    pending: dict[object, bytearray] = {}
+    f1, f2 = impl.ws_frame(b"one"), impl.ws_frame(b"two")
+    assert impl.collect(f1, by_user, ["alice", "bob", "nobody"], sender, pending) == 2
+    assert impl.collect(f2, by_user, ["bob"], None, pending) == 1
+    assert pending == {other_dev: bytearray(f1), peer: bytearray(f1 + f2)}
+    with pytest.raises(TypeError):
+        impl.collect(bytearray(f1), by_user, ["bob"], None, pending)

@@ -1,10 +1,11 @@
 """Stub for the compiled fan-out (twin: sovereign.transport.fanout)."""
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from sovereign.transport.fanout import FanoutConn
 
-__all__ = ["append_ws_frame", "fanout", "fanout_conns", "write_frame", "ws_frame"]
+__all__ = ["append_ws_frame", "collect", "fanout", "fanout_conns", "write_frame", "ws_frame"]
 
 def ws_frame(envelope: bytes | bytearray | memoryview) -> bytes: ...
 def append_ws_frame(out: bytearray, envelope: bytes | bytearray | memoryview) -> None: ...
@@ -18,4 +19,11 @@ def fanout(
 ) -> int: ...
 def fanout_conns(
     frame: bytes, conns: Iterable[FanoutConn], exclude: object | None, buffer_limit: int
+) -> int: ...
+def collect(
+    frame: bytes,
+    by_user: Mapping[str, Sequence[FanoutConn]],
+    user_ids: Iterable[str],
+    exclude: object | None,
+    pending: dict[Any, bytearray],
 ) -> int: ...

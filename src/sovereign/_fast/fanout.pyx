@@ -230,3 +230,34 @@ def fanout_conns(frame, conns, exclude, Py_ssize_t buffer_limit):
     """``fanout`` over a flat iterable of connections (walked as a snapshot)."""
     cdef bytes f = _check_frame(frame)
     return _fan(f, PyBytes_GET_SIZE(f), conns, exclude, buffer_limit)
+
+
+def collect(frame, by_user, user_ids, exclude, dict pending):
+    """Like ``fanout`` but append ``frame`` to ``pending[conn]`` (a bytearray per
+    connection) instead of writing: the caller writes each buffer once (App.uncork).
+    Nothing here can call ``overflow()``, so the lists are walked in place."""
+    cdef bytes f = _check_frame(frame)
+    cdef Py_ssize_t collected = 0
+    cdef Py_ssize_t i
+    cdef PyObject* found
+    cdef PyObject* slot
+    cdef object conns, conn, buf
+    for uid in user_ids:
+        found = PyDict_GetItemWithError(by_user, uid)
+        if found is NULL:
+            continue
+        conns = <object>found
+        if not PyList_CheckExact(conns):
+            conns = list(conns)
+        for i in range(PyList_GET_SIZE(conns)):
+            conn = <object>PyList_GET_ITEM(conns, i)
+            if conn is exclude or not conn.live:
+                continue
+            slot = PyDict_GetItemWithError(pending, conn)
+            if slot is NULL:
+                pending[conn] = bytearray(f)
+            else:
+                buf = <object>slot
+                buf += f
+            collected += 1
+    return collected

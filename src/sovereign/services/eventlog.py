@@ -182,8 +182,17 @@ class Op:
 
 
 class EventLog:
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        cork: Callable[[], None] = lambda: None,
+        uncork: Callable[[], None] = lambda: None,
+    ) -> None:
         self.db = db
+        # Effects of one committed batch are corked: frames per connection are joined
+        # into one write (see App.cork).
+        self.cork = cork
+        self.uncork = uncork
         self._queue: list[Op] = []
         self._busy = False
         self._idle = asyncio.Event()
@@ -241,6 +250,13 @@ class EventLog:
             return
         self.batches += 1
         self.events_written += len(rows)
+        self.cork()
+        try:
+            self._finish(batch)
+        finally:
+            self.uncork()
+
+    def _finish(self, batch: list[Op]) -> None:
         for op in batch:
             for ev in op.events:
                 conv = ev.conv

@@ -16,7 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from sovereign.codec import encode_envelope
-from sovereign.errors import ErrorCode, SovereignError
+from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.eventlog import Conv, Event, EventLog, Member, Op, load_state
 from sovereign.services.ids import new_ulid, ulid_floor
@@ -36,6 +36,7 @@ ws_frame = _fan.ws_frame
 append_ws_frame = _fan.append_ws_frame
 fanout = _fan.fanout
 write_frame = _fan.write_frame
+collect = _fan.collect
 
 IDEMPOTENCY_US = 24 * 3600 * 1_000_000
 IDEMPOTENCY_MEMORY = 500_000
@@ -131,9 +132,14 @@ class DeliveryWriter:
                 try:
                     if cursors or dropped or delivery or acks or marks:
                         await self.app.storage.db.write(
-                            partial(sql.save_delivery_state_txn, cursors=cursors,
-                                    dropped_cursors=dropped, delivery=delivery,
-                                    welcome_acks=acks, read_markers=marks)
+                            partial(
+                                sql.save_delivery_state_txn,
+                                cursors=cursors,
+                                dropped_cursors=dropped,
+                                delivery=delivery,
+                                welcome_acks=acks,
+                                read_markers=marks,
+                            )
                         )
                 except Exception as exc:
                     for w in waiters:
@@ -153,7 +159,7 @@ class MessagingService:
         self.app = app
         self.config = app.config
         self.db = app.storage.db
-        self.log = EventLog(self.db)
+        self.log = EventLog(self.db, app.cork, app.uncork)
         self.delivery_writer = DeliveryWriter(app)
         self.convs: dict[str, Conv] = {}
         self.user_convs: dict[str, set[str]] = {}
@@ -234,7 +240,11 @@ class MessagingService:
         """Fan one committed event out: encode once, write to every live connection of
         every recipient except ``exclude`` (the requester, who gets its echo)."""
         frame = ws_frame(encode_envelope(ev.type, "", ev.payload))
-        fanout(frame, self.app.by_user, ev.recipients, exclude, self.config.send_buffer_limit)
+        corked = self.app.corked
+        if corked is None:
+            fanout(frame, self.app.by_user, ev.recipients, exclude, self.config.send_buffer_limit)
+        else:
+            collect(frame, self.app.by_user, ev.recipients, exclude, corked)
         if self.syncing:
             conv_id = ev.conv.conversation_id
             for c in self.syncing:
@@ -608,7 +618,16 @@ class MessagingService:
     def on_ready(self, conn: Connection) -> None:
         conn.pending = SyncState()
         self.syncing.add(conn)
-        self.app.spawn(conn, "", self._sync(conn))
+        self.app.background(self._sync_or_close(conn))
+
+    async def _sync_or_close(self, conn: Connection) -> None:
+        try:
+            await self._sync(conn)
+        except Exception:
+            # A device must never sit READY without its backlog: drop the connection so
+            # the client reconnects and the sync starts over from its cursors.
+            log.exception("offline sync failed for device %s", conn.device_id)
+            conn.close(CloseCode.INTERNAL_ERROR, "sync failed")
 
     async def _sync(self, conn: Connection) -> None:
         """Backlog above the device's cursors, per conversation in seq order, then its

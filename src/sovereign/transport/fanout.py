@@ -34,12 +34,13 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "FanoutConn",
     "FrameSink",
     "append_ws_frame",
+    "collect",
     "fanout",
     "fanout_conns",
     "implementation",
@@ -186,6 +187,30 @@ def fanout_conns(
     """:func:`fanout` over a flat iterable of connections (walked as a snapshot)."""
     _check_frame(frame)
     return _fan(frame, len(frame), conns, exclude, buffer_limit)
+
+
+def collect(
+    frame: bytes,
+    by_user: Mapping[str, Sequence[FanoutConn]],
+    user_ids: Iterable[str],
+    exclude: object | None,
+    pending: dict[Any, bytearray],
+) -> int:
+    """Like :func:`fanout` but append ``frame`` to ``pending[conn]`` instead of writing,
+    so the caller can write each connection's frames in one call (App.uncork)."""
+    _check_frame(frame)
+    collected = 0
+    for uid in user_ids:
+        for conn in by_user.get(uid, _EMPTY):
+            if conn is exclude or not conn.live:
+                continue
+            buf = pending.get(conn)
+            if buf is None:
+                pending[conn] = bytearray(frame)
+            else:
+                buf += frame
+            collected += 1
+    return collected
 
 
 def implementation() -> ModuleType:

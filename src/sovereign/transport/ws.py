@@ -28,12 +28,14 @@ from sovereign.errors import AUTH_ERROR_CODES, REGISTRY, CloseCode
 from sovereign.protocol import upgrade
 from sovereign.protocol.connection import ConnectionState
 from sovereign.protocol.types import MessageType
+from sovereign.transport.fanout import implementation as _fanout
 from sovereign.v1 import sovereign_pb2 as pb
 
 if TYPE_CHECKING:
     from sovereign.server import App
 
 log = logging.getLogger("sovereign.ws")
+append_ws_frame = _fanout().append_ws_frame
 
 _WS_PROTOCOL_ERROR = 1002  # RFC 6455 §7.4.1
 _BINARY = WSMsgType.BINARY
@@ -177,16 +179,17 @@ class Connection(WSListener):
 
     # -- output ---------------------------------------------------------------
     def send_payload(self, msg_type: int, request_id: str, payload: bytes) -> None:
-        t = self.transport
-        if t is None or self.state.closed:
+        if self.transport is None or self.state.closed:
             return
-        t.send(_BINARY, encode_envelope(msg_type, request_id, payload))
-
-    def send_frame(self, data: bytes) -> None:
-        """Write an already encoded Envelope (fan-out encodes once, writes many)."""
-        t = self.transport
-        if t is not None and not self.state.closed:
-            t.send(_BINARY, data)
+        envelope = encode_envelope(msg_type, request_id, payload)
+        corked = self.app.corked
+        if corked is not None:  # inside a commit's effects: one write per connection
+            buf = corked.get(self)
+            if buf is None:
+                buf = corked[self] = bytearray()
+            append_ws_frame(buf, envelope)
+            return
+        self.transport.send(_BINARY, envelope)
 
     def send(self, msg_type: int, request_id: str, message: Any) -> None:
         self.send_payload(msg_type, request_id, message.SerializeToString())
