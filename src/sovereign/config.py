@@ -122,6 +122,10 @@ def _coerce_env(key: str, raw: str, tp: Any) -> Any:
     base = tp
     if isinstance(tp, types.UnionType):  # "list[str] | None" -> list[str]
         base = next(a for a in get_args(tp) if a is not type(None))
+    if get_origin(base) is Literal and raw not in get_args(base):
+        raise ConfigError(
+            f"{key}: {raw!r} from SOVEREIGN_{key.upper()} is not valid; expected {_describe(base)}"
+        )
     try:
         if base is int:
             return int(raw)

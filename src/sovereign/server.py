@@ -20,7 +20,7 @@ import orjson
 import picows
 
 from sovereign import __version__, codec
-from sovereign.config import Config
+from sovereign.config import Config, ConfigError
 from sovereign.errors import CloseCode, SovereignError
 from sovereign.protocol.connection import Timeouts
 from sovereign.protocol.types import PRE_AUTH_TYPES
@@ -339,22 +339,39 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     try:
         ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise SystemExit(f"tls_cert: cannot load certificate/key: {exc}") from None
+        raise ConfigError(
+            f"tls_cert: cannot load {cfg.tls_cert!r} with key {cfg.tls_key!r}: {exc}"
+        ) from None
     return ctx
 
 
 async def create_app(config: Config) -> App:
+    _load_dispatch()  # SOVEREIGN_REQUIRE_FAST fails here, before anything is opened
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
-    app = App(config, storage)
-    await app.auth.load_settings()
-    await app.messaging.load()
+    try:
+        app = App(config, storage)
+        await app.auth.load_settings()
+        await app.messaging.load()
+    except BaseException:
+        await storage.close()
+        raise
     return app
 
 
 async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
+    # Signals are caught from the first moment, so a SIGTERM during start-up still
+    # shuts down gracefully (exit 0) once the server is up.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = await create_app(config)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await app.storage.close()
+        raise
     code = await app.auth.ensure_bootstrap()
     if code is not None:
         scheme = "https" if config.tls_cert else "http"
@@ -364,10 +381,6 @@ async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -
             f"bootstrap code: {code}",
             flush=True,
         )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready(app)
     await stop.wait()

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -73,8 +74,16 @@ class ServerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.lines: list[str] = []
+        self._drained = threading.Event()
 
     async def start(self, timeout: float = 20.0) -> ServerProcess:
+        try:
+            return await self._start(timeout)
+        except BaseException:
+            self.kill()  # never leave a half-started child (or its pipe) behind
+            raise
+
+    async def _start(self, timeout: float) -> ServerProcess:
         cmd = [
             sys.executable,
             "-m",
@@ -106,8 +115,13 @@ class ServerProcess:
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        try:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+        except ValueError:  # the pipe was closed under us
+            pass
+        finally:
+            self._drained.set()
 
     @property
     def url(self) -> str:
@@ -120,12 +134,24 @@ class ServerProcess:
     async def wait(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout)
+        code = await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout)
+        await loop.run_in_executor(None, self.close_pipe)
+        return code
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL (if still running), reap the child and close its pipe."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            if self.port:  # a drain thread was started: let it read to EOF first
+                self._drained.wait(5)
+            self.proc.stdout.close()
 
     def output(self) -> str:
         return "".join(self.lines)
