@@ -8,8 +8,8 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
