@@ -76,8 +76,11 @@ class App:
 
         self.messaging = MessagingService(self)
         self.auth.device_hooks.append(self.messaging.device_created)
-        # Run at the end of a connection's offline sync (issue 4 adds KeyPackage LOW).
-        self.sync_hooks: list[Callable[[Connection], None]] = []
+        from sovereign.services.mls import MlsService
+
+        self.mls = MlsService(self, self.messaging)
+        # Awaited at the end of a connection's offline sync, after presence (SPEC §4).
+        self.sync_hooks: list[Callable[[Connection], Awaitable[None]]] = [self.mls.on_sync_end]
         self._dispatch_mod, self.dispatch_impl = _load_dispatch()
         self.handlers: dict[int, Handler] = {}
         api.install(self)

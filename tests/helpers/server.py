@@ -32,6 +32,8 @@ def test_config(data_dir: Path, **overrides: Any) -> Config:
         # Tests fire requests back to back; the rate-limit test sets its own values.
         "rate_limit_per_second": 10_000.0,
         "rate_limit_burst": 10_000,
+        # No MLS_KEY_PACKAGE_LOW after every sync; the KeyPackage tests set their own.
+        "min_key_packages": 0,
     }
     base.update(overrides)
     return load(None, base, environ={})

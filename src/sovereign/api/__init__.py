@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 
 def install(app: App) -> None:
-    from sovereign.api import auth, core, messaging
+    from sovereign.api import auth, core, messaging, mls
 
     core.install(app)
     auth.install(app)
     messaging.install(app)
+    mls.install(app)

@@ -100,8 +100,13 @@ class DeliveryWriter:
         self._busy = False
 
     def cursor(self, device_id: str, conv_id: str, seq: int) -> None:
-        self.dropped.discard((device_id, conv_id))
-        self.cursors[(device_id, conv_id)] = seq
+        # Cursors only move forward: two acks of one device may interleave across an
+        # await, and the older one must not overwrite the newer pending value.
+        key = (device_id, conv_id)
+        self.dropped.discard(key)
+        prev = self.cursors.get(key)
+        if prev is None or seq > prev:
+            self.cursors[key] = seq
 
     def drop_cursor(self, device_id: str, conv_id: str) -> None:
         self.cursors.pop((device_id, conv_id), None)
@@ -695,8 +700,8 @@ class MessagingService:
                         ),
                     )
             await self._write_chunk(conn, out)
-            for hook in self.app.sync_hooks:  # e.g. MLS_KEY_PACKAGE_LOW (issue 4)
-                hook(conn)
+            for hook in self.app.sync_hooks:  # MLS_KEY_PACKAGE_LOW
+                await hook(conn)
             # Live events committed meanwhile, minus what the backlog already carried.
             tail = bytearray()
             for conv_id, seq, welcome_id, frame in state.buffer:
@@ -799,7 +804,7 @@ class MessagingService:
                 dev.cursors.pop(conv_id, None)
                 self.delivery_writer.drop_cursor(dev.device_id, conv_id)
             else:
-                self.delivery_writer.cursor(dev.device_id, conv_id, seq)
+                self.delivery_writer.cursor(dev.device_id, conv_id, dev.cursors[conv_id])
             delivered_msgs.extend(await self._advance_delivered(conv, user_id, seq))
         await self.delivery_writer.flush()
         for sender, msg in delivered_msgs:

@@ -1,0 +1,323 @@
+"""MLS Delivery Service and Authentication Service (SPEC §7, §12.5, §12.6, §12.15,
+§12.17, §12.18, §12.22).
+
+The server never decrypts. It checks KeyPackages (strict mode: RFC 9420 signatures,
+lifetime, identity bound to the uploader), keeps per-device pools, routes Welcomes
+durably, orders commits by epoch (exactly one commit wins an epoch: validation and the
+epoch bump happen in one synchronous step on the event loop) and keeps the latest
+GroupInfo so a member whose state forked can rejoin with an external commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+from sovereign.codec import encode_envelope
+from sovereign.errors import ErrorCode, SovereignError
+from sovereign.mls.api import (
+    parse_commit_message,
+    parse_group_info_message,
+    parse_key_package,
+    parse_welcome_message,
+)
+from sovereign.mls.validate import (
+    KeyPackageInvalid,
+    has_last_resort_extension,
+    validate_key_package,
+)
+from sovereign.mls.wire import MLSDecodeError
+from sovereign.protocol.types import MessageType as T
+from sovereign.services.eventlog import Conv, Op
+from sovereign.services.ids import new_ulid
+from sovereign.services.messaging import write_frame, ws_frame
+from sovereign.storage import keypackages as kpsql
+from sovereign.storage import messaging as sql
+from sovereign.v1 import sovereign_pb2 as pb
+
+if TYPE_CHECKING:
+    from sovereign.server import App
+    from sovereign.services.messaging import MessagingService
+    from sovereign.transport.ws import Connection
+
+log = logging.getLogger("sovereign.mls")
+
+CONTENT_TYPE_COMMIT = 3
+
+
+def _err(code: ErrorCode, message: str) -> SovereignError:
+    return SovereignError(int(code), message)
+
+
+class MlsService:
+    def __init__(self, app: App, messaging: MessagingService) -> None:
+        self.app = app
+        self.config = app.config
+        self.db = app.storage.db
+        self.messaging = messaging
+
+    # -- KeyPackages (SPEC §7, §12.6, §12.17, §12.22) --------------------------------
+    def _check_package(self, conn: Connection, index: int, data: bytes) -> bool:
+        """Validate one package; returns whether it carries the last_resort extension."""
+        if not data:
+            raise _err(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: empty")
+        if self.config.mls_validation == "opaque":
+            try:  # best effort: honour the RFC last_resort extension if it parses
+                return has_last_resort_extension(parse_key_package(data))
+            except MLSDecodeError:
+                return False
+        try:
+            kp = parse_key_package(data)
+        except MLSDecodeError as exc:
+            raise _err(
+                ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: malformed: {exc}"
+            ) from None
+        try:
+            validate_key_package(
+                kp,
+                allowed_identities={conn.user_id.encode(), conn.username.encode()},
+                now=int(time.time()),
+            )
+        except KeyPackageInvalid as exc:
+            raise _err(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: {exc}") from None
+        return has_last_resort_extension(kp)
+
+    async def upload(self, conn: Connection, rid: str, req: pb.MLSKeyPackageUpload) -> None:
+        packages = ([req.key_package_data] if req.key_package_data else []) + list(req.key_packages)
+        if req.last_resort and len(packages) != 1:
+            raise _err(
+                ErrorCode.INVALID_KEY_PACKAGE, "a last_resort upload carries exactly one package"
+            )
+        if not packages:
+            raise _err(ErrorCode.INVALID_KEY_PACKAGE, "no package in the upload")
+        ordinary: list[tuple[int, bytes]] = []
+        last_resort: tuple[int, bytes] | None = None
+        for index, data in enumerate(packages):
+            flagged = self._check_package(conn, index, data)
+            if req.last_resort or flagged:
+                if last_resort is not None:
+                    raise _err(
+                        ErrorCode.INVALID_KEY_PACKAGE,
+                        f"package {index}: a second last-resort package",
+                    )
+                last_resort = (index, bytes(data))
+            else:
+                ordinary.append((index, bytes(data)))
+        try:
+            stored = await self.db.write(
+                partial(
+                    kpsql.upload_txn,
+                    device_id=conn.device_id,
+                    user_id=conn.user_id,
+                    ordinary=ordinary,
+                    last_resort=last_resort,
+                    max_per_device=self.config.max_key_packages,
+                    now_us=time.time_ns() // 1000,
+                )
+            )
+        except kpsql.PoolFull:
+            raise _err(
+                ErrorCode.INVALID_KEY_PACKAGE,
+                f"pool full: a device holds at most {self.config.max_key_packages}",
+            ) from None
+        except kpsql.DuplicatePackage as exc:
+            raise _err(
+                ErrorCode.INVALID_KEY_PACKAGE, f"package {exc.index}: duplicate of a stored package"
+            ) from None
+        if rid:
+            conn.send(T.ACK, rid, pb.Ack(count=stored))
+
+    async def fetch(self, conn: Connection, rid: str, req: pb.MLSKeyPackageFetch) -> None:
+        if await self.messaging.profile(req.user_id) is None:
+            raise _err(ErrorCode.USER_NOT_FOUND, "unknown user")
+        fetched = await self.db.write(partial(kpsql.fetch_txn, user_id=req.user_id))
+        if not fetched:
+            raise _err(ErrorCode.NO_KEY_PACKAGE_AVAILABLE, "no device of that user has a package")
+        conn.send(
+            T.MLS_KEY_PACKAGE_RESPONSE,
+            rid,
+            pb.MLSKeyPackageResponse(
+                user_id=req.user_id,
+                key_package_data=fetched[0].data,
+                key_packages=[
+                    pb.DeviceKeyPackage(device_id=f.device_id, key_package_data=f.data)
+                    for f in fetched
+                ],
+            ),
+        )
+        minimum = self.config.min_key_packages
+        for f in fetched:  # §12.6: live LOW when a fetch leaves fewer than the minimum
+            if not f.last_resort and f.remaining < minimum:
+                self._send_low(f.device_id, f.remaining)
+
+    def _send_low(self, device_id: str, remaining: int) -> None:
+        dev = self.messaging.devices.get(device_id)
+        if dev is None:
+            return
+        msg = pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages)
+        for c in list(dev.conns):
+            c.send(T.MLS_KEY_PACKAGE_LOW, "", msg)
+
+    async def on_sync_end(self, conn: Connection) -> None:
+        """On READY, after presence: LOW if the device's pool is below the minimum."""
+        remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=conn.device_id))
+        if remaining < self.config.min_key_packages:
+            conn.send(
+                T.MLS_KEY_PACKAGE_LOW,
+                "",
+                pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages),
+            )
+
+    # -- Welcomes (SPEC §7, §12.6, §12.15) ---------------------------------------------
+    def _check_welcome(self, conv: Conv, w: pb.MLSWelcome) -> None:
+        if w.conversation_id != conv.conversation_id:
+            raise _err(ErrorCode.INVALID_WELCOME, "welcome names another conversation")
+        try:
+            parse_welcome_message(w.welcome_data)
+        except MLSDecodeError as exc:
+            raise _err(ErrorCode.INVALID_WELCOME, f"not an MLS Welcome: {exc}") from None
+        if w.recipient_id not in conv.members:
+            raise _err(ErrorCode.NOT_MEMBER, "the recipient is not a member")
+
+    def _add_welcome(
+        self, op: Op, conv: Conv, sender_id: str, w: pb.MLSWelcome
+    ) -> tuple[str, str, bytes]:
+        """Store one welcome (one event per recipient user, §12.15) in ``op``; returns
+        (recipient, event_id, frame) for the push after the commit."""
+        now = time.time_ns() // 1000
+        event_id = new_ulid(now // 1000)
+        payload = pb.MLSWelcomeReceive(
+            conversation_id=conv.conversation_id,
+            sender_id=sender_id,
+            welcome_data=w.welcome_data,
+            event_id=event_id,
+            server_timestamp=now,
+        ).SerializeToString()
+        recipient, conv_id = w.recipient_id, conv.conversation_id
+        op.txns.append(
+            lambda c: sql.insert_welcome_txn(
+                c, event_id, recipient, conv_id, sender_id, now, payload
+            )
+        )
+        return recipient, event_id, ws_frame(encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
+
+    def _push_welcome(self, recipient: str, frame: bytes, event_id: str) -> None:
+        msg = self.messaging
+        corked = self.app.corked
+        for c in self.app.by_user.get(recipient, ()):
+            if c.live:
+                if corked is not None:
+                    buf = corked.get(c)
+                    if buf is None:
+                        corked[c] = bytearray(frame)
+                    else:
+                        buf += frame
+                else:
+                    write_frame(c, frame, self.config.send_buffer_limit)
+        for c in msg.syncing:
+            if c.user_id == recipient and c.pending is not None:
+                c.pending.buffer.append(("", 0, event_id, frame))
+
+    def welcome(self, conn: Connection, rid: str, req: pb.MLSWelcome) -> None:
+        conv = self.messaging.conv_for_member(req.conversation_id, conn.user_id)
+        self._check_welcome(conv, req)
+        op = Op()
+        recipient, event_id, frame = self._add_welcome(op, conv, conn.user_id, req)
+
+        def finish() -> None:
+            self._push_welcome(recipient, frame, event_id)
+            if rid:
+                conn.send(T.ACK, rid, pb.Ack(count=1))
+
+        op.finish = finish
+        op.fail = lambda exc: conn.send_error(9002, rid, "could not store the welcome")
+        self.messaging.log.submit(op)
+
+    # -- Commits and GroupInfo (SPEC §7, §12.5, §12.18, §12.22) --------------------------
+    def commit(self, conn: Connection, rid: str, req: pb.MLSCommit) -> None:
+        conv = self.messaging.conv_for_member(req.conversation_id, conn.user_id)
+        try:
+            info = parse_commit_message(req.commit_data)
+        except MLSDecodeError as exc:
+            raise _err(ErrorCode.INVALID_COMMIT, f"not an MLS handshake message: {exc}") from None
+        if info.content_type != CONTENT_TYPE_COMMIT:
+            raise _err(ErrorCode.INVALID_COMMIT, f"content_type {info.content_type} is not commit")
+        if conv.group_id is not None and info.group_id != conv.group_id:
+            raise _err(ErrorCode.INVALID_COMMIT, "group_id differs from the conversation's")
+        if info.epoch != conv.epoch:
+            raise _err(
+                ErrorCode.EPOCH_MISMATCH,
+                f"commit for epoch {info.epoch}, the conversation is at {conv.epoch}",
+            )
+        new_epoch = conv.epoch + 1
+        group_info = bytes(req.group_info) if req.group_info else None
+        if group_info is not None:
+            try:
+                gi = parse_group_info_message(group_info)
+            except MLSDecodeError as exc:
+                raise _err(
+                    ErrorCode.INVALID_COMMIT, f"group_info is not a GroupInfo: {exc}"
+                ) from None
+            if gi.group_id != info.group_id or gi.epoch != new_epoch:
+                raise _err(
+                    ErrorCode.INVALID_COMMIT,
+                    "group_info must name the group and the epoch after the commit",
+                )
+        for w in req.welcomes:
+            self._check_welcome(conv, w)
+        # Every part is valid: apply atomically (one Op, one transaction).
+        op = Op()
+        prev = (conv.group_id, conv.epoch, conv.group_info, conv.group_info_epoch)
+        ev = op.allocate(conv, T.MLS_COMMIT_BROADCAST, conn.user_id)
+        ev.recipients = conv.recipients
+        ev.payload = pb.MLSCommitBroadcast(
+            conversation_id=conv.conversation_id,
+            sender_id=conn.user_id,
+            commit_data=req.commit_data,
+            event_id=ev.event_id,
+            seq=ev.seq,
+            server_timestamp=ev.ts_us,
+            epoch=conv.epoch,
+        ).SerializeToString()
+        conv.group_id = info.group_id
+        conv.epoch = new_epoch
+        # §12.18: a commit without group_info clears the stored one (never serve stale).
+        conv.group_info = group_info
+        conv.group_info_epoch = new_epoch if group_info is not None else None
+
+        def undo() -> None:
+            conv.group_id, conv.epoch, conv.group_info, conv.group_info_epoch = prev
+
+        op.on_undo(undo)
+        conv_id, gid, gi_epoch = conv.conversation_id, info.group_id, conv.group_info_epoch
+        op.txns.append(
+            lambda c: sql.update_mls_txn(c, conv_id, gid, new_epoch, group_info, gi_epoch)
+        )
+        welcomes = [self._add_welcome(op, conv, conn.user_id, w) for w in req.welcomes]
+
+        def finish() -> None:
+            self.messaging._index(ev)
+            conn.send_payload(T.MLS_COMMIT_BROADCAST, rid, ev.payload)  # the echo (§12.1)
+            self.messaging._publish(ev, conn)
+            for recipient, event_id, frame in welcomes:
+                self._push_welcome(recipient, frame, event_id)
+
+        op.finish = finish
+        op.fail = lambda exc: conn.send_error(9002, rid, "could not store the commit")
+        self.messaging.log.submit(op)
+
+    def group_info(self, conn: Connection, rid: str, req: pb.GroupInfoFetch) -> None:
+        conv = self.messaging.conv_for_member(req.conversation_id, conn.user_id)
+        if conv.group_info is None or conv.group_info_epoch is None:
+            raise _err(ErrorCode.NO_GROUP_INFO, "no GroupInfo stored for this conversation")
+        conn.send(
+            T.MLS_GROUP_INFO,
+            rid,
+            pb.GroupInfo(
+                conversation_id=conv.conversation_id,
+                epoch=conv.group_info_epoch,
+                group_info=conv.group_info,
+            ),
+        )
