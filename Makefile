@@ -22,10 +22,10 @@ serve: $(STAMP)
 	$(BIN)/sovereign serve $(ARGS)
 
 ## test: lint, type-check and the whole test suite (what CI runs)
-test: $(STAMP) lint typecheck
+test: $(STAMP) interop lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) interop
 	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
 
 lint: $(STAMP)
@@ -43,5 +43,29 @@ bench: $(STAMP)
 bench-compare: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:10% $(ARGS)
 
+## load: a load scenario against a spawned server (SCENARIO=relay|fanout|resume|idle|mixed),
+## results in load-$(SCENARIO).json; e.g. make load SCENARIO=fanout ARGS="--duration 20"
+SCENARIO ?= relay
+PROFILE  ?= profile.svg
+.PHONY: load
+load: $(STAMP)
+	$(BIN)/sovereign-bench $(SCENARIO) --json load-$(SCENARIO).json $(ARGS)
+
+## profile: py-spy record of the server during a scenario (PROFILE=profile.svg flame graph;
+## PROFILE=profile.txt: raw stacks + a top-functions summary); needs ptrace (root in CI)
+profile: $(STAMP)
+	@test -x $(BIN)/py-spy || { echo "py-spy is missing: it comes with the dev extras (make install)"; exit 1; }
+	$(BIN)/sovereign-bench $(SCENARIO) --profile $(PROFILE) $(ARGS)
+
 clean:
 	rm -rf build $(VENV) src/sovereign/_fast/*.c src/sovereign/_fast/*.so src/sovereign/v1/*_pb2.py*
+
+## interop: install the Node.js MLS interop client (npm ts-mls) that
+## tests/integration/test_mls_interop.py drives; skipped while up to date
+INTEROP = interop/ts-mls
+.PHONY: interop
+interop: $(INTEROP)/node_modules/.installed-stamp
+
+$(INTEROP)/node_modules/.installed-stamp: $(INTEROP)/package.json $(INTEROP)/package-lock.json
+	cd $(INTEROP) && npm ci --no-audit --no-fund
+	@touch $@
