@@ -15,36 +15,11 @@ import picows
 from google.protobuf.message import Message
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
+from sovereign.client.events import PAYLOAD_CLASSES
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 
-PAYLOAD_TYPES: dict[int, type[Message]] = {
-    T.AUTH_CHALLENGE: pb.AuthChallenge,
-    T.AUTH_SUCCESS: pb.AuthSuccess,
-    T.AUTH_ERROR: pb.AuthError,
-    T.AUTH_REGISTER_CHALLENGE: pb.AuthRegisterChallenge,
-    T.AUTH_REGISTER_SUCCESS: pb.AuthRegisterSuccess,
-    T.MESSAGE_RECEIVE: pb.MessageReceive,
-    T.MESSAGE_DELIVERED: pb.MessageDelivered,
-    T.MESSAGE_HISTORY_RESPONSE: pb.HistoryResponse,
-    T.MESSAGE_READ_RECEIPT: pb.ReadReceipt,
-    T.SYNC_COMPLETE: pb.SyncComplete,
-    T.GROUP_CREATED: pb.GroupCreated,
-    T.GROUP_MEMBER_ADDED: pb.GroupMemberAdded,
-    T.GROUP_MEMBER_REMOVED: pb.GroupMemberRemoved,
-    T.CONVERSATION_LIST: pb.ConversationList,
-    T.MLS_KEY_PACKAGE_RESPONSE: pb.MLSKeyPackageResponse,
-    T.MLS_WELCOME_RECEIVE: pb.MLSWelcomeReceive,
-    T.MLS_COMMIT_BROADCAST: pb.MLSCommitBroadcast,
-    T.MLS_KEY_PACKAGE_LOW: pb.KeyPackageLow,
-    T.MLS_GROUP_INFO: pb.GroupInfo,
-    T.PRESENCE_NOTIFY: pb.PresenceNotify,
-    T.TYPING_NOTIFY: pb.TypingNotify,
-    T.PING: pb.Ping,
-    T.PONG: pb.Pong,
-    T.ERROR: pb.Error,
-    T.ACK: pb.Ack,
-}
+PAYLOAD_TYPES = PAYLOAD_CLASSES  # the SDK's table: one list of S->C payload types
 
 
 @dataclass

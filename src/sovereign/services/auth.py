@@ -20,7 +20,7 @@ from sovereign.auth import webauthn as wa
 from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.services import tokens
-from sovereign.storage import SessionRow, Storage, UserRow
+from sovereign.storage import ChallengeRow, Purpose, SessionRow, Storage, UserRow
 from sovereign.storage.errors import CredentialExists, UsernameTaken
 
 log = logging.getLogger("sovereign.auth")
@@ -39,6 +39,14 @@ class AuthResult:
 
 def _fail(code: ErrorCode, message: str) -> SovereignError:
     return SovereignError(int(code), message)
+
+
+def _check_username(username: str) -> None:
+    if not USERNAME_RE.match(username):
+        raise _fail(
+            ErrorCode.REGISTRATION_FAILED,
+            "username must be 1-32 characters: letters, digits, '_', '.', '-'",
+        )
 
 
 class AuthService:
@@ -66,6 +74,20 @@ class AuthService:
     @property
     def challenge_lifetime_us(self) -> int:
         return int(self.config.challenge_timeout * 1_000_000)
+
+    async def _consume_challenge(
+        self, client_data_json: bytes, purpose: Purpose
+    ) -> tuple[bytes, ChallengeRow, int]:
+        """The stored challenge the client data names, consumed before any verification
+        so that a replay can never pass (single use, SPEC §4)."""
+        challenge = wa.extract_challenge(client_data_json)
+        if challenge is None:
+            raise _fail(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
+        now = tokens.now_us()
+        pending = await self.storage.challenges.consume(challenge, purpose, now)
+        if pending is None:
+            raise _fail(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
+        return challenge, pending, now
 
     # -- login (SPEC §4) -------------------------------------------------------
     async def login_begin(self, username: str) -> tuple[bytes, bytes]:
@@ -100,14 +122,7 @@ class AuthService:
         user_handle: bytes,
         user_agent: str = "",
     ) -> AuthResult:
-        challenge = wa.extract_challenge(client_data_json)
-        if challenge is None:
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
-        now = tokens.now_us()
-        # Single use: consumed before verification so a replay can never pass (SPEC §4).
-        pending = await self.storage.challenges.consume(challenge, "login", now)
-        if pending is None:
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
+        challenge, pending, now = await self._consume_challenge(client_data_json, "login")
         cred = await self.storage.credentials.get(credential_id)
         if cred is None or cred.user_id != pending.user_id:
             raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown credential")
@@ -185,11 +200,7 @@ class AuthService:
     async def register_begin(
         self, username: str, display_name: str, invite_code: str
     ) -> tuple[bytes, bytes]:
-        if not USERNAME_RE.match(username):
-            raise _fail(
-                ErrorCode.REGISTRATION_FAILED,
-                "username must be 1-32 characters: letters, digits, '_', '.', '-'",
-            )
+        _check_username(username)
         if len(display_name) > MAX_DISPLAY_NAME:
             raise _fail(ErrorCode.REGISTRATION_FAILED, "display_name is too long")
         invite_hash = await self._check_invite(invite_code)
@@ -254,12 +265,8 @@ class AuthService:
         attestation_object: bytes,
         user_agent: str = "",
     ) -> AuthResult:
-        challenge = wa.extract_challenge(client_data_json)
-        if challenge is None:
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
-        now = tokens.now_us()
-        pending = await self.storage.challenges.consume(challenge, "register", now)
-        if pending is None or pending.user_id is None or pending.username is None:
+        challenge, pending, now = await self._consume_challenge(client_data_json, "register")
+        if pending.user_id is None or pending.username is None:
             raise _fail(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
         try:
             cred = wa.verify_registration(
@@ -319,11 +326,7 @@ class AuthService:
     async def create_user(
         self, username: str, display_name: str = "", *, is_admin: bool = False
     ) -> UserRow:
-        if not USERNAME_RE.match(username):
-            raise _fail(
-                ErrorCode.REGISTRATION_FAILED,
-                "username must be 1-32 characters: letters, digits, '_', '.', '-'",
-            )
+        _check_username(username)
         try:
             return await self.storage.users.create(
                 username, display_name or username, is_admin=is_admin
