@@ -193,13 +193,20 @@ class WsClient:
         await asyncio.wait_for(self.transport.wait_disconnected(), timeout)
         return self.listener.close_code
 
-    async def nothing(self, within: float = 0.2) -> None:
-        """Assert that no envelope arrives within ``within`` seconds."""
-        try:
-            got = await self.recv(within)
-        except TimeoutError:
-            return
-        raise AssertionError(f"unexpected envelope {got!r}")
+    async def nothing(self, within: float = 0.2, ignore: tuple[int, ...] = ()) -> None:
+        """Assert that no envelope (other than the ``ignore`` types) arrives in ``within`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                got = await self.recv(left)
+            except TimeoutError:
+                return
+            if got.type not in ignore:
+                raise AssertionError(f"unexpected envelope {got!r}")
 
     async def close(self) -> None:
         if not self.transport.is_disconnected:

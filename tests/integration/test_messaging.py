@@ -110,7 +110,7 @@ async def test_group_create_membership_events_in_order(server: RunningServer) ->
         assert [(e.user_id, e.seq, e.added_by) for e in added] == expected[first:]  # type: ignore[attr-defined]
         ts = [e.server_timestamp for e in added]  # type: ignore[attr-defined]
         assert ts == sorted(ts) and len(set(ts)) == len(ts)
-        await client.nothing(0.1)
+        await client.nothing(0.1, ignore=(T.PRESENCE_NOTIFY,))
 
 
 async def test_send_echo_and_fanout_to_every_device(server: RunningServer) -> None:
@@ -132,7 +132,7 @@ async def test_send_echo_and_fanout_to_every_device(server: RunningServer) -> No
     for c in (a2, a3, b):
         (got,) = await pushes(c, 1, T.MESSAGE_RECEIVE)
         assert got == echo
-    await a1.nothing(0.2)  # no second copy for the sending connection (§12.1)
+    await a1.nothing(0.2, ignore=(T.PRESENCE_NOTIFY,))  # no second copy for the sender (§12.1)
 
 
 async def test_unknown_conversation_and_non_member(server: RunningServer) -> None:
@@ -260,7 +260,7 @@ async def test_idempotent_send_returns_original_and_stores_nothing(server: Runni
     assert again == first
     (got,) = await pushes(b, 1, T.MESSAGE_RECEIVE)
     assert got == first
-    await b.nothing(0.2)
+    await b.nothing(0.2, ignore=(T.PRESENCE_NOTIFY,))
     assert server.app.messaging.convs[conv].last_seq == 3
     # Two copies in flight at once: still one event.
     rid = "retry-2"
@@ -608,3 +608,39 @@ async def test_slow_reader_is_dropped_and_keeps_its_events(server_with: ServerWi
         await b2.close()
         b.transport.underlying_transport.resume_reading()
         await b.closed(10)
+
+
+async def test_idempotent_retry_wins_over_a_later_removal(server: RunningServer) -> None:
+    w = await make_users(server, "alice", "bob")
+    a, b = w.clients["alice"], w.clients["bob"]
+    conv = (await create_group(a, "g", w.accounts["bob"].user_id)).conversation_id
+    await drain(b)
+    original = await send(b, conv, b"sent before removal", rid="r-removed")
+    await a.request(
+        T.GROUP_REMOVE,
+        pb.GroupRemove(conversation_id=conv, user_id=w.accounts["bob"].user_id),
+        T.ACK,
+    )
+    # bob lost the echo and retries: he gets the original, nothing new is stored
+    assert await send(b, conv, b"sent before removal", rid="r-removed") == original
+    code, _ = await b.error(T.MESSAGE_SEND, pb.MessageSend(conversation_id=conv))
+    assert code == 2002  # a new send is refused
+
+
+async def test_new_contacts_are_introduced_by_presence(server: RunningServer) -> None:
+    w = await make_users(server, "alice", "bob", "carol")
+    a, b, c = (w.clients[n] for n in ("alice", "bob", "carol"))
+    ids = {n: w.accounts[n].user_id for n in w.accounts}
+    await c.request(T.PRESENCE_UPDATE, pb.PresenceUpdate(status="away"), T.ACK)
+    conv = (await create_group(a, "g", ids["bob"])).conversation_id
+    pa = await a.wait_for(T.PRESENCE_NOTIFY)
+    pb_ = await b.wait_for(T.PRESENCE_NOTIFY)
+    assert (pa.user_id, pa.status) == (ids["bob"], "online")
+    assert (pb_.user_id, pb_.status) == (ids["alice"], "online")
+    await a.request(
+        T.GROUP_INVITE, pb.GroupInvite(conversation_id=conv, user_id=ids["carol"]), T.ACK
+    )
+    seen_by_carol = {(await c.wait_for(T.PRESENCE_NOTIFY)).user_id for _ in range(2)}
+    assert seen_by_carol == {ids["alice"], ids["bob"]}
+    pa = await a.wait_for(T.PRESENCE_NOTIFY)
+    assert (pa.user_id, pa.status) == (ids["carol"], "away")

@@ -269,12 +269,9 @@ class MessagingService:
 
     # -- MESSAGE_SEND (SPEC §5, §12.1, §12.16) -------------------------------------------
     def send_message(self, conn: Connection, rid: str, req: pb.MessageSend) -> None:
+        """Idempotency is checked first: a retry of a stored send returns the original
+        echo even if the sender has since left the conversation (docs/decisions.md)."""
         user_id = conn.user_id
-        conv = self.conv_for_member(req.conversation_id, user_id)
-        if len(req.encrypted_payload) > self.config.max_message_size_bytes:
-            raise _err(
-                ErrorCode.MESSAGE_TOO_LARGE, "encrypted_payload exceeds max_message_size_bytes"
-            )
         if rid:
             key = (user_id, rid)
             prior = self.idempotent.get(key)
@@ -298,9 +295,14 @@ class MessagingService:
             if prior is not None:
                 self.app.spawn(conn, rid, self._replay_send(conn, rid, prior[1]))
                 return
-            if self.idempotency_partial:
-                self.app.spawn(conn, rid, self._send_checked(conn, rid, req, conv))
-                return
+        conv = self.conv_for_member(req.conversation_id, user_id)
+        if len(req.encrypted_payload) > self.config.max_message_size_bytes:
+            raise _err(
+                ErrorCode.MESSAGE_TOO_LARGE, "encrypted_payload exceeds max_message_size_bytes"
+            )
+        if rid and self.idempotency_partial:
+            self.app.spawn(conn, rid, self._send_checked(conn, rid, req, conv))
+            return
         self._send_now(conn, rid, req, conv)
 
     async def _send_checked(
@@ -371,6 +373,18 @@ class MessagingService:
         for uid in [creator, *others]:
             if len(self.user_convs.get(uid, ())) >= self.config.max_groups_per_user:
                 raise _err(ErrorCode.GROUP_FULL, f"user {uid} is in too many conversations")
+        members = []
+        for uid in [creator, *others]:  # every await happens before memory changes
+            username, display = await self.profile(uid) or ("", "")
+            role = "admin" if uid == creator else "member"
+            members.append(
+                pb.GroupMember(user_id=uid, username=username, display_name=display, role=role)
+            )
+        if any(
+            len(self.user_convs.get(m.user_id, ())) >= self.config.max_groups_per_user
+            for m in members
+        ):
+            raise _err(ErrorCode.GROUP_FULL, "a member is in too many conversations")
         now = _now_us()
         conv = Conv(new_ulid(now // 1000), req.title, creator, now)
         rec = sql.ConversationRecord(conv.conversation_id, conv.title, creator, now)
@@ -378,11 +392,8 @@ class MessagingService:
         self.convs[conv.conversation_id] = conv
         op.txns.append(lambda c: sql.insert_conversation_txn(c, rec))
         op.on_undo(lambda: self.convs.pop(conv.conversation_id, None))
-        events = [
-            self._add_member(op, conv, uid, creator, "admin" if uid == creator else "member")
-            for uid in [creator, *others]
-        ]
-        members = await self.group_members(conv)
+        before = {m.user_id: self._contacts(m.user_id) for m in members}
+        events = [self._add_member(op, conv, m.user_id, creator, m.role) for m in members]
 
         def finish() -> None:
             conn.send(
@@ -395,6 +406,7 @@ class MessagingService:
             for ev in events:
                 self._index(ev)
                 self._publish(ev, None)  # the requesting connection too (§12.2)
+            self._introduce(before)
 
         op.finish = finish
         op.fail = lambda exc: conn.send_error(9002, rid, "could not store the group")
@@ -506,11 +518,20 @@ class MessagingService:
 
         op.on_undo(undo)
 
-    def _membership_op(self, conn: Connection, rid: str, op: Op, events: list[Event]) -> None:
+    def _membership_op(
+        self,
+        conn: Connection,
+        rid: str,
+        op: Op,
+        events: list[Event],
+        contacts_before: dict[str, set[str]] | None = None,
+    ) -> None:
         def finish() -> None:
             for ev in events:
                 self._index(ev)
                 self._publish(ev, None)  # requesting connection included (§12.2)
+            if contacts_before:
+                self._introduce(contacts_before)
             if rid:
                 conn.send(T.ACK, rid, pb.Ack(count=1))
 
@@ -532,8 +553,9 @@ class MessagingService:
         if len(self.user_convs.get(req.user_id, ())) >= self.config.max_groups_per_user:
             raise _err(ErrorCode.GROUP_FULL, "the user is in too many conversations")
         op = Op()
+        before = {u: self._contacts(u) for u in (*conv.recipients, req.user_id)}
         ev = self._add_member(op, conv, req.user_id, conn.user_id, "member")
-        self._membership_op(conn, rid, op, [ev])
+        self._membership_op(conn, rid, op, [ev], before)
 
     def remove(self, conn: Connection, rid: str, req: pb.GroupRemove) -> None:
         conv = self.conv_for_member(req.conversation_id, conn.user_id)
@@ -954,6 +976,17 @@ class MessagingService:
             out.update(self.convs[conv_id].recipients)
         out.discard(user_id)
         return out
+
+    def _introduce(self, contacts_before: dict[str, set[str]]) -> None:
+        """Users who now share a conversation for the first time learn each other's
+        presence (if not offline), as a newly connected device would on READY."""
+        for uid, before in contacts_before.items():
+            for other in self._contacts(uid) - before:
+                status = self.presence.get(other)
+                if status is not None:
+                    self._send_to_users(
+                        (uid,), T.PRESENCE_NOTIFY, pb.PresenceNotify(user_id=other, status=status)
+                    )
 
     def _presence_changed(self, user_id: str) -> None:
         """Aggregate across the user's connections (online > away > offline); notify
