@@ -275,6 +275,7 @@ class App:
             use_aiofastnet=False,
             logger_name="transport",
             reuse_address=True,
+            backlog=4096,  # resume storms: the default 100 drops SYNs (measured)
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.messaging.start_background()

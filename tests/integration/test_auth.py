@@ -356,16 +356,31 @@ async def test_auth_requests_after_ready_are_refused(server: RunningServer) -> N
 async def test_resume_returns_same_token_and_slides_expiry(server: RunningServer) -> None:
     acct = await registered(server)
     digest = hashlib.sha256(acct.token.encode()).digest()
+    lifetime = server.config.session_timeout_hours * 3600 * 1_000_000
+
+    def age(conn: sqlite3.Connection) -> None:  # as if the last resume was 2 h ago
+        conn.execute(
+            "UPDATE sessions SET expires_at_us = ? WHERE token_hash = ?",
+            (now_us() + lifetime - 2 * 3600 * 1_000_000, digest),
+        )
+
+    await server.app.storage.db.write(age)
     before = await server.app.storage.sessions.get_by_token_hash(digest)
     assert before is not None
-    await asyncio.sleep(0.01)
     c = await WsClient.connect(server.url)
     success = await resume(c, acct.token)
     assert success.session_token == acct.token and success.user_id == acct.user_id
     after = await server.app.storage.sessions.get_by_token_hash(digest)
-    assert after is not None and after.expires_at_us > before.expires_at_us
+    assert after is not None
+    assert after.expires_at_us - before.expires_at_us >= 2 * 3600 * 1_000_000 - 10_000_000
     assert after.device_id == before.device_id  # resuming is the same device
+    # An immediate second resume gains < 1 minute: no write (decisions.md), same token.
+    c2 = await WsClient.connect(server.url)
+    assert (await resume(c2, acct.token)).session_token == acct.token
+    again = await server.app.storage.sessions.get_by_token_hash(digest)
+    assert again is not None and again.expires_at_us == after.expires_at_us
     await c.close()
+    await c2.close()
 
 
 async def test_only_token_digest_is_stored(server: RunningServer) -> None:

@@ -167,7 +167,8 @@ class MessagingService:
         self.log = EventLog(self.db, app.cork, app.uncork)
         self.delivery_writer = DeliveryWriter(app)
         self.convs: dict[str, Conv] = {}
-        self.user_convs: dict[str, set[str]] = {}
+        self.user_convs: dict[str, set[str]] = {}  # current memberships
+        self.user_former: dict[str, set[str]] = {}  # conversations a user was removed from
         self.devices: dict[str, Device] = {}
         self.delivered: dict[tuple[str, str], int] = {}
         self.read_marks: dict[tuple[str, str], int] = {}
@@ -194,6 +195,8 @@ class MessagingService:
         for conv in self.convs.values():
             for uid in conv.members:
                 self.user_convs.setdefault(uid, set()).add(conv.conversation_id)
+            for uid in conv.former:
+                self.user_former.setdefault(uid, set()).add(conv.conversation_id)
         log.info("loaded %d conversations", len(self.convs))
 
     def start_background(self) -> None:
@@ -421,6 +424,7 @@ class MessagingService:
         conv.members[user_id] = member
         conv.membership_changed()
         self.user_convs.setdefault(user_id, set()).add(conv.conversation_id)
+        self.user_former.get(user_id, set()).discard(conv.conversation_id)
         ev.recipients = conv.recipients
         ev.payload = pb.GroupMemberAdded(
             conversation_id=conv.conversation_id,
@@ -450,6 +454,7 @@ class MessagingService:
             conv.members.pop(user_id, None)
             if former is not None:
                 conv.former[user_id] = former
+                self.user_former.setdefault(user_id, set()).add(conv_id)
             conv.membership_changed()
             convs = self.user_convs.get(user_id)
             if convs is not None:
@@ -478,6 +483,7 @@ class MessagingService:
         convs = self.user_convs.get(user_id)
         if convs is not None:
             convs.discard(conv.conversation_id)
+        self.user_former.setdefault(user_id, set()).add(conv.conversation_id)
         # The removed user's devices get this event too, then nothing more (§12.2).
         ev.recipients = (*conv.recipients, user_id)
         ev.payload = pb.GroupMemberRemoved(
@@ -493,6 +499,7 @@ class MessagingService:
 
         def undo() -> None:
             conv.former.pop(user_id, None)
+            self.user_former.get(user_id, set()).discard(conv_id)
             member.left_seq, member.role = old_left, old_role
             # restore join order: rebuild with the member at its joined_seq position
             items = sorted([*conv.members.values(), member], key=lambda m: m.joined_seq)
@@ -623,9 +630,9 @@ class MessagingService:
         """The device's delivery state, loading its cursors on first use."""
         dev = self.devices.get(conn.device_id)
         if dev is None:
-            session = await self.app.storage.sessions.get(conn.session_id)
-            created = session.created_at_us if session is not None else 0
-            cursors = await self.db.read(lambda c: sql.load_cursors_txn(c, conn.device_id))
+            created, cursors = await self.db.read(
+                partial(sql.load_device_txn, session_id=conn.session_id, device_id=conn.device_id)
+            )
             dev = self.devices.get(conn.device_id)  # another connection may have won
             if dev is None:
                 dev = Device(conn.device_id, conn.user_id, created)
@@ -744,7 +751,8 @@ class MessagingService:
 
     def _sync_ranges(self, user_id: str, dev: Device) -> list[tuple[str, Conv, int, int]]:
         ranges = []
-        for conv in self.convs.values():
+        for conv_id in (*self.user_convs.get(user_id, ()), *self.user_former.get(user_id, ())):
+            conv = self.convs[conv_id]
             m = conv.member_view(user_id)
             if m is None:
                 continue

@@ -235,6 +235,14 @@ def save_delivery_state_txn(
 # -- reads ----------------------------------------------------------------------------
 
 
+def load_device_txn(conn: Conn, session_id: str, device_id: str) -> tuple[int, dict[str, int]]:
+    """(created_at_us of the device's session, its cursors): one read for a READY."""
+    row = conn.execute(
+        "SELECT created_at_us FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    return (int(row[0]) if row else 0), load_cursors_txn(conn, device_id)
+
+
 def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:
     return {
         conv: seq
