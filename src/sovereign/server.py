@@ -229,7 +229,7 @@ class App:
             if out.get_write_buffer_size() + len(buf) > limit:
                 conn.overflow()
             else:
-                out.write(bytes(buf))
+                out.write(buf)  # not mutated after: no copy
 
     def metrics_rejected(self, code: int) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1

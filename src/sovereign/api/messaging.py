@@ -56,7 +56,7 @@ def install(app: App) -> None:
 
     h = app.handlers
     h[T.MESSAGE_SEND] = now(pb.MessageSend, svc.send_message)
-    h[T.MESSAGE_ACK] = later(app, pb.MessageAck, svc.ack)
+    h[T.MESSAGE_ACK] = now(pb.MessageAck, svc.ack)
     h[T.MESSAGE_HISTORY_REQUEST] = later(app, pb.HistoryRequest, svc.history)
     h[T.MESSAGE_READ] = later(app, pb.ReadMarker, svc.mark_read)
     h[T.GROUP_CREATE] = later(app, pb.GroupCreate, svc.create_group)

@@ -152,10 +152,12 @@ class Event:
 class Op:
     """One request's change: events, extra SQL, memory undo, and post-commit effects."""
 
-    __slots__ = ("events", "fail", "finish", "txns", "undos")
+    __slots__ = ("events", "fail", "finish", "send_request", "txns", "undos")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        # (user_id, request_id, event_id, ts_us) of an idempotent MESSAGE_SEND
+        self.send_request: tuple[str, str, str, int] | None = None
         self.txns: list[Callable[[Conn], None]] = []
         self.undos: list[Callable[[], object]] = []
         self.finish: Callable[[], None] | None = None
@@ -223,11 +225,15 @@ class EventLog:
         rows: list[sql.EventRow] = []
         heads: dict[str, tuple[int, int, str]] = {}
         txns: list[Callable[[Conn], None]] = []
+        requests: list[tuple[str, str, str, int]] = []
         for op in batch:
             for ev in op.events:
                 rows.append(ev.row())
                 heads[ev.conv.conversation_id] = (ev.seq, ev.ts_us, ev.conv.conversation_id)
-            txns.extend(op.txns)
+            if op.txns:
+                txns.extend(op.txns)
+            if op.send_request is not None:
+                requests.append(op.send_request)
 
         def txn(conn: Conn) -> None:
             # Extra SQL first: it creates conversations and members the events refer to.
@@ -236,6 +242,8 @@ class EventLog:
             if rows:
                 sql.insert_events_txn(conn, rows)
                 sql.update_heads_txn(conn, heads.values())
+            if requests:
+                sql.insert_send_requests_txn(conn, requests)
 
         try:
             await self.db.write(txn)

@@ -24,6 +24,35 @@ def encode(value: int) -> str:
     return first + middle + _ALPHABET[value & 0x1F]
 
 
+_prefix_ms = -1  # ids of one millisecond share their first 10 characters
+_prefix_text = ""
+
+
+def _time_prefix(ms: int) -> str:
+    """48-bit millisecond time -> the ULID's first 10 characters."""
+    global _prefix_ms, _prefix_text
+    if _prefix_ms != ms:
+        _prefix_ms = ms
+        _prefix_text = encode(ms << 80)[:10]
+    return _prefix_text
+
+
+_rand_high = -1  # rand >> 10 of the last id ...
+_rand_text = ""  # ... and its first 14 characters
+
+
+def _random_part(rand: int) -> str:
+    """80 bits -> the ULID's last 16 characters. Ids of one millisecond increment the
+    random part, so usually only the last two characters are new."""
+    global _rand_high, _rand_text
+    p = _PAIRS
+    high = rand >> 10
+    if _rand_high != high:
+        _rand_high = high
+        _rand_text = "".join([p[(rand >> s) & 0x3FF] for s in (70, 60, 50, 40, 30, 20, 10)])
+    return _rand_text + p[rand & 0x3FF]
+
+
 def new_ulid(now_ms: int | None = None) -> str:
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     last_ms, last_rand = _state
@@ -34,7 +63,7 @@ def new_ulid(now_ms: int | None = None) -> str:
         rand = _fast.getrandbits(80)
     _state[0] = ms
     _state[1] = rand
-    return encode((ms << 80) | rand)
+    return _time_prefix(ms) + _random_part(rand)
 
 
 def ulid_floor(ms: int) -> str:

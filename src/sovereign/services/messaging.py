@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -96,7 +96,7 @@ class DeliveryWriter:
         self.delivery: dict[tuple[str, str], int] = {}
         self.welcome_acks: set[tuple[str, str]] = set()
         self.read_markers: dict[tuple[str, str], int] = {}
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[Callable[[BaseException | None], None]] = []
         self._busy = False
 
     def cursor(self, device_id: str, conv_id: str, seq: int) -> None:
@@ -112,13 +112,26 @@ class DeliveryWriter:
         self.cursors.pop((device_id, conv_id), None)
         self.dropped.add((device_id, conv_id))
 
+    def after(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(None)`` once everything recorded so far is committed, or
+        ``callback(error)`` if that write failed. No task or future per caller."""
+        self._waiters.append(callback)
+        if not self._busy:
+            self._busy = True
+            self.app.background(self._drain())
+
     async def flush(self) -> None:
         """Resolve once everything recorded so far is committed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if not self._busy:
-            self._busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+
+        def done(exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(_err(ErrorCode.DATABASE_ERROR, "could not store"))
+
+        self.after(done)
         await fut
 
     async def _drain(self) -> None:
@@ -133,9 +146,10 @@ class DeliveryWriter:
                 marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
                 self.cursors, self.dropped, self.delivery = {}, set(), {}
                 self.welcome_acks, self.read_markers = set(), {}
-
+                error: BaseException | None = None
                 try:
                     if cursors or dropped or delivery or acks or marks:
+                        # Not durable: losing an ack in a power cut only redelivers.
                         await self.app.storage.db.write(
                             partial(
                                 sql.save_delivery_state_txn,
@@ -144,17 +158,21 @@ class DeliveryWriter:
                                 delivery=delivery,
                                 welcome_acks=acks,
                                 read_markers=marks,
-                            )
+                            ),
+                            durable=False,
                         )
                 except Exception as exc:
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(_err(ErrorCode.DATABASE_ERROR, "could not store"))
                     log.error("delivery state write failed: %s", exc)
-                    continue
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
+                    error = exc
+                self.app.cork()  # the acks' responses: one write per connection
+                try:
+                    for cb in waiters:
+                        try:
+                            cb(error)
+                        except Exception:
+                            log.exception("ack completion failed")
+                finally:
+                    self.app.uncork()
         finally:
             self._busy = False
 
@@ -239,8 +257,12 @@ class MessagingService:
         return out
 
     def _index(self, ev: Event) -> None:
+        self._index_put(ev.event_id, (ev.conv.conversation_id, ev.seq, ev.type, ev.sender_id))
+
+    def _index_put(self, event_id: str, info: tuple[str, int, int, str]) -> None:
+        """event id -> (conversation, seq, type, sender) for acks; bounded, oldest out."""
         idx = self.event_index
-        idx[ev.event_id] = (ev.conv.conversation_id, ev.seq, ev.type, ev.sender_id)
+        idx[event_id] = info
         if len(idx) > EVENT_INDEX_MAX:
             idx.popitem(last=False)
 
@@ -268,7 +290,11 @@ class MessagingService:
     ) -> None:
         """Ephemeral push (receipts, typing, presence): best effort, never queued."""
         frame = ws_frame(encode_envelope(msg_type, "", message.SerializeToString()))
-        fanout(frame, self.app.by_user, user_ids, exclude, self.config.send_buffer_limit)
+        corked = self.app.corked
+        if corked is None:
+            fanout(frame, self.app.by_user, user_ids, exclude, self.config.send_buffer_limit)
+        else:
+            collect(frame, self.app.by_user, user_ids, exclude, corked)
 
     # -- MESSAGE_SEND (SPEC §5, §12.1, §12.16) -------------------------------------------
     def send_message(self, conn: Connection, rid: str, req: pb.MessageSend) -> None:
@@ -346,8 +372,7 @@ class MessagingService:
         if rid:
             key = (user_id, rid)
             self.idempotent[key] = op
-            event_id, now = ev.event_id, ev.ts_us
-            op.txns.append(lambda c: sql.insert_send_request_txn(c, user_id, rid, event_id, now))
+            op.send_request = (user_id, rid, ev.event_id, ev.ts_us)
             op.on_undo(lambda: self.idempotent.pop(key, None))
 
         def finish() -> None:
@@ -788,26 +813,59 @@ class MessagingService:
             conn.out.write(bytes(data))
 
     # -- acks and delivered (SPEC §5, §12.14, §12.15, §12.22) ----------------------------
-    async def ack(self, conn: Connection, rid: str, req: pb.MessageAck) -> None:
+    def ack(self, conn: Connection, rid: str, req: pb.MessageAck) -> None:
+        """MESSAGE_ACK. Fast path with everything in memory: no task, no disk read; the
+        response follows the coalesced cursor write (DeliveryWriter.after)."""
         ids: list[str] = []
-        for i in [req.message_id, *req.message_ids]:
+        for i in (req.message_id, *req.message_ids):
             if i and i not in ids:
                 ids.append(i)
+        dev = self.devices.get(conn.device_id)
+        index, delivered, user_id = self.event_index, self.delivered, conn.user_id
+        if dev is None or any(
+            i not in index or (index[i][0], user_id) not in delivered for i in ids
+        ):
+            self.app.spawn(conn, rid, self._ack_slow(conn, rid, ids))
+            return
+        self._ack_apply(conn, rid, dev, ids, {})
+
+    async def _ack_slow(self, conn: Connection, rid: str, ids: list[str]) -> None:
+        """Load what the fast path lacks (older events, welcomes, delivered positions)."""
         dev = await self._device(conn)
-        user_id = conn.user_id
-        moved = 0
-        touched: dict[str, int] = {}
+        owners: dict[str, str | None] = {}
         for event_id in ids:
             info = self.event_index.get(event_id)
             if info is None:
                 info = await self.db.read(partial(sql.event_by_id_txn, event_id=event_id))
             if info is None:
-                owner = await self.db.read(partial(sql.welcome_owner_txn, event_id=event_id))
-                if (
-                    owner == user_id
-                    and (dev.device_id, event_id) not in self.delivery_writer.welcome_acks
-                ):
-                    self.delivery_writer.welcome_acks.add((dev.device_id, event_id))
+                owners[event_id] = await self.db.read(
+                    partial(sql.welcome_owner_txn, event_id=event_id)
+                )
+                continue
+            self._index_put(event_id, info)
+            conv = self.convs.get(info[0])
+            if conv is not None:
+                await self._delivered_position(conv, conn.user_id)
+        self._ack_apply(conn, rid, dev, ids, owners)
+
+    def _ack_apply(
+        self,
+        conn: Connection,
+        rid: str,
+        dev: Device,
+        ids: list[str],
+        welcome_owners: dict[str, str | None],
+    ) -> None:
+        user_id = conn.user_id
+        writer = self.delivery_writer
+        moved = 0
+        touched: dict[str, int] = {}
+        for event_id in ids:
+            info = self.event_index.get(event_id)
+            if info is None:
+                key = (dev.device_id, event_id)
+                if welcome_owners.get(event_id) == user_id and key not in writer.welcome_acks:
+                    writer.welcome_acks.add(key)  # welcomes are acked one by one (§12.15)
                     moved += 1
                 continue
             conv_id, seq = info[0], info[1]
@@ -832,45 +890,81 @@ class MessagingService:
             if m.left_seq is not None and seq >= m.left_seq:
                 # Acked its own GROUP_MEMBER_REMOVED: the cursor there is dropped (§12.14).
                 dev.cursors.pop(conv_id, None)
-                self.delivery_writer.drop_cursor(dev.device_id, conv_id)
+                writer.drop_cursor(dev.device_id, conv_id)
             else:
-                self.delivery_writer.cursor(dev.device_id, conv_id, dev.cursors[conv_id])
-            delivered_msgs.extend(await self._advance_delivered(conv, user_id, seq))
-        await self.delivery_writer.flush()
-        for sender, msg in delivered_msgs:
-            self._send_to_users((sender,), T.MESSAGE_DELIVERED, msg)
-        if rid:
-            conn.send(T.ACK, rid, pb.Ack(count=moved))
+                writer.cursor(dev.device_id, conv_id, dev.cursors[conv_id])
+            delivered_msgs.extend(self._advance_delivered(conv, user_id, seq))
 
-    async def _advance_delivered(
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                conn.send_error(9002, rid, "could not store the acknowledgement")
+                return
+            for sender, msg in delivered_msgs:
+                self._send_to_users((sender,), T.MESSAGE_DELIVERED, msg)
+            if rid:
+                conn.send(T.ACK, rid, pb.Ack(count=moved))
+
+        writer.after(done)
+
+    async def _delivered_position(self, conv: Conv, user_id: str) -> int:
+        key = (conv.conversation_id, user_id)
+        pos = self.delivered.get(key)
+        if pos is None:
+            stored = await self.db.read(
+                partial(sql.load_delivery_txn, conversation_id=key[0], user_id=user_id)
+            )
+            m = conv.member_view(user_id)
+            pos = stored if stored is not None else (m.joined_seq - 1 if m else 0)
+            pos = self.delivered.setdefault(key, pos)
+        return pos
+
+    def _advance_delivered(
         self, conv: Conv, user_id: str, seq: int
     ) -> list[tuple[str, pb.MessageDelivered]]:
         """The first device of a user to pass messages moves its delivered position; each
         sender passed gets one MESSAGE_DELIVERED naming its last message (§12.14)."""
         key = (conv.conversation_id, user_id)
-        pos = self.delivered.get(key)
-        if pos is None:
-            stored = await self.db.read(lambda c: sql.load_delivery_txn(c, *key))
-            m = conv.member_view(user_id)
-            pos = stored if stored is not None else (m.joined_seq - 1 if m else 0)
-            pos = self.delivered.setdefault(key, pos)
+        pos = self.delivered[key]  # loaded by ack / _ack_slow
         if seq <= pos:
             return []
         self.delivered[key] = seq
         self.delivery_writer.delivery[key] = seq
-        last_by_sender: dict[str, str] = {}
         recent = conv.recent
-        if recent and recent[0][0] <= pos + 1:
-            for s, event_id, type_, sender in recent:
-                if pos < s <= seq and type_ == T.MESSAGE_RECEIVE and sender != user_id:
-                    last_by_sender[sender] = event_id
-        else:
-            rows = await self.db.read(
-                lambda c: sql.events_after_txn(c, conv.conversation_id, pos, seq, 1_000_000)
+        if not recent or recent[0][0] > pos + 1:
+            # Older than the in-memory window: look the senders up in storage.
+            self.app.background(self._delivered_from_storage(conv, user_id, pos, seq))
+            return []
+        last_by_sender: dict[str, str] = {}
+        for s, event_id, type_, sender in reversed(recent):  # newest first: stop early
+            if s <= pos:
+                break
+            if s <= seq and type_ == T.MESSAGE_RECEIVE and sender != user_id:
+                last_by_sender.setdefault(sender, event_id)
+        return self._delivered_msgs(conv, user_id, seq, last_by_sender)
+
+    async def _delivered_from_storage(self, conv: Conv, user_id: str, pos: int, seq: int) -> None:
+        rows = await self.db.read(
+            partial(
+                sql.events_after_txn,
+                conversation_id=conv.conversation_id,
+                after_seq=pos,
+                up_to_seq=seq,
+                limit=1_000_000,
             )
-            for _s, event_id, type_, sender, _ts, _p in rows:
-                if type_ == T.MESSAGE_RECEIVE and sender != user_id:
-                    last_by_sender[sender] = event_id
+        )
+        last_by_sender: dict[str, str] = {}
+        for _s, event_id, type_, sender, _ts, _p in rows:
+            if type_ == T.MESSAGE_RECEIVE and sender != user_id:
+                last_by_sender[sender] = event_id
+        msgs = self._delivered_msgs(conv, user_id, seq, last_by_sender)
+        await self.delivery_writer.flush()
+        for sender, msg in msgs:
+            self._send_to_users((sender,), T.MESSAGE_DELIVERED, msg)
+
+    @staticmethod
+    def _delivered_msgs(
+        conv: Conv, user_id: str, seq: int, last_by_sender: dict[str, str]
+    ) -> list[tuple[str, pb.MessageDelivered]]:
         return [
             (
                 sender,

@@ -90,7 +90,7 @@ class _Stop:
         self.fut = fut
 
 
-_QueueItem: TypeAlias = "tuple[Callable[[Conn], Any], asyncio.Future[Any]] | _Stop"
+_QueueItem: TypeAlias = "tuple[Callable[[Conn], Any], asyncio.Future[Any], bool] | _Stop"
 
 
 class Database:
@@ -116,6 +116,7 @@ class Database:
         self._busy_timeout_ms = busy_timeout_ms
         self._migrations = migrations
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
+        self._sync_full = True  # the writer connection's current synchronous mode
         self._closed = True  # until open() finishes
         self._dead = False  # the writer thread has shut down
         self._lock = threading.Lock()
@@ -215,10 +216,15 @@ class Database:
         await self.close()
 
     # -- public API -------------------------------------------------------------
-    async def write(self, fn: Callable[[Conn], T]) -> T:
+    async def write(self, fn: Callable[[Conn], T], *, durable: bool = True) -> T:
         """Run ``fn(conn)`` on the writer inside a group-committed transaction.
 
         Returns ``fn``'s result once the transaction holding it has committed.
+        ``durable=False`` is for state whose loss in a power cut is harmless (delivery
+        cursors: at worst events are delivered again): a batch of only such writes
+        commits with ``synchronous=NORMAL`` (no fsync; measured here ~100 us of CPU per
+        FULL commit vs ~20 us). They become durable with the next FULL commit or
+        checkpoint, as WAL frames are synced in order.
         """
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # The lock pairs with _shutdown: a write is either queued before the writer's
@@ -226,7 +232,7 @@ class Database:
         with self._lock:
             if self._closed:
                 raise DatabaseClosed("database is closed")
-            self._queue.put((fn, fut))
+            self._queue.put((fn, fut, durable))
         return await fut
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
@@ -359,21 +365,27 @@ class Database:
             if stop is not None:
                 return stop
 
-    def _run_batch(self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any]]]) -> None:
+    def _run_batch(
+        self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]
+    ) -> None:
         conn = self._wconn
         assert conn is not None
+        durable = any(item[2] for item in batch)
+        if durable != self._sync_full:  # outside any transaction, as SQLite requires
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._sync_full = durable
         outcomes: list[_Outcome] = []
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
         try:
-            for i, (fn, fut) in enumerate(batch):
+            for i, (fn, fut, _durable) in enumerate(batch):
                 if not conn.in_transaction:
                     try:
                         conn.execute("BEGIN IMMEDIATE")
                     except sqlite3.Error as exc:
                         # Without a transaction nothing left in this batch can run.
                         outcomes += [
-                            (f, _db_error("BEGIN failed", exc), None) for _, f in batch[i:]
+                            (f, _db_error("BEGIN failed", exc), None) for _, f, _ in batch[i:]
                         ]
                         break
                 try:
@@ -406,7 +418,7 @@ class Database:
             _rollback_all(conn)
             seen = {id(o[0]) for o in outcomes}
             outcomes += [
-                (f, _db_error("writer failed", exc), None) for _, f in batch if id(f) not in seen
+                (f, _db_error("writer failed", exc), None) for _, f, _ in batch if id(f) not in seen
             ]
             raise
         finally:

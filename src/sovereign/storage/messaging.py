@@ -146,14 +146,13 @@ def start_device_cursors_txn(
     )
 
 
-def insert_send_request_txn(
-    conn: Conn, user_id: str, request_id: str, event_id: str, now_us: int
-) -> None:
-    conn.execute(
+def insert_send_requests_txn(conn: Conn, rows: Sequence[tuple[str, str, str, int]]) -> None:
+    """(user_id, request_id, event_id, created_at_us) of idempotent sends, one batch."""
+    conn.executemany(
         "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
         " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, request_id) DO UPDATE SET"
         " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
-        (user_id, request_id, event_id, now_us),
+        rows,
     )
 
 

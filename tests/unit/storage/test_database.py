@@ -524,3 +524,27 @@ async def test_cancelled_open_leaks_nothing(db_path: Path) -> None:
             break
         await asyncio.sleep(0.01)
     assert writers() == before
+
+
+async def test_non_durable_batches_commit_without_fsync_and_durable_ones_with(
+    db: Database, gate: Gate
+) -> None:
+    def mode(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert await db.write(mode, durable=False) == 1  # NORMAL
+    assert await db.write(mode) == 2  # FULL
+    # One durable write makes its whole batch durable: hold the writer so that three
+    # writes queue up behind the gate and form one batch.
+    held = asyncio.ensure_future(db.write(gate.fn, durable=False))
+    await gate.wait_entered()
+    mixed = [
+        asyncio.ensure_future(db.write(mode, durable=False)),
+        asyncio.ensure_future(db.write(mode)),
+        asyncio.ensure_future(db.write(mode, durable=False)),
+    ]
+    await asyncio.sleep(0.01)
+    gate.release()
+    assert await held == "gate"
+    assert await asyncio.gather(*mixed) == [2, 2, 2]
+    assert await db.write(mode, durable=False) == 1
