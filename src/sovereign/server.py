@@ -67,7 +67,6 @@ class App:
         )
         self.connections: dict[int, Connection] = {}
         self.by_user: dict[str, list[Connection]] = {}
-        self.by_session: dict[str, list[Connection]] = {}
         self._conn_seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.rejected: dict[int, int] = {}
@@ -118,7 +117,6 @@ class App:
         self.connections.pop(conn.conn_id, None)
         if conn.user_id:
             _remove(self.by_user, conn.user_id, conn)
-            _remove(self.by_session, conn.session_id, conn)
             self.messaging.detach(conn)
 
     def mark_ready(
@@ -144,13 +142,11 @@ class App:
         conn.ready_at = self.clock()
         conns = self.by_user.setdefault(user_id, [])
         conns.append(conn)
-        self.by_session.setdefault(session_id, []).append(conn)
         while len(conns) > self.config.max_connections_per_user:
             oldest = conns[0]
             log.info("user %s over connection cap: closing oldest connection", user_id)
             oldest.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
             _remove(self.by_user, user_id, oldest)
-            _remove(self.by_session, oldest.session_id, oldest)
         return True
 
     def on_ready(self, conn: Connection) -> None:
@@ -158,7 +154,9 @@ class App:
             hook(conn)
 
     def close_session(self, session_id: str, code: int, reason: str) -> int:
-        conns = list(self.by_session.get(session_id, ()))
+        # A scan, not an index: revocation is rare and an index costs every idle
+        # connection a dict entry and a list.
+        conns = [c for c in self.connections.values() if c.session_id == session_id]
         for c in conns:
             c.close(code, reason)
         return len(conns)

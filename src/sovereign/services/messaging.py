@@ -63,14 +63,14 @@ class Device:
     """Delivery state of one device while at least one of its connections is open."""
 
     __slots__ = ("conns", "created_at_us", "cursors", "device_id", "user_id")
-    conns: set[Connection]
+    conns: list[Connection]  # a list: smaller than a set, and rarely more than one
 
     def __init__(self, device_id: str, user_id: str, created_at_us: int) -> None:
         self.device_id = device_id
         self.user_id = user_id
         self.created_at_us = created_at_us
         self.cursors: dict[str, int] = {}
-        self.conns = set()
+        self.conns = []
 
 
 class SyncState:
@@ -669,7 +669,8 @@ class MessagingService:
         self.syncing.discard(conn)
         dev = self.devices.get(conn.device_id)
         if dev is not None:
-            dev.conns.discard(conn)
+            if conn in dev.conns:
+                dev.conns.remove(conn)
             if not dev.conns:
                 del self.devices[conn.device_id]
         self._presence_changed(conn.user_id)
@@ -694,7 +695,7 @@ class MessagingService:
         state: SyncState = conn.pending
         try:
             dev = await self._device(conn)
-            dev.conns.add(conn)
+            dev.conns.append(conn)
             delivered = 0
             truncated: list[str] = []
             out = bytearray()
