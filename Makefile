@@ -44,12 +44,13 @@ bench-compare: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:10% $(ARGS)
 
 ## load: a load scenario against a spawned server (SCENARIO=relay|fanout|resume|idle|mixed),
-## results in load-$(SCENARIO).json; e.g. make load SCENARIO=fanout ARGS="--duration 20"
+## JSON in .benchmarks/load-$(SCENARIO).json; e.g. make load SCENARIO=fanout ARGS="--duration 20"
 SCENARIO ?= relay
 PROFILE  ?= profile.svg
 .PHONY: load
 load: $(STAMP)
-	$(BIN)/sovereign-bench $(SCENARIO) --json load-$(SCENARIO).json $(ARGS)
+	@mkdir -p .benchmarks
+	$(BIN)/sovereign-bench $(SCENARIO) --json .benchmarks/load-$(SCENARIO).json $(ARGS)
 
 ## profile: py-spy record of the server during a scenario (PROFILE=profile.svg flame graph;
 ## PROFILE=profile.txt: raw stacks + a top-functions summary); needs ptrace (root in CI)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import socket
 import sys
 from collections.abc import Callable
@@ -269,7 +268,7 @@ async def connect(
     """Open one WebSocket offering ``sovereign.v1`` (from ``local_addr`` if given)."""
     kwargs: dict[str, Any] = {}
     if local_addr is not None:
-        if _NO_PORT and os.environ.get("BENCH_OLD_BIND") != "1":
+        if _NO_PORT:
             kwargs["socket_factory"] = partial(_bound_socket, local_addr)
         else:
             kwargs["local_addr"] = local_addr

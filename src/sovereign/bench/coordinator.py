@@ -164,7 +164,7 @@ class Coordinator:
                     "duration": phase.duration,
                 }
             )
-        mem_before = procfs.memory(pid) if pid and phase.memory else None
+        mem_before = procfs.memory(pid) if pid else None
         while time.monotonic() < start_at:
             time.sleep(max(0.0, min(0.05, start_at - time.monotonic())))
         cpu0 = procfs.cpu_seconds(pid) if pid else None
@@ -227,8 +227,8 @@ class Coordinator:
         results = [m["data"] for m in self._gather("result", f"{label} results", 60.0)]
         if phase.settle > 0:
             time.sleep(phase.settle)
-        mem_after = procfs.memory(pid) if pid and phase.memory else None
-        fds_after = procfs.open_fds(pid) if pid and phase.memory else None
+        mem_after = procfs.memory(pid) if pid else None
+        fds_after = procfs.open_fds(pid) if pid else None
         last = [float(r.get("last_t") or 0.0) for r in results]
         end = max(last) if complete and max(last, default=0.0) > start_at else t_end
         wall = max(1e-6, end - start_at)
@@ -296,6 +296,10 @@ class Coordinator:
             "connect_failures": merged_fail,
             "listen_overflows": out.listen_drops.get("ListenOverflows"),
         }
+        if out.mem_before is not None and out.mem_after is not None:
+            acc["server_rss_mb_start"] = round(out.mem_before.rss_kb / 1024, 1)
+            acc["server_rss_mb_end"] = round(out.mem_after.rss_kb / 1024, 1)
+            acc["server_threads"] = out.mem_after.threads
         if out.server_io:
             acc["server_disk_write_mb"] = round(out.server_io.get("write_bytes", 0) / 1e6, 1)
             acc["server_syscalls_write"] = out.server_io.get("syscw")

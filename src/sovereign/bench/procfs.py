@@ -156,7 +156,8 @@ def source_version() -> dict[str, object]:
     """The git commit of the code under test and the files changed since (best effort)."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.abspath(__file__)  # <repo>/src/sovereign/bench/procfs.py
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(here))))
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5

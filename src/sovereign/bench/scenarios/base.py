@@ -30,7 +30,7 @@ class Phase:
     name: str
     params: dict[str, Any]
     duration: float
-    memory: bool = False  # snapshot the server's memory before and after
+    memory: bool = False  # the scenario reports memory (snapshots are always taken)
     settle: float = 0.0  # seconds to wait after the phase before the "after" snapshot
 
 

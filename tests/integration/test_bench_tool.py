@@ -1,0 +1,151 @@
+"""Smoke test of the load tool (``sovereign-bench``, issue 5): every scenario at tiny
+scale against a server the tool spawns itself, checking the JSON for sane numbers and
+for correctness (everything sent was delivered), not for speed.
+
+The five runs start together (each with its own server and temp dir) so the module
+stays well under 20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sovereign.bench.profile import summarise_raw
+from sovereign.bench.scenarios.relay import message_send_parts
+from sovereign.v1 import sovereign_pb2 as pb
+
+RUNS: dict[str, list[str]] = {
+    "relay": ["relay", "--pairs", "2", "--duration", "1", "--procs", "2"],
+    "fanout": ["fanout", "--groups", "10", "--duration", "1", "--probe-every", "3"],
+    "resume": ["resume", "--count", "20", "--concurrency", "4", "--duration", "5"],
+    "idle": ["idle", "--connections", "50", "--duration", "1", "--heartbeat", "0.5"],
+    "mixed": ["mixed", "--users", "20", "--rate", "200", "--duration", "1", "--group-size", "4"],
+}
+# No CPU pinning: CI machines may have one core. The JSON still carries every figure.
+COMMON = ["--server-cpu", "none", "--load-cpus", "none", "--quiet", "--settle", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("bench")
+    procs: dict[str, tuple[subprocess.Popen[str], Path]] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name, argv in RUNS.items():
+        out = tmp / f"{name}.json"
+        common = [a for a in COMMON if name == "idle" or a not in ("--settle", "0.2")]
+        procs_flag = [] if "--procs" in argv else ["--procs", "1"]
+        cmd = [sys.executable, "-m", "sovereign.bench", *argv, *procs_flag, *common]
+        cmd += ["--json", str(out)]
+        procs[name] = (
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            ),
+            out,
+        )
+    results: dict[str, tuple[int, str, dict[str, Any]]] = {}
+    for name, (p, out) in procs.items():
+        try:
+            text, _ = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        doc = json.loads(out.read_text()) if out.exists() else {}
+        results[name] = (p.returncode, text, doc)
+    return results
+
+
+def _common(name: str, runs: dict[str, tuple[int, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    code, text, doc = runs[name]
+    assert code == 0, f"{name} exited {code}:\n{text}"
+    assert doc["server"]["mode"] == "spawned"
+    assert doc["server"]["exit_code"] == 0, text
+    assert doc["problems"] == [], doc["problems"]
+    assert doc["machine"]["cpus_online"] >= 1
+    results: list[dict[str, Any]] = doc["results"]
+    assert results
+    for r in results:
+        assert r["complete"] is True, r
+        assert all(r["checks"].values()), r["checks"]
+        assert r["wall_s"] > 0
+        assert r["server_cpu_s"] is not None and r["server_cpu_s"] >= 0
+        assert r["load_cpu_s"] > 0
+        assert r["load_procs"] >= 1
+        assert r["count"] > 0 and r["per_s"] > 0
+        assert r["connections_lost"] == 0
+        assert r["server_errors"] == {}
+    return results
+
+
+def test_relay(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
+    results = _common("relay", runs)
+    assert [r["phase"] for r in results] == ["full", "half"]
+    for r in results:
+        assert r["sent"] == r["echoed"] == r["received"] == r["completed"] > 0
+        assert r["acks_sent"] > 0 and r["load_procs"] == 2
+        lat = r["latency_ms"]["delivery"]
+        assert lat["n"] == r["received"]
+        assert 0 <= lat["p50_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"]
+    assert results[0]["per_server_cpu_s"] is None or results[0]["per_server_cpu_s"] > 0
+    assert results[1]["target_rate"] == pytest.approx(results[0]["messages_per_s"] / 2, rel=0.01)
+
+
+def test_fanout(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
+    (r,) = _common("fanout", runs)
+    assert r["group_members"] == 10
+    assert r["messages_sent"] == r["messages_committed"] > 0
+    assert r["deliveries"] == r["deliveries_expected"] == 9 * r["messages_sent"]
+    assert r["latency_ms"]["delivery"]["n"] > 0
+
+
+def test_resume(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
+    (r,) = _common("resume", runs)
+    assert r["resumes"] == 20 and r["failures"] == 0
+    assert r["latency_ms"]["resume"]["n"] == 20
+
+
+def test_idle(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
+    connect, hold = _common("idle", runs)
+    assert connect["phase"] == "connect" and connect["connections"] == 50
+    assert connect["server_rss_kb_before"] > 0 and connect["server_rss_kb_after"] > 0
+    assert connect["rss_kb_per_connection"] is not None
+    assert hold["phase"] == "hold" and hold["connections"] == 50
+    assert hold["pings"] == hold["pongs"] > 0
+
+
+def test_mixed(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
+    (r,) = _common("mixed", runs)
+    assert r["deliveries_unique"] == r["deliveries_expected"]
+    assert r["by_kind"]["message"]["done"] > 0
+    assert all(k["failed"] == 0 for k in r["by_kind"].values())
+
+
+def test_message_send_parts_is_a_valid_message_send() -> None:
+    head, tail = message_send_parts("01CONVERSATION", 300)
+    body = b"\x01" * 300
+    msg = pb.MessageSend.FromString(head + body + tail)
+    assert (msg.conversation_id, msg.encrypted_payload, msg.message_type) == (
+        "01CONVERSATION",
+        body,
+        "text",
+    )
+
+
+def test_profile_summary_drops_idle_waits() -> None:
+    raw = "\n".join(
+        [
+            "thread (0x1): MainThread;main (sovereign/cli.py:10);send (sovereign/x.py:5) 30",
+            "thread (0x1): MainThread;main (sovereign/cli.py:10);ack (sovereign/x.py:9) 10",
+            "thread (0x2): pool;_worker (concurrent/futures/thread.py:81) 50",
+        ]
+    )
+    s = summarise_raw(raw)
+    assert s["samples"] == 40 and s["idle_samples_dropped"] == 50
+    assert s["self"][0] == {"function": "send (x.py)", "samples": 30, "pct": 75.0}
+    assert s["inclusive"][0]["function"] == "main (cli.py)"
