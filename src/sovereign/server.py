@@ -8,6 +8,7 @@ live-connection registry, the timers and the shutdown sequence (SPEC §4).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -347,6 +348,19 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def tune_gc() -> None:
+    """Collect less often, and never scan what start-up loaded.
+
+    Measured with py-spy (native frames) under the relay load: 36% of the event loop's
+    busy time was CPython's cyclic collector, run every 700 allocations and walking the
+    large, long-lived caches (conversations, event index, idempotency keys). The hot
+    path makes little cyclic garbage, so a higher first threshold costs little memory.
+    """
+    gc.collect()
+    gc.freeze()  # everything loaded so far: permanent generation, never traversed
+    gc.set_threshold(50_000, 50, 1_000)
+
+
 async def create_app(config: Config) -> App:
     _load_dispatch()  # SOVEREIGN_REQUIRE_FAST fails here, before anything is opened
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
@@ -369,6 +383,7 @@ async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = await create_app(config)
+    tune_gc()
     try:
         await app.start()
     except BaseException:
