@@ -134,7 +134,8 @@ class App:
         if conn.state.closed:
             return False
         conn.state.authenticated()
-        conn.live = True
+        # conn.live (fan-out writes directly) is set by the messaging service once the
+        # offline backlog is out: live events meanwhile wait in its SyncState (SPEC §4).
         conn.user_id = user_id
         conn.username = username
         conn.session_id = session_id

@@ -3,6 +3,7 @@ acks, MESSAGE_DELIVERED, idempotency, history (SPEC §4 READY, §5, §12.1-§12.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -644,3 +645,41 @@ async def test_new_contacts_are_introduced_by_presence(server: RunningServer) ->
     assert seen_by_carol == {ids["alice"], ids["bob"]}
     pa = await a.wait_for(T.PRESENCE_NOTIFY)
     assert (pa.user_id, pa.status) == (ids["carol"], "away")
+
+
+async def test_live_events_during_a_long_sync_arrive_once_and_in_order(
+    server: RunningServer,
+) -> None:
+    w = await make_users(server, "alice", "bob")
+    a = w.clients["alice"]
+    conv = (await create_group(a, "g", w.accounts["bob"].user_id)).conversation_id
+    await w.clients["bob"].close()
+    for i in range(400):  # a backlog that takes a while to stream
+        a.send(
+            T.MESSAGE_SEND,
+            pb.MessageSend(conversation_id=conv, encrypted_payload=b"x" * 500),
+            request_id=f"b{i}",
+        )
+    for _ in range(400):
+        await a.wait_for(T.MESSAGE_RECEIVE)
+
+    async def keep_sending() -> None:
+        for i in range(60):
+            a.send(
+                T.MESSAGE_SEND,
+                pb.MessageSend(conversation_id=conv, encrypted_payload=b"y"),
+                request_id=f"live{i}",
+            )
+            await asyncio.sleep(0.001)
+
+    sender = asyncio.ensure_future(keep_sending())
+    b = await WsClient.connect(server.url)
+    await resume(b, w.accounts["bob"].token, sync=False)
+    await sender
+    seqs = []
+    while len(seqs) < 1 + 400 + 60:  # his ADDED, the backlog, the live ones
+        got = await b.recv()
+        if got.type in (T.MESSAGE_RECEIVE, T.GROUP_MEMBER_ADDED):
+            seqs.append(got.message.seq)
+    assert seqs == list(range(2, 2 + 461))  # each once, in order, backlog before live
+    await b.nothing(0.2, ignore=(T.PRESENCE_NOTIFY, T.SYNC_COMPLETE))
