@@ -200,10 +200,20 @@ class Session:
         return heads
 
     # -- live: echoes and pushes ----------------------------------------------------
-    async def read_loop(self) -> None:
+    async def read_loop(self, killed: asyncio.Event) -> None:
         try:
             while True:
-                self.handle(await self.c.recv(timeout=60))
+                try:
+                    got = await self.c.recv(timeout=2)
+                except TimeoutError:
+                    if killed.is_set():
+                        # The server is gone but this socket saw no EOF in 2 s: give up
+                        # on it rather than stall the round (counted, not hidden).
+                        self.w.bump("reads abandoned after kill")
+                        self.c.transport.disconnect(graceful=False)
+                        return
+                    continue
+                self.handle(got)
         except ConnectionError:
             pass
         finally:
@@ -373,15 +383,18 @@ async def run_round(world: World, srv: Server, r: int, rng: random.Random) -> No
     delay = rng.uniform(*KILL_DELAY)
     rngs = {s.u: random.Random(rng.getrandbits(64)) for s in sessions}
 
+    killed = asyncio.Event()
+
     async def kill_later() -> None:
         await asyncio.sleep(delay)
         srv.kill()  # SIGKILL
+        killed.set()
         world.bump("kills")
 
     async with asyncio.timeout(30):
         async with asyncio.TaskGroup() as tg:
             for s in sessions:
-                tg.create_task(s.read_loop())
+                tg.create_task(s.read_loop(killed))
                 if s.u in SENDERS:
                     tg.create_task(s.send_loop(rngs[s.u], retries[s.u]))
                 for _ in range(rngs[s.u].choice((0, 1, 2))):  # the last may be cut off

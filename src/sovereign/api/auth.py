@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from google.protobuf.message import Message
 
 from sovereign.api.parsing import parse
 from sovereign.errors import AUTH_ERROR_CODES, CloseCode, SovereignError
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from sovereign.transport.ws import Connection
 
 log = logging.getLogger("sovereign.api.auth")
+M = TypeVar("M", bound=Message)
 
 _CLOSE_FOR: dict[int, int] = {
     1002: CloseCode.SESSION_INVALID,
@@ -57,91 +61,73 @@ def install(app: App) -> None:
             is_admin=result.user.is_admin,
         )
 
-    def refuse_when_ready(conn: Connection, request_id: str) -> bool:
-        if conn.ready:
-            conn.send_error(3001, request_id, "already authenticated")
-            return True
-        return False
+    def step(
+        cls: type[M], work: Callable[[Connection, str, M], Coroutine[Any, Any, None]]
+    ) -> Callable[[Connection, int, str, memoryview], None]:
+        """One ceremony step: parse, refuse once READY, run ``work`` guarded."""
+
+        def handler(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
+            msg = parse(conn, cls, payload, rid)
+            if msg is None:
+                return
+            if conn.ready:
+                conn.send_error(3001, rid, "already authenticated")
+                return
+            app.spawn(conn, rid, guarded(conn, rid, work(conn, rid, msg)))
+
+        return handler
 
     # AUTH_REQUEST{username} -> AUTH_CHALLENGE ; AUTH_REQUEST{session_token} -> AUTH_SUCCESS
-    def on_auth_request(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-        req = parse(conn, pb.AuthRequest, payload, rid)
-        if req is None or refuse_when_ready(conn, rid):
-            return
-
-        async def work() -> None:
-            if req.session_token:
-                result = await auth.resume(req.session_token)
-                if become_ready(conn, result):
-                    send_success(conn, rid, result)
-                return
-            challenge, options = await auth.login_begin(req.username)
-            conn.send(
-                T.AUTH_CHALLENGE,
-                rid,
-                pb.AuthChallenge(challenge=challenge, credential_request_options=options),
-            )
-
-        app.spawn(conn, rid, guarded(conn, rid, work()))
-
-    def on_auth_response(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-        resp = parse(conn, pb.AuthResponse, payload, rid)
-        if resp is None or refuse_when_ready(conn, rid):
-            return
-
-        async def work() -> None:
-            result = await auth.login_finish(
-                credential_id=resp.credential_id,
-                authenticator_data=resp.authenticator_data,
-                client_data_json=resp.client_data_json,
-                signature=resp.signature,
-                user_handle=resp.user_handle,
-                user_agent=user_agent(conn),
-            )
+    async def auth_request(conn: Connection, rid: str, req: pb.AuthRequest) -> None:
+        if req.session_token:
+            result = await auth.resume(req.session_token)
             if become_ready(conn, result):
                 send_success(conn, rid, result)
-
-        app.spawn(conn, rid, guarded(conn, rid, work()))
-
-    def on_register_request(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-        req = parse(conn, pb.AuthRegisterRequest, payload, rid)
-        if req is None or refuse_when_ready(conn, rid):
             return
+        challenge, options = await auth.login_begin(req.username)
+        conn.send(
+            T.AUTH_CHALLENGE,
+            rid,
+            pb.AuthChallenge(challenge=challenge, credential_request_options=options),
+        )
 
-        async def work() -> None:
-            challenge, options = await auth.register_begin(
-                req.username, req.display_name, req.invite_code
-            )
+    async def auth_response(conn: Connection, rid: str, resp: pb.AuthResponse) -> None:
+        result = await auth.login_finish(
+            credential_id=resp.credential_id,
+            authenticator_data=resp.authenticator_data,
+            client_data_json=resp.client_data_json,
+            signature=resp.signature,
+            user_handle=resp.user_handle,
+            user_agent=user_agent(conn),
+        )
+        if become_ready(conn, result):
+            send_success(conn, rid, result)
+
+    async def register_request(conn: Connection, rid: str, req: pb.AuthRegisterRequest) -> None:
+        challenge, options = await auth.register_begin(
+            req.username, req.display_name, req.invite_code
+        )
+        conn.send(
+            T.AUTH_REGISTER_CHALLENGE,
+            rid,
+            pb.AuthRegisterChallenge(challenge=challenge, credential_creation_options=options),
+        )
+
+    async def register_response(conn: Connection, rid: str, resp: pb.AuthRegisterResponse) -> None:
+        result = await auth.register_finish(
+            credential_id=resp.credential_id,
+            authenticator_data=resp.authenticator_data,
+            client_data_json=resp.client_data_json,
+            attestation_object=resp.attestation_object,
+            user_agent=user_agent(conn),
+        )
+        if become_ready(conn, result):
             conn.send(
-                T.AUTH_REGISTER_CHALLENGE,
+                T.AUTH_REGISTER_SUCCESS,
                 rid,
-                pb.AuthRegisterChallenge(challenge=challenge, credential_creation_options=options),
+                pb.AuthRegisterSuccess(user_id=result.user.user_id, session_token=result.token),
             )
-
-        app.spawn(conn, rid, guarded(conn, rid, work()))
-
-    def on_register_response(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-        resp = parse(conn, pb.AuthRegisterResponse, payload, rid)
-        if resp is None or refuse_when_ready(conn, rid):
-            return
-
-        async def work() -> None:
-            result = await auth.register_finish(
-                credential_id=resp.credential_id,
-                authenticator_data=resp.authenticator_data,
-                client_data_json=resp.client_data_json,
-                attestation_object=resp.attestation_object,
-                user_agent=user_agent(conn),
-            )
-            if become_ready(conn, result):
-                conn.send(
-                    T.AUTH_REGISTER_SUCCESS,
-                    rid,
-                    pb.AuthRegisterSuccess(user_id=result.user.user_id, session_token=result.token),
-                )
-                app.on_ready(conn)
-
-        app.spawn(conn, rid, guarded(conn, rid, work()))
+            app.on_ready(conn)
 
     def send_success(conn: Connection, rid: str, result: AuthResult) -> None:
         conn.send(
@@ -158,7 +144,7 @@ def install(app: App) -> None:
         )
         app.on_ready(conn)
 
-    app.handlers[T.AUTH_REQUEST] = on_auth_request
-    app.handlers[T.AUTH_RESPONSE] = on_auth_response
-    app.handlers[T.AUTH_REGISTER_REQUEST] = on_register_request
-    app.handlers[T.AUTH_REGISTER_RESPONSE] = on_register_response
+    app.handlers[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request)
+    app.handlers[T.AUTH_RESPONSE] = step(pb.AuthResponse, auth_response)
+    app.handlers[T.AUTH_REGISTER_REQUEST] = step(pb.AuthRegisterRequest, register_request)
+    app.handlers[T.AUTH_REGISTER_RESPONSE] = step(pb.AuthRegisterResponse, register_response)
