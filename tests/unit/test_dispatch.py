@@ -6,8 +6,6 @@ A missing compiled module fails the run (SOVEREIGN_ALLOW_PURE=1 skips instead).
 
 from __future__ import annotations
 
-import importlib
-import os
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +16,7 @@ from hypothesis import strategies as st
 from sovereign.codec import encode_envelope
 from sovereign.codec.envelope import encode_envelope as py_encode
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.twins import load_all, load_twin
 
 MODULES = {"compiled": "sovereign._fast.dispatch", "python": "sovereign.protocol.dispatch"}
 
@@ -26,29 +25,14 @@ PRE_AUTH = (1, 3, 6, 8, 60)  # SPEC §12.7
 MAX_ENVELOPE = 256
 
 
-def _load(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(MODULES[name])
-    except ImportError as exc:
-        if os.environ.get("SOVEREIGN_ALLOW_PURE") == "1":
-            pytest.skip(f"{name} dispatcher not built (SOVEREIGN_ALLOW_PURE=1)")
-        pytest.fail(f"{name} dispatcher missing ({exc}): run `python setup.py build_ext --inplace`")
-
-
 @pytest.fixture(scope="module", params=list(MODULES))
 def mod(request: pytest.FixtureRequest) -> ModuleType:
-    return _load(request.param)
+    return load_twin(MODULES, request.param, "dispatcher")
 
 
 @pytest.fixture(scope="module")
 def mods() -> list[ModuleType]:
-    out = []
-    for name in MODULES:
-        try:
-            out.append(importlib.import_module(MODULES[name]))
-        except ImportError:
-            out.append(_load(name))  # fails (or skips if allowed)
-    return out
+    return load_all(MODULES, "dispatcher")
 
 
 class FakeConn:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import os
 import subprocess
 import sys
@@ -28,35 +27,21 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from sovereign.codec import encode_envelope
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.twins import load_all, load_twin
 
 MODULES = {"compiled": "sovereign._fast.fanout", "python": "sovereign.transport.fanout"}
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 MESSAGE_RECEIVE = 21
 
 
-def _load(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(MODULES[name])
-    except ImportError as exc:
-        if os.environ.get("SOVEREIGN_ALLOW_PURE") == "1":
-            pytest.skip(f"{name} fan-out not built (SOVEREIGN_ALLOW_PURE=1)")
-        pytest.fail(f"{name} fan-out missing ({exc}): run `python setup.py build_ext --inplace`")
-
-
 @pytest.fixture(scope="module", params=list(MODULES))
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return _load(request.param)
+    return load_twin(MODULES, request.param, "fan-out")
 
 
 @pytest.fixture(scope="module")
 def impls() -> list[ModuleType]:
-    out = []
-    for name in MODULES:
-        try:
-            out.append(importlib.import_module(MODULES[name]))
-        except ImportError:
-            out.append(_load(name))  # fails (or skips if allowed)
-    return out
+    return load_all(MODULES, "fan-out")
 
 
 def payload_of(n: int) -> bytes:
@@ -506,7 +491,7 @@ PICK = "from sovereign.transport import fanout as f; print(f.implementation().__
 def test_implementation_prefers_compiled() -> None:
     from sovereign.transport import fanout as twin
 
-    compiled = _load("compiled")
+    compiled = load_twin(MODULES, "compiled", "fan-out")
     assert twin.implementation() is compiled
 
 
