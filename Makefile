@@ -21,9 +21,11 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/sovereign serve $(ARGS)
 
-## test: lint, type-check and the whole test suite (what CI runs)
+## test: lint, type-check and the whole test suite (what CI runs); every async test
+## runs on uvloop and again on the stdlib event loop (SOVEREIGN_TEST_LOOP=both)
+TEST_LOOP ?= both
 test: $(STAMP) interop lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+	SOVEREIGN_TEST_LOOP=$(TEST_LOOP) $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: $(STAMP) interop
 	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
