@@ -392,10 +392,12 @@ async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -
         raise
     code = await app.auth.ensure_bootstrap()
     if code is not None:
-        scheme = "https" if config.tls_cert else "http"
+        # Printed, never logged: the operator needs it once. (The admin panel's setup
+        # page, SPEC §10, is not built yet, so no URL is advertised.)
         print(
             "No admin exists yet. Register the first admin with this one-time code as "
-            f"invite_code, or open {scheme}://{config.admin_listen}/admin/setup?token={code}\n"
+            "invite_code (AUTH_REGISTER_REQUEST; works under any registration policy). "
+            "A new code is printed at each start until an admin exists.\n"
             f"bootstrap code: {code}",
             flush=True,
         )
