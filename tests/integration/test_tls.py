@@ -241,7 +241,7 @@ async def test_serve_process_with_tls_from_the_environment(
     try:
         assert "listening on wss://127.0.0.1:" in srv.output()
         await srv.line_starting("bootstrap code:")
-        assert "https://" in srv.output()  # the admin setup URL is https too
+        assert "http://" not in srv.output()  # nothing advertised as plain http under TLS
         c = await wss_connect(f"wss://127.0.0.1:{srv.port}/ws", trusting(certs.cert))
         assert (await c.request(T.PING, pb.Ping(timestamp=5), T.PONG)).timestamp == 5
         srv.signal()
