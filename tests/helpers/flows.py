@@ -36,15 +36,9 @@ async def register(
         ),
         T.AUTH_REGISTER_CHALLENGE,
     )
-    att = auth.create(challenge.credential_creation_options, ORIGIN)
     ok = await client.request(
         T.AUTH_REGISTER_RESPONSE,
-        pb.AuthRegisterResponse(
-            credential_id=att["credential_id"],
-            authenticator_data=att["authenticator_data"],
-            client_data_json=att["client_data_json"],
-            attestation_object=att["attestation_object"],
-        ),
+        registration_response(auth, challenge.credential_creation_options),
         T.AUTH_REGISTER_SUCCESS,
     )
     if sync:
@@ -52,10 +46,23 @@ async def register(
     return Account(ok.user_id, username, ok.session_token, auth)
 
 
+def registration_response(
+    auth: SoftwareAuthenticator, options: bytes, origin: str = ORIGIN
+) -> pb.AuthRegisterResponse:
+    """A real attestation by ``auth`` for these creation options, as the wire message."""
+    att = auth.create(options, origin)
+    return pb.AuthRegisterResponse(
+        credential_id=att["credential_id"],
+        authenticator_data=att["authenticator_data"],
+        client_data_json=att["client_data_json"],
+        attestation_object=att["attestation_object"],
+    )
+
+
 def assertion_response(
-    auth: SoftwareAuthenticator, options: bytes, **knobs: object
+    auth: SoftwareAuthenticator, options: bytes, origin: str = ORIGIN, **knobs: object
 ) -> pb.AuthResponse:
-    a = auth.get(options, ORIGIN, **knobs)
+    a = auth.get(options, origin, **knobs)
     return pb.AuthResponse(
         credential_id=a["credential_id"],
         authenticator_data=a["authenticator_data"],

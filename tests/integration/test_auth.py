@@ -13,8 +13,15 @@ from sovereign.client.authenticator import SoftwareAuthenticator
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.tokens import now_us
 from sovereign.v1 import sovereign_pb2 as pb
-from tests.helpers.flows import Account, assertion_response, login, register, resume
-from tests.helpers.server import ORIGIN, RunningServer
+from tests.helpers.flows import (
+    Account,
+    assertion_response,
+    login,
+    register,
+    registration_response,
+    resume,
+)
+from tests.helpers.server import RunningServer
 from tests.helpers.wsclient import WsClient
 
 ServerWith = Callable[..., AbstractAsyncContextManager[RunningServer]]
@@ -85,14 +92,10 @@ async def test_bad_attestation_is_1003(server: RunningServer) -> None:
     ch = await c.request(
         T.AUTH_REGISTER_REQUEST, pb.AuthRegisterRequest(username="eve"), T.AUTH_REGISTER_CHALLENGE
     )
-    att = SoftwareAuthenticator().create(ch.credential_creation_options, "https://evil.example")
     code, err = await c.error(
         T.AUTH_REGISTER_RESPONSE,
-        pb.AuthRegisterResponse(
-            credential_id=att["credential_id"],
-            authenticator_data=att["authenticator_data"],
-            client_data_json=att["client_data_json"],
-            attestation_object=att["attestation_object"],
+        registration_response(
+            SoftwareAuthenticator(), ch.credential_creation_options, "https://evil.example"
         ),
     )
     assert code == 1003 and "origin" in err.message
@@ -105,13 +108,7 @@ async def test_registration_challenge_is_single_use(server: RunningServer) -> No
     ch = await c.request(
         T.AUTH_REGISTER_REQUEST, pb.AuthRegisterRequest(username="carol"), T.AUTH_REGISTER_CHALLENGE
     )
-    att = SoftwareAuthenticator().create(ch.credential_creation_options, ORIGIN)
-    resp = pb.AuthRegisterResponse(
-        credential_id=att["credential_id"],
-        authenticator_data=att["authenticator_data"],
-        client_data_json=att["client_data_json"],
-        attestation_object=att["attestation_object"],
-    )
+    resp = registration_response(SoftwareAuthenticator(), ch.credential_creation_options)
     await c.request(T.AUTH_REGISTER_RESPONSE, resp, T.AUTH_REGISTER_SUCCESS)
     c2 = await WsClient.connect(server.url)
     code, _ = await c2.error(T.AUTH_REGISTER_RESPONSE, resp)
@@ -162,16 +159,10 @@ async def test_invite_consumed_only_once_under_a_race(server_with: ServerWith) -
         ]
         rids = []
         for c, ch in zip(clients, challenges, strict=True):
-            att = SoftwareAuthenticator().create(ch.credential_creation_options, ORIGIN)
             rids.append(
                 c.send(
                     T.AUTH_REGISTER_RESPONSE,
-                    pb.AuthRegisterResponse(
-                        credential_id=att["credential_id"],
-                        authenticator_data=att["authenticator_data"],
-                        client_data_json=att["client_data_json"],
-                        attestation_object=att["attestation_object"],
-                    ),
+                    registration_response(SoftwareAuthenticator(), ch.credential_creation_options),
                 )
             )
         results = [await c.recv() for c in clients]
@@ -243,15 +234,8 @@ async def test_wrong_origin_assertion_is_1004(server: RunningServer) -> None:
     acct = await registered(server)
     c = await WsClient.connect(server.url)
     opts = await login_challenge(c, "alice")
-    a = acct.authenticator.get(opts, "https://evil.example")
     code, err = await c.error(
-        T.AUTH_RESPONSE,
-        pb.AuthResponse(
-            credential_id=a["credential_id"],
-            authenticator_data=a["authenticator_data"],
-            client_data_json=a["client_data_json"],
-            signature=a["signature"],
-        ),
+        T.AUTH_RESPONSE, assertion_response(acct.authenticator, opts, "https://evil.example")
     )
     assert code == 1004 and "origin" in err.message
     await c.close()
