@@ -18,6 +18,10 @@ class ErrorInfo:
     name: str
     fatal: bool
     http_status: int
+    #: For fatal codes: the WebSocket close code that follows the error (SPEC §4, §12.20).
+    close_code: int | None = None
+    #: Rendered as AUTH_ERROR rather than ERROR (SPEC §12.7).
+    auth: bool = False
 
 
 class ErrorCode(IntEnum):
@@ -53,24 +57,55 @@ class ErrorCode(IntEnum):
     SERVICE_UNAVAILABLE = 9003
 
 
-def _info(code: ErrorCode, name: str, fatal: bool, http: int) -> ErrorInfo:
-    return ErrorInfo(int(code), name, fatal, http)
+class CloseCode(IntEnum):
+    """WebSocket close codes (SPEC §4)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003  # text frame
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # slow reader dropped; not in SPEC §4, see docs/decisions.md
+    AUTH_TIMEOUT = 4001
+    AUTH_FAILED = 4002
+    TOO_MANY_CONNECTIONS = 4003
+    SESSION_INVALID = 4004  # expired or revoked
+    ACCOUNT_DISABLED = 4005
+    SERVER_SHUTDOWN = 4006
+    PROTOCOL_ERROR = 4007
+    IDLE_TIMEOUT = 4008
+
+
+def _info(
+    code: ErrorCode,
+    name: str,
+    fatal: bool,
+    http: int,
+    close: CloseCode | None = None,
+    *,
+    auth: bool = False,
+) -> ErrorInfo:
+    if fatal and close is None:
+        raise ValueError(f"fatal error {code} needs a close code")
+    return ErrorInfo(int(code), name, fatal, http, None if close is None else int(close), auth)
 
 
 E = ErrorCode
 REGISTRY: dict[int, ErrorInfo] = {
     i.code: i
     for i in (
-        _info(E.INVALID_CREDENTIAL, "InvalidCredential", False, 401),
-        _info(E.EXPIRED_SESSION, "ExpiredSession", True, 401),
-        _info(E.REGISTRATION_FAILED, "RegistrationFailed", False, 400),
-        _info(E.CHALLENGE_FAILED, "ChallengeFailed", False, 401),
-        _info(E.SESSION_REVOKED, "SessionRevoked", True, 401),
-        _info(E.AUTH_REQUIRED, "AuthRequired", True, 401),
+        _info(E.INVALID_CREDENTIAL, "InvalidCredential", False, 401, auth=True),
+        _info(E.EXPIRED_SESSION, "ExpiredSession", True, 401, CloseCode.SESSION_INVALID, auth=True),
+        _info(E.REGISTRATION_FAILED, "RegistrationFailed", False, 400, auth=True),
+        _info(E.CHALLENGE_FAILED, "ChallengeFailed", False, 401, auth=True),
+        _info(E.SESSION_REVOKED, "SessionRevoked", True, 401, CloseCode.SESSION_INVALID, auth=True),
+        _info(E.AUTH_REQUIRED, "AuthRequired", True, 401, CloseCode.PROTOCOL_ERROR),
         _info(E.NOT_GROUP_ADMIN, "NotGroupAdmin", False, 403),
         _info(E.NOT_GROUP_MEMBER, "NotGroupMember", False, 403),
         _info(E.NOT_ADMIN, "NotAdmin", False, 403),
-        _info(E.ACCOUNT_DISABLED, "AccountDisabled", True, 403),
+        _info(
+            E.ACCOUNT_DISABLED, "AccountDisabled", True, 403, CloseCode.ACCOUNT_DISABLED, auth=True
+        ),
         _info(E.MALFORMED_MESSAGE, "MalformedMessage", False, 400),
         _info(E.UNKNOWN_MESSAGE_TYPE, "UnknownMessageType", False, 400),
         _info(E.MESSAGE_TOO_LARGE, "MessageTooLarge", False, 413),
@@ -90,31 +125,12 @@ REGISTRY: dict[int, ErrorInfo] = {
         _info(E.NO_GROUP_INFO, "NoGroupInfo", False, 404),
         _info(E.INTERNAL_ERROR, "InternalError", False, 500),
         _info(E.DATABASE_ERROR, "DatabaseError", False, 500),
-        _info(E.SERVICE_UNAVAILABLE, "ServiceUnavailable", True, 503),
+        _info(E.SERVICE_UNAVAILABLE, "ServiceUnavailable", True, 503, CloseCode.INTERNAL_ERROR),
     )
 }
 
 #: Codes that are reported with an AUTH_ERROR envelope rather than ERROR (SPEC §12.7).
-AUTH_ERROR_CODES = frozenset({1001, 1002, 1003, 1004, 1005, 2004})
-
-
-class CloseCode(IntEnum):
-    """WebSocket close codes (SPEC §4)."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    UNSUPPORTED_DATA = 1003  # text frame
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # slow reader dropped; not in SPEC §4, see docs/decisions.md
-    AUTH_TIMEOUT = 4001
-    AUTH_FAILED = 4002
-    TOO_MANY_CONNECTIONS = 4003
-    SESSION_INVALID = 4004  # expired or revoked
-    ACCOUNT_DISABLED = 4005
-    SERVER_SHUTDOWN = 4006
-    PROTOCOL_ERROR = 4007
-    IDLE_TIMEOUT = 4008
+AUTH_ERROR_CODES = frozenset(code for code, i in REGISTRY.items() if i.auth)
 
 
 def info(code: int) -> ErrorInfo:
