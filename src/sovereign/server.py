@@ -1,64 +1,64 @@
-"""Composition root: wires config, storage, services, dispatcher and transport.
+"""Composition root: builds the ports, the services over them, the API handler table,
+the dispatcher and the transport, and owns the timers and the shutdown sequence
+(SPEC §4).
 
 Requests flow transport (``transport.ws``) -> dispatcher (``_fast.dispatch`` or its
-twin) -> API handlers (``sovereign.api``) -> services -> storage. This module owns the
-live-connection registry, the timers and the shutdown sequence (SPEC §4).
+twin) -> API handlers (``sovereign.api``) -> services -> storage; every frame to a
+client leaves through the outbox (``transport.outbox``). This is the only module that
+knows every layer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-import os
 import signal
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import orjson
 import picows
 
-from sovereign import __version__, codec
+from sovereign import __version__, implementations
+from sovereign.api import handler_table
+from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.config import Config, ConfigError
-from sovereign.errors import CloseCode, SovereignError
+from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.connection import Timeouts
 from sovereign.protocol.types import PRE_AUTH_TYPES
+from sovereign.services import Services
+from sovereign.services.auth import AuthService
+from sovereign.services.connections import ConnectionService
+from sovereign.services.delivery import DeliveryService
+from sovereign.services.ephemeral import EphemeralService
+from sovereign.services.eventlog import EventLog
+from sovereign.services.groups import GroupService
+from sovereign.services.history import HistoryService
+from sovereign.services.mls import MlsService
+from sovereign.services.session import Session
+from sovereign.services.state import ConversationState
+from sovereign.services.tasks import TaskRunner
 from sovereign.storage import Storage, open_storage
+from sovereign.transport.outbox import LocalOutbox
 from sovereign.transport.ws import Connection, make_listener_factory
 
 log = logging.getLogger("sovereign.server")
 
-Handler = Callable[[Connection, int, str, memoryview], object]
-
-
-def _load_dispatch() -> tuple[Any, str]:
-    try:
-        from sovereign._fast import dispatch as fast_dispatch
-
-        return fast_dispatch, "compiled"
-    except ImportError:
-        if os.environ.get("SOVEREIGN_REQUIRE_FAST") == "1":
-            raise ImportError(
-                "SOVEREIGN_REQUIRE_FAST=1 but sovereign._fast.dispatch is not built"
-            ) from None
-        from sovereign.protocol import dispatch as py_dispatch
-
-        return py_dispatch, "python"
+MAINTENANCE_INTERVAL = 3600.0  # retention and idempotency-window purges
 
 
 class App:
-    """The running server: one per process."""
+    """The running server: one per process. Implements the transport's
+    :class:`~sovereign.transport.ws.ConnectionHandler`."""
 
-    def __init__(self, config: Config, storage: Storage) -> None:
-        from sovereign import api
-        from sovereign.services.auth import AuthService
-
+    def __init__(self, config: Config, storage: Storage, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.storage = storage
-        self.clock: Callable[[], float] = time.monotonic
-        self.started_at = time.time()
+        self.clock = clock
+        self.monotonic: Callable[[], float] = clock.monotonic
+        self.started_at = clock.now_s()
         self.accepting = True
         self.allowed_origins = frozenset(config.origins_allowed)
         self.timeouts = Timeouts(
@@ -66,176 +66,101 @@ class App:
             idle_timeout=config.idle_timeout,
             max_auth_failures=config.max_auth_failures,
         )
-        self.connections: dict[int, Connection] = {}
-        self.by_user: dict[str, list[Connection]] = {}
-        self._conn_seq = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.rejected: dict[int, int] = {}
-        self.auth = AuthService(config, storage)
-        from sovereign.services.messaging import MessagingService
-
-        self.messaging = MessagingService(self)
-        self.auth.device_hooks.append(self.messaging.device_created)
-        from sovereign.services.mls import MlsService
-
-        self.mls = MlsService(self, self.messaging)
-        # Awaited at the end of a connection's offline sync, after presence (SPEC §4).
-        self.sync_hooks: list[Callable[[Connection], Awaitable[None]]] = [self.mls.on_sync_end]
-        self._dispatch_mod, self.dispatch_impl = _load_dispatch()
-        self.handlers: dict[int, Handler] = {}
-        api.install(self)
+        db = storage.db
+        # -- ports
+        self.outbox = outbox = LocalOutbox(config.send_buffer_limit)
+        self.tasks = tasks = TaskRunner(outbox)
+        eventlog = EventLog(db, outbox.cork, outbox.uncork)
+        state = ConversationState(db, storage.users)
+        # -- services
+        self.auth = auth = AuthService(config, storage, clock)
+        conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
+        delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks)
+        ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
+        groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
+        history = HistoryService(config, db, state, outbox, clock)
+        mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
+        # -- how they hear of each other (SPEC §4 "On READY" order)
+        auth.device_hooks.append(delivery.device_created)
+        conns.ready_hooks.append(delivery.on_ready)
+        conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
+        delivery.after_sync.append(mls.on_sync_end)
+        delivery.went_live.append(ephemeral.on_live)
+        self.services = Services(
+            config=config,
+            outbox=outbox,
+            tasks=tasks,
+            state=state,
+            auth=auth,
+            connections=conns,
+            delivery=delivery,
+            groups=groups,
+            ephemeral=ephemeral,
+            history=history,
+            mls=mls,
+        )
+        # -- the request path
+        self._dispatch_mod = implementations.dispatch()
         self.dispatcher = self._dispatch_mod.Dispatcher(
-            self.handlers, [int(t) for t in PRE_AUTH_TYPES], config.max_envelope_bytes
+            handler_table(self.services),
+            [int(t) for t in PRE_AUTH_TYPES],
+            config.max_envelope_bytes,
         )
-        # While a commit's effects run, frames per connection collect here and go out
-        # in one write each (a write is one syscall: the dominant cost per message).
-        self.corked: dict[Connection, bytearray] | None = None
+        self._conn_seq = 0
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
-        # Called once a connection is READY and its success response is out; the
-        # messaging service hooks its sync/presence work here (SPEC §4 "On READY").
-        self.ready_hooks: list[Callable[[Connection], None]] = [self.messaging.on_ready]
 
-    # -- connection registry ------------------------------------------------
-    def next_conn_id(self) -> int:
-        self._conn_seq += 1
-        return self._conn_seq
+    # -- transport callbacks (ConnectionHandler) --------------------------------------
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.config.max_frame_bytes
 
-    def new_bucket(self) -> Any:
-        cfg = self.config
-        return self._dispatch_mod.TokenBucket(
-            cfg.rate_limit_per_second, cfg.rate_limit_burst, self.clock()
-        )
+    @property
+    def max_connections(self) -> int:
+        return self.config.max_connections
+
+    @property
+    def send_buffer_limit(self) -> int:
+        return self.config.send_buffer_limit
 
     def connection_count(self) -> int:
-        return len(self.connections)
+        return self.outbox.count()
 
-    def connection_opened(self, conn: Connection) -> None:
-        self.connections[conn.conn_id] = conn
+    def opened(self, conn: Connection) -> Session:
+        self._conn_seq += 1
+        cfg = self.config
+        bucket = self._dispatch_mod.TokenBucket(
+            cfg.rate_limit_per_second, cfg.rate_limit_burst, self.monotonic()
+        )
+        s = Session(self._conn_seq, conn, self.outbox, bucket)
+        self.outbox.opened(conn)
+        return s
 
-    def connection_closed(self, conn: Connection) -> None:
-        self.connections.pop(conn.conn_id, None)
-        if conn.user_id:
-            _remove(self.by_user, conn.user_id, conn)
-            self.messaging.detach(conn)
-
-    def mark_ready(
-        self,
-        conn: Connection,
-        *,
-        user_id: str,
-        username: str,
-        session_id: str,
-        device_id: str,
-        is_admin: bool,
-    ) -> bool:
-        """AUTHENTICATING -> READY; enforces max_connections_per_user (SPEC §4)."""
-        if conn.state.closed:
-            return False
-        conn.state.authenticated()
-        # conn.live (fan-out writes directly) is set by the messaging service once the
-        # offline backlog is out: live events meanwhile wait in its SyncState (SPEC §4).
-        conn.user_id = user_id
-        conn.username = username
-        conn.session_id = session_id
-        conn.device_id = device_id
-        conn.is_admin = is_admin
-        conn.ready_at = self.clock()
-        conns = self.by_user.setdefault(user_id, [])
-        conns.append(conn)
-        while len(conns) > self.config.max_connections_per_user:
-            oldest = conns[0]
-            log.info("user %s over connection cap: closing oldest connection", user_id)
-            oldest.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
-            _remove(self.by_user, user_id, oldest)
-        return True
-
-    def on_ready(self, conn: Connection) -> None:
-        for hook in self.ready_hooks:
-            hook(conn)
-
-    def close_session(self, session_id: str, code: int, reason: str) -> int:
-        # A scan, not an index: revocation is rare and an index costs every idle
-        # connection a dict entry and a list.
-        conns = [c for c in self.connections.values() if c.session_id == session_id]
-        for c in conns:
-            c.close(code, reason)
-        return len(conns)
-
-    def close_user(self, user_id: str, code: int, reason: str) -> int:
-        conns = list(self.by_user.get(user_id, ()))
-        for c in conns:
-            c.close(code, reason)
-        return len(conns)
-
-    async def set_user_enabled(self, user_id: str, enabled: bool) -> None:
-        """Disabling closes the user's live connections with 4005 (SPEC §4)."""
-        await self.storage.users.set_enabled(user_id, enabled)
-        if not enabled:
-            self.close_user(user_id, CloseCode.ACCOUNT_DISABLED, "account disabled")
-
-    async def revoke_session(self, session_id: str) -> bool:
-        """Revoking closes the session's live connections with 4004 (SPEC §4)."""
-        from sovereign.services.tokens import now_us
-
-        revoked = await self.storage.sessions.revoke(session_id, now_us())
-        self.close_session(session_id, CloseCode.SESSION_INVALID, "session revoked")
-        return revoked
-
-    # -- request path --------------------------------------------------------
-    def dispatch(self, conn: Connection, buf: memoryview, now: float) -> None:
+    def received(self, s: Session, buf: memoryview, now: float) -> None:
         try:
-            self.dispatcher.dispatch(conn, conn.bucket, buf, conn.state.ready, now)
+            self.dispatcher.dispatch(s, s.bucket, buf, s.state.ready, now)
         except Exception:
             # SPEC §8: an unexpected exception answers 9001; the connection stays up.
             log.exception("handler failed")
-            conn.send_error(9001, "", "internal error")
+            self.outbox.send_error(s, ErrorCode.INTERNAL_ERROR, "", "internal error")
 
-    def spawn(self, conn: Connection, request_id: str, coro: Coroutine[Any, Any, None]) -> None:
-        """Run an async request; any failure becomes exactly one error response."""
-        task = asyncio.get_running_loop().create_task(self._guard(conn, request_id, coro))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """A task the server owns (kept referenced; awaited at shutdown)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _guard(self, conn: Connection, request_id: str, coro: Awaitable[None]) -> None:
-        try:
-            await coro
-        except SovereignError as exc:
-            conn.send_error(exc.code, request_id, exc.message, exc.retry_after_ms)
-        except Exception:
-            log.exception("request failed")
-            conn.send_error(9001, request_id, "internal error")
-
-    def cork(self) -> None:
-        if self.corked is None:
-            self.corked = {}
-
-    def uncork(self) -> None:
-        corked, self.corked = self.corked, None
-        if not corked:
-            return
-        limit = self.config.send_buffer_limit
-        for conn, buf in corked.items():
-            out = conn.out
-            if out is None or conn.state.closed:
-                continue
-            if out.get_write_buffer_size() + len(buf) > limit:
-                conn.overflow()
-            else:
-                out.write(buf)  # not mutated after: no copy
-
-    def metrics_rejected(self, code: int) -> None:
-        self.rejected[code] = self.rejected.get(code, 0) + 1
+    def closed(self, conn: Connection) -> None:
+        self.outbox.closed(conn)
+        self.services.connections.closed(conn.session)
 
     def health_body(self) -> bytes:
         return orjson.dumps({"status": "ok", "version": __version__})
+
+    # -- operator actions (CLI, tests; the admin API later) ---------------------------
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        return self.services.connections.close_user(user_id, code, reason)
+
+    async def set_user_enabled(self, user_id: str, enabled: bool) -> None:
+        await self.services.connections.set_user_enabled(user_id, enabled)
+
+    async def revoke_session(self, session_id: str) -> bool:
+        return await self.services.connections.revoke_session(session_id)
 
     # -- timers ----------------------------------------------------------------
     async def _sweep(self) -> None:
@@ -249,14 +174,25 @@ class App:
         next_purge = 0.0
         while True:
             await asyncio.sleep(interval)
-            now = self.clock()
-            for conn in list(self.connections.values()):
-                code = conn.state.expired(now, t)
+            now = self.monotonic()
+            for s in self.outbox.all_sessions():
+                code = s.state.expired(now, t)
                 if code is not None:
-                    conn.close(code, "auth timeout" if code == CloseCode.AUTH_TIMEOUT else "idle")
+                    reason = "auth timeout" if code == CloseCode.AUTH_TIMEOUT else "idle"
+                    self.outbox.close(s, code, reason)
             if now >= next_purge:
                 next_purge = now + 60.0
                 await self.auth.purge_expired()
+
+    async def _maintenance(self) -> None:
+        svc = self.services
+        while True:
+            try:
+                await svc.history.retention_pass()
+                await svc.delivery.purge_stored_idempotency()
+            except Exception:
+                log.exception("maintenance pass failed")
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -277,15 +213,14 @@ class App:
             reuse_address=True,
             backlog=4096,  # resume storms: the default 100 drops SYNs (measured)
         )
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        self.messaging.start_background()
+        loop = asyncio.get_running_loop()
+        self._timers = [loop.create_task(self._sweep()), loop.create_task(self._maintenance())]
         log.info(
-            "sovereign %s listening on %s://%s (envelope codec: %s, dispatcher: %s)",
+            "sovereign %s listening on %s://%s (%s)",
             __version__,
             "wss" if ssl_ctx else "ws",
             self.bound_address(),
-            codec.IMPLEMENTATION,
-            self.dispatch_impl,
+            implementations.describe(),
         )
 
     def bound_address(self) -> str:
@@ -303,34 +238,22 @@ class App:
         self.accepting = False
         if self._server is not None:
             self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for conn in list(self.connections.values()):
-            conn.close(CloseCode.SERVER_SHUTDOWN, "server shutdown")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
-        await self.messaging.stop()  # every queued event and ack reaches storage
+        for timer in self._timers:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+        self.outbox.close_all(CloseCode.SERVER_SHUTDOWN, "server shutdown")
+        await self.tasks.drain(timeout)  # in-flight requests finish before storage closes
+        await self.services.delivery.stop()  # every queued event and ack reaches storage
         # Give transports a moment to flush their close frames.
-        deadline = self.clock() + 2.0
-        while self.connections and self.clock() < deadline:
+        deadline = self.monotonic() + 2.0
+        while self.outbox.count() and self.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await self.storage.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-def _remove(index: dict[str, list[Connection]], key: str, conn: Connection) -> None:
-    conns = index.get(key)
-    if conns is None:
-        return
-    try:
-        conns.remove(conn)
-    except ValueError:
-        return
-    if not conns:
-        del index[key]
 
 
 def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -363,12 +286,13 @@ def tune_gc() -> None:
 
 
 async def create_app(config: Config) -> App:
-    _load_dispatch()  # SOVEREIGN_REQUIRE_FAST fails here, before anything is opened
+    implementations.dispatch()  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
     try:
         app = App(config, storage)
         await app.auth.load_settings()
-        await app.messaging.load()
+        await app.services.state.load()
+        await app.services.delivery.load()
     except BaseException:
         await storage.close()
         raise

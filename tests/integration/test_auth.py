@@ -10,8 +10,8 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from sovereign.client.authenticator import SoftwareAuthenticator
+from sovereign.clock import SYSTEM_CLOCK
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.tokens import now_us
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.flows import (
     Account,
@@ -345,7 +345,7 @@ async def test_resume_returns_same_token_and_slides_expiry(server: RunningServer
     def age(conn: sqlite3.Connection) -> None:  # as if the last resume was 2 h ago
         conn.execute(
             "UPDATE sessions SET expires_at_us = ? WHERE token_hash = ?",
-            (now_us() + lifetime - 2 * 3600 * 1_000_000, digest),
+            (SYSTEM_CLOCK.now_us() + lifetime - 2 * 3600 * 1_000_000, digest),
         )
 
     await server.app.storage.db.write(age)
@@ -393,7 +393,8 @@ async def test_expired_token_is_1002_then_4004(server: RunningServer) -> None:
 
     def expire(conn: sqlite3.Connection) -> None:
         conn.execute(
-            "UPDATE sessions SET expires_at_us = ? WHERE token_hash = ?", (now_us() - 1, digest)
+            "UPDATE sessions SET expires_at_us = ? WHERE token_hash = ?",
+            (SYSTEM_CLOCK.now_us() - 1, digest),
         )
 
     await server.app.storage.db.write(expire)

@@ -257,7 +257,7 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def server_conns(srv: RunningServer, user_id: str) -> list[Any]:
-    return list(srv.app.by_user.get(user_id, ()))
+    return list(srv.app.outbox.sessions(user_id))
 
 
 # -- authentication -----------------------------------------------------------------
@@ -464,13 +464,13 @@ async def test_request_timeout(server: RunningServer, make_client: ClientFactory
     c = make_client(server.url)
     await c.register("liam")
     server_side = server_conns(server, c.user_id)[0]
-    server_side.transport.underlying_transport.pause_reading()  # the server stops reading
+    server_side.link.transport.underlying_transport.pause_reading()  # the server stops reading
     with pytest.raises(RequestTimeout):
         await c.request(T.PING, pb.Ping(timestamp=1), timeout=0.2)
     with pytest.raises(TimeoutError):  # RequestTimeout is a TimeoutError too
         await c.ping(timeout=0.1)
     assert c.ready  # a timeout alone does not drop the connection
-    server_side.transport.underlying_transport.resume_reading()
+    server_side.link.transport.underlying_transport.resume_reading()
     assert await c.ping() < 1
 
 
@@ -503,12 +503,12 @@ async def test_duplicate_request_id_in_flight_is_refused(
     c = make_client(server.url)
     await c.register("nina")
     server_side = server_conns(server, c.user_id)[0]
-    server_side.transport.underlying_transport.pause_reading()
+    server_side.link.transport.underlying_transport.pause_reading()
     first = asyncio.create_task(c.request(T.PING, pb.Ping(), request_id="same", timeout=2))
     await asyncio.sleep(0.05)
     with pytest.raises(ValueError):
         await c.request(T.PING, pb.Ping(), request_id="same")
-    server_side.transport.underlying_transport.resume_reading()
+    server_side.link.transport.underlying_transport.resume_reading()
     assert isinstance(await first, pb.Pong)
 
 
@@ -587,7 +587,7 @@ async def test_in_flight_request_fails_with_connection_lost(
     c = make_client(server.url)
     await c.register("rita")
     server_side = server_conns(server, c.user_id)[0]
-    server_side.transport.underlying_transport.pause_reading()
+    server_side.link.transport.underlying_transport.pause_reading()
     pending = asyncio.create_task(c.request(T.PING, pb.Ping(timestamp=1)))
     await asyncio.sleep(0.05)
     server.app.close_user(c.user_id, 4008, "idle")
@@ -603,7 +603,7 @@ async def test_idempotent_request_is_resent_with_same_request_id(
     c = make_client(server.url)
     await c.register("sam")
     server_side = server_conns(server, c.user_id)[0]
-    server_side.transport.underlying_transport.pause_reading()  # first copy never read
+    server_side.link.transport.underlying_transport.pause_reading()  # first copy never read
     pending = asyncio.create_task(
         c.request(T.PING, pb.Ping(timestamp=77), idempotent=True, request_id="rid-1")
     )
@@ -620,7 +620,7 @@ async def test_pong_deadline_drops_and_reconnects(
     c = make_client(server.url, ping_interval=0.1, pong_timeout=0.2)
     await c.register("tina")
     first = server_conns(server, c.user_id)[0]
-    first.transport.underlying_transport.pause_reading()  # PINGs go unanswered
+    first.link.transport.underlying_transport.pause_reading()  # PINGs go unanswered
     await eventually(lambda: c.reconnects == 1)
     assert c.last_close == (1006, "pong timeout")
     await c.wait_ready(timeout=5)

@@ -262,7 +262,7 @@ async def test_idempotent_send_returns_original_and_stores_nothing(server: Runni
     (got,) = await pushes(b, 1, T.MESSAGE_RECEIVE)
     assert got == first
     await b.nothing(0.2, ignore=(T.PRESENCE_NOTIFY,))
-    assert server.app.messaging.convs[conv].last_seq == 3
+    assert server.app.services.state.convs[conv].last_seq == 3
     # Two copies in flight at once: still one event.
     rid = "retry-2"
     await drain(a)
@@ -271,7 +271,7 @@ async def test_idempotent_send_returns_original_and_stores_nothing(server: Runni
     a.send(T.MESSAGE_SEND, body, request_id=rid)
     r1, r2 = await a.recv(), await a.recv()
     assert r1.message == r2.message and r1.request_id == r2.request_id == rid
-    assert server.app.messaging.convs[conv].last_seq == 4
+    assert server.app.services.state.convs[conv].last_seq == 4
 
 
 async def test_idempotency_survives_restart(server_with: ServerWith, tmp_path: object) -> None:
@@ -576,7 +576,7 @@ async def test_retention_truncation_is_reported(server: RunningServer) -> None:
     conv = (await create_group(a, "g", w.accounts["bob"].user_id)).conversation_id
     await w.clients["bob"].close()
     await send(a, conv, b"old")
-    purged = await server.app.messaging.run_retention(int(time.time() * 1000) + 1)
+    purged = await server.app.services.history.run_retention(int(time.time() * 1000) + 1)
     assert purged == {conv: 3}
     await send(a, conv, b"new")
     b = await device(server, w.accounts["bob"], sync=False)
@@ -597,9 +597,9 @@ async def test_slow_reader_is_dropped_and_keeps_its_events(server_with: ServerWi
         for _ in range(400):  # ~24 MB: far past the kernel buffers and the 64 KiB limit
             await send(a, conv, body)
             sent += 1
-            if srv.app.by_user.get(w.accounts["bob"].user_id) is None:
+            if not srv.app.outbox.sessions(w.accounts["bob"].user_id):
                 break
-        assert srv.app.by_user.get(w.accounts["bob"].user_id) is None, "slow reader kept"
+        assert not srv.app.outbox.sessions(w.accounts["bob"].user_id), "slow reader kept"
         # Server memory did not grow without bound, and nothing was lost: a fresh
         # connection of bob's device gets every message above its cursor.
         b2 = await device(srv, w.accounts["bob"], sync=False)

@@ -8,52 +8,40 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 
-from sovereign.api.parsing import parse
-from sovereign.errors import AUTH_ERROR_CODES, CloseCode, SovereignError
+from sovereign.api.parsing import Handler, parse
+from sovereign.errors import AUTH_ERROR_CODES, CloseCode, ErrorCode, SovereignError
+from sovereign.protocol.connection import Timeouts
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.auth import AuthResult
+from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
 
 if TYPE_CHECKING:
-    from sovereign.server import App
-    from sovereign.transport.ws import Connection
+    from sovereign.services import Services
 
 log = logging.getLogger("sovereign.api.auth")
 M = TypeVar("M", bound=Message)
 
-_CLOSE_FOR: dict[int, int] = {
-    1002: CloseCode.SESSION_INVALID,
-    1005: CloseCode.SESSION_INVALID,
-    2004: CloseCode.ACCOUNT_DISABLED,
-}
 
+def install(table: dict[int, Handler], svc: Services) -> None:
+    auth, conns, outbox, tasks = svc.auth, svc.connections, svc.outbox, svc.tasks
+    cfg = svc.config
+    limits = Timeouts(cfg.auth_timeout, cfg.idle_timeout, cfg.max_auth_failures)
 
-def install(app: App) -> None:
-    auth = app.auth
-
-    def user_agent(conn: Connection) -> str:
-        t = conn.transport
-        return (t.request.headers.get("User-Agent", "") if t is not None else "")[:200]
-
-    async def guarded(conn: Connection, request_id: str, work: object) -> None:
-        """Run one ceremony step; map failures to AuthError and count them (SPEC §4)."""
+    async def guarded(s: Session, rid: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run one ceremony step; answer auth failures and count them (SPEC §4)."""
         try:
-            await work  # type: ignore[misc]
+            await work
         except SovereignError as exc:
             if exc.code not in AUTH_ERROR_CODES:
                 raise
-            fatal_close = _CLOSE_FOR.get(exc.code)
-            conn.send(
-                T.AUTH_ERROR, request_id, pb.AuthError(error_code=exc.code, message=exc.message)
-            )
-            if fatal_close is not None:
-                conn.close(fatal_close, exc.name)
-            elif conn.state.auth_failed(app.timeouts):
-                conn.close(CloseCode.AUTH_FAILED, "too many failed attempts")
+            outbox.send_error(s, exc.code, rid, exc.message)  # fatal ones close too
+            if not exc.fatal and s.state.auth_failed(limits):
+                outbox.close(s, CloseCode.AUTH_FAILED, "too many failed attempts")
 
-    def become_ready(conn: Connection, result: AuthResult) -> bool:
-        return app.mark_ready(
-            conn,
+    def become_ready(s: Session, result: AuthResult) -> bool:
+        return conns.authenticated(
+            s,
             user_id=result.user.user_id,
             username=result.user.username,
             session_id=result.session.session_id,
@@ -61,76 +49,78 @@ def install(app: App) -> None:
             is_admin=result.user.is_admin,
         )
 
-    def step(
-        cls: type[M], work: Callable[[Connection, str, M], Coroutine[Any, Any, None]]
-    ) -> Callable[[Connection, int, str, memoryview], None]:
+    def step(cls: type[M], work: Callable[[Session, str, M], Coroutine[Any, Any, None]]) -> Handler:
         """One ceremony step: parse, refuse once READY, run ``work`` guarded."""
 
-        def handler(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-            msg = parse(conn, cls, payload, rid)
+        def handler(s: Session, _t: int, rid: str, payload: memoryview) -> None:
+            msg = parse(outbox, s, cls, payload, rid)
             if msg is None:
                 return
-            if conn.ready:
-                conn.send_error(3001, rid, "already authenticated")
+            if s.ready:
+                outbox.send_error(s, ErrorCode.MALFORMED_MESSAGE, rid, "already authenticated")
                 return
-            app.spawn(conn, rid, guarded(conn, rid, work(conn, rid, msg)))
+            tasks.spawn(s, rid, guarded(s, rid, work(s, rid, msg)))
 
         return handler
 
     # AUTH_REQUEST{username} -> AUTH_CHALLENGE ; AUTH_REQUEST{session_token} -> AUTH_SUCCESS
-    async def auth_request(conn: Connection, rid: str, req: pb.AuthRequest) -> None:
+    async def auth_request(s: Session, rid: str, req: pb.AuthRequest) -> None:
         if req.session_token:
             result = await auth.resume(req.session_token)
-            if become_ready(conn, result):
-                send_success(conn, rid, result)
+            if become_ready(s, result):
+                send_success(s, rid, result)
             return
         challenge, options = await auth.login_begin(req.username)
-        conn.send(
+        outbox.send(
+            s,
             T.AUTH_CHALLENGE,
             rid,
             pb.AuthChallenge(challenge=challenge, credential_request_options=options),
         )
 
-    async def auth_response(conn: Connection, rid: str, resp: pb.AuthResponse) -> None:
+    async def auth_response(s: Session, rid: str, resp: pb.AuthResponse) -> None:
         result = await auth.login_finish(
             credential_id=resp.credential_id,
             authenticator_data=resp.authenticator_data,
             client_data_json=resp.client_data_json,
             signature=resp.signature,
             user_handle=resp.user_handle,
-            user_agent=user_agent(conn),
+            user_agent=s.link.user_agent(),
         )
-        if become_ready(conn, result):
-            send_success(conn, rid, result)
+        if become_ready(s, result):
+            send_success(s, rid, result)
 
-    async def register_request(conn: Connection, rid: str, req: pb.AuthRegisterRequest) -> None:
+    async def register_request(s: Session, rid: str, req: pb.AuthRegisterRequest) -> None:
         challenge, options = await auth.register_begin(
             req.username, req.display_name, req.invite_code
         )
-        conn.send(
+        outbox.send(
+            s,
             T.AUTH_REGISTER_CHALLENGE,
             rid,
             pb.AuthRegisterChallenge(challenge=challenge, credential_creation_options=options),
         )
 
-    async def register_response(conn: Connection, rid: str, resp: pb.AuthRegisterResponse) -> None:
+    async def register_response(s: Session, rid: str, resp: pb.AuthRegisterResponse) -> None:
         result = await auth.register_finish(
             credential_id=resp.credential_id,
             authenticator_data=resp.authenticator_data,
             client_data_json=resp.client_data_json,
             attestation_object=resp.attestation_object,
-            user_agent=user_agent(conn),
+            user_agent=s.link.user_agent(),
         )
-        if become_ready(conn, result):
-            conn.send(
+        if become_ready(s, result):
+            outbox.send(
+                s,
                 T.AUTH_REGISTER_SUCCESS,
                 rid,
                 pb.AuthRegisterSuccess(user_id=result.user.user_id, session_token=result.token),
             )
-            app.on_ready(conn)
+            conns.ready(s)
 
-    def send_success(conn: Connection, rid: str, result: AuthResult) -> None:
-        conn.send(
+    def send_success(s: Session, rid: str, result: AuthResult) -> None:
+        outbox.send(
+            s,
             T.AUTH_SUCCESS,
             rid,
             pb.AuthSuccess(
@@ -139,12 +129,12 @@ def install(app: App) -> None:
                 username=result.user.username,
                 display_name=result.user.display_name,
                 is_admin=result.user.is_admin,
-                server_name=app.config.server_name,
+                server_name=svc.config.server_name,
             ),
         )
-        app.on_ready(conn)
+        conns.ready(s)
 
-    app.handlers[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request)
-    app.handlers[T.AUTH_RESPONSE] = step(pb.AuthResponse, auth_response)
-    app.handlers[T.AUTH_REGISTER_REQUEST] = step(pb.AuthRegisterRequest, register_request)
-    app.handlers[T.AUTH_REGISTER_RESPONSE] = step(pb.AuthRegisterResponse, register_response)
+    table[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request)
+    table[T.AUTH_RESPONSE] = step(pb.AuthResponse, auth_response)
+    table[T.AUTH_REGISTER_REQUEST] = step(pb.AuthRegisterRequest, register_request)
+    table[T.AUTH_REGISTER_RESPONSE] = step(pb.AuthRegisterResponse, register_response)

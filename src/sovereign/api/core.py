@@ -4,25 +4,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sovereign.api.parsing import parse
+from sovereign.api.parsing import Handler, parse
 from sovereign.protocol.types import MessageType as T
+from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
 
 if TYPE_CHECKING:
-    from sovereign.server import App
-    from sovereign.transport.ws import Connection
+    from sovereign.services import Services
 
 
-def install(app: App) -> None:
-    def on_ping(conn: Connection, _t: int, request_id: str, payload: memoryview) -> None:
-        ping = parse(conn, pb.Ping, payload, request_id)
+def install(table: dict[int, Handler], svc: Services) -> None:
+    outbox = svc.outbox
+
+    def on_ping(s: Session, _t: int, rid: str, payload: memoryview) -> None:
+        ping = parse(outbox, s, pb.Ping, payload, rid)
         if ping is not None:
-            conn.send(T.PONG, request_id, pb.Pong(timestamp=ping.timestamp))
+            outbox.send(s, T.PONG, rid, pb.Pong(timestamp=ping.timestamp))
 
-    def on_pong(conn: Connection, _t: int, request_id: str, payload: memoryview) -> None:
+    def on_pong(s: Session, _t: int, rid: str, payload: memoryview) -> None:
         # SPEC §3: C->S PONG is allowed (answering a server PING); it only refreshes idle.
-        if parse(conn, pb.Pong, payload, request_id) is not None and request_id:
-            conn.send(T.ACK, request_id, pb.Ack(count=0))
+        if parse(outbox, s, pb.Pong, payload, rid) is not None and rid:
+            outbox.send(s, T.ACK, rid, pb.Ack(count=0))
 
-    app.handlers[T.PING] = on_ping
-    app.handlers[T.PONG] = on_pong
+    table[T.PING] = on_ping
+    table[T.PONG] = on_pong

@@ -2,67 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-from google.protobuf.message import Message
-
-from sovereign.api.parsing import parse
-from sovereign.errors import SovereignError
+from sovereign.api.parsing import Handler, later, now
 from sovereign.protocol.types import MessageType as T
+from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
 
 if TYPE_CHECKING:
-    from sovereign.server import App
-    from sovereign.transport.ws import Connection
-
-M = TypeVar("M", bound=Message)
-Handler = Callable[["Connection", int, str, memoryview], None]
+    from sovereign.services import Services
 
 
-def now(cls: type[M], fn: Callable[[Connection, str, M], None]) -> Handler:
-    """A handler whose work is synchronous (validated and queued before returning)."""
+def install(table: dict[int, Handler], svc: Services) -> None:
+    out, tasks = svc.outbox, svc.tasks
+    delivery, groups, eph, history = svc.delivery, svc.groups, svc.ephemeral, svc.history
 
-    def handler(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-        msg = parse(conn, cls, payload, rid)
-        if msg is None:
-            return
-        try:
-            fn(conn, rid, msg)
-        except SovereignError as exc:
-            conn.send_error(exc.code, rid, exc.message, exc.retry_after_ms)
+    async def conversation_list(s: Session, rid: str, _m: pb.ConversationListRequest) -> None:
+        await groups.list_conversations(s, rid)
 
-    return handler
-
-
-def later(
-    app: App, cls: type[M], fn: Callable[[Connection, str, M], Coroutine[Any, Any, None]]
-) -> Handler:
-    """A handler that needs to await (storage reads, commits)."""
-
-    def handler(conn: Connection, _t: int, rid: str, payload: memoryview) -> None:
-        msg = parse(conn, cls, payload, rid)
-        if msg is not None:
-            app.spawn(conn, rid, fn(conn, rid, msg))
-
-    return handler
-
-
-def install(app: App) -> None:
-    svc = app.messaging
-
-    async def conversation_list(conn: Connection, rid: str, _m: pb.ConversationListRequest) -> None:
-        await svc.list_conversations(conn, rid)
-
-    h = app.handlers
-    h[T.MESSAGE_SEND] = now(pb.MessageSend, svc.send_message)
-    h[T.MESSAGE_ACK] = now(pb.MessageAck, svc.ack)
-    h[T.MESSAGE_HISTORY_REQUEST] = later(app, pb.HistoryRequest, svc.history)
-    h[T.MESSAGE_READ] = later(app, pb.ReadMarker, svc.mark_read)
-    h[T.GROUP_CREATE] = later(app, pb.GroupCreate, svc.create_group)
-    h[T.GROUP_INVITE] = later(app, pb.GroupInvite, svc.invite)
-    h[T.GROUP_REMOVE] = now(pb.GroupRemove, svc.remove)
-    h[T.GROUP_LEAVE] = now(pb.GroupLeave, svc.leave)
-    h[T.CONVERSATION_LIST_REQUEST] = later(app, pb.ConversationListRequest, conversation_list)
-    h[T.TYPING] = now(pb.Typing, svc.typing)
-    h[T.PRESENCE_UPDATE] = now(pb.PresenceUpdate, svc.set_presence)
+    table[T.MESSAGE_SEND] = now(out, pb.MessageSend, delivery.send_message)
+    table[T.MESSAGE_ACK] = now(out, pb.MessageAck, delivery.ack)
+    table[T.MESSAGE_HISTORY_REQUEST] = later(out, tasks, pb.HistoryRequest, history.history)
+    table[T.MESSAGE_READ] = later(out, tasks, pb.ReadMarker, eph.mark_read)
+    table[T.GROUP_CREATE] = later(out, tasks, pb.GroupCreate, groups.create_group)
+    table[T.GROUP_INVITE] = later(out, tasks, pb.GroupInvite, groups.invite)
+    table[T.GROUP_REMOVE] = now(out, pb.GroupRemove, groups.remove)
+    table[T.GROUP_LEAVE] = now(out, pb.GroupLeave, groups.leave)
+    table[T.CONVERSATION_LIST_REQUEST] = later(
+        out, tasks, pb.ConversationListRequest, conversation_list
+    )
+    table[T.TYPING] = now(out, pb.Typing, eph.typing)
+    table[T.PRESENCE_UPDATE] = now(out, pb.PresenceUpdate, eph.set_presence)

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sovereign.api.messaging import later, now
+from sovereign.api.parsing import Handler, later, now
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 
 if TYPE_CHECKING:
-    from sovereign.server import App
+    from sovereign.services import Services
 
 
-def install(app: App) -> None:
-    svc = app.mls
-    h = app.handlers
-    h[T.MLS_KEY_PACKAGE_UPLOAD] = later(app, pb.MLSKeyPackageUpload, svc.upload)
-    h[T.MLS_KEY_PACKAGE_FETCH] = later(app, pb.MLSKeyPackageFetch, svc.fetch)
-    h[T.MLS_WELCOME] = now(pb.MLSWelcome, svc.welcome)
-    h[T.MLS_COMMIT] = now(pb.MLSCommit, svc.commit)
-    h[T.MLS_GROUP_INFO_FETCH] = now(pb.GroupInfoFetch, svc.group_info)
+def install(table: dict[int, Handler], svc: Services) -> None:
+    out, tasks, mls = svc.outbox, svc.tasks, svc.mls
+    table[T.MLS_KEY_PACKAGE_UPLOAD] = later(out, tasks, pb.MLSKeyPackageUpload, mls.upload)
+    table[T.MLS_KEY_PACKAGE_FETCH] = later(out, tasks, pb.MLSKeyPackageFetch, mls.fetch)
+    table[T.MLS_WELCOME] = now(out, pb.MLSWelcome, mls.welcome)
+    table[T.MLS_COMMIT] = now(out, pb.MLSCommit, mls.commit)
+    table[T.MLS_GROUP_INFO_FETCH] = now(out, pb.GroupInfoFetch, mls.group_info)

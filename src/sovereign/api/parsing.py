@@ -1,18 +1,21 @@
-"""Payload parsing shared by every handler (SPEC §2, §12.7)."""
+"""Payload parsing and the handler shapes shared by every API module (SPEC §2, §12.7)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-if TYPE_CHECKING:
-    from sovereign.transport.ws import Connection
+from sovereign.errors import ErrorCode, SovereignError
+from sovereign.services.ports import Outbox, Tasks
+from sovereign.services.session import Session
 
 M = TypeVar("M", bound=Message)
+Handler = Callable[[Session, int, str, memoryview], None]
 
 
-def parse(conn: Connection, cls: type[M], payload: memoryview, request_id: str) -> M | None:
+def parse(outbox: Outbox, s: Session, cls: type[M], payload: memoryview, rid: str) -> M | None:
     """Parse ``payload`` as ``cls``; on failure answer the error and return None.
 
     After READY an unparseable payload is a non-fatal 3001. Before READY only
@@ -21,8 +24,37 @@ def parse(conn: Connection, cls: type[M], payload: memoryview, request_id: str) 
     try:
         return cls.FromString(payload)  # type: ignore[arg-type]  # upb takes any buffer
     except (DecodeError, ValueError):
-        if conn.ready:
-            conn.send_error(3001, request_id, f"payload is not a valid {cls.__name__}")
-        else:
-            conn.send_error(1006, request_id, f"payload is not a valid {cls.__name__}")
+        code = ErrorCode.MALFORMED_MESSAGE if s.ready else ErrorCode.AUTH_REQUIRED
+        outbox.send_error(s, code, rid, f"payload is not a valid {cls.__name__}")
         return None
+
+
+def now(outbox: Outbox, cls: type[M], fn: Callable[[Session, str, M], None]) -> Handler:
+    """A handler whose work is synchronous (validated and queued before returning)."""
+
+    def handler(s: Session, _t: int, rid: str, payload: memoryview) -> None:
+        msg = parse(outbox, s, cls, payload, rid)
+        if msg is None:
+            return
+        try:
+            fn(s, rid, msg)
+        except SovereignError as exc:
+            outbox.send_error(s, exc.code, rid, exc.message, exc.retry_after_ms)
+
+    return handler
+
+
+def later(
+    outbox: Outbox,
+    tasks: Tasks,
+    cls: type[M],
+    fn: Callable[[Session, str, M], Coroutine[Any, Any, None]],
+) -> Handler:
+    """A handler that needs to await (storage reads, commits)."""
+
+    def handler(s: Session, _t: int, rid: str, payload: memoryview) -> None:
+        msg = parse(outbox, s, cls, payload, rid)
+        if msg is not None:
+            tasks.spawn(s, rid, fn(s, rid, msg))
+
+    return handler

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ulid import ULID
 
 from sovereign.auth import webauthn as wa
+from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.services import tokens
@@ -56,9 +57,10 @@ def _check_username(username: str) -> None:
 
 
 class AuthService:
-    def __init__(self, config: Config, storage: Storage) -> None:
+    def __init__(self, config: Config, storage: Storage, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.storage = storage
+        self.clock = clock
         # Called with (device_id, user_id) after a new session (device) is stored.
         self.device_hooks: list[Callable[[str, str], Awaitable[None]]] = []
         self.rp = wa.RelyingParty(
@@ -89,7 +91,7 @@ class AuthService:
         challenge = wa.extract_challenge(client_data_json)
         if challenge is None:
             raise _fail(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
-        now = tokens.now_us()
+        now = self.clock.now_us()
         pending = await self.storage.challenges.consume(challenge, purpose, now)
         if pending is None:
             raise _fail(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
@@ -106,7 +108,7 @@ class AuthService:
         if not creds:
             raise _fail(ErrorCode.INVALID_CREDENTIAL, "user has no passkey")
         challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        now = tokens.now_us()
+        now = self.clock.now_us()
         await self.storage.challenges.put(
             challenge, "login", now + self.challenge_lifetime_us, user_id=user.user_id
         )
@@ -173,7 +175,7 @@ class AuthService:
         session, user = await self.storage.db.read(lookup)  # one hop for both rows
         if session is None or not tokens.same_digest(session.token_hash, digest):
             raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
-        now = tokens.now_us()
+        now = self.clock.now_us()
         if session.revoked_at_us is not None:
             raise _fail(ErrorCode.SESSION_REVOKED, "session revoked")
         if session.expires_at_us <= now:
@@ -196,7 +198,7 @@ class AuthService:
         self, user_id: str, credential_id: bytes | None = None, user_agent: str = ""
     ) -> tuple[SessionRow, str]:
         token = tokens.new_token()
-        now = tokens.now_us()
+        now = self.clock.now_us()
         session = await self.storage.sessions.create(
             user_id,
             tokens.digest(token),
@@ -220,7 +222,7 @@ class AuthService:
             raise _fail(ErrorCode.REGISTRATION_FAILED, "username is taken")
         user_id = str(ULID())
         challenge = secrets.token_bytes(CHALLENGE_BYTES)
-        now = tokens.now_us()
+        now = self.clock.now_us()
         await self.storage.challenges.put(
             challenge,
             "register",
@@ -253,7 +255,7 @@ class AuthService:
             usable = (
                 invite is not None
                 and invite.used_by is None
-                and (invite.expires_at_us is None or invite.expires_at_us > tokens.now_us())
+                and (invite.expires_at_us is None or invite.expires_at_us > self.clock.now_us())
             )
             if usable and invite is not None and invite.is_bootstrap:
                 return code_hash
@@ -325,12 +327,12 @@ class AuthService:
         if await self.storage.users.any_admin():
             return None
         code = tokens.new_invite_code()
-        await self.storage.invites.replace_bootstrap(tokens.digest(code), tokens.now_us())
+        await self.storage.invites.replace_bootstrap(tokens.digest(code), self.clock.now_us())
         return code
 
     async def create_invite(self, created_by: str | None, ttl_hours: int = 0) -> str:
         code = tokens.new_invite_code()
-        now = tokens.now_us()
+        now = self.clock.now_us()
         expires = now + ttl_hours * 3600 * 1_000_000 if ttl_hours else None
         await self.storage.invites.create(tokens.digest(code), created_by, expires)
         return code
@@ -347,4 +349,4 @@ class AuthService:
             raise _fail(ErrorCode.REGISTRATION_FAILED, "username is taken") from None
 
     async def purge_expired(self) -> None:
-        await self.storage.challenges.purge_expired(tokens.now_us())
+        await self.storage.challenges.purge_expired(self.clock.now_us())

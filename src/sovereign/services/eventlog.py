@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -163,11 +162,10 @@ class Op:
         self.finish: Callable[[], None] | None = None
         self.fail: Callable[[BaseException], None] | None = None
 
-    def allocate(self, conv: Conv, type_: int, sender_id: str) -> Event:
+    def allocate(self, conv: Conv, type_: int, sender_id: str, now_us: int) -> Event:
         """Next seq and a strictly increasing timestamp, even if the clock steps back."""
         prev_seq, prev_ts = conv.last_seq, conv.last_ts_us
-        now = time.time_ns() // 1000
-        ts = now if now > prev_ts else prev_ts + 1
+        ts = now_us if now_us > prev_ts else prev_ts + 1
         ev = Event(conv, type_, sender_id, prev_seq + 1, new_ulid(ts // 1000), ts)
         conv.last_seq = ev.seq
         conv.last_ts_us = ts
@@ -192,7 +190,7 @@ class EventLog:
     ) -> None:
         self.db = db
         # Effects of one committed batch are corked: frames per connection are joined
-        # into one write (see App.cork).
+        # into one write (the outbox's cork/uncork).
         self.cork = cork
         self.uncork = uncork
         self._queue: list[Op] = []

@@ -11,11 +11,12 @@ GroupInfo so a member whose state forked can rejoin with an external commit.
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
+from sovereign.clock import Clock
 from sovereign.codec import encode_envelope
+from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.mls.api import (
     parse_commit_message,
@@ -30,17 +31,16 @@ from sovereign.mls.validate import (
 )
 from sovereign.mls.wire import MLSDecodeError
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.eventlog import Conv, Op
+from sovereign.services.delivery import DeliveryService
+from sovereign.services.eventlog import Conv, EventLog, Op
 from sovereign.services.ids import new_ulid
-from sovereign.services.messaging import write_frame, ws_frame
+from sovereign.services.ports import Outbox
+from sovereign.services.session import Session
+from sovereign.services.state import ConversationState
 from sovereign.storage import keypackages as kpsql
 from sovereign.storage import messaging as sql
+from sovereign.storage.database import Database
 from sovereign.v1 import sovereign_pb2 as pb
-
-if TYPE_CHECKING:
-    from sovereign.server import App
-    from sovereign.services.messaging import MessagingService
-    from sovereign.transport.ws import Connection
 
 log = logging.getLogger("sovereign.mls")
 
@@ -48,18 +48,30 @@ CONTENT_TYPE_COMMIT = 3
 
 
 def _err(code: ErrorCode, message: str) -> SovereignError:
-    return SovereignError(int(code), message)
+    return SovereignError(code, message)
 
 
 class MlsService:
-    def __init__(self, app: App, messaging: MessagingService) -> None:
-        self.app = app
-        self.config = app.config
-        self.db = app.storage.db
-        self.messaging = messaging
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        state: ConversationState,
+        eventlog: EventLog,
+        outbox: Outbox,
+        clock: Clock,
+        delivery: DeliveryService,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.state = state
+        self.eventlog = eventlog
+        self.outbox = outbox
+        self.clock = clock
+        self.delivery = delivery
 
     # -- KeyPackages (SPEC §7, §12.6, §12.17, §12.22) --------------------------------
-    def _check_package(self, conn: Connection, index: int, data: bytes) -> bool:
+    def _check_package(self, s: Session, index: int, data: bytes) -> bool:
         """Validate one package; returns whether it carries the last_resort extension."""
         if not data:
             raise _err(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: empty")
@@ -77,14 +89,14 @@ class MlsService:
         try:
             validate_key_package(
                 kp,
-                allowed_identities={conn.user_id.encode(), conn.username.encode()},
-                now=int(time.time()),
+                allowed_identities={s.user_id.encode(), s.username.encode()},
+                now=self.clock.now_s(),
             )
         except KeyPackageInvalid as exc:
             raise _err(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: {exc}") from None
         return has_last_resort_extension(kp)
 
-    async def upload(self, conn: Connection, rid: str, req: pb.MLSKeyPackageUpload) -> None:
+    async def upload(self, s: Session, rid: str, req: pb.MLSKeyPackageUpload) -> None:
         packages = ([req.key_package_data] if req.key_package_data else []) + list(req.key_packages)
         if req.last_resort and len(packages) != 1:
             raise _err(
@@ -95,7 +107,7 @@ class MlsService:
         ordinary: list[tuple[int, bytes]] = []
         last_resort: tuple[int, bytes] | None = None
         for index, data in enumerate(packages):
-            flagged = self._check_package(conn, index, data)
+            flagged = self._check_package(s, index, data)
             if req.last_resort or flagged:
                 if last_resort is not None:
                     raise _err(
@@ -109,12 +121,12 @@ class MlsService:
             stored = await self.db.write(
                 partial(
                     kpsql.upload_txn,
-                    device_id=conn.device_id,
-                    user_id=conn.user_id,
+                    device_id=s.device_id,
+                    user_id=s.user_id,
                     ordinary=ordinary,
                     last_resort=last_resort,
                     max_per_device=self.config.max_key_packages,
-                    now_us=time.time_ns() // 1000,
+                    now_us=self.clock.now_us(),
                 )
             )
         except kpsql.PoolFull:
@@ -127,15 +139,16 @@ class MlsService:
                 ErrorCode.INVALID_KEY_PACKAGE, f"package {exc.index}: duplicate of a stored package"
             ) from None
         if rid:
-            conn.send(T.ACK, rid, pb.Ack(count=stored))
+            self.outbox.send(s, T.ACK, rid, pb.Ack(count=stored))
 
-    async def fetch(self, conn: Connection, rid: str, req: pb.MLSKeyPackageFetch) -> None:
-        if await self.messaging.profile(req.user_id) is None:
+    async def fetch(self, s: Session, rid: str, req: pb.MLSKeyPackageFetch) -> None:
+        if await self.state.profile(req.user_id) is None:
             raise _err(ErrorCode.USER_NOT_FOUND, "unknown user")
         fetched = await self.db.write(partial(kpsql.fetch_txn, user_id=req.user_id))
         if not fetched:
             raise _err(ErrorCode.NO_KEY_PACKAGE_AVAILABLE, "no device of that user has a package")
-        conn.send(
+        self.outbox.send(
+            s,
             T.MLS_KEY_PACKAGE_RESPONSE,
             rid,
             pb.MLSKeyPackageResponse(
@@ -153,18 +166,19 @@ class MlsService:
                 self._send_low(f.device_id, f.remaining)
 
     def _send_low(self, device_id: str, remaining: int) -> None:
-        dev = self.messaging.devices.get(device_id)
+        dev = self.state.devices.get(device_id)
         if dev is None:
             return
         msg = pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages)
-        for c in list(dev.conns):
-            c.send(T.MLS_KEY_PACKAGE_LOW, "", msg)
+        for s in list(dev.sessions):
+            self.outbox.send(s, T.MLS_KEY_PACKAGE_LOW, "", msg)
 
-    async def on_sync_end(self, conn: Connection) -> None:
+    async def on_sync_end(self, s: Session) -> None:
         """On READY, after presence: LOW if the device's pool is below the minimum."""
-        remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=conn.device_id))
+        remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=s.device_id))
         if remaining < self.config.min_key_packages:
-            conn.send(
+            self.outbox.send(
+                s,
                 T.MLS_KEY_PACKAGE_LOW,
                 "",
                 pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages),
@@ -186,7 +200,7 @@ class MlsService:
     ) -> tuple[str, str, bytes]:
         """Store one welcome (one event per recipient user, §12.15) in ``op``; returns
         (recipient, event_id, frame) for the push after the commit."""
-        now = time.time_ns() // 1000
+        now = self.clock.now_us()
         event_id = new_ulid(now // 1000)
         payload = pb.MLSWelcomeReceive(
             conversation_id=conv.conversation_id,
@@ -201,43 +215,33 @@ class MlsService:
                 c, event_id, recipient, conv_id, sender_id, now, payload
             )
         )
-        return recipient, event_id, ws_frame(encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
+        frame = self.outbox.frame(encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
+        return recipient, event_id, frame
 
-    def _push_welcome(self, recipient: str, frame: bytes, event_id: str) -> None:
-        msg = self.messaging
-        corked = self.app.corked
-        for c in self.app.by_user.get(recipient, ()):
-            if c.live:
-                if corked is not None:
-                    buf = corked.get(c)
-                    if buf is None:
-                        corked[c] = bytearray(frame)
-                    else:
-                        buf += frame
-                else:
-                    write_frame(c, frame, self.config.send_buffer_limit)
-        for c in msg.syncing:
-            if c.user_id == recipient and c.pending is not None:
-                c.pending.buffer.append(("", 0, event_id, frame))
-
-    def welcome(self, conn: Connection, rid: str, req: pb.MLSWelcome) -> None:
-        conv = self.messaging.conv_for_member(req.conversation_id, conn.user_id)
+    def welcome(self, s: Session, rid: str, req: pb.MLSWelcome) -> None:
+        conv = self.state.conv_for_member(req.conversation_id, s.user_id)
         self._check_welcome(conv, req)
         op = Op()
-        recipient, event_id, frame = self._add_welcome(op, conv, conn.user_id, req)
+        recipient, event_id, frame = self._add_welcome(op, conv, s.user_id, req)
 
         def finish() -> None:
-            self._push_welcome(recipient, frame, event_id)
+            self.delivery.push_welcome(recipient, frame, event_id)
             if rid:
-                conn.send(T.ACK, rid, pb.Ack(count=1))
+                self.outbox.send(s, T.ACK, rid, pb.Ack(count=1))
 
+        self._submit(s, rid, op, finish, "could not store the welcome")
+
+    def _submit(
+        self, s: Session, rid: str, op: Op, finish: Callable[[], None], failure: str
+    ) -> None:
+        outbox = self.outbox
         op.finish = finish
-        op.fail = lambda exc: conn.send_error(9002, rid, "could not store the welcome")
-        self.messaging.log.submit(op)
+        op.fail = lambda exc: outbox.send_error(s, ErrorCode.DATABASE_ERROR, rid, failure)
+        self.eventlog.submit(op)
 
     # -- Commits and GroupInfo (SPEC §7, §12.5, §12.18, §12.22) --------------------------
-    def commit(self, conn: Connection, rid: str, req: pb.MLSCommit) -> None:
-        conv = self.messaging.conv_for_member(req.conversation_id, conn.user_id)
+    def commit(self, s: Session, rid: str, req: pb.MLSCommit) -> None:
+        conv = self.state.conv_for_member(req.conversation_id, s.user_id)
         try:
             info = parse_commit_message(req.commit_data)
         except MLSDecodeError as exc:
@@ -270,11 +274,11 @@ class MlsService:
         # Every part is valid: apply atomically (one Op, one transaction).
         op = Op()
         prev = (conv.group_id, conv.epoch, conv.group_info, conv.group_info_epoch)
-        ev = op.allocate(conv, T.MLS_COMMIT_BROADCAST, conn.user_id)
+        ev = op.allocate(conv, T.MLS_COMMIT_BROADCAST, s.user_id, self.clock.now_us())
         ev.recipients = conv.recipients
         ev.payload = pb.MLSCommitBroadcast(
             conversation_id=conv.conversation_id,
-            sender_id=conn.user_id,
+            sender_id=s.user_id,
             commit_data=req.commit_data,
             event_id=ev.event_id,
             seq=ev.seq,
@@ -295,24 +299,23 @@ class MlsService:
         op.txns.append(
             lambda c: sql.update_mls_txn(c, conv_id, gid, new_epoch, group_info, gi_epoch)
         )
-        welcomes = [self._add_welcome(op, conv, conn.user_id, w) for w in req.welcomes]
+        welcomes = [self._add_welcome(op, conv, s.user_id, w) for w in req.welcomes]
 
         def finish() -> None:
-            self.messaging._index(ev)
-            conn.send_payload(T.MLS_COMMIT_BROADCAST, rid, ev.payload)  # the echo (§12.1)
-            self.messaging._publish(ev, conn)
+            self.state.index(ev)
+            self.outbox.send_payload(s, T.MLS_COMMIT_BROADCAST, rid, ev.payload)  # echo, §12.1
+            self.delivery.publish(ev, s)
             for recipient, event_id, frame in welcomes:
-                self._push_welcome(recipient, frame, event_id)
+                self.delivery.push_welcome(recipient, frame, event_id)
 
-        op.finish = finish
-        op.fail = lambda exc: conn.send_error(9002, rid, "could not store the commit")
-        self.messaging.log.submit(op)
+        self._submit(s, rid, op, finish, "could not store the commit")
 
-    def group_info(self, conn: Connection, rid: str, req: pb.GroupInfoFetch) -> None:
-        conv = self.messaging.conv_for_member(req.conversation_id, conn.user_id)
+    def group_info(self, s: Session, rid: str, req: pb.GroupInfoFetch) -> None:
+        conv = self.state.conv_for_member(req.conversation_id, s.user_id)
         if conv.group_info is None or conv.group_info_epoch is None:
             raise _err(ErrorCode.NO_GROUP_INFO, "no GroupInfo stored for this conversation")
-        conn.send(
+        self.outbox.send(
+            s,
             T.MLS_GROUP_INFO,
             rid,
             pb.GroupInfo(

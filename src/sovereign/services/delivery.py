@@ -1,0 +1,637 @@
+"""Delivery: sends, idempotency, offline sync, acks and MESSAGE_DELIVERED (SPEC §4 READY,
+§5, §12.1, §12.12, §12.14-§12.16, §12.22).
+
+Theory of operation
+-------------------
+A MESSAGE_SEND becomes an :class:`~sovereign.services.eventlog.Op` built in memory (no
+disk read) and committed by the event log in a group commit; after the commit the
+sender gets its echo (the response) and every other live connection of every member
+gets the event, encoded once. Nothing is written per recipient: a device has a cursor
+per conversation (the highest acked seq), and on READY it gets everything above its
+cursors (per conversation in seq order), its pending welcomes, SYNC_COMPLETE and the
+presence of its contacts. Events committed while that backlog streams wait in the
+session's :class:`~sovereign.services.session.SyncState` and follow it without
+duplicates; only then does the connection go live for direct fan-out.
+
+Acks move cursors in memory and are written in coalesced batches
+(:class:`DeliveryWriter`); the first device of a user to pass a message moves that
+user's delivered position and sends MESSAGE_DELIVERED to the senders it passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from sovereign.clock import Clock
+from sovereign.codec import encode_envelope
+from sovereign.config import Config
+from sovereign.errors import CloseCode, ErrorCode, SovereignError
+from sovereign.protocol.types import MessageType as T
+from sovereign.services.eventlog import Conv, Event, EventLog, Op
+from sovereign.services.ports import Outbox, Tasks
+from sovereign.services.session import Session, SyncState
+from sovereign.services.state import ConversationState, Device
+from sovereign.storage import messaging as sql
+from sovereign.storage.database import Database
+from sovereign.v1 import sovereign_pb2 as pb
+
+log = logging.getLogger("sovereign.delivery")
+
+IDEMPOTENCY_US = 24 * 3600 * 1_000_000
+IDEMPOTENCY_MEMORY = 500_000
+SYNC_PAGE = 500
+SYNC_CHUNK_BYTES = 64 * 1024
+
+
+class DeliveryWriter:
+    """Coalesces cursor, delivered-position, welcome-ack and read-marker writes: everything
+    that accumulates while one transaction commits goes into the next (SPEC §5)."""
+
+    def __init__(self, db: Database, outbox: Outbox, tasks: Tasks, clock: Clock) -> None:
+        self.db = db
+        self.outbox = outbox
+        self.tasks = tasks
+        self.clock = clock
+        self.cursors: dict[tuple[str, str], int] = {}
+        self.dropped: set[tuple[str, str]] = set()
+        self.delivery: dict[tuple[str, str], int] = {}
+        self.welcome_acks: set[tuple[str, str]] = set()
+        self.read_markers: dict[tuple[str, str], int] = {}
+        self._waiters: list[Callable[[BaseException | None], None]] = []
+        self._busy = False
+
+    def cursor(self, device_id: str, conv_id: str, seq: int) -> None:
+        # Cursors only move forward: two acks of one device may interleave across an
+        # await, and the older one must not overwrite the newer pending value.
+        key = (device_id, conv_id)
+        self.dropped.discard(key)
+        prev = self.cursors.get(key)
+        if prev is None or seq > prev:
+            self.cursors[key] = seq
+
+    def drop_cursor(self, device_id: str, conv_id: str) -> None:
+        self.cursors.pop((device_id, conv_id), None)
+        self.dropped.add((device_id, conv_id))
+
+    def after(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(None)`` once everything recorded so far is committed, or
+        ``callback(error)`` if that write failed. No task or future per caller."""
+        self._waiters.append(callback)
+        if not self._busy:
+            self._busy = True
+            self.tasks.background(self._drain())
+
+    async def flush(self) -> None:
+        """Resolve once everything recorded so far is committed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(SovereignError(ErrorCode.DATABASE_ERROR, "could not store"))
+
+        self.after(done)
+        await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiters:
+                waiters, self._waiters = self._waiters, []
+                cursors = [(d, c, s) for (d, c), s in self.cursors.items()]
+                dropped = list(self.dropped)
+                delivery = [(c, u, s) for (c, u), s in self.delivery.items()]
+                acks = list(self.welcome_acks)
+                now = self.clock.now_us()
+                marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
+                self.cursors, self.dropped, self.delivery = {}, set(), {}
+                self.welcome_acks, self.read_markers = set(), {}
+                error: BaseException | None = None
+                try:
+                    if cursors or dropped or delivery or acks or marks:
+                        # Not durable: losing an ack in a power cut only redelivers.
+                        await self.db.write(
+                            partial(
+                                sql.save_delivery_state_txn,
+                                cursors=cursors,
+                                dropped_cursors=dropped,
+                                delivery=delivery,
+                                welcome_acks=acks,
+                                read_markers=marks,
+                            ),
+                            durable=False,
+                        )
+                except Exception as exc:
+                    log.error("delivery state write failed: %s", exc)
+                    error = exc
+                self.outbox.cork()  # the acks' responses: one write per connection
+                try:
+                    for cb in waiters:
+                        try:
+                            cb(error)
+                        except Exception:
+                            log.exception("ack completion failed")
+                finally:
+                    self.outbox.uncork()
+        finally:
+            self._busy = False
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        state: ConversationState,
+        eventlog: EventLog,
+        outbox: Outbox,
+        clock: Clock,
+        tasks: Tasks,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.state = state
+        self.eventlog = eventlog
+        self.outbox = outbox
+        self.clock = clock
+        self.tasks = tasks
+        self.writer = DeliveryWriter(db, outbox, tasks, clock)
+        self.idempotent: dict[tuple[str, str], tuple[int, str] | Op] = {}
+        # True when the idempotency window is larger than what memory holds: then a
+        # request_id not found in memory is also looked up in storage.
+        self.idempotency_partial = False
+        self.syncing: set[Session] = set()
+        #: Awaited at the end of a connection's offline sync, after presence (SPEC §4):
+        #: the MLS service's MLS_KEY_PACKAGE_LOW.
+        self.after_sync: list[Callable[[Session], Awaitable[None]]] = []
+        #: Called once a connection takes live events (presence aggregation).
+        self.went_live: list[Callable[[Session], None]] = []
+
+    async def load(self) -> None:
+        since = self.clock.now_us() - IDEMPOTENCY_US
+        rows = await self.db.read(
+            lambda c: sql.recent_send_requests_txn(c, since, IDEMPOTENCY_MEMORY + 1)
+        )
+        self.idempotency_partial = len(rows) > IDEMPOTENCY_MEMORY
+        for user_id, request_id, event_id, created in rows[:IDEMPOTENCY_MEMORY]:
+            self.idempotent[(user_id, request_id)] = (created, event_id)
+
+    async def stop(self) -> None:
+        await self.eventlog.wait_idle()
+        await self.writer.flush()
+
+    # -- fan-out ----------------------------------------------------------------------
+    def publish(self, ev: Event, exclude: Session | None) -> None:
+        """Fan one committed event out: encode once, write to every live connection of
+        every recipient except ``exclude`` (the requester, who gets its echo)."""
+        frame = self.outbox.frame(encode_envelope(ev.type, "", ev.payload))
+        self.outbox.publish(frame, ev.recipients, exclude)
+        if self.syncing:
+            conv_id = ev.conv.conversation_id
+            for s in self.syncing:
+                if s is not exclude and s.user_id in ev.recipients and s.sync is not None:
+                    s.sync.buffer.append((conv_id, ev.seq, "", frame))
+
+    def push_welcome(self, recipient: str, frame: bytes, event_id: str) -> None:
+        """A stored welcome to the recipient's live connections, or after its backlog."""
+        self.outbox.publish(frame, (recipient,), None)
+        for s in self.syncing:
+            if s.user_id == recipient and s.sync is not None:
+                s.sync.buffer.append(("", 0, event_id, frame))
+
+    # -- MESSAGE_SEND (SPEC §5, §12.1, §12.16) -------------------------------------------
+    def send_message(self, s: Session, rid: str, req: pb.MessageSend) -> None:
+        """Idempotency is checked first: a retry of a stored send returns the original
+        echo even if the sender has since left the conversation (docs/decisions.md)."""
+        user_id = s.user_id
+        if rid:
+            prior = self.idempotent.get((user_id, rid))
+            if isinstance(prior, Op):  # the original is still committing: answer with it
+                self._join_pending(s, rid, prior)
+                return
+            if prior is not None:
+                self.tasks.spawn(s, rid, self._replay_send(s, rid, prior[1]))
+                return
+        conv = self.state.conv_for_member(req.conversation_id, user_id)
+        if len(req.encrypted_payload) > self.config.max_message_size_bytes:
+            raise SovereignError(
+                ErrorCode.MESSAGE_TOO_LARGE, "encrypted_payload exceeds max_message_size_bytes"
+            )
+        if rid and self.idempotency_partial:
+            self.tasks.spawn(s, rid, self._send_checked(s, rid, req, conv))
+            return
+        self._send_now(s, rid, req, conv)
+
+    def _join_pending(self, s: Session, rid: str, prior: Op) -> None:
+        prev_finish, prev_fail = prior.finish, prior.fail
+        echo = prior.events[0]
+        outbox = self.outbox
+
+        def finish_both() -> None:
+            if prev_finish is not None:
+                prev_finish()
+            outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, echo.payload)
+
+        def fail_both(exc: BaseException) -> None:
+            if prev_fail is not None:
+                prev_fail(exc)
+            outbox.send_error(s, ErrorCode.DATABASE_ERROR, rid, "could not store the message")
+
+        prior.finish, prior.fail = finish_both, fail_both
+
+    async def _send_checked(self, s: Session, rid: str, req: pb.MessageSend, conv: Conv) -> None:
+        """A request_id not in memory may still be in storage (from before a restart)."""
+        since = self.clock.now_us() - IDEMPOTENCY_US
+        event_id = await self.db.read(lambda c: sql.send_request_txn(c, s.user_id, rid, since))
+        if event_id is not None:
+            await self._replay_send(s, rid, event_id)
+            return
+        if self.idempotent.get((s.user_id, rid)) is not None:  # raced with a duplicate
+            self.send_message(s, rid, req)
+            return
+        self._send_now(s, rid, req, self.state.conv_for_member(conv.conversation_id, s.user_id))
+
+    async def _replay_send(self, s: Session, rid: str, event_id: str) -> None:
+        row = await self.db.read(lambda c: sql.event_payload_txn(c, event_id))
+        if row is None:
+            raise SovereignError(ErrorCode.INTERNAL_ERROR, "original message no longer stored")
+        self.outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, row[2])
+
+    def _send_now(self, s: Session, rid: str, req: pb.MessageSend, conv: Conv) -> None:
+        user_id = s.user_id
+        op = Op()
+        ev = op.allocate(conv, T.MESSAGE_RECEIVE, user_id, self.clock.now_us())
+        ev.recipients = conv.recipients
+        ev.payload = pb.MessageReceive(
+            message_id=ev.event_id,
+            conversation_id=conv.conversation_id,
+            sender_id=user_id,
+            encrypted_payload=req.encrypted_payload,
+            server_timestamp=ev.ts_us,
+            message_type=req.message_type,
+            seq=ev.seq,
+        ).SerializeToString()
+        idempotent = self.idempotent
+        if rid:
+            key = (user_id, rid)
+            idempotent[key] = op
+            op.send_request = (user_id, rid, ev.event_id, ev.ts_us)
+            op.on_undo(lambda: idempotent.pop(key, None))
+        outbox = self.outbox
+
+        def finish() -> None:
+            if rid:
+                idempotent[(user_id, rid)] = (ev.ts_us, ev.event_id)
+            self.state.index(ev)
+            outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, ev.payload)  # the echo = response
+            self.publish(ev, s)
+
+        op.finish = finish
+        op.fail = lambda exc: outbox.send_error(
+            s, ErrorCode.DATABASE_ERROR, rid, "could not store the message"
+        )
+        self.eventlog.submit(op)
+
+    def purge_idempotency(self) -> None:
+        """Forget request_ids older than the 24 h window; bound what memory holds."""
+        since = self.clock.now_us() - IDEMPOTENCY_US
+        for key, value in list(self.idempotent.items()):
+            if isinstance(value, tuple) and value[0] < since:
+                del self.idempotent[key]
+        if len(self.idempotent) > IDEMPOTENCY_MEMORY:
+            self.idempotency_partial = True
+            for key in list(self.idempotent)[: len(self.idempotent) - IDEMPOTENCY_MEMORY]:
+                if isinstance(self.idempotent[key], tuple):
+                    del self.idempotent[key]
+
+    async def purge_stored_idempotency(self) -> None:
+        since = self.clock.now_us() - IDEMPOTENCY_US
+        await self.db.write(partial(sql.purge_send_requests_txn, before_us=since))
+        self.purge_idempotency()
+
+    # -- devices and sync (SPEC §4 READY, §5, §12.12) -----------------------------------
+    async def device_created(self, device_id: str, user_id: str) -> None:
+        """A device created after its user joined starts at the current last seq."""
+        convs = self.state.convs
+        pairs = [(cid, convs[cid].committed_seq) for cid in self.state.user_convs.get(user_id, ())]
+        if pairs:
+            await self.db.write(lambda c: sql.start_device_cursors_txn(c, device_id, pairs))
+
+    async def device(self, s: Session) -> Device:
+        """The device's delivery state, loading its cursors on first use."""
+        devices = self.state.devices
+        dev = devices.get(s.device_id)
+        if dev is None:
+            created, cursors = await self.db.read(
+                partial(sql.load_device_txn, session_id=s.session_id, device_id=s.device_id)
+            )
+            dev = devices.get(s.device_id)  # another connection may have won
+            if dev is None:
+                dev = Device(s.device_id, s.user_id, created)
+                dev.cursors = cursors
+                devices[s.device_id] = dev
+        return dev
+
+    def detach(self, s: Session) -> None:
+        self.syncing.discard(s)
+        devices = self.state.devices
+        dev = devices.get(s.device_id)
+        if dev is not None:
+            if s in dev.sessions:
+                dev.sessions.remove(s)
+            if not dev.sessions:
+                del devices[s.device_id]
+
+    def on_ready(self, s: Session) -> None:
+        s.sync = SyncState()
+        self.syncing.add(s)
+        self.tasks.background(self._sync_or_close(s))
+
+    async def _sync_or_close(self, s: Session) -> None:
+        try:
+            await self._sync(s)
+        except Exception:
+            # A device must never sit READY without its backlog: drop the connection so
+            # the client reconnects and the sync starts over from its cursors.
+            log.exception("offline sync failed for device %s", s.device_id)
+            self.outbox.close(s, CloseCode.INTERNAL_ERROR, "sync failed")
+
+    async def _sync(self, s: Session) -> None:
+        """Backlog above the device's cursors, per conversation in seq order, then its
+        welcomes, then SYNC_COMPLETE; then presence and buffered live events (SPEC §4)."""
+        sync = s.sync
+        assert sync is not None
+        outbox = self.outbox
+        append = outbox.append_frame
+        try:
+            dev = await self.device(s)
+            dev.sessions.append(s)
+            delivered = 0
+            truncated: list[str] = []
+            out = bytearray()
+            for conv_id, conv, start, upto in self._sync_ranges(s.user_id, dev):
+                if conv.purged_seq > start:
+                    truncated.append(conv_id)
+                after = start
+                while after < upto:
+                    rows = await self.db.read(
+                        partial(
+                            sql.events_after_txn,
+                            conversation_id=conv_id,
+                            after_seq=after,
+                            up_to_seq=upto,
+                            limit=SYNC_PAGE,
+                        )
+                    )
+                    if not rows:
+                        break
+                    for seq, _eid, type_, _s, _ts, payload in rows:
+                        append(out, encode_envelope(type_, "", payload))
+                        delivered += 1
+                        after = seq
+                    if len(out) >= SYNC_CHUNK_BYTES:
+                        await outbox.write_backlog(s, out)
+                        out = bytearray()
+                sync.synced_upto[conv_id] = upto
+            welcomes = await self.db.read(
+                lambda c: sql.pending_welcomes_txn(c, s.user_id, dev.device_id, dev.created_at_us)
+            )
+            for event_id, _conv, _sender, _ts, payload in welcomes:
+                append(out, encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
+                sync.synced_welcomes.add(event_id)
+                delivered += 1
+            done = pb.SyncComplete(delivered=delivered, truncated_conversation_ids=truncated)
+            append(out, encode_envelope(T.SYNC_COMPLETE, "", done.SerializeToString()))
+            # Presence of online contacts (SPEC §4, §12.11).
+            presence = self.state.presence
+            for uid in self.state.contacts(s.user_id):
+                status = presence.get(uid)
+                if status is not None and status != "offline":
+                    note = pb.PresenceNotify(user_id=uid, status=status)
+                    append(out, encode_envelope(T.PRESENCE_NOTIFY, "", note.SerializeToString()))
+            await outbox.write_backlog(s, out)
+            for hook in self.after_sync:  # MLS_KEY_PACKAGE_LOW
+                await hook(s)
+            # Live events committed meanwhile, minus what the backlog already carried.
+            tail = bytearray()
+            for conv_id, seq, welcome_id, frame in sync.buffer:
+                if welcome_id:
+                    if welcome_id in sync.synced_welcomes:
+                        continue
+                elif seq <= sync.synced_upto.get(conv_id, 0):
+                    continue
+                tail += frame
+            if tail:
+                await outbox.write_backlog(s, tail)
+        finally:
+            self.syncing.discard(s)
+            s.sync = None
+        if outbox.go_live(s):
+            for live_hook in self.went_live:
+                live_hook(s)
+
+    def _sync_ranges(self, user_id: str, dev: Device) -> list[tuple[str, Conv, int, int]]:
+        state = self.state
+        ranges = []
+        for conv_id in (*state.user_convs.get(user_id, ()), *state.user_former.get(user_id, ())):
+            conv = state.convs[conv_id]
+            m = conv.member_view(user_id)
+            if m is None:
+                continue
+            cursor = dev.cursors.get(conv_id)
+            if cursor is None and m.left_seq is not None:
+                continue  # acked its own removal: the cursor was dropped (§12.14)
+            if cursor is None:
+                # §12.12: a device created after its user joined starts at the last seq
+                # (normally written at device creation; this covers older devices).
+                cursor = (
+                    conv.committed_seq if dev.created_at_us > m.joined_at_us else m.joined_seq - 1
+                )
+                dev.cursors[conv_id] = cursor
+                self.writer.cursor(dev.device_id, conv_id, cursor)
+            cursor = max(cursor, m.joined_seq - 1)
+            upto = conv.committed_seq if m.left_seq is None else min(m.left_seq, conv.committed_seq)
+            if upto > cursor:
+                ranges.append((conv_id, conv, cursor, upto))
+            elif conv.purged_seq > cursor:
+                ranges.append((conv_id, conv, cursor, cursor))
+        return ranges
+
+    # -- acks and delivered (SPEC §5, §12.14, §12.15, §12.22) ----------------------------
+    def ack(self, s: Session, rid: str, req: pb.MessageAck) -> None:
+        """MESSAGE_ACK. Fast path with everything in memory: no task, no disk read; the
+        response follows the coalesced cursor write (DeliveryWriter.after)."""
+        ids: list[str] = []
+        for i in (req.message_id, *req.message_ids):
+            if i and i not in ids:
+                ids.append(i)
+        state = self.state
+        dev = state.devices.get(s.device_id)
+        index, delivered, user_id = state.event_index, state.delivered, s.user_id
+        if dev is None or any(
+            i not in index or (index[i][0], user_id) not in delivered for i in ids
+        ):
+            self.tasks.spawn(s, rid, self._ack_slow(s, rid, ids))
+            return
+        self._ack_apply(s, rid, dev, ids, {})
+
+    async def _ack_slow(self, s: Session, rid: str, ids: list[str]) -> None:
+        """Load what the fast path lacks (older events, welcomes, delivered positions)."""
+        dev = await self.device(s)
+        state = self.state
+        owners: dict[str, str | None] = {}
+        for event_id in ids:
+            info = state.event_index.get(event_id)
+            if info is None:
+                info = await self.db.read(partial(sql.event_by_id_txn, event_id=event_id))
+            if info is None:
+                owners[event_id] = await self.db.read(
+                    partial(sql.welcome_owner_txn, event_id=event_id)
+                )
+                continue
+            state.index_put(event_id, info)
+            conv = state.convs.get(info[0])
+            if conv is not None:
+                await self.delivered_position(conv, s.user_id)
+        self._ack_apply(s, rid, dev, ids, owners)
+
+    def _ack_apply(
+        self,
+        s: Session,
+        rid: str,
+        dev: Device,
+        ids: list[str],
+        welcome_owners: dict[str, str | None],
+    ) -> None:
+        user_id = s.user_id
+        writer = self.writer
+        convs = self.state.convs
+        index = self.state.event_index
+        moved = 0
+        touched: dict[str, int] = {}
+        for event_id in ids:
+            info = index.get(event_id)
+            if info is None:
+                key = (dev.device_id, event_id)
+                if welcome_owners.get(event_id) == user_id and key not in writer.welcome_acks:
+                    writer.welcome_acks.add(key)  # welcomes are acked one by one (§12.15)
+                    moved += 1
+                continue
+            conv_id, seq = info[0], info[1]
+            conv = convs.get(conv_id)
+            m = conv.member_view(user_id) if conv is not None else None
+            if m is None or seq < m.joined_seq or (m.left_seq is not None and seq > m.left_seq):
+                continue  # §12.14: ids the user may not see are ignored
+            cur = dev.cursors.get(conv_id)
+            if cur is None:
+                if m.left_seq is not None:
+                    continue  # its cursor there was dropped after it acked its removal
+                cur = m.joined_seq - 1
+            if seq > cur:
+                dev.cursors[conv_id] = seq
+                touched[conv_id] = seq
+                moved += 1
+        delivered_msgs: list[tuple[str, pb.MessageDelivered]] = []
+        for conv_id, seq in touched.items():
+            conv = convs[conv_id]
+            m = conv.member_view(user_id)
+            assert m is not None
+            if m.left_seq is not None and seq >= m.left_seq:
+                # Acked its own GROUP_MEMBER_REMOVED: the cursor there is dropped (§12.14).
+                dev.cursors.pop(conv_id, None)
+                writer.drop_cursor(dev.device_id, conv_id)
+            else:
+                writer.cursor(dev.device_id, conv_id, dev.cursors[conv_id])
+            delivered_msgs.extend(self._advance_delivered(conv, user_id, seq))
+        outbox = self.outbox
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                outbox.send_error(
+                    s, ErrorCode.DATABASE_ERROR, rid, "could not store the acknowledgement"
+                )
+                return
+            for sender, msg in delivered_msgs:
+                outbox.publish_message((sender,), T.MESSAGE_DELIVERED, msg)
+            if rid:
+                outbox.send(s, T.ACK, rid, pb.Ack(count=moved))
+
+        writer.after(done)
+
+    async def delivered_position(self, conv: Conv, user_id: str) -> int:
+        delivered = self.state.delivered
+        key = (conv.conversation_id, user_id)
+        pos = delivered.get(key)
+        if pos is None:
+            stored = await self.db.read(
+                partial(sql.load_delivery_txn, conversation_id=key[0], user_id=user_id)
+            )
+            m = conv.member_view(user_id)
+            pos = stored if stored is not None else (m.joined_seq - 1 if m else 0)
+            pos = delivered.setdefault(key, pos)
+        return pos
+
+    def _advance_delivered(
+        self, conv: Conv, user_id: str, seq: int
+    ) -> list[tuple[str, pb.MessageDelivered]]:
+        """The first device of a user to pass messages moves its delivered position; each
+        sender passed gets one MESSAGE_DELIVERED naming its last message (§12.14)."""
+        delivered = self.state.delivered
+        key = (conv.conversation_id, user_id)
+        pos = delivered[key]  # loaded by ack / _ack_slow
+        if seq <= pos:
+            return []
+        delivered[key] = seq
+        self.writer.delivery[key] = seq
+        recent = conv.recent
+        if not recent or recent[0][0] > pos + 1:
+            # Older than the in-memory window: look the senders up in storage.
+            self.tasks.background(self._delivered_from_storage(conv, user_id, pos, seq))
+            return []
+        last_by_sender: dict[str, str] = {}
+        for s, event_id, type_, sender in reversed(recent):  # newest first: stop early
+            if s <= pos:
+                break
+            if s <= seq and type_ == T.MESSAGE_RECEIVE and sender != user_id:
+                last_by_sender.setdefault(sender, event_id)
+        return _delivered_msgs(conv, user_id, seq, last_by_sender)
+
+    async def _delivered_from_storage(self, conv: Conv, user_id: str, pos: int, seq: int) -> None:
+        rows = await self.db.read(
+            partial(
+                sql.events_after_txn,
+                conversation_id=conv.conversation_id,
+                after_seq=pos,
+                up_to_seq=seq,
+                limit=1_000_000,
+            )
+        )
+        last_by_sender: dict[str, str] = {}
+        for _s, event_id, type_, sender, _ts, _p in rows:
+            if type_ == T.MESSAGE_RECEIVE and sender != user_id:
+                last_by_sender[sender] = event_id
+        msgs = _delivered_msgs(conv, user_id, seq, last_by_sender)
+        await self.writer.flush()
+        for sender, msg in msgs:
+            self.outbox.publish_message((sender,), T.MESSAGE_DELIVERED, msg)
+
+
+def _delivered_msgs(
+    conv: Conv, user_id: str, seq: int, last_by_sender: dict[str, str]
+) -> list[tuple[str, pb.MessageDelivered]]:
+    return [
+        (
+            sender,
+            pb.MessageDelivered(
+                message_id=event_id,
+                delivered_to=user_id,
+                conversation_id=conv.conversation_id,
+                up_to_seq=seq,
+            ),
+        )
+        for sender, event_id in last_by_sender.items()
+    ]

@@ -1,0 +1,139 @@
+"""Ephemeral signals: read receipts, typing and presence (SPEC §5 ephemeral, §12.11).
+
+Nothing here is a conversation event: typing and presence are never stored, read
+markers are stored (coalesced with the acks) but never replayed as events. Pushes are
+best effort to the live connections of the users concerned.
+"""
+
+from __future__ import annotations
+
+from sovereign.clock import Clock
+from sovereign.errors import ErrorCode, SovereignError
+from sovereign.protocol.types import MessageType as T
+from sovereign.services.delivery import DeliveryWriter
+from sovereign.services.ports import Outbox
+from sovereign.services.session import Session
+from sovereign.services.state import PRESENCE_RANK, ConversationState
+from sovereign.storage import messaging as sql
+from sovereign.storage.database import Database
+from sovereign.v1 import sovereign_pb2 as pb
+
+TYPING_INTERVAL = 2.0
+
+
+class EphemeralService:
+    def __init__(
+        self,
+        db: Database,
+        state: ConversationState,
+        outbox: Outbox,
+        clock: Clock,
+        writer: DeliveryWriter,
+    ) -> None:
+        self.db = db
+        self.state = state
+        self.outbox = outbox
+        self.clock = clock
+        self.writer = writer
+
+    # -- read receipts ------------------------------------------------------------------
+    async def mark_read(self, s: Session, rid: str, req: pb.ReadMarker) -> None:
+        conv = self.state.conv_for_member(req.conversation_id, s.user_id)
+        marks = self.state.read_marks
+        key = (conv.conversation_id, s.user_id)
+        seq = min(req.up_to_seq, conv.committed_seq)
+        prev = marks.get(key)
+        if prev is None:
+            prev = await self.db.read(lambda c: sql.read_marker_txn(c, *key))
+            prev = marks.setdefault(key, prev)
+        moved = seq > prev
+        if moved:
+            marks[key] = seq
+            self.writer.read_markers[key] = seq
+            await self.writer.flush()
+            self.outbox.publish_message(
+                conv.recipients,
+                T.MESSAGE_READ_RECEIPT,
+                pb.ReadReceipt(
+                    conversation_id=conv.conversation_id, user_id=s.user_id, up_to_seq=seq
+                ),
+                exclude=s,
+            )
+        if rid:
+            self.outbox.send(s, T.ACK, rid, pb.Ack(count=1 if moved else 0))
+
+    # -- typing -------------------------------------------------------------------------
+    def typing(self, s: Session, rid: str, req: pb.Typing) -> None:
+        conv = self.state.conv_for_member(req.conversation_id, s.user_id)
+        now = self.clock.monotonic()
+        marks = s.typing_marks
+        if marks is None:
+            marks = s.typing_marks = {}
+        last = marks.get(conv.conversation_id, 0.0)
+        # Rate-limited: a repeated "typing" within TYPING_INTERVAL is not forwarded.
+        forward = not req.typing or now - last >= TYPING_INTERVAL
+        if req.typing and forward:
+            marks[conv.conversation_id] = now
+        elif not req.typing:
+            marks.pop(conv.conversation_id, None)
+        if forward:
+            others = tuple(u for u in conv.recipients if u != s.user_id)
+            self.outbox.publish_message(
+                others,
+                T.TYPING_NOTIFY,
+                pb.TypingNotify(
+                    conversation_id=conv.conversation_id, user_id=s.user_id, typing=req.typing
+                ),
+            )
+        if rid:
+            self.outbox.send(s, T.ACK, rid, pb.Ack(count=1 if forward else 0))
+
+    # -- presence -----------------------------------------------------------------------
+    def set_presence(self, s: Session, rid: str, req: pb.PresenceUpdate) -> None:
+        if req.status not in PRESENCE_RANK:
+            raise SovereignError(
+                ErrorCode.MALFORMED_MESSAGE, "status must be online, away or offline"
+            )
+        s.presence = req.status
+        self.presence_changed(s.user_id)
+        if rid:
+            self.outbox.send(s, T.ACK, rid, pb.Ack(count=1))
+
+    def on_live(self, s: Session) -> None:
+        self.presence_changed(s.user_id)
+
+    def on_closed(self, s: Session) -> None:
+        if s.user_id:
+            self.presence_changed(s.user_id)
+
+    def presence_changed(self, user_id: str) -> None:
+        """Aggregate across the user's live connections (online > away > offline); notify
+        users sharing a conversation only when the aggregate changes (SPEC §12.11)."""
+        best = "offline"
+        for other in self.outbox.live_sessions(user_id):
+            if PRESENCE_RANK[other.presence] > PRESENCE_RANK[best]:
+                best = other.presence
+        presence = self.state.presence
+        if presence.get(user_id, "offline") == best:
+            return
+        if best == "offline":
+            presence.pop(user_id, None)
+        else:
+            presence[user_id] = best
+        contacts = self.state.contacts(user_id)
+        if contacts:
+            self.outbox.publish_message(
+                contacts, T.PRESENCE_NOTIFY, pb.PresenceNotify(user_id=user_id, status=best)
+            )
+
+    def introduce(self, contacts_before: dict[str, set[str]]) -> None:
+        """Users who now share a conversation for the first time learn each other's
+        presence (if not offline), as a newly connected device would on READY."""
+        presence = self.state.presence
+        for uid, before in contacts_before.items():
+            for other in self.state.contacts(uid) - before:
+                status = presence.get(other)
+                if status is not None:
+                    self.outbox.publish_message(
+                        (uid,), T.PRESENCE_NOTIFY, pb.PresenceNotify(user_id=other, status=status)
+                    )

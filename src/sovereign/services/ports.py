@@ -1,0 +1,114 @@
+"""The ports the services are built from (explicit dependencies, no service locator).
+
+A service receives exactly what it uses, chosen from:
+
+- ``config``   — :class:`sovereign.config.Config` (typed, validated at start-up);
+- ``db``       — :class:`sovereign.storage.Database`, or the stores over it;
+- ``eventlog`` — :class:`sovereign.services.eventlog.EventLog` (seq allocation, group
+  commit, undo);
+- ``outbox``   — :class:`Outbox` below: every frame to a client goes through it;
+- ``clock``    — :class:`sovereign.clock.Clock` (monotonic + wall, injected);
+- ``tasks``    — :class:`Tasks` below (request tasks with exactly one response,
+  background work awaited at shutdown).
+
+The outbox is an interface so the transport can change under the services: today
+``sovereign.transport.outbox.LocalOutbox`` writes to this process's sockets; a
+cross-node implementation can fan out through another process without any service
+changing. Services never import ``sovereign.transport``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Protocol
+
+from google.protobuf.message import Message
+
+from sovereign.services.session import Session
+
+
+class Outbox(Protocol):
+    """Where frames for clients go: one connection, a set of users, or a backlog.
+
+    Frames written while *corked* (between :meth:`cork` and :meth:`uncork`) collect per
+    connection and leave in one write each (SPEC §5: a commit's effects). A write that
+    would push a connection's send buffer past ``send_buffer_limit`` drops that
+    connection instead (close 1013; its events stay stored, SPEC §5).
+    """
+
+    #: ``frame(envelope) -> bytes``: one complete server WebSocket frame, built once
+    #: and shareable by every recipient (encode once, write many).
+    frame: Callable[[bytes], bytes]
+    #: ``append_frame(buf, envelope)``: append one frame to a backlog buffer.
+    append_frame: Callable[[bytearray, bytes], None]
+
+    # -- one connection -----------------------------------------------------------
+    def send(self, s: Session, msg_type: int, request_id: str, message: Message) -> None: ...
+    def send_payload(self, s: Session, msg_type: int, request_id: str, payload: bytes) -> None: ...
+    def send_error(
+        self,
+        s: Session,
+        code: int,
+        request_id: str = "",
+        message: str = "",
+        retry_after_ms: int = 0,
+    ) -> None:
+        """The one error response (SPEC §8): AuthError for auth codes, else Error; a
+        fatal code is followed by its registry close code."""
+        ...
+
+    def reject(self, s: Session, code: int, request_id: str, retry_after_ms: int) -> None: ...
+    def close(self, s: Session, code: int, reason: str = "") -> None: ...
+    async def write_backlog(self, s: Session, data: bytes | bytearray) -> None:
+        """Write a batch of frames in one call, first waiting while the connection's
+        send buffer is over its high-water mark (flow control, no polling)."""
+        ...
+
+    def go_live(self, s: Session) -> bool:
+        """From now on fan-out writes reach ``s`` directly (its backlog is out)."""
+        ...
+
+    # -- many connections ---------------------------------------------------------
+    def publish(self, frame: bytes, user_ids: Iterable[str], exclude: Session | None) -> None:
+        """Write ``frame`` to every live connection of ``user_ids`` except ``exclude``."""
+        ...
+
+    def publish_message(
+        self,
+        user_ids: Iterable[str],
+        msg_type: int,
+        message: Message,
+        exclude: Session | None = None,
+    ) -> None:
+        """Encode ``message`` once and :meth:`publish` it (ephemeral pushes)."""
+        ...
+
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+
+    # -- registry -----------------------------------------------------------------
+    def attach(self, s: Session) -> Sequence[Session]:
+        """Index a READY session under its user; returns that user's sessions, oldest
+        first (the caller enforces the per-user cap)."""
+        ...
+
+    def detach(self, s: Session) -> None:
+        """Take ``s`` out of its user's index (it is being closed)."""
+        ...
+
+    def sessions(self, user_id: str) -> Sequence[Session]: ...
+    def live_sessions(self, user_id: str) -> Iterable[Session]: ...
+    def all_sessions(self) -> Iterable[Session]: ...
+    def count(self) -> int: ...
+    def close_user(self, user_id: str, code: int, reason: str) -> int: ...
+    def close_session_id(self, session_id: str, code: int, reason: str) -> int: ...
+
+
+class Tasks(Protocol):
+    """Async work the server owns (kept referenced; awaited at shutdown)."""
+
+    def spawn(self, s: Session, request_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request; any failure becomes exactly one error response."""
+        ...
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> None: ...

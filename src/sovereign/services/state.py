@@ -1,0 +1,121 @@
+"""In-memory conversation state shared by the messaging services and the MLS service.
+
+One :class:`ConversationState` per process, loaded at start-up: conversations with
+their members, seqs and MLS epochs (the :class:`~sovereign.services.eventlog.Conv`
+objects), who is in what, the delivery state of connected devices, delivered and read
+positions, the recent-event index for acks, profiles and aggregated presence. The hot
+path reads nothing from disk. Changes go through :class:`~sovereign.services.eventlog.Op`
+so a failed commit is undone exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from sovereign.errors import ErrorCode, SovereignError
+from sovereign.services.eventlog import Conv, Event, load_state
+from sovereign.services.session import Session
+from sovereign.storage import messaging as sql
+from sovereign.v1 import sovereign_pb2 as pb
+
+if TYPE_CHECKING:
+    from sovereign.storage import Database, UserStore
+
+log = logging.getLogger("sovereign.state")
+
+EVENT_INDEX_MAX = 200_000
+PRESENCE_RANK = {"offline": 0, "away": 1, "online": 2}
+
+
+class Device:
+    """Delivery state of one device while at least one of its connections is open."""
+
+    __slots__ = ("created_at_us", "cursors", "device_id", "sessions", "user_id")
+    sessions: list[Session]  # a list: smaller than a set, and rarely more than one
+
+    def __init__(self, device_id: str, user_id: str, created_at_us: int) -> None:
+        self.device_id = device_id
+        self.user_id = user_id
+        self.created_at_us = created_at_us
+        self.cursors: dict[str, int] = {}
+        self.sessions = []
+
+
+class ConversationState:
+    def __init__(self, db: Database, users: UserStore) -> None:
+        self.db = db
+        self.users = users
+        self.convs: dict[str, Conv] = {}
+        self.user_convs: dict[str, set[str]] = {}  # current memberships
+        self.user_former: dict[str, set[str]] = {}  # conversations a user was removed from
+        self.devices: dict[str, Device] = {}
+        self.delivered: dict[tuple[str, str], int] = {}  # (conv, user) -> first device's seq
+        self.read_marks: dict[tuple[str, str], int] = {}
+        # event id -> (conversation, seq, type, sender) for acks; bounded, oldest out
+        self.event_index: OrderedDict[str, tuple[str, int, int, str]] = OrderedDict()
+        self.profiles: dict[str, tuple[str, str]] = {}
+        self.presence: dict[str, str] = {}  # user -> aggregate status, when not offline
+
+    async def load(self) -> None:
+        self.convs = load_state(await self.db.read(sql.load_conversations_txn))
+        for conv in self.convs.values():
+            for uid in conv.members:
+                self.user_convs.setdefault(uid, set()).add(conv.conversation_id)
+            for uid in conv.former:
+                self.user_former.setdefault(uid, set()).add(conv.conversation_id)
+        log.info("loaded %d conversations", len(self.convs))
+
+    # -- lookups ------------------------------------------------------------------------
+    def conv_for_member(self, conv_id: str, user_id: str) -> Conv:
+        conv = self.convs.get(conv_id)
+        if conv is None:
+            raise SovereignError(ErrorCode.GROUP_NOT_FOUND, "unknown conversation")
+        if user_id not in conv.members:
+            raise SovereignError(ErrorCode.NOT_GROUP_MEMBER, "not a member of this conversation")
+        return conv
+
+    def contacts(self, user_id: str) -> set[str]:
+        """Users who share a current conversation with ``user_id``."""
+        out: set[str] = set()
+        for conv_id in self.user_convs.get(user_id, ()):
+            out.update(self.convs[conv_id].recipients)
+        out.discard(user_id)
+        return out
+
+    def groups_of(self, user_id: str) -> int:
+        return len(self.user_convs.get(user_id, ()))
+
+    # -- profiles -----------------------------------------------------------------------
+    async def profile(self, user_id: str) -> tuple[str, str] | None:
+        """(username, display_name), cached; None for an unknown user."""
+        p = self.profiles.get(user_id)
+        if p is None:
+            user = await self.users.get_by_id(user_id)
+            if user is None:
+                return None
+            p = self.profiles[user_id] = (user.username, user.display_name)
+        return p
+
+    def forget_profile(self, user_id: str) -> None:
+        self.profiles.pop(user_id, None)
+
+    async def group_members(self, conv: Conv) -> list[pb.GroupMember]:
+        out = []
+        for m in list(conv.members.values()):
+            p = await self.profile(m.user_id) or ("", "")
+            out.append(
+                pb.GroupMember(user_id=m.user_id, username=p[0], display_name=p[1], role=m.role)
+            )
+        return out
+
+    # -- the recent-event index (acks without a disk read) ------------------------------
+    def index(self, ev: Event) -> None:
+        self.index_put(ev.event_id, (ev.conv.conversation_id, ev.seq, ev.type, ev.sender_id))
+
+    def index_put(self, event_id: str, info: tuple[str, int, int, str]) -> None:
+        idx = self.event_index
+        idx[event_id] = info
+        if len(idx) > EVENT_INDEX_MAX:
+            idx.popitem(last=False)

@@ -1,0 +1,222 @@
+"""The outbox: the only code that writes to a connection (SPEC §1, §5).
+
+:class:`LocalOutbox` implements :class:`sovereign.services.ports.Outbox` over this
+process's picows connections. It owns
+
+- the registry of connections, and of READY ones by user (fan-out walks it);
+- corking: while a commit's effects run, frames collect per connection and each
+  connection then gets one write (a write is one syscall: the dominant cost);
+- the write-with-limit rule: a write that would push a connection's send buffer past
+  ``send_buffer_limit`` drops that slow reader instead (close 1013, SPEC §5; its events
+  stay stored). The compiled fan-out (``_fast/fanout.pyx``) applies the same rule on
+  the hot path; :meth:`LocalOutbox._write` is its only Python form;
+- flow control for backlogs, driven by the transport's ``pause_writing`` /
+  ``resume_writing`` (see :meth:`sovereign.transport.ws.Connection.wait_writable`);
+- rendering of errors (the one error-response helper, SPEC §8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from google.protobuf.message import Message
+from picows import WSMsgType
+
+from sovereign import implementations
+from sovereign.codec import encode_envelope
+from sovereign.errors import REGISTRY, ErrorCode
+from sovereign.protocol.types import MessageType
+from sovereign.services.session import Session
+from sovereign.transport.ws import Connection
+from sovereign.v1 import sovereign_pb2 as pb
+
+log = logging.getLogger("sovereign.outbox")
+
+_BINARY = WSMsgType.BINARY
+_fan = implementations.fanout()
+_append_ws_frame = _fan.append_ws_frame
+
+_REJECT_TEXT: dict[int, str] = {
+    ErrorCode.AUTH_REQUIRED: "authenticate first: only AUTH_* and PING are accepted before READY",
+    ErrorCode.UNKNOWN_MESSAGE_TYPE: "unknown message type",
+    ErrorCode.MESSAGE_TOO_LARGE: "envelope exceeds max_envelope_bytes",
+    ErrorCode.RATE_LIMITED: "rate limited",
+    ErrorCode.INVALID_ENVELOPE: "invalid envelope",
+}
+
+
+class LocalOutbox:
+    frame = staticmethod(_fan.ws_frame)
+    append_frame = staticmethod(_append_ws_frame)
+
+    def __init__(self, send_buffer_limit: int) -> None:
+        self.limit = send_buffer_limit
+        self._conns: dict[int, Connection] = {}
+        self._by_user: dict[str, list[Connection]] = {}
+        self._corked: dict[Connection, bytearray] | None = None
+        self._fanout = _fan.fanout
+        self._collect = _fan.collect
+        #: Envelope-level refusals by error code (SPEC §1, §2, §9).
+        self.rejected: dict[int, int] = {}
+
+    # -- registry -------------------------------------------------------------------
+    def opened(self, conn: Connection) -> None:
+        self._conns[id(conn)] = conn
+
+    def closed(self, conn: Connection) -> None:
+        self._conns.pop(id(conn), None)
+        user_id = conn.session.user_id
+        conns = self._by_user.get(user_id) if user_id else None
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._by_user[user_id]
+
+    def attach(self, s: Session) -> Sequence[Session]:
+        conns = self._by_user.setdefault(s.user_id, [])
+        conns.append(s.link)
+        return [c.session for c in conns]
+
+    def detach(self, s: Session) -> None:
+        """Take ``s`` out of its user's index (closing over the per-user cap)."""
+        conns = self._by_user.get(s.user_id)
+        if conns is not None and s.link in conns:
+            conns.remove(s.link)
+            if not conns:
+                del self._by_user[s.user_id]
+
+    def sessions(self, user_id: str) -> Sequence[Session]:
+        return [c.session for c in self._by_user.get(user_id, ())]
+
+    def live_sessions(self, user_id: str) -> Iterable[Session]:
+        return [c.session for c in self._by_user.get(user_id, ()) if c.live]
+
+    def all_sessions(self) -> Iterable[Session]:
+        return [c.session for c in self._conns.values()]
+
+    def count(self) -> int:
+        return len(self._conns)
+
+    # -- one connection -------------------------------------------------------------
+    def send_payload(self, s: Session, msg_type: int, request_id: str, payload: bytes) -> None:
+        conn: Connection = s.link
+        t = conn.transport
+        if t is None or s.state.closed:
+            return
+        envelope = encode_envelope(msg_type, request_id, payload)
+        corked = self._corked
+        if corked is not None:  # inside a commit's effects: one write per connection
+            buf = corked.get(conn)
+            if buf is None:
+                buf = corked[conn] = bytearray()
+            _append_ws_frame(buf, envelope)
+            return
+        t.send(_BINARY, envelope)
+
+    def send(self, s: Session, msg_type: int, request_id: str, message: Message) -> None:
+        self.send_payload(s, msg_type, request_id, message.SerializeToString())
+
+    def send_error(
+        self,
+        s: Session,
+        code: int,
+        request_id: str = "",
+        message: str = "",
+        retry_after_ms: int = 0,
+    ) -> None:
+        info = REGISTRY[code]
+        text = message or info.name
+        if info.auth:
+            self.send(
+                s, MessageType.AUTH_ERROR, request_id, pb.AuthError(error_code=code, message=text)
+            )
+        else:
+            self.send(
+                s,
+                MessageType.ERROR,
+                request_id,
+                pb.Error(code=code, message=text, fatal=info.fatal, retry_after_ms=retry_after_ms),
+            )
+        if info.close_code is not None:
+            s.link.close(info.close_code, info.name)
+
+    def reject(self, s: Session, code: int, request_id: str, retry_after_ms: int) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        self.send_error(s, code, request_id, _REJECT_TEXT.get(code, ""), retry_after_ms)
+
+    def close(self, s: Session, code: int, reason: str = "") -> None:
+        s.link.close(code, reason)
+
+    def go_live(self, s: Session) -> bool:
+        if s.state.closed:
+            return False
+        s.link.live = True
+        return True
+
+    async def write_backlog(self, s: Session, data: bytes | bytearray) -> None:
+        conn: Connection = s.link
+        if not data or s.state.closed or conn.out is None:
+            return
+        await conn.wait_writable()
+        if conn.out is not None and not s.state.closed:
+            conn.out.write(bytes(data))
+
+    # -- many connections -------------------------------------------------------------
+    def publish(self, frame: bytes, user_ids: Iterable[str], exclude: Session | None) -> None:
+        ex = exclude.link if exclude is not None else None
+        corked = self._corked
+        if corked is None:
+            self._fanout(frame, self._by_user, user_ids, ex, self.limit)
+        else:
+            self._collect(frame, self._by_user, user_ids, ex, corked)
+
+    def publish_message(
+        self,
+        user_ids: Iterable[str],
+        msg_type: int,
+        message: Message,
+        exclude: Session | None = None,
+    ) -> None:
+        frame = _fan.ws_frame(encode_envelope(msg_type, "", message.SerializeToString()))
+        self.publish(frame, user_ids, exclude)
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = {}
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked:
+            for conn, buf in corked.items():
+                self._write(conn, buf)  # not mutated after: no copy
+
+    def _write(self, conn: Connection, data: bytes | bytearray) -> bool:
+        """The write-with-limit rule (SPEC §5): over the limit, drop the slow reader."""
+        out = conn.out
+        if out is None or conn.session.state.closed:
+            return False
+        if out.get_write_buffer_size() + len(data) > self.limit:
+            conn.overflow()
+            return False
+        out.write(data)
+        return True
+
+    # -- closing ----------------------------------------------------------------------
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        conns = list(self._by_user.get(user_id, ()))
+        for c in conns:
+            c.close(code, reason)
+        return len(conns)
+
+    def close_session_id(self, session_id: str, code: int, reason: str) -> int:
+        # A scan, not an index: revocation is rare and an index costs every idle
+        # connection a dict entry and a list.
+        conns = [c for c in self._conns.values() if c.session.session_id == session_id]
+        for c in conns:
+            c.close(code, reason)
+        return len(conns)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for c in list(self._conns.values()):
+            c.close(code, reason)
