@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sovereign.codec.envelope import EnvelopeError, decode_envelope
+from sovereign.errors import ErrorCode
 
 __all__ = ["MAX_TYPES", "Dispatcher", "Handler", "TokenBucket"]
 
@@ -24,11 +25,11 @@ MAX_TYPES = 128
 _MAX_RETRY_MS = 0xFFFF_FFFF  # Error.retry_after_ms is a uint32 (Appendix A)
 
 # Error codes (SPEC §8).
-_AUTH_REQUIRED = 1006
-_UNKNOWN_TYPE = 3002
-_TOO_LARGE = 3003
-_RATE_LIMITED = 3004
-_INVALID_ENVELOPE = 3005
+_AUTH_REQUIRED = int(ErrorCode.AUTH_REQUIRED)
+_UNKNOWN_TYPE = int(ErrorCode.UNKNOWN_MESSAGE_TYPE)
+_TOO_LARGE = int(ErrorCode.MESSAGE_TOO_LARGE)
+_RATE_LIMITED = int(ErrorCode.RATE_LIMITED)
+_INVALID_ENVELOPE = int(ErrorCode.INVALID_ENVELOPE)
 
 
 class TokenBucket:

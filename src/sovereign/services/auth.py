@@ -44,13 +44,9 @@ class AuthResult:
     token: str
 
 
-def _fail(code: ErrorCode, message: str) -> SovereignError:
-    return SovereignError(int(code), message)
-
-
 def _check_username(username: str) -> None:
     if not USERNAME_RE.match(username):
-        raise _fail(
+        raise SovereignError(
             ErrorCode.REGISTRATION_FAILED,
             "username must be 1-32 characters: letters, digits, '_', '.', '-'",
         )
@@ -90,23 +86,23 @@ class AuthService:
         so that a replay can never pass (single use, SPEC §4)."""
         challenge = wa.extract_challenge(client_data_json)
         if challenge is None:
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
+            raise SovereignError(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
         now = self.clock.now_us()
         pending = await self.storage.challenges.consume(challenge, purpose, now)
         if pending is None:
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
+            raise SovereignError(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
         return challenge, pending, now
 
     # -- login (SPEC §4) -------------------------------------------------------
     async def login_begin(self, username: str) -> tuple[bytes, bytes]:
         user = await self.storage.users.get_by_username(username) if username else None
         if user is None:
-            raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown user")
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown user")
         if not user.enabled:
-            raise _fail(ErrorCode.ACCOUNT_DISABLED, "account disabled")
+            raise SovereignError(ErrorCode.ACCOUNT_DISABLED, "account disabled")
         creds = await self.storage.credentials.list_for_user(user.user_id)
         if not creds:
-            raise _fail(ErrorCode.INVALID_CREDENTIAL, "user has no passkey")
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "user has no passkey")
         challenge = secrets.token_bytes(CHALLENGE_BYTES)
         now = self.clock.now_us()
         await self.storage.challenges.put(
@@ -133,10 +129,10 @@ class AuthService:
         challenge, pending, now = await self._consume_challenge(client_data_json, "login")
         cred = await self.storage.credentials.get(credential_id)
         if cred is None or cred.user_id != pending.user_id:
-            raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown credential")
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown credential")
         user = await self.storage.users.get_by_id(cred.user_id)
         if user is None:
-            raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown credential")
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown credential")
         try:
             new_count = wa.verify_authentication(
                 self.rp,
@@ -152,12 +148,16 @@ class AuthService:
             )
         except wa.WebAuthnError as exc:
             log.info("login assertion rejected for user %s: %s", user.user_id, exc.reason)
-            raise _fail(ErrorCode.CHALLENGE_FAILED, f"assertion rejected: {exc.reason}") from None
+            raise SovereignError(
+                ErrorCode.CHALLENGE_FAILED, f"assertion rejected: {exc.reason}"
+            ) from None
         if not await self.storage.credentials.update_sign_count(credential_id, new_count, now):
             # A concurrent login moved the counter past ours: treat as a clone (§7.2 step 21).
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "assertion rejected: sign count regression")
+            raise SovereignError(
+                ErrorCode.CHALLENGE_FAILED, "assertion rejected: sign count regression"
+            )
         if not user.enabled:
-            raise _fail(ErrorCode.ACCOUNT_DISABLED, "account disabled")
+            raise SovereignError(ErrorCode.ACCOUNT_DISABLED, "account disabled")
         session, token = await self.create_session(user.user_id, credential_id, user_agent)
         log.info("login user=%s device=%s", user.user_id, session.device_id)
         return AuthResult(user, session, token)
@@ -165,7 +165,7 @@ class AuthService:
     # -- resume (SPEC §4, §12.9) -------------------------------------------------
     async def resume(self, token: str) -> AuthResult:
         if not tokens.looks_like_token(token):
-            raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
         digest = tokens.digest(token)
 
         def lookup(conn: Conn) -> tuple[SessionRow | None, UserRow | None]:
@@ -174,16 +174,16 @@ class AuthService:
 
         session, user = await self.storage.db.read(lookup)  # one hop for both rows
         if session is None or not tokens.same_digest(session.token_hash, digest):
-            raise _fail(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
         now = self.clock.now_us()
         if session.revoked_at_us is not None:
-            raise _fail(ErrorCode.SESSION_REVOKED, "session revoked")
+            raise SovereignError(ErrorCode.SESSION_REVOKED, "session revoked")
         if session.expires_at_us <= now:
-            raise _fail(ErrorCode.EXPIRED_SESSION, "session expired")
+            raise SovereignError(ErrorCode.EXPIRED_SESSION, "session expired")
         if user is None:
-            raise _fail(ErrorCode.SESSION_REVOKED, "session revoked")
+            raise SovereignError(ErrorCode.SESSION_REVOKED, "session revoked")
         if not user.enabled:
-            raise _fail(ErrorCode.ACCOUNT_DISABLED, "account disabled")
+            raise SovereignError(ErrorCode.ACCOUNT_DISABLED, "account disabled")
         # Sliding expiry: the same token, its expiry extended (SPEC §12.9). The write
         # (an fsync) is skipped when the expiry would move by less than EXTEND_STEP_US.
         target = now + self.session_lifetime_us
@@ -191,7 +191,7 @@ class AuthService:
             return AuthResult(user, session, token)
         extended = await self.storage.sessions.extend(session.session_id, target, now)
         if extended is None:  # revoked or expired between the read and the write
-            raise _fail(ErrorCode.SESSION_REVOKED, "session revoked")
+            raise SovereignError(ErrorCode.SESSION_REVOKED, "session revoked")
         return AuthResult(user, extended, token)
 
     async def create_session(
@@ -216,10 +216,10 @@ class AuthService:
     ) -> tuple[bytes, bytes]:
         _check_username(username)
         if len(display_name) > MAX_DISPLAY_NAME:
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "display_name is too long")
+            raise SovereignError(ErrorCode.REGISTRATION_FAILED, "display_name is too long")
         invite_hash = await self._check_invite(invite_code)
         if await self.storage.users.get_by_username(username) is not None:
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "username is taken")
+            raise SovereignError(ErrorCode.REGISTRATION_FAILED, "username is taken")
         user_id = str(ULID())
         challenge = secrets.token_bytes(CHALLENGE_BYTES)
         now = self.clock.now_us()
@@ -263,12 +263,12 @@ class AuthService:
                 return None
             if policy == "invite" and usable:
                 return code_hash
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "invalid or used invite code")
+            raise SovereignError(ErrorCode.REGISTRATION_FAILED, "invalid or used invite code")
         if policy == "open":
             return None
         if policy == "invite":
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "an invite code is required")
-        raise _fail(ErrorCode.REGISTRATION_FAILED, "registration is closed")
+            raise SovereignError(ErrorCode.REGISTRATION_FAILED, "an invite code is required")
+        raise SovereignError(ErrorCode.REGISTRATION_FAILED, "registration is closed")
 
     async def register_finish(
         self,
@@ -281,7 +281,7 @@ class AuthService:
     ) -> AuthResult:
         challenge, pending, now = await self._consume_challenge(client_data_json, "register")
         if pending.user_id is None or pending.username is None:
-            raise _fail(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
+            raise SovereignError(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
         try:
             cred = wa.verify_registration(
                 self.rp,
@@ -292,7 +292,9 @@ class AuthService:
             )
         except wa.WebAuthnError as exc:
             log.info("registration rejected: %s", exc.reason)
-            raise _fail(ErrorCode.REGISTRATION_FAILED, f"bad attestation: {exc.reason}") from None
+            raise SovereignError(
+                ErrorCode.REGISTRATION_FAILED, f"bad attestation: {exc.reason}"
+            ) from None
         invite_hash = bytes.fromhex(pending.invite_code) if pending.invite_code else None
         token = tokens.new_token()
         try:
@@ -308,11 +310,15 @@ class AuthService:
                 user_agent=user_agent,
             )
         except UsernameTaken:
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "username is taken") from None
+            raise SovereignError(ErrorCode.REGISTRATION_FAILED, "username is taken") from None
         except CredentialExists:
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "credential already registered") from None
+            raise SovereignError(
+                ErrorCode.REGISTRATION_FAILED, "credential already registered"
+            ) from None
         except LookupError:
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "invalid or used invite code") from None
+            raise SovereignError(
+                ErrorCode.REGISTRATION_FAILED, "invalid or used invite code"
+            ) from None
         log.info(
             "registered user=%s device=%s%s",
             user.user_id,
@@ -346,7 +352,7 @@ class AuthService:
                 username, display_name or username, is_admin=is_admin
             )
         except UsernameTaken:
-            raise _fail(ErrorCode.REGISTRATION_FAILED, "username is taken") from None
+            raise SovereignError(ErrorCode.REGISTRATION_FAILED, "username is taken") from None
 
     async def purge_expired(self) -> None:
         await self.storage.challenges.purge_expired(self.clock.now_us())

@@ -47,10 +47,6 @@ log = logging.getLogger("sovereign.mls")
 CONTENT_TYPE_COMMIT = 3
 
 
-def _err(code: ErrorCode, message: str) -> SovereignError:
-    return SovereignError(code, message)
-
-
 class MlsService:
     def __init__(
         self,
@@ -74,7 +70,7 @@ class MlsService:
     def _check_package(self, s: Session, index: int, data: bytes) -> bool:
         """Validate one package; returns whether it carries the last_resort extension."""
         if not data:
-            raise _err(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: empty")
+            raise SovereignError(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: empty")
         if self.config.mls_validation == "opaque":
             try:  # best effort: honour the RFC last_resort extension if it parses
                 return has_last_resort_extension(parse_key_package(data))
@@ -83,7 +79,7 @@ class MlsService:
         try:
             kp = parse_key_package(data)
         except MLSDecodeError as exc:
-            raise _err(
+            raise SovereignError(
                 ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: malformed: {exc}"
             ) from None
         try:
@@ -93,24 +89,24 @@ class MlsService:
                 now=self.clock.now_s(),
             )
         except KeyPackageInvalid as exc:
-            raise _err(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: {exc}") from None
+            raise SovereignError(ErrorCode.INVALID_KEY_PACKAGE, f"package {index}: {exc}") from None
         return has_last_resort_extension(kp)
 
     async def upload(self, s: Session, rid: str, req: pb.MLSKeyPackageUpload) -> None:
         packages = ([req.key_package_data] if req.key_package_data else []) + list(req.key_packages)
         if req.last_resort and len(packages) != 1:
-            raise _err(
+            raise SovereignError(
                 ErrorCode.INVALID_KEY_PACKAGE, "a last_resort upload carries exactly one package"
             )
         if not packages:
-            raise _err(ErrorCode.INVALID_KEY_PACKAGE, "no package in the upload")
+            raise SovereignError(ErrorCode.INVALID_KEY_PACKAGE, "no package in the upload")
         ordinary: list[tuple[int, bytes]] = []
         last_resort: tuple[int, bytes] | None = None
         for index, data in enumerate(packages):
             flagged = self._check_package(s, index, data)
             if req.last_resort or flagged:
                 if last_resort is not None:
-                    raise _err(
+                    raise SovereignError(
                         ErrorCode.INVALID_KEY_PACKAGE,
                         f"package {index}: a second last-resort package",
                     )
@@ -130,12 +126,12 @@ class MlsService:
                 )
             )
         except kpsql.PoolFull:
-            raise _err(
+            raise SovereignError(
                 ErrorCode.INVALID_KEY_PACKAGE,
                 f"pool full: a device holds at most {self.config.max_key_packages}",
             ) from None
         except kpsql.DuplicatePackage as exc:
-            raise _err(
+            raise SovereignError(
                 ErrorCode.INVALID_KEY_PACKAGE, f"package {exc.index}: duplicate of a stored package"
             ) from None
         if rid:
@@ -143,10 +139,12 @@ class MlsService:
 
     async def fetch(self, s: Session, rid: str, req: pb.MLSKeyPackageFetch) -> None:
         if await self.state.profile(req.user_id) is None:
-            raise _err(ErrorCode.USER_NOT_FOUND, "unknown user")
+            raise SovereignError(ErrorCode.USER_NOT_FOUND, "unknown user")
         fetched = await self.db.write(partial(kpsql.fetch_txn, user_id=req.user_id))
         if not fetched:
-            raise _err(ErrorCode.NO_KEY_PACKAGE_AVAILABLE, "no device of that user has a package")
+            raise SovereignError(
+                ErrorCode.NO_KEY_PACKAGE_AVAILABLE, "no device of that user has a package"
+            )
         self.outbox.send(
             s,
             T.MLS_KEY_PACKAGE_RESPONSE,
@@ -187,13 +185,13 @@ class MlsService:
     # -- Welcomes (SPEC §7, §12.6, §12.15) ---------------------------------------------
     def _check_welcome(self, conv: Conv, w: pb.MLSWelcome) -> None:
         if w.conversation_id != conv.conversation_id:
-            raise _err(ErrorCode.INVALID_WELCOME, "welcome names another conversation")
+            raise SovereignError(ErrorCode.INVALID_WELCOME, "welcome names another conversation")
         try:
             parse_welcome_message(w.welcome_data)
         except MLSDecodeError as exc:
-            raise _err(ErrorCode.INVALID_WELCOME, f"not an MLS Welcome: {exc}") from None
+            raise SovereignError(ErrorCode.INVALID_WELCOME, f"not an MLS Welcome: {exc}") from None
         if w.recipient_id not in conv.members:
-            raise _err(ErrorCode.NOT_MEMBER, "the recipient is not a member")
+            raise SovereignError(ErrorCode.NOT_MEMBER, "the recipient is not a member")
 
     def _add_welcome(
         self, op: Op, conv: Conv, sender_id: str, w: pb.MLSWelcome
@@ -245,13 +243,19 @@ class MlsService:
         try:
             info = parse_commit_message(req.commit_data)
         except MLSDecodeError as exc:
-            raise _err(ErrorCode.INVALID_COMMIT, f"not an MLS handshake message: {exc}") from None
+            raise SovereignError(
+                ErrorCode.INVALID_COMMIT, f"not an MLS handshake message: {exc}"
+            ) from None
         if info.content_type != CONTENT_TYPE_COMMIT:
-            raise _err(ErrorCode.INVALID_COMMIT, f"content_type {info.content_type} is not commit")
+            raise SovereignError(
+                ErrorCode.INVALID_COMMIT, f"content_type {info.content_type} is not commit"
+            )
         if conv.group_id is not None and info.group_id != conv.group_id:
-            raise _err(ErrorCode.INVALID_COMMIT, "group_id differs from the conversation's")
+            raise SovereignError(
+                ErrorCode.INVALID_COMMIT, "group_id differs from the conversation's"
+            )
         if info.epoch != conv.epoch:
-            raise _err(
+            raise SovereignError(
                 ErrorCode.EPOCH_MISMATCH,
                 f"commit for epoch {info.epoch}, the conversation is at {conv.epoch}",
             )
@@ -261,11 +265,11 @@ class MlsService:
             try:
                 gi = parse_group_info_message(group_info)
             except MLSDecodeError as exc:
-                raise _err(
+                raise SovereignError(
                     ErrorCode.INVALID_COMMIT, f"group_info is not a GroupInfo: {exc}"
                 ) from None
             if gi.group_id != info.group_id or gi.epoch != new_epoch:
-                raise _err(
+                raise SovereignError(
                     ErrorCode.INVALID_COMMIT,
                     "group_info must name the group and the epoch after the commit",
                 )
@@ -313,7 +317,9 @@ class MlsService:
     def group_info(self, s: Session, rid: str, req: pb.GroupInfoFetch) -> None:
         conv = self.state.conv_for_member(req.conversation_id, s.user_id)
         if conv.group_info is None or conv.group_info_epoch is None:
-            raise _err(ErrorCode.NO_GROUP_INFO, "no GroupInfo stored for this conversation")
+            raise SovereignError(
+                ErrorCode.NO_GROUP_INFO, "no GroupInfo stored for this conversation"
+            )
         self.outbox.send(
             s,
             T.MLS_GROUP_INFO,

@@ -7,18 +7,15 @@ state of this connection (offline sync in progress, presence, typing marks).
 
 The transport keeps its own object (socket, write buffer, frame reassembly) and links
 the two: ``session.link`` is that object, opaque here and touched only by the outbox
-(:class:`sovereign.services.ports.Outbox`). Small on purpose (``__slots__``): tens of
+(``sovereign.services.ports.Outbox``). Small on purpose (``__slots__``): tens of
 thousands may be idle at once.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from sovereign.protocol.connection import ConnectionState
-
-if TYPE_CHECKING:
-    from sovereign.services.ports import Outbox
 
 
 class Link(Protocol):
@@ -26,6 +23,12 @@ class Link(Protocol):
 
     def user_agent(self) -> str: ...
     def peer(self) -> str: ...
+
+
+class Rejects(Protocol):
+    """The part of the outbox a session needs (the dispatcher's reject callback)."""
+
+    def reject(self, s: Session, code: int, request_id: str, retry_after_ms: int) -> None: ...
 
 
 class SyncState:
@@ -58,7 +61,7 @@ class Session:
         "username",
     )
 
-    def __init__(self, conn_id: int, link: Any, outbox: Outbox, bucket: Any) -> None:
+    def __init__(self, conn_id: int, link: Any, outbox: Rejects, bucket: Any) -> None:
         self.conn_id = conn_id
         # The transport's connection (a Link for services; writes go through the outbox).
         self.link: Any = link
