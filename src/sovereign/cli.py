@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     _common(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="WebSocket listener (0.0.0.0:8080)")
-    serve.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener")
+    serve.add_argument(
+        "--admin-listen", metavar="HOST:PORT", help="admin listener (not available yet)"
+    )
 
     setup = sub.add_parser(
         "setup",

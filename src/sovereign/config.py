@@ -4,6 +4,10 @@ Precedence: command-line flag > ``SOVEREIGN_<KEY>`` environment variable > confi
 file (TOML) > default. Every key is validated at start-up; a bad value raises
 :class:`ConfigError` whose message is one line naming the key and what is allowed.
 List-valued environment keys are comma-separated (SPEC §12.21).
+
+Keys for features this version does not have yet (``admin_listen``, ``storage =
+"postgres"``, ``postgres_dsn``, ``redis_url``) are accepted by the parser but refused by
+:func:`validate`: a setting that silently does nothing is worse than a clear error.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class ConfigError(ValueError):
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # listeners and identity
     listen: str = "0.0.0.0:8080"
-    admin_listen: str = "127.0.0.1:8081"
+    admin_listen: str = ""  # not available yet: any value is refused
     data_dir: str = "./data"
     server_name: str = "Sovereign"
     rp_id: str = "localhost"
@@ -43,9 +47,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # policy
     registration: Registration = "open"
     mls_validation: MlsValidation = "strict"
-    # storage
+    # storage ("postgres", postgres_dsn and redis_url are not available yet: refused)
     storage: StorageBackend = "sqlite"
-    postgres_dsn: str = "postgresql://localhost/sovereign"
+    postgres_dsn: str = ""
     redis_url: str = ""
     # limits (SPEC §9)
     max_envelope_bytes: int = 65_536
@@ -100,6 +104,14 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
 
+#: Keys of features not in this version: key -> why a non-empty value is refused.
+#: ``dump_toml`` leaves them out, so ``sovereign setup`` never writes them.
+_NOT_YET = {
+    "admin_listen": "the admin listener is not available yet in this version; leave it unset",
+    "postgres_dsn": "PostgreSQL storage is not available yet in this version; leave it unset",
+    "redis_url": "cluster mode (Redis) is not available yet in this version; leave it unset",
+}
+
 
 def _hints() -> dict[str, Any]:
     return get_type_hints(Config)
@@ -152,7 +164,13 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must be 0 or more (got {getattr(cfg, key)})")
     _parse_hostport("listen", cfg.listen)
-    _parse_hostport("admin_listen", cfg.admin_listen)
+    if cfg.storage != "sqlite":
+        raise ConfigError(
+            f'storage: "{cfg.storage}" is not available yet in this version; use "sqlite"'
+        )
+    for key, why in _NOT_YET.items():
+        if getattr(cfg, key):
+            raise ConfigError(f"{key}: {why}")
     if cfg.max_envelope_bytes > cfg.max_frame_bytes:
         raise ConfigError("max_envelope_bytes: must not exceed max_frame_bytes")
     if not cfg.rp_origins:
@@ -222,7 +240,7 @@ def dump_toml(cfg: Config) -> str:
     """Render a config as TOML (used by ``sovereign setup``)."""
     lines = []
     for key, value in msgspec.structs.asdict(cfg).items():
-        if value is None:
+        if value is None or key in _NOT_YET:
             continue
         if isinstance(value, bool):
             rendered = "true" if value else "false"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sovereign import cli
 from sovereign.config import ConfigError, dump_toml, load
 
 
@@ -18,7 +19,8 @@ def test_defaults_match_spec_section_9() -> None:
     assert c.session_timeout_hours == 30 * 24
     assert (c.max_group_members, c.max_groups_per_user) == (1_000, 500)
     assert (c.max_key_packages, c.min_key_packages, c.retention_days) == (100, 5, 90)
-    assert (c.listen, c.admin_listen, c.data_dir) == ("0.0.0.0:8080", "127.0.0.1:8081", "./data")
+    assert (c.listen, c.data_dir) == ("0.0.0.0:8080", "./data")
+    assert (c.storage, c.admin_listen, c.postgres_dsn, c.redis_url) == ("sqlite", "", "", "")
     assert c.origins_allowed == c.rp_origins
 
 
@@ -84,3 +86,62 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     f = tmp_path / "out.toml"
     f.write_text(dump_toml(c))
     assert load(f, {}, environ={}) == c
+
+
+# -- keys of features this version does not have yet ----------------------------------
+
+NOT_YET = [
+    (
+        "storage",
+        "postgres",
+        'storage: "postgres" is not available yet in this version; use "sqlite"',
+    ),
+    ("postgres_dsn", "postgresql://db/sovereign", "postgres_dsn: PostgreSQL storage is not"),
+    ("redis_url", "redis://localhost:6379/0", "redis_url: cluster mode (Redis) is not"),
+    ("admin_listen", "127.0.0.1:8081", "admin_listen: the admin listener is not"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), NOT_YET)
+@pytest.mark.parametrize("source", ["file", "environment", "override"])
+def test_unavailable_features_are_refused_by_name(
+    tmp_path: Path, source: str, key: str, value: str, message: str
+) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f'{key} = "{value}"\n')
+    with pytest.raises(ConfigError) as info:
+        if source == "file":
+            load(f, {}, environ={})
+        elif source == "environment":
+            load(None, {}, environ={"SOVEREIGN_" + key.upper(): value})
+        else:  # what a command-line flag passes (serve has --admin-listen)
+            load(None, {key: value}, environ={})
+    msg = str(info.value)
+    assert msg.startswith(message) and "not available yet" in msg and "\n" not in msg
+
+
+def test_unavailable_features_unset_or_at_default_are_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('storage = "sqlite"\nadmin_listen = ""\npostgres_dsn = ""\nredis_url = ""\n')
+    env = {"SOVEREIGN_ADMIN_LISTEN": "", "SOVEREIGN_REDIS_URL": "", "SOVEREIGN_STORAGE": "sqlite"}
+    assert load(f, {"admin_listen": None}, environ=env).storage == "sqlite"
+
+
+def test_setup_writes_no_unavailable_keys() -> None:
+    text = dump_toml(load(None, {}, environ={}))
+    assert 'storage = "sqlite"' in text
+    for key in ("admin_listen", "postgres_dsn", "redis_url"):
+        assert key not in text
+
+
+def test_serve_admin_listen_flag_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key in ("SOVEREIGN_ADMIN_LISTEN", "SOVEREIGN_STORAGE", "SOVEREIGN_DATA_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    d = tmp_path / "data"
+    rc = cli.main(["serve", "--data-dir", str(d), "--admin-listen", "127.0.0.1:8081"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "admin_listen: the admin listener is not available yet" in err
+    assert not d.exists()  # refused before the data dir or database was touched

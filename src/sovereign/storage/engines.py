@@ -1,11 +1,40 @@
 """The thin layer where SQL engines differ (Synapse's ``storage/engines``).
 
-SQL in the stores is written once, with ``?`` parameters, ``RETURNING`` and
-``ON CONFLICT … DO UPDATE`` (both SQLite ≥ 3.35 and PostgreSQL). What cannot be written
-once lives here: connection set-up, how a unique violation is recognised, and which
-migration files apply (``NNNN_name.sql`` for every engine, ``NNNN_name.<engine>.sql``
-for one). A PostgreSQL engine adds a sibling class; nothing else should branch on the
-engine.
+SQL in the stores is written once, for SQLite (≥ 3.37) and PostgreSQL alike, using only
+what both accept: ``RETURNING``; ``ON CONFLICT (…) DO UPDATE`` / ``DO NOTHING``, never
+``INSERT OR IGNORE`` / ``OR REPLACE``; ``COALESCE``, never ``IFNULL``; ``lower(col) LIKE
+lower(?)``, because SQLite's ``LIKE`` ignores ASCII case and PostgreSQL's does not;
+booleans as 0/1 integers (every engine's schema stores them so); and, inside ``DO UPDATE
+SET``, the existing row's columns qualified with the table name (PostgreSQL finds a bare
+``col`` ambiguous with ``excluded.col``). ``tests/unit/storage/test_portable_sql.py``
+refuses SQLite-only constructs in the store modules and compiles every statement it can
+find against the migrated SQLite schema.
+
+What cannot be written once lives here, and nothing else should branch on the engine:
+
+- connection set-up (pragmas), and how a unique or foreign-key violation is recognised;
+- which migration files apply: ``NNNN_name.sql`` for every engine, ``NNNN_name.<engine>.sql``
+  for one. DDL differs (``STRICT``, ``WITHOUT ROWID``, ``AUTOINCREMENT``, ``BLOB``,
+  ``COLLATE NOCASE`` are SQLite's), so the shipped migrations are ``*.sqlite.sql`` and a
+  PostgreSQL engine brings its own ``*.postgres.sql`` of the same numbers and names;
+- SQL fragments with no common spelling, e.g. :meth:`SqliteEngine.greatest`. A store
+  splices them into module-level statement constants built once at import, so no query
+  is formatted per call. Why a fragment rather than the portable ``CASE WHEN a > b THEN
+  a ELSE b END``: the CASE repeats each operand, so ``max(purged_seq, ?)`` would bind its
+  parameter twice, and every statement using it reads worse; both engines have a native
+  two-argument maximum (SQLite's scalar ``max``, PostgreSQL's ``GREATEST``). Because the
+  fragments are spliced at import, :data:`ENGINE` is chosen before the store modules are
+  imported; a process serving two engines at once would need a statement table per
+  engine.
+
+Parameters stay SQLite's ``?`` and the stores keep the ``sqlite3`` connection API
+(``execute``, ``executemany``, ``fetchone``, ``rowcount``) for now. A PostgreSQL engine
+adds a sibling class and a connection adapter that rewrites ``?`` to ``$1, $2, …`` once
+per distinct statement (cached; asyncpg prepares statements anyway), passes Python
+booleans as 0/1 if the driver refuses them for integer columns, and recognises asyncpg's
+``UniqueViolationError`` / ``ForeignKeyViolationError`` in ``is_unique_violation`` /
+``is_foreign_key_violation``. The statement text itself is never rewritten per engine
+beyond that placeholder translation.
 """
 
 from __future__ import annotations
@@ -47,6 +76,15 @@ class SqliteEngine:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA temp_store = MEMORY")
+
+    @staticmethod
+    def greatest(a: str, b: str) -> str:
+        """SQL for the larger of two NOT NULL expressions (PostgreSQL: ``GREATEST(a, b)``).
+
+        Only for operands that are never NULL: SQLite's ``max`` returns NULL if either
+        is NULL, PostgreSQL's ``GREATEST`` ignores NULLs.
+        """
+        return f"max({a}, {b})"
 
     @staticmethod
     def is_unique_violation(exc: BaseException) -> bool:

@@ -11,6 +11,31 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sovereign.storage.database import Conn
+from sovereign.storage.engines import ENGINE
+
+# Delivery state only moves forward: an upsert keeps the larger of the stored and the
+# new position. Built once here (``greatest`` is engine SQL, see engines.py).
+_SAVE_CURSOR = (
+    "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
+    " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = "
+    + ENGINE.greatest("cursors.acked_seq", "excluded.acked_seq")
+)
+_SAVE_DELIVERY = (
+    "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
+    " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
+    + ENGINE.greatest("delivery.up_to_seq", "excluded.up_to_seq")
+)
+_SAVE_READ_MARKER = (
+    "INSERT INTO read_markers (conversation_id, user_id, up_to_seq, updated_at_us)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
+    + ENGINE.greatest("read_markers.up_to_seq", "excluded.up_to_seq")
+    + ", updated_at_us = excluded.updated_at_us"
+)
+_RAISE_PURGED_SEQ = (
+    "UPDATE conversations SET purged_seq = "
+    + ENGINE.greatest("purged_seq", "?")
+    + " WHERE conversation_id = ?"
+)
 
 
 @dataclass(slots=True)
@@ -141,7 +166,8 @@ def start_device_cursors_txn(
 ) -> None:
     """A device created after its user joined starts at the current last seq (§12.12)."""
     conn.executemany(
-        "INSERT OR IGNORE INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)",
+        "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (device_id, conversation_id) DO NOTHING",
         [(device_id, conv, seq) for conv, seq in cursors],
     )
 
@@ -200,35 +226,21 @@ def save_delivery_state_txn(
 ) -> None:
     """One transaction for everything acks and read markers moved since the last flush."""
     if cursors:
-        conn.executemany(
-            "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
-            " ON CONFLICT (device_id, conversation_id) DO UPDATE SET"
-            " acked_seq = max(acked_seq, excluded.acked_seq)",
-            cursors,
-        )
+        conn.executemany(_SAVE_CURSOR, cursors)
     if dropped_cursors:
         conn.executemany(
             "DELETE FROM cursors WHERE device_id = ? AND conversation_id = ?", dropped_cursors
         )
     if delivery:
-        conn.executemany(
-            "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
-            " ON CONFLICT (conversation_id, user_id) DO UPDATE SET"
-            " up_to_seq = max(up_to_seq, excluded.up_to_seq)",
-            delivery,
-        )
+        conn.executemany(_SAVE_DELIVERY, delivery)
     if welcome_acks:
         conn.executemany(
-            "INSERT OR IGNORE INTO welcome_acks (device_id, event_id) VALUES (?, ?)", welcome_acks
+            "INSERT INTO welcome_acks (device_id, event_id) VALUES (?, ?)"
+            " ON CONFLICT (device_id, event_id) DO NOTHING",
+            welcome_acks,
         )
     if read_markers:
-        conn.executemany(
-            "INSERT INTO read_markers (conversation_id, user_id, up_to_seq, updated_at_us)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET"
-            " up_to_seq = max(up_to_seq, excluded.up_to_seq),"
-            " updated_at_us = excluded.updated_at_us",
-            read_markers,
-        )
+        conn.executemany(_SAVE_READ_MARKER, read_markers)
 
 
 # -- reads ----------------------------------------------------------------------------
@@ -369,10 +381,7 @@ def purge_events_txn(conn: Conn, before_event_id: str) -> dict[str, int]:
     ).fetchall():
         if seq > purged.get(conv, 0):
             purged[conv] = int(seq)
-    conn.executemany(
-        "UPDATE conversations SET purged_seq = max(purged_seq, ?) WHERE conversation_id = ?",
-        [(seq, conv) for conv, seq in purged.items()],
-    )
+    conn.executemany(_RAISE_PURGED_SEQ, [(seq, conv) for conv, seq in purged.items()])
     conn.execute("DELETE FROM welcomes WHERE event_id < ?", (before_event_id,))
     return purged
 

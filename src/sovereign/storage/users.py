@@ -95,7 +95,9 @@ def _search_clause(search: str) -> tuple[str, tuple[str, ...]]:
     if not search:
         return "", ()
     return (
-        " WHERE username_key LIKE ? ESCAPE '\\' OR display_name LIKE ? ESCAPE '\\'",
+        # lower() on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not.
+        " WHERE lower(username_key) LIKE lower(?) ESCAPE '\\'"
+        " OR lower(display_name) LIKE lower(?) ESCAPE '\\'",
         (like_pattern(username_key(search)), like_pattern(search)),
     )
 

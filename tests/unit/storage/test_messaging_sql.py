@@ -1,0 +1,69 @@
+"""The messaging store's upserts: delivery state only moves forward, repeats are no-ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sovereign.storage import Conn, Database
+from sovereign.storage import messaging as m
+
+
+def _conv(conn: Conn, conv: str = "c1") -> None:
+    m.insert_conversation_txn(conn, m.ConversationRecord(conv, "t", "u1", 1))
+
+
+async def test_cursors_delivery_and_read_markers_never_move_back(db: Database) -> None:
+    def save(seq: int, at: int) -> Callable[[Conn], None]:
+        def fn(conn: Conn) -> None:
+            m.save_delivery_state_txn(
+                conn,
+                cursors=[("d1", "c1", seq)],
+                dropped_cursors=[],
+                delivery=[("c1", "u1", seq)],
+                welcome_acks=[("d1", "w1")],
+                read_markers=[("c1", "u1", seq, at)],
+            )
+
+        return fn
+
+    await db.write(_conv)
+    await db.write(save(5, 100))
+    await db.write(save(3, 200))  # older positions: kept at 5; the marker's time moves
+    await db.write(save(3, 200))  # and again: the welcome ack is already there
+
+    def state(conn: Conn) -> tuple[object, ...]:
+        return (
+            m.load_cursors_txn(conn, "d1"),
+            m.load_delivery_txn(conn, "c1", "u1"),
+            tuple(conn.execute("SELECT up_to_seq, updated_at_us FROM read_markers").fetchone()),
+            [tuple(r) for r in conn.execute("SELECT device_id, event_id FROM welcome_acks")],
+        )
+
+    assert await db.read(state) == ({"c1": 5}, 5, (5, 200), [("d1", "w1")])
+    await db.write(save(7, 300))
+    assert (await db.read(state))[:3] == ({"c1": 7}, 7, (7, 300))
+
+
+async def test_device_cursors_start_once(db: Database) -> None:
+    await db.write(_conv)
+    await db.write(lambda c: m.start_device_cursors_txn(c, "d1", [("c1", 4)]))
+    await db.write(lambda c: m.start_device_cursors_txn(c, "d1", [("c1", 9)]))  # no-op
+    assert await db.read(lambda c: m.load_cursors_txn(c, "d1")) == {"c1": 4}
+
+
+async def test_purge_only_raises_purged_seq(db: Database) -> None:
+    await db.write(_conv)
+    rows = [("c1", seq, f"E{seq:02d}", 1, "u1", seq, b"x") for seq in range(1, 6)]
+    await db.write(lambda c: m.insert_events_txn(c, rows))
+    assert await db.write(lambda c: m.purge_events_txn(c, "E04")) == {"c1": 3}
+    assert await db.write(lambda c: m.purge_events_txn(c, "E02")) == {}  # nothing left below
+
+    def purged_seq(conn: Conn) -> int:
+        return int(conn.execute("SELECT purged_seq FROM conversations").fetchone()[0])
+
+    assert await db.read(purged_seq) == 3
+    # Retention never lowers it, e.g. below a position set by an earlier, wider purge.
+    await db.write(lambda c: c.execute("UPDATE conversations SET purged_seq = 20"))
+    await db.write(lambda c: m.insert_events_txn(c, [("c1", 12, "E00", 1, "u1", 12, b"x")]))
+    assert await db.write(lambda c: m.purge_events_txn(c, "E01")) == {"c1": 12}
+    assert await db.read(purged_seq) == 20
