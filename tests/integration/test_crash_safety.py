@@ -43,7 +43,6 @@ SERVER_ENV = {
     # "as fast as they can": the per-connection rate limit would otherwise answer 3004
     "SOVEREIGN_RATE_LIMIT_PER_SECOND": "1000000",
     "SOVEREIGN_RATE_LIMIT_BURST": "1000000",
-    "SOVEREIGN_ADMIN_LISTEN": "127.0.0.1:0",
 }
 DURABLE = (T.MESSAGE_RECEIVE, T.GROUP_MEMBER_ADDED)
 

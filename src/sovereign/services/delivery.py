@@ -184,6 +184,16 @@ class DeliveryService:
         await self.eventlog.wait_idle()
         await self.writer.flush()
 
+    def submit(
+        self, s: Session, rid: str, op: Op, finish: Callable[[], None], failure: str
+    ) -> None:
+        """Commit ``op`` (group commit); ``finish`` runs after the commit, a failed
+        commit answers the requester 9002 with ``failure`` (SPEC §8)."""
+        outbox = self.outbox
+        op.finish = finish
+        op.fail = lambda exc: outbox.send_error(s, ErrorCode.DATABASE_ERROR, rid, failure)
+        self.eventlog.submit(op)
+
     # -- fan-out ----------------------------------------------------------------------
     def publish(self, ev: Event, exclude: Session | None) -> None:
         """Fan one committed event out: encode once, write to every live connection of
@@ -290,11 +300,7 @@ class DeliveryService:
             outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, ev.payload)  # the echo = response
             self.publish(ev, s)
 
-        op.finish = finish
-        op.fail = lambda exc: outbox.send_error(
-            s, ErrorCode.DATABASE_ERROR, rid, "could not store the message"
-        )
-        self.eventlog.submit(op)
+        self.submit(s, rid, op, finish, "could not store the message")
 
     def purge_idempotency(self) -> None:
         """Forget request_ids older than the 24 h window; bound what memory holds."""

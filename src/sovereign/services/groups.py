@@ -93,20 +93,12 @@ class GroupService:
             self._published(events)
             self.introduce(before)
 
-        self._submit(s, rid, op, finish, "could not store the group")
+        self.delivery.submit(s, rid, op, finish, "could not store the group")
 
     def _published(self, events: list[Event]) -> None:
         for ev in events:
             self.state.index(ev)
             self.delivery.publish(ev, None)  # the requesting connection too (§12.2)
-
-    def _submit(
-        self, s: Session, rid: str, op: Op, finish: Callable[[], None], failure: str
-    ) -> None:
-        outbox = self.outbox
-        op.finish = finish
-        op.fail = lambda exc: outbox.send_error(s, ErrorCode.DATABASE_ERROR, rid, failure)
-        self.eventlog.submit(op)
 
     def _add_member(self, op: Op, conv: Conv, user_id: str, added_by: str, role: str) -> Event:
         """GROUP_MEMBER_ADDED: membership, the user's device cursors (seq - 1) and the
@@ -235,7 +227,7 @@ class GroupService:
             if rid:
                 self.outbox.send(s, T.ACK, rid, pb.Ack(count=1))
 
-        self._submit(s, rid, op, finish, "could not store the change")
+        self.delivery.submit(s, rid, op, finish, "could not store the change")
 
     def _admin_conv(self, s: Session, conv_id: str, what: str) -> Conv:
         conv = self.state.conv_for_member(conv_id, s.user_id)

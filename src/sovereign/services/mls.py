@@ -11,7 +11,6 @@ GroupInfo so a member whose state forked can rejoin with an external commit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from functools import partial
 
 from sovereign.clock import Clock
@@ -227,15 +226,7 @@ class MlsService:
             if rid:
                 self.outbox.send(s, T.ACK, rid, pb.Ack(count=1))
 
-        self._submit(s, rid, op, finish, "could not store the welcome")
-
-    def _submit(
-        self, s: Session, rid: str, op: Op, finish: Callable[[], None], failure: str
-    ) -> None:
-        outbox = self.outbox
-        op.finish = finish
-        op.fail = lambda exc: outbox.send_error(s, ErrorCode.DATABASE_ERROR, rid, failure)
-        self.eventlog.submit(op)
+        self.delivery.submit(s, rid, op, finish, "could not store the welcome")
 
     # -- Commits and GroupInfo (SPEC §7, §12.5, §12.18, §12.22) --------------------------
     def commit(self, s: Session, rid: str, req: pb.MLSCommit) -> None:
@@ -312,7 +303,7 @@ class MlsService:
             for recipient, event_id, frame in welcomes:
                 self.delivery.push_welcome(recipient, frame, event_id)
 
-        self._submit(s, rid, op, finish, "could not store the commit")
+        self.delivery.submit(s, rid, op, finish, "could not store the commit")
 
     def group_info(self, s: Session, rid: str, req: pb.GroupInfoFetch) -> None:
         conv = self.state.conv_for_member(req.conversation_id, s.user_id)

@@ -10,13 +10,8 @@ import base64
 import hashlib
 import hmac
 import secrets
-import time
 
 TOKEN_BYTES = 32
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def new_token() -> str:

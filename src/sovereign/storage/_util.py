@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-
-def now_us() -> int:
-    """Wall-clock time in integer microseconds (the unit of every stored timestamp)."""
-    return time.time_ns() // 1000
-
 
 def like_pattern(term: str) -> str:
     """A ``LIKE … ESCAPE '\\'`` pattern matching ``term`` anywhere, wildcards escaped."""

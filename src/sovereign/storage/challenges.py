@@ -11,7 +11,7 @@ from typing import Final, Literal, get_args
 
 import msgspec
 
-from sovereign.storage._util import now_us
+from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage.database import Conn, Database
 from sovereign.storage.engines import ENGINE
 from sovereign.storage.errors import AlreadyExists
@@ -121,7 +121,7 @@ class ChallengeStore:
         invite_code: str | None = None,
         now: int | None = None,
     ) -> None:
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         await self._db.write(
             lambda c: put_challenge_txn(
                 c,

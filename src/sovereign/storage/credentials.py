@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from sovereign.storage._util import now_us
+from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage.database import Conn, Database
 from sovereign.storage.engines import ENGINE
 from sovereign.storage.errors import CredentialExists, NotFound
@@ -138,7 +138,7 @@ class CredentialStore:
         *,
         now: int | None = None,
     ) -> CredentialRow:
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.write(
             lambda c: add_credential_txn(
                 c, user_id, credential_id, public_key, sign_count, transports, aaguid, now_us=t

@@ -13,7 +13,8 @@ import sqlite3
 
 import msgspec
 
-from sovereign.storage._util import clamp_page, now_us
+from sovereign.clock import SYSTEM_CLOCK
+from sovereign.storage._util import clamp_page
 from sovereign.storage.database import Conn, Database
 from sovereign.storage.engines import ENGINE
 from sovereign.storage.errors import AlreadyExists, NotFound
@@ -161,7 +162,7 @@ class InviteStore:
         *,
         now: int | None = None,
     ) -> InviteRow:
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.write(
             lambda c: create_invite_txn(
                 c, code_hash, created_by, expires_at_us, now_us=t, is_bootstrap=is_bootstrap
@@ -192,7 +193,7 @@ class InviteStore:
         return await self._db.write(lambda c: delete_invite_txn(c, code_hash))
 
     async def has_unused_bootstrap(self, now: int | None = None) -> bool:
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.read(lambda c: has_unused_bootstrap_txn(c, t))
 
     async def delete_unused_bootstrap(self) -> int:
@@ -200,5 +201,5 @@ class InviteStore:
 
     async def replace_bootstrap(self, code_hash: bytes, now: int | None = None) -> InviteRow:
         """One transaction: forget unused bootstrap codes, store the new one's hash."""
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.write(lambda c: replace_bootstrap_txn(c, code_hash, t))

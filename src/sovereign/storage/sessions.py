@@ -13,7 +13,8 @@ import sqlite3
 
 import msgspec
 
-from sovereign.storage._util import clamp_page, now_us
+from sovereign.clock import SYSTEM_CLOCK
+from sovereign.storage._util import clamp_page
 from sovereign.storage.database import Conn, Database
 from sovereign.storage.engines import ENGINE
 from sovereign.storage.errors import AlreadyExists, NotFound
@@ -213,7 +214,7 @@ class SessionStore:
         *,
         now: int | None = None,
     ) -> SessionRow:
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.write(
             lambda c: create_session_txn(
                 c,

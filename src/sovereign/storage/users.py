@@ -14,7 +14,8 @@ import unicodedata
 import msgspec
 from ulid import ULID
 
-from sovereign.storage._util import clamp_page, like_pattern, now_us
+from sovereign.clock import SYSTEM_CLOCK
+from sovereign.storage._util import clamp_page, like_pattern
 from sovereign.storage.database import Conn, Database
 from sovereign.storage.engines import ENGINE
 from sovereign.storage.errors import NotFound, UsernameTaken
@@ -181,7 +182,7 @@ class UserStore:
         now: int | None = None,
     ) -> UserRow:
         """Raises UsernameTaken if the name is taken (case-insensitively)."""
-        t = now if now is not None else now_us()
+        t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.write(
             lambda c: create_user_txn(
                 c, username, display_name, is_admin, now_us=t, user_id=user_id
