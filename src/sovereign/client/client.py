@@ -85,6 +85,7 @@ from sovereign.client.events import (
 )
 from sovereign.client.tracking import AckTracker, SeqTracker, Verdict
 from sovereign.codec import EnvelopeError, decode_envelope, encode_envelope
+from sovereign.errors import REGISTRY, CloseCode, ErrorCode
 from sovereign.protocol.types import MessageType
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -106,12 +107,24 @@ M = TypeVar("M", bound=Message)
 #: Close codes after which the client does not reconnect (SPEC §4): auth failed, too
 #: many connections (reconnecting would only close another of this user's devices),
 #: session expired or revoked, account disabled.
-FATAL_CLOSE_CODES: Final = frozenset({4002, 4003, 4004, 4005})
+FATAL_CLOSE_CODES: Final = frozenset(
+    {
+        CloseCode.AUTH_FAILED,
+        CloseCode.TOO_MANY_CONNECTIONS,
+        CloseCode.SESSION_INVALID,
+        CloseCode.ACCOUNT_DISABLED,
+    }
+)
 #: AuthError codes that make resuming a session pointless: unknown token, expired,
 #: revoked, account disabled (SPEC §12.7).
-TERMINAL_AUTH_CODES: Final = frozenset({1001, 1002, 1005, 2004})
-# The close code the server sends after these AuthErrors (SPEC §4, §12.20).
-_CLOSE_AFTER_AUTH_ERROR: Final = {1002: 4004, 1005: 4004, 2004: 4005}
+TERMINAL_AUTH_CODES: Final = frozenset(
+    {
+        ErrorCode.INVALID_CREDENTIAL,
+        ErrorCode.EXPIRED_SESSION,
+        ErrorCode.SESSION_REVOKED,
+        ErrorCode.ACCOUNT_DISABLED,
+    }
+)
 #: Requests that are safe to send again after a reconnect (same request_id).
 IDEMPOTENT_TYPES: Final = frozenset(
     {
@@ -126,7 +139,6 @@ IDEMPOTENT_TYPES: Final = frozenset(
 # Requests whose response is "our own" durable event (SPEC §12.1).
 _ECHO_REQUESTS: Final = frozenset({T.MESSAGE_SEND, T.MLS_COMMIT})
 _ECHO_RESPONSES: Final = frozenset({T.MESSAGE_RECEIVE, T.MLS_COMMIT_BROADCAST})
-_RATE_LIMITED = 3004
 _MAX_ACK_IDS = 1000  # ~29 KB of ids: well inside max_envelope_bytes (64 KiB)
 _MIN_RATE_LIMIT_DELAY = 0.01
 
@@ -596,8 +608,8 @@ class Client:
         self._fail_all(ClientClosed())
         conn = self._conn
         if conn is not None:
-            self._detach(conn, 1000, "client closed")
-            conn.close(1000, "client closed")
+            self._detach(conn, CloseCode.NORMAL, "client closed")
+            conn.close(CloseCode.NORMAL, "client closed")
             await conn.wait_closed()
         self._finish(None)
         await self._cancel_tasks()
@@ -846,8 +858,8 @@ class Client:
     async def _open(self) -> Connection:
         old = self._conn
         if old is not None:
-            self._detach(old, 1000, "replaced")
-            old.close(1000, "replaced")
+            self._detach(old, CloseCode.NORMAL, "replaced")
+            old.close(CloseCode.NORMAL, "replaced")
         self._set_state(ClientState.CONNECTING)
         headers = dict(self.extra_headers)
         if self.send_origin:
@@ -868,7 +880,7 @@ class Client:
                 )
             raise
         if self._closing or self._finished:
-            conn.close(1000, "client closed")
+            conn.close(CloseCode.NORMAL, "client closed")
             raise ClientClosed()
         if conn.closed:  # dropped during the handshake
             raise ConnectionLost(conn.effective_close_code, conn.close_reason)
@@ -879,8 +891,8 @@ class Client:
     def _abandon(self, conn: Connection) -> None:
         """An auth attempt on ``conn`` failed: close it (the server may already have)."""
         if conn is self._conn and not conn.ready:
-            self._detach(conn, 1000, "authentication failed")
-            conn.close(1000, "authentication failed")
+            self._detach(conn, CloseCode.NORMAL, "authentication failed")
+            conn.close(CloseCode.NORMAL, "authentication failed")
             if not self._finished:
                 self._set_state(
                     ClientState.IDLE if self._device is None else ClientState.RECONNECTING
@@ -971,8 +983,9 @@ class Client:
                     return
                 except SovereignClientError as exc:
                     if exc.code in TERMINAL_AUTH_CODES or exc.fatal:
-                        code = _CLOSE_AFTER_AUTH_ERROR.get(exc.code)
-                        self._terminate(SessionEnded(code, "resume refused", error=exc))
+                        self._terminate(
+                            SessionEnded(_close_code_after(exc.code), "resume refused", error=exc)
+                        )
                         return
                     log.warning("resume attempt %d refused: %s", attempt, exc)
                 except (ConnectError, ConnectionLost, RequestTimeout, ProtocolViolation) as exc:
@@ -1015,7 +1028,7 @@ class Client:
         conn = self._conn
         if conn is not None:
             self._detach(conn, conn.effective_close_code, "session ended")
-            conn.close(1000, "session ended")
+            conn.close(CloseCode.NORMAL, "session ended")
         self._fail_all(error)
         self._finish(error)
 
@@ -1186,7 +1199,7 @@ class Client:
             if rtype == T.ERROR or rtype == T.AUTH_ERROR:
                 err = _error_from(msg_type, rtype, rpayload)
                 if (
-                    err.code == _RATE_LIMITED
+                    err.code == ErrorCode.RATE_LIMITED
                     and retry_rate_limited
                     and rate_limited < self.max_rate_limit_retries
                 ):
@@ -1713,7 +1726,7 @@ class Client:
                     internal=internal,
                 )
             except SovereignClientError as exc:
-                if exc.code == _RATE_LIMITED:
+                if exc.code == ErrorCode.RATE_LIMITED:
                     self._acks.requeue(batch)
                     retry_delay = max(exc.retry_after_ms / 1000.0, self.ack_interval)
                 else:
@@ -1962,6 +1975,13 @@ class Client:
 # -- helpers -------------------------------------------------------------------------
 
 
+def _close_code_after(code: int) -> int | None:
+    """The close code the server follows a fatal error ``code`` with (None: not fatal,
+    or a code this client does not know)."""
+    info = REGISTRY.get(code)
+    return info.close_code if info is not None else None
+
+
 def _name(msg_type: int) -> str:
     try:
         return MessageType(msg_type).name
@@ -1979,7 +1999,9 @@ def _error_from(request_type: int, rtype: int, payload: bytes) -> SovereignClien
             e.code, e.message, e.retry_after_ms, fatal=e.fatal, request_type=request_type
         )
     except DecodeError:
-        return SovereignClientError(9001, "unparseable error", request_type=request_type)
+        return SovereignClientError(
+            ErrorCode.INTERNAL_ERROR, "unparseable error", request_type=request_type
+        )
 
 
 def _parse(request: int, rtype: int, payload: bytes, expect: int, cls: type[M]) -> M:
