@@ -50,18 +50,16 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Mapping,
     Sequence,
 )
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Final, Protocol, TypeVar, overload
 
 from google.protobuf.message import DecodeError, Message
 
-from sovereign.client._transport import Connection, open_connection
+from sovereign.client._transport import Connection
 from sovereign.client.authenticator import AssertionResponse, RegistrationResponse
 from sovereign.client.backoff import Backoff
 from sovereign.client.errors import (
@@ -83,9 +81,10 @@ from sovereign.client.events import (
     decode_event,
     decode_payload,
 )
+from sovereign.client.session import FATAL_CLOSE_CODES, ClientState, Session, SessionHooks
 from sovereign.client.tracking import AckTracker, SeqTracker, Verdict
 from sovereign.codec import EnvelopeError, decode_envelope, encode_envelope
-from sovereign.errors import REGISTRY, CloseCode, ErrorCode
+from sovereign.errors import REGISTRY, ErrorCode
 from sovereign.protocol.types import MessageType
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -104,17 +103,6 @@ log = logging.getLogger("sovereign.client")
 T = MessageType
 M = TypeVar("M", bound=Message)
 
-#: Close codes after which the client does not reconnect (SPEC §4): auth failed, too
-#: many connections (reconnecting would only close another of this user's devices),
-#: session expired or revoked, account disabled.
-FATAL_CLOSE_CODES: Final = frozenset(
-    {
-        CloseCode.AUTH_FAILED,
-        CloseCode.TOO_MANY_CONNECTIONS,
-        CloseCode.SESSION_INVALID,
-        CloseCode.ACCOUNT_DISABLED,
-    }
-)
 #: AuthError codes that make resuming a session pointless: unknown token, expired,
 #: revoked, account disabled (SPEC §12.7).
 TERMINAL_AUTH_CODES: Final = frozenset(
@@ -163,17 +151,6 @@ class Authenticator(Protocol):
     ) -> AssertionResponse | Awaitable[AssertionResponse]:
         """Sign an assertion: credential_id, authenticator_data, client_data_json, …"""
         ...
-
-
-class ClientState(Enum):
-    """Where the client is in its life cycle."""
-
-    IDLE = "idle"  # no session yet (or an auth attempt failed)
-    CONNECTING = "connecting"  # opening the WebSocket
-    AUTHENTICATING = "authenticating"  # socket open, auth ceremony in progress
-    READY = "ready"  # authenticated: requests flow, events arrive
-    RECONNECTING = "reconnecting"  # lost the connection, waiting to resume
-    CLOSED = "closed"  # close() was called, or the session ended (terminal)
 
 
 EventHandler = Callable[[Event], Awaitable[None] | None]
@@ -426,24 +403,21 @@ class Client:
         self.max_backlog = max_backlog
         self.fatal_close_codes = frozenset(fatal_close_codes)
 
-        self._token = token
         self._username = username
-        self._device: Device | None = None
-        self._state = ClientState.IDLE
-        self._conn: Connection | None = None
+        self._session = Session(
+            self,
+            SessionHooks(
+                on_frame=self._on_message,
+                on_ready=self._on_ready,
+                on_detached=self._on_detached,
+                on_end=self._on_end,
+                ping=self._ping,
+                resume=self._resume_after_drop,
+            ),
+            token,
+        )
         self._pending: dict[str, _Pending] = {}
         self._auth_lock = asyncio.Lock()
-        self._closing = False
-        self._finished = False
-        self._terminal: ClientError | None = None
-        self._change_waiters: list[asyncio.Future[None]] = []
-        self._state_listeners: list[Callable[[ClientState], None]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._reconnects = 0
-        self._ever_ready = False
-        self._last_close: tuple[int, str] | None = None
 
         # delivery
         self._seq = SeqTracker(dedupe_capacity)
@@ -469,49 +443,50 @@ class Client:
     @property
     def state(self) -> ClientState:
         """The current :class:`ClientState`."""
-        return self._state
+        return self._session.state
 
     @property
     def ready(self) -> bool:
         """True while authenticated on a live connection."""
-        return self._state is ClientState.READY
+        return self._session.state is ClientState.READY
 
     @property
     def device(self) -> Device | None:
         """This device's session (user id, token, …) once authenticated."""
-        return self._device
+        return self._session.device
 
     @property
     def token(self) -> str | None:
         """The session token (persist it to come back as the same device)."""
-        return self._device.token if self._device is not None else self._token
+        return self._session.token
 
     @property
     def user_id(self) -> str:
         """The authenticated user's id, or ``""``."""
-        return self._device.user_id if self._device is not None else ""
+        return self._session.user_id
 
     @property
     def username(self) -> str:
         """The authenticated user's name (or the configured one), or ``""``."""
-        if self._device is not None and self._device.username:
-            return self._device.username
+        device = self._session.device
+        if device is not None and device.username:
+            return device.username
         return self._username or ""
 
     @property
     def reconnects(self) -> int:
         """How many times the client resumed its session after losing the connection."""
-        return self._reconnects
+        return self._session.reconnects
 
     @property
     def last_close(self) -> tuple[int, str] | None:
         """(close code, reason) of the last connection that ended, if any."""
-        return self._last_close
+        return self._session.last_close
 
     @property
     def terminal_error(self) -> ClientError | None:
         """Why the session ended (:class:`SessionEnded`, …), if it ended on its own."""
-        return self._terminal
+        return self._session.terminal
 
     @property
     def last_sync(self) -> pb.SyncComplete | None:
@@ -530,8 +505,9 @@ class Client:
         return self._seq.last(conversation_id)
 
     def __repr__(self) -> str:
-        who = f" user={self._device.user_id}" if self._device is not None else ""
-        return f"<Client {self.url} {self._state.value}{who}>"
+        device = self._session.device
+        who = f" user={device.user_id}" if device is not None else ""
+        return f"<Client {self.url} {self._session.state.value}{who}>"
 
     # -- life cycle --------------------------------------------------------------------
     async def __aenter__(self) -> Client:
@@ -553,15 +529,15 @@ class Client:
         ``retry=True`` keeps trying with the reconnect backoff while the server can not
         be reached (bots that start before their server).
         """
-        if self._device is not None:
+        if self._session.device is not None:
             await self.wait_ready()
-            return self._device
+            return self._session.device
         attempt = 0
         while True:
             try:
                 return await self._connect_once()
             except (ConnectError, ConnectionLost, RequestTimeout) as exc:
-                if not retry or self._closing:
+                if not retry or self._session.closing:
                     raise
                 delay = self.backoff.delay(attempt)
                 attempt += 1
@@ -570,9 +546,10 @@ class Client:
 
     async def _connect_once(self) -> Device | None:
         can_login = bool(self._username) and self.authenticator is not None
-        if self._token:
+        token = self._session.token
+        if token:
             try:
-                return await self.resume(self._token)
+                return await self.resume(token)
             except SovereignClientError as exc:
                 if exc.code not in TERMINAL_AUTH_CODES or not can_login:
                     raise
@@ -588,44 +565,41 @@ class Client:
         Pending requests fail with :class:`ClientClosed`; event iterators end.
         Safe to call more than once, and after the session ended.
         """
-        if self._finished:
-            await self._cancel_tasks()
+        session = self._session
+        if session.finished:
+            await session.cancel_tasks()
             return
-        if self._closing:
+        if session.closing:
             await self.wait_closed_quietly()
             return
-        self._closing = True
-        task = self._reconnect_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        session.begin_close()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        conn = self._conn
+        conn = session.connection
         if conn is not None and conn.ready and self.auto_ack and self._acks.pending:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_acks(internal=True, reschedule=False), 2.0)
+        # Before the connection goes: requests in flight fail as ClientClosed, not as
+        # ConnectionLost.
         self._fail_all(ClientClosed())
-        conn = self._conn
-        if conn is not None:
-            self._detach(conn, CloseCode.NORMAL, "client closed")
-            conn.close(CloseCode.NORMAL, "client closed")
-            await conn.wait_closed()
-        self._finish(None)
-        await self._cancel_tasks()
+        await session.close_connection()
+        session.finish(None)
+        await session.cancel_tasks()
 
     async def wait_closed_quietly(self) -> None:
         """Wait until the client is closed or its session ended; never raises."""
-        while not self._finished:
-            await self._changed()
+        while not self._session.finished:
+            await self._session.changed()
 
     async def wait_closed(self) -> None:
         """Wait until the client is closed; raises the reason if the session ended
         on its own (:class:`SessionEnded`, or :class:`ConnectionLost` with
         ``auto_reconnect=False``)."""
         await self.wait_closed_quietly()
-        if self._terminal is not None:
-            raise self._terminal
+        terminal = self._session.terminal
+        if terminal is not None:
+            raise terminal
 
     async def run_forever(self) -> None:
         """For bots: run until :meth:`close` (returns) or the session ends (raises)."""
@@ -634,11 +608,11 @@ class Client:
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the client is READY (e.g. after a reconnect)."""
         async with asyncio.timeout(timeout):
-            while self._state is not ClientState.READY:
-                self._raise_if_finished()
-                if self._device is None and self._state is ClientState.IDLE:
+            while self._session.state is not ClientState.READY:
+                self._session.check_open()
+                if self._session.device is None and self._session.state is ClientState.IDLE:
                     raise NotAuthenticated("not authenticated: register, login or resume first")
-                await self._changed()
+                await self._session.changed()
 
     async def synced(self, timeout: float | None = None) -> pb.SyncComplete:
         """Wait for SYNC_COMPLETE on the current connection (the backlog was delivered
@@ -646,20 +620,14 @@ class Client:
         connection's SYNC_COMPLETE."""
         async with asyncio.timeout(timeout):
             while True:
-                self._raise_if_finished()
+                self._session.check_open()
                 if self._synced and self._last_sync is not None:
                     return self._last_sync
-                await self._changed()
+                await self._session.changed()
 
     def on_state_change(self, listener: Callable[[ClientState], None]) -> Callable[[], None]:
         """Call ``listener(state)`` on every state change; returns an unsubscribe function."""
-        self._state_listeners.append(listener)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._state_listeners.remove(listener)
-
-        return remove
+        return self._session.on_state_change(listener)
 
     # -- authentication ----------------------------------------------------------------
     async def register(
@@ -671,7 +639,7 @@ class Client:
         auth = self._require_authenticator()
         async with self._auth_lock:
             self._check_can_authenticate()
-            conn = await self._open()
+            conn = await self._session.open()
             try:
                 challenge = await self._auth_step(
                     conn,
@@ -700,11 +668,12 @@ class Client:
                     display_name=display_name or username,
                 )
             except BaseException:
-                self._abandon(conn)
+                self._session.abandon(conn)
                 raise
-        assert self._device is not None
+        device = self._session.device
+        assert device is not None
         self._username = username
-        return self._device
+        return device
 
     async def login(self, username: str | None = None) -> Device:
         """Sign in with a passkey (AUTH_REQUEST{username} → assertion). Every login is a
@@ -715,7 +684,7 @@ class Client:
         auth = self._require_authenticator()
         async with self._auth_lock:
             self._check_can_authenticate()
-            conn = await self._open()
+            conn = await self._session.open()
             try:
                 challenge = await self._auth_step(
                     conn,
@@ -741,26 +710,28 @@ class Client:
                     pb.AuthSuccess,
                 )
             except BaseException:
-                self._abandon(conn)
+                self._session.abandon(conn)
                 raise
-        assert self._device is not None
-        self._username = self._device.username or name
-        return self._device
+        device = self._session.device
+        assert device is not None
+        self._username = device.username or name
+        return device
 
     async def resume(self, token: str | None = None) -> Device:
         """Resume a session by token (AUTH_REQUEST{session_token}): the same device,
         same cursors; the server slides the expiry. Raises 1001/1002/1005/2004."""
-        tok = token or self._token
+        tok = token or self._session.token
         if not tok:
             raise ValueError("resume needs a session token")
         async with self._auth_lock:
             self._check_can_authenticate()
             await self._resume_new_connection(tok)
-        assert self._device is not None
-        return self._device
+        device = self._session.device
+        assert device is not None
+        return device
 
     async def _resume_new_connection(self, token: str) -> None:
-        conn = await self._open()
+        conn = await self._session.open()
         try:
             await self._auth_step(
                 conn,
@@ -770,7 +741,7 @@ class Client:
                 pb.AuthSuccess,
             )
         except BaseException:
-            self._abandon(conn)
+            self._session.abandon(conn)
             raise
 
     def _require_authenticator(self) -> Authenticator:
@@ -779,11 +750,11 @@ class Client:
         return self.authenticator
 
     def _check_can_authenticate(self) -> None:
-        self._raise_if_finished()
-        if self._device is not None:
+        self._session.check_open()
+        device = self._session.device
+        if device is not None:
             raise ClientError(
-                f"already authenticated as {self._device.user_id}; "
-                "use a new Client for another device"
+                f"already authenticated as {device.user_id}; use a new Client for another device"
             )
 
     async def _auth_step(
@@ -817,7 +788,7 @@ class Client:
     ) -> None:
         """Runs synchronously on AUTH_SUCCESS / AUTH_REGISTER_SUCCESS, before any event of
         the new connection is processed (the sync backlog follows right behind)."""
-        if conn is not self._conn or conn.closed:
+        if not self._session.is_current(conn):
             return
         if rtype == T.AUTH_SUCCESS:
             s = pb.AuthSuccess.FromString(payload)
@@ -837,76 +808,18 @@ class Client:
                 username=username,
                 display_name=display_name,
             )
-        self._device = device
-        self._token = device.token
-        conn.ready = True
-        if self._ever_ready:
-            self._reconnects += 1
-        self._ever_ready = True
+        self._session.mark_ready(conn, device)
+
+    # -- session hooks -----------------------------------------------------------------
+    def _on_ready(self, conn: Connection) -> None:
         self._synced = False
-        self._set_state(ClientState.READY)
-        if self.ping_interval:
-            self._heartbeat_task = self._spawn(self._heartbeat(conn))
         # Requests queued while disconnected (and idempotent ones to retry) go out now.
         for p in list(self._pending.values()):
             if p.conn is None and conn.send(p.frame):
                 p.conn = conn
         self._schedule_ack_flush()
-        log.info("ready as user %s (%s)", device.user_id, device.username or "-")
 
-    # -- connection management ---------------------------------------------------------
-    async def _open(self) -> Connection:
-        old = self._conn
-        if old is not None:
-            self._detach(old, CloseCode.NORMAL, "replaced")
-            old.close(CloseCode.NORMAL, "replaced")
-        self._set_state(ClientState.CONNECTING)
-        headers = dict(self.extra_headers)
-        if self.send_origin:
-            headers["Origin"] = self.origin
-        try:
-            conn = await open_connection(
-                self.url,
-                on_message=self._on_message,
-                on_disconnected=self._on_disconnected,
-                headers=headers,
-                ssl_context=self.ssl_context,
-                timeout=self.connect_timeout,
-            )
-        except BaseException:
-            if not self._finished:
-                self._set_state(
-                    ClientState.IDLE if self._device is None else ClientState.RECONNECTING
-                )
-            raise
-        if self._closing or self._finished:
-            conn.close(CloseCode.NORMAL, "client closed")
-            raise ClientClosed()
-        if conn.closed:  # dropped during the handshake
-            raise ConnectionLost(conn.effective_close_code, conn.close_reason)
-        self._conn = conn
-        self._set_state(ClientState.AUTHENTICATING)
-        return conn
-
-    def _abandon(self, conn: Connection) -> None:
-        """An auth attempt on ``conn`` failed: close it (the server may already have)."""
-        if conn is self._conn and not conn.ready:
-            self._detach(conn, CloseCode.NORMAL, "authentication failed")
-            conn.close(CloseCode.NORMAL, "authentication failed")
-            if not self._finished:
-                self._set_state(
-                    ClientState.IDLE if self._device is None else ClientState.RECONNECTING
-                )
-
-    def _detach(self, conn: Connection, code: int, reason: str) -> None:
-        """Forget ``conn``: fail or re-queue its requests, stop its timers and repairs."""
-        if self._conn is conn:
-            self._conn = None
-        self._last_close = (code, reason)
-        hb = self._heartbeat_task
-        if hb is not None and hb is not asyncio.current_task():
-            hb.cancel()
-        self._heartbeat_task = None
+    def _on_detached(self, conn: Connection, lost: ConnectionLost) -> None:
         current = asyncio.current_task()
         for task in self._repairs.values():
             if task is not current:
@@ -918,7 +831,6 @@ class Client:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        lost = ConnectionLost(code, reason)
         for rid, p in list(self._pending.items()):
             if p.conn is not conn:
                 continue
@@ -928,112 +840,9 @@ class Client:
                 del self._pending[rid]
                 if not p.future.done():
                     p.future.set_exception(lost)
-        self._notify()
 
-    def _on_disconnected(self, conn: Connection) -> None:
-        if conn is not self._conn:
-            return
-        was_ready = conn.ready
-        code = conn.effective_close_code
-        reason = conn.close_reason or conn.local_reason
-        self._detach(conn, code, reason)
-        if self._closing or self._finished:
-            return
-        log.info("connection closed: %d %s", code, reason)
-        if self._device is None:
-            self._set_state(ClientState.IDLE)
-            return
-        if code in self.fatal_close_codes:
-            self._terminate(SessionEnded(code, reason))
-            return
-        if not was_ready and self._reconnect_task is not None:
-            self._set_state(ClientState.RECONNECTING)
-            return  # a resume attempt failed: the reconnect loop goes on
-        if not self.auto_reconnect:
-            self._terminate(ConnectionLost(code, reason))
-            return
-        self._start_reconnect()
-
-    def _start_reconnect(self) -> None:
-        old = self._reconnect_task
-        if old is not None and not old.done():
-            old.cancel()  # finished its job: the connection it made was READY
-        self._set_state(ClientState.RECONNECTING)
-        self._reconnect_task = self._spawn(self._reconnect_loop())
-
-    async def _reconnect_loop(self) -> None:
-        attempt = 0
-        me = asyncio.current_task()
-        try:
-            while not self._closing and not self._finished:
-                delay = self.backoff.delay(attempt)
-                attempt += 1
-                self._set_state(ClientState.RECONNECTING)
-                log.info("reconnecting in %.2f s (attempt %d)", delay, attempt)
-                await asyncio.sleep(delay)
-                if self._closing or self._finished:
-                    return
-                token = self._token
-                if not token:
-                    self._terminate(SessionEnded(None, "no session token to resume"))
-                    return
-                try:
-                    async with self._auth_lock:
-                        await self._resume_new_connection(token)
-                    return
-                except SovereignClientError as exc:
-                    if exc.code in TERMINAL_AUTH_CODES or exc.fatal:
-                        self._terminate(
-                            SessionEnded(_close_code_after(exc.code), "resume refused", error=exc)
-                        )
-                        return
-                    log.warning("resume attempt %d refused: %s", attempt, exc)
-                except (ConnectError, ConnectionLost, RequestTimeout, ProtocolViolation) as exc:
-                    log.info("reconnect attempt %d failed: %s", attempt, exc)
-        finally:
-            if self._reconnect_task is me:
-                self._reconnect_task = None
-
-    async def _heartbeat(self, conn: Connection) -> None:
-        assert self.ping_interval is not None
-        while True:
-            await asyncio.sleep(self.ping_interval)
-            if conn is not self._conn or conn.closed:
-                return
-            try:
-                await self._call(
-                    T.PING,
-                    pb.Ping(timestamp=_now_us()).SerializeToString(),
-                    bound=conn,
-                    timeout=self.pong_timeout,
-                )
-            except RequestTimeout:
-                log.warning("no PONG within %.1f s: dropping the connection", self.pong_timeout)
-                if conn is self._conn:
-                    self._heartbeat_task = None  # do not cancel ourselves in _detach
-                    conn.abort("pong timeout")
-                return
-            except ClientError:
-                return
-
-    def _terminate(self, error: ClientError) -> None:
-        """The session is over (fatal close or refused resume): stop everything."""
-        if self._finished or self._terminal is not None:
-            return
-        self._terminal = error
-        log.warning("%s", error)
-        task = self._reconnect_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        conn = self._conn
-        if conn is not None:
-            self._detach(conn, conn.effective_close_code, "session ended")
-            conn.close(CloseCode.NORMAL, "session ended")
-        self._fail_all(error)
-        self._finish(error)
-
-    def _finish(self, error: ClientError | None) -> None:
-        self._finished = True
+    def _on_end(self, error: ClientError | None) -> None:
+        self._fail_all(error if error is not None else ClientClosed())
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -1046,8 +855,22 @@ class Client:
             if not w.future.done():
                 w.future.set_exception(end)
         self._waiters.clear()
-        self._set_state(ClientState.CLOSED)
-        self._notify()
+
+    async def _ping(self, conn: Connection, timeout: float) -> None:
+        await self._call(
+            T.PING, pb.Ping(timestamp=_now_us()).SerializeToString(), bound=conn, timeout=timeout
+        )
+
+    async def _resume_after_drop(self, token: str) -> None:
+        try:
+            async with self._auth_lock:
+                await self._resume_new_connection(token)
+        except SovereignClientError as exc:
+            if exc.code in TERMINAL_AUTH_CODES or exc.fatal:
+                raise SessionEnded(
+                    _close_code_after(exc.code), "resume refused", error=exc
+                ) from exc
+            raise
 
     def _fail_all(self, error: ClientError) -> None:
         pending = list(self._pending.values())
@@ -1055,53 +878,6 @@ class Client:
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(error)
-
-    def _raise_if_finished(self) -> None:
-        if self._terminal is not None:
-            raise self._terminal
-        if self._finished or self._closing:
-            raise ClientClosed()
-
-    async def _cancel_tasks(self) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current and not t.done()]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("client task failed", exc_info=task.exception())
-
-    def _set_state(self, state: ClientState) -> None:
-        if state is self._state or (self._finished and state is not ClientState.CLOSED):
-            return
-        self._state = state
-        for listener in list(self._state_listeners):
-            try:
-                listener(state)
-            except Exception:
-                log.exception("state listener failed")
-        self._notify()
-
-    def _notify(self) -> None:
-        waiters, self._change_waiters = self._change_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def _changed(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._change_waiters.append(fut)
-        await fut
 
     # -- requests ----------------------------------------------------------------------
     async def request(
@@ -1223,19 +999,19 @@ class Client:
         internal: bool,
     ) -> _Pending:
         if not internal:
-            self._raise_if_finished()
+            self._session.check_open()
         if rid in self._pending:
             raise ValueError(f"request_id {rid!r} is already in flight")
         fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         p = _Pending(rid, msg_type, frame, fut, retry, bound is not None, None, on_response)
         if bound is not None:
-            if bound is not self._conn or bound.closed or not bound.send(frame):
+            if bound is not self._session.connection or bound.closed or not bound.send(frame):
                 raise ConnectionLost(bound.effective_close_code, "connection is gone")
             p.conn = bound
         else:
-            if self._device is None:
+            if self._session.device is None:
                 raise NotAuthenticated("not authenticated: register, login or resume first")
-            conn = self._conn
+            conn = self._session.connection
             if conn is not None and conn.ready and conn.send(frame):
                 p.conn = conn
             # else: queued, sent when the client is READY again
@@ -1244,8 +1020,6 @@ class Client:
 
     # -- incoming frames ---------------------------------------------------------------
     def _on_message(self, conn: Connection, data: bytes) -> None:
-        if conn is not self._conn:
-            return
         try:
             msg_type, rid, view = decode_envelope(data)
         except EnvelopeError as exc:
@@ -1270,12 +1044,8 @@ class Client:
                 if p.msg_type in _ECHO_REQUESTS and msg_type in _ECHO_RESPONSES:
                     self._ingest_own(decode_event(msg_type, payload, rid))
                 return
-        if msg_type == T.PING:  # SPEC §3: server PINGs are allowed; answer with PONG
-            try:
-                ts = pb.Ping.FromString(payload).timestamp
-            except DecodeError:
-                ts = 0
-            conn.send(encode_envelope(T.PONG, rid, pb.Pong(timestamp=ts).SerializeToString()))
+        if msg_type == T.PING:
+            self._session.answer_ping(conn, rid, payload)
             return
         if msg_type in (T.PONG, T.ACK) or not conn.ready:
             if msg_type in (T.ERROR, T.AUTH_ERROR):
@@ -1375,17 +1145,17 @@ class Client:
                 len(self._last_sync.truncated_conversation_ids),
             )
         self._route(event)
-        self._notify()
+        self._session.notify()
 
     # -- gap repair --------------------------------------------------------------------
     def _start_repair(self, conv: str) -> None:
-        conn = self._conn
+        conn = self._session.connection
         if conn is None or not conn.ready:
             self._held.pop(conv, None)
             return
         last = self._seq.last(conv)
         log.info("seq gap in conversation %s after %s: paging history", conv, last)
-        self._repairs[conv] = self._spawn(self._repair(conn, conv))
+        self._repairs[conv] = self._session.spawn(self._repair(conn, conv))
 
     async def _repair(self, conn: Connection, conv: str) -> None:
         cursor = self._seq.last(conv) or 0
@@ -1432,10 +1202,10 @@ class Client:
         except (ConnectionLost, ClientClosed, SessionEnded):
             return  # state was reset; the server resends everything above our cursor
         except (SovereignClientError, ProtocolViolation, RequestTimeout, DecodeError) as exc:
-            if conn is not self._conn:
+            if conn is not self._session.connection:
                 return
             log.warning("could not repair the gap in %s: %s; delivering what we have", conv, exc)
-        if conn is self._conn:
+        if conn is self._session.connection:
             self._finish_repair(conv)
 
     def _finish_repair(self, conv: str) -> None:
@@ -1540,7 +1310,7 @@ class Client:
 
     def _run_callbacks(self) -> None:
         if self._cb_queue and (self._cb_task is None or self._cb_task.done()):
-            self._cb_task = self._spawn(self._callback_runner())
+            self._cb_task = self._session.spawn(self._callback_runner())
 
     async def _callback_runner(self) -> None:
         queue = self._cb_queue
@@ -1588,7 +1358,7 @@ class Client:
         as processed (and gets acknowledged).
         """
         state = _StreamState(frozenset(int(t) for t in types) if types else None)
-        if not self._finished:
+        if not self._session.finished:
             self._streams.append(state)
 
             def take(tracked: _Tracked) -> None:
@@ -1599,7 +1369,7 @@ class Client:
             self._adopt_backlog(take)
         else:
             state.ended = True
-            state.error = self._terminal
+            state.error = self._session.terminal
         return EventStream(self, state)
 
     @overload
@@ -1662,7 +1432,7 @@ class Client:
         """The first event of ``types`` matching ``predicate`` — from the backlog of
         unconsumed events, else the next one to arrive. Handy in tests. Raises
         TimeoutError after ``timeout`` (default ``request_timeout``)."""
-        self._raise_if_finished()
+        self._session.check_open()
         waiter = _Waiter(_type_set(types), predicate, asyncio.get_running_loop().create_future())
         for tracked in self._backlog:
             if waiter.matches(tracked.event):
@@ -1686,11 +1456,11 @@ class Client:
             not self.auto_ack
             or self._ack_timer is not None
             or self._ack_flushing
-            or self._closing
-            or self._finished
+            or self._session.closing
+            or self._session.finished
         ):
             return
-        conn = self._conn
+        conn = self._session.connection
         if conn is None or not conn.ready or not self._acks.pending:
             return
         try:
@@ -1706,13 +1476,13 @@ class Client:
         if self._ack_flushing:
             return
         self._ack_flushing = True
-        self._spawn(self._flush_acks())
+        self._session.spawn(self._flush_acks())
 
     async def _flush_acks(self, *, internal: bool = False, reschedule: bool = True) -> None:
         self._ack_flushing = True
         retry_delay: float | None = None
         try:
-            conn = self._conn
+            conn = self._session.connection
             if conn is None or not conn.ready:
                 return
             batch = self._acks.take(_MAX_ACK_IDS)
