@@ -43,7 +43,6 @@ import inspect
 import logging
 import ssl
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import (
@@ -79,11 +78,17 @@ from sovereign.client.events import (
     Event,
     HistoryPage,
     decode_event,
-    decode_payload,
+)
+from sovereign.client.requests import (
+    IDEMPOTENT_TYPES,
+    RequestTable,
+    error_from,
+    parse_response,
+    type_name,
 )
 from sovereign.client.session import FATAL_CLOSE_CODES, ClientState, Session, SessionHooks
 from sovereign.client.tracking import AckTracker, SeqTracker, Verdict
-from sovereign.codec import EnvelopeError, decode_envelope, encode_envelope
+from sovereign.codec import EnvelopeError, decode_envelope
 from sovereign.errors import REGISTRY, ErrorCode
 from sovereign.protocol.types import MessageType
 from sovereign.v1 import sovereign_pb2 as pb
@@ -113,22 +118,10 @@ TERMINAL_AUTH_CODES: Final = frozenset(
         ErrorCode.ACCOUNT_DISABLED,
     }
 )
-#: Requests that are safe to send again after a reconnect (same request_id).
-IDEMPOTENT_TYPES: Final = frozenset(
-    {
-        T.MESSAGE_SEND,  # SPEC §5: the server dedupes by (user, request_id) for 24 h
-        T.MESSAGE_HISTORY_REQUEST,
-        T.CONVERSATION_LIST_REQUEST,
-        T.MLS_GROUP_INFO_FETCH,
-        T.MESSAGE_READ,
-        T.PRESENCE_UPDATE,
-    }
-)
 # Requests whose response is "our own" durable event (SPEC §12.1).
 _ECHO_REQUESTS: Final = frozenset({T.MESSAGE_SEND, T.MLS_COMMIT})
 _ECHO_RESPONSES: Final = frozenset({T.MESSAGE_RECEIVE, T.MLS_COMMIT_BROADCAST})
 _MAX_ACK_IDS = 1000  # ~29 KB of ids: well inside max_envelope_bytes (64 KiB)
-_MIN_RATE_LIMIT_DELAY = 0.01
 
 
 class Authenticator(Protocol):
@@ -197,18 +190,6 @@ class _Tracked:
         self.holds -= 1
         if self.holds == 0:
             self.done(self.event)
-
-
-@dataclass(eq=False, slots=True)
-class _Pending:
-    request_id: str
-    msg_type: int
-    frame: bytes
-    future: asyncio.Future[tuple[int, bytes]]
-    retry: bool
-    bound: bool
-    conn: Connection | None = None
-    on_response: Callable[[int, bytes], None] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -416,7 +397,7 @@ class Client:
             ),
             token,
         )
-        self._pending: dict[str, _Pending] = {}
+        self._requests = RequestTable(self, self._session)
         self._auth_lock = asyncio.Lock()
 
         # delivery
@@ -582,7 +563,7 @@ class Client:
                 await asyncio.wait_for(self._flush_acks(internal=True, reschedule=False), 2.0)
         # Before the connection goes: requests in flight fail as ClientClosed, not as
         # ConnectionLost.
-        self._fail_all(ClientClosed())
+        self._requests.fail_all(ClientClosed())
         await session.close_connection()
         session.finish(None)
         await session.cancel_tasks()
@@ -772,7 +753,7 @@ class Client:
             if rtype in (T.AUTH_SUCCESS, T.AUTH_REGISTER_SUCCESS):
                 self._authenticated(conn, rtype, payload, username, display_name)
 
-        rtype, payload = await self._call(
+        rtype, payload = await self._requests.call(
             msg_type,
             message.SerializeToString(),
             bound=conn,
@@ -781,7 +762,7 @@ class Client:
             else None,
             timeout=self.request_timeout,
         )
-        return _parse(msg_type, rtype, payload, expect, cls)
+        return parse_response(msg_type, rtype, payload, expect, cls)
 
     def _authenticated(
         self, conn: Connection, rtype: int, payload: bytes, username: str, display_name: str
@@ -813,10 +794,7 @@ class Client:
     # -- session hooks -----------------------------------------------------------------
     def _on_ready(self, conn: Connection) -> None:
         self._synced = False
-        # Requests queued while disconnected (and idempotent ones to retry) go out now.
-        for p in list(self._pending.values()):
-            if p.conn is None and conn.send(p.frame):
-                p.conn = conn
+        self._requests.resend(conn)
         self._schedule_ack_flush()
 
     def _on_detached(self, conn: Connection, lost: ConnectionLost) -> None:
@@ -831,18 +809,10 @@ class Client:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        for rid, p in list(self._pending.items()):
-            if p.conn is not conn:
-                continue
-            if p.retry and not p.bound:
-                p.conn = None  # sent again (same request_id) once READY
-            else:
-                del self._pending[rid]
-                if not p.future.done():
-                    p.future.set_exception(lost)
+        self._requests.connection_lost(conn, lost)
 
     def _on_end(self, error: ClientError | None) -> None:
-        self._fail_all(error if error is not None else ClientClosed())
+        self._requests.fail_all(error if error is not None else ClientClosed())
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -857,7 +827,7 @@ class Client:
         self._waiters.clear()
 
     async def _ping(self, conn: Connection, timeout: float) -> None:
-        await self._call(
+        await self._requests.call(
             T.PING, pb.Ping(timestamp=_now_us()).SerializeToString(), bound=conn, timeout=timeout
         )
 
@@ -871,13 +841,6 @@ class Client:
                     _close_code_after(exc.code), "resume refused", error=exc
                 ) from exc
             raise
-
-    def _fail_all(self, error: ClientError) -> None:
-        pending = list(self._pending.values())
-        self._pending.clear()
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(error)
 
     # -- requests ----------------------------------------------------------------------
     async def request(
@@ -898,125 +861,14 @@ class Client:
         :data:`IDEMPOTENT_TYPES` — in which case it is sent again with the same
         request_id after the client resumed). ``retry_rate_limited`` retries 3004.
         """
-        if message is None:
-            payload = b""
-        elif isinstance(message, bytes | bytearray | memoryview):
-            payload = bytes(message)
-        else:
-            payload = message.SerializeToString()
-        retry = (int(msg_type) in IDEMPOTENT_TYPES) if idempotent is None else idempotent
-        rtype, rpayload = await self._call(
-            int(msg_type),
-            payload,
+        return await self._requests.request(
+            msg_type,
+            message,
             timeout=timeout,
             request_id=request_id,
-            retry=retry,
+            idempotent=idempotent,
             retry_rate_limited=retry_rate_limited,
         )
-        try:
-            return decode_payload(rtype, rpayload)
-        except DecodeError as exc:
-            raise ProtocolViolation(f"unparseable {_name(rtype)} payload") from exc
-
-    async def _typed(
-        self,
-        msg_type: MessageType,
-        message: Message,
-        expect: MessageType,
-        cls: type[M],
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> M:
-        rtype, payload = await self._call(
-            msg_type,
-            message.SerializeToString(),
-            timeout=timeout,
-            request_id=request_id,
-            retry=msg_type in IDEMPOTENT_TYPES,
-            retry_rate_limited=self.retry_rate_limited,
-        )
-        return _parse(msg_type, rtype, payload, expect, cls)
-
-    async def _call(
-        self,
-        msg_type: int,
-        payload: bytes,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        retry: bool = False,
-        bound: Connection | None = None,
-        retry_rate_limited: bool = False,
-        on_response: Callable[[int, bytes], None] | None = None,
-        internal: bool = False,
-    ) -> tuple[int, bytes]:
-        loop = asyncio.get_running_loop()
-        budget = self.request_timeout if timeout is None else timeout
-        deadline = loop.time() + budget
-        rid = request_id or uuid.uuid4().hex
-        frame = encode_envelope(int(msg_type), rid, payload)
-        rate_limited = 0
-        while True:
-            p = self._submit(rid, int(msg_type), frame, retry, bound, on_response, internal)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    rtype, rpayload = await p.future
-            except TimeoutError:
-                if self._pending.get(rid) is p:
-                    del self._pending[rid]
-                raise RequestTimeout(
-                    f"{_name(msg_type)} got no response within {budget:g} s"
-                ) from None
-            except BaseException:
-                if self._pending.get(rid) is p:
-                    del self._pending[rid]
-                raise
-            if rtype == T.ERROR or rtype == T.AUTH_ERROR:
-                err = _error_from(msg_type, rtype, rpayload)
-                if (
-                    err.code == ErrorCode.RATE_LIMITED
-                    and retry_rate_limited
-                    and rate_limited < self.max_rate_limit_retries
-                ):
-                    delay = max(err.retry_after_ms / 1000.0, _MIN_RATE_LIMIT_DELAY)
-                    if loop.time() + delay < deadline:
-                        rate_limited += 1
-                        log.debug("%s rate limited; retrying in %.3f s", _name(msg_type), delay)
-                        await asyncio.sleep(delay)
-                        continue
-                raise err
-            return rtype, rpayload
-
-    def _submit(
-        self,
-        rid: str,
-        msg_type: int,
-        frame: bytes,
-        retry: bool,
-        bound: Connection | None,
-        on_response: Callable[[int, bytes], None] | None,
-        internal: bool,
-    ) -> _Pending:
-        if not internal:
-            self._session.check_open()
-        if rid in self._pending:
-            raise ValueError(f"request_id {rid!r} is already in flight")
-        fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        p = _Pending(rid, msg_type, frame, fut, retry, bound is not None, None, on_response)
-        if bound is not None:
-            if bound is not self._session.connection or bound.closed or not bound.send(frame):
-                raise ConnectionLost(bound.effective_close_code, "connection is gone")
-            p.conn = bound
-        else:
-            if self._session.device is None:
-                raise NotAuthenticated("not authenticated: register, login or resume first")
-            conn = self._session.connection
-            if conn is not None and conn.ready and conn.send(frame):
-                p.conn = conn
-            # else: queued, sent when the client is READY again
-        self._pending[rid] = p
-        return p
 
     # -- incoming frames ---------------------------------------------------------------
     def _on_message(self, conn: Connection, data: bytes) -> None:
@@ -1027,21 +879,9 @@ class Client:
             return
         payload = bytes(view)
         if rid:
-            p = self._pending.get(rid)
-            if p is not None and p.conn is conn:
-                del self._pending[rid]
-                if p.on_response is not None:
-                    try:
-                        p.on_response(msg_type, payload)
-                    except Exception as exc:
-                        if not p.future.done():
-                            p.future.set_exception(
-                                ProtocolViolation(f"bad {_name(msg_type)}: {exc}")
-                            )
-                        return
-                if not p.future.done():
-                    p.future.set_result((msg_type, payload))
-                if p.msg_type in _ECHO_REQUESTS and msg_type in _ECHO_RESPONSES:
+            answered = self._requests.resolve(conn, rid, msg_type, payload)
+            if answered is not None:
+                if answered in _ECHO_REQUESTS and msg_type in _ECHO_RESPONSES:
                     self._ingest_own(decode_event(msg_type, payload, rid))
                 return
         if msg_type == T.PING:
@@ -1049,15 +889,15 @@ class Client:
             return
         if msg_type in (T.PONG, T.ACK) or not conn.ready:
             if msg_type in (T.ERROR, T.AUTH_ERROR):
-                log.warning("server error before READY: %s", _error_from(0, msg_type, payload))
+                log.warning("server error before READY: %s", error_from(0, msg_type, payload))
             return
         try:
             event = decode_event(msg_type, payload, rid)
         except DecodeError:
-            log.warning("dropping an unparseable %s", _name(msg_type))
+            log.warning("dropping an unparseable %s", type_name(msg_type))
             return
         if msg_type == T.ERROR:
-            log.warning("server error: %s", _error_from(0, msg_type, payload))
+            log.warning("server error: %s", error_from(0, msg_type, payload))
         self._ingest(event)
 
     def _ingest(self, event: Event) -> None:
@@ -1167,7 +1007,7 @@ class Client:
                 target = max(e.seq for e, _ in held)
                 if (self._seq.last(conv) or 0) >= target:
                     break
-                rtype, payload = await self._call(
+                rtype, payload = await self._requests.call(
                     T.MESSAGE_HISTORY_REQUEST,
                     pb.HistoryRequest(
                         conversation_id=conv,
@@ -1178,7 +1018,7 @@ class Client:
                     bound=conn,
                     retry_rate_limited=True,
                 )
-                page = _parse(
+                page = parse_response(
                     T.MESSAGE_HISTORY_REQUEST,
                     rtype,
                     payload,
@@ -1489,7 +1329,7 @@ class Client:
             if not batch:
                 return
             try:
-                await self._call(
+                await self._requests.call(
                     T.MESSAGE_ACK,
                     pb.MessageAck(message_ids=batch.message_ids).SerializeToString(),
                     bound=conn,
@@ -1519,7 +1359,9 @@ class Client:
         ids = [i for i in ids if i]
         if not ids:
             return 0
-        result = await self._typed(T.MESSAGE_ACK, pb.MessageAck(message_ids=ids), T.ACK, pb.Ack)
+        result = await self._requests.typed(
+            T.MESSAGE_ACK, pb.MessageAck(message_ids=ids), T.ACK, pb.Ack
+        )
         return int(result.count)
 
     # -- high-level API ------------------------------------------------------------------
@@ -1539,7 +1381,7 @@ class Client:
         the server dedupes for 24 h. Pass your own ``request_id`` to make a retry from
         a new process idempotent too.
         """
-        return await self._typed(
+        return await self._requests.typed(
             T.MESSAGE_SEND,
             pb.MessageSend(
                 conversation_id=conversation_id,
@@ -1555,7 +1397,7 @@ class Client:
     async def create_group(self, title: str, member_ids: Sequence[str] = ()) -> pb.GroupCreated:
         """Create a conversation with you as admin plus ``member_ids`` (1:1 = one other
         member). Every member's devices then get GROUP_MEMBER_ADDED events."""
-        return await self._typed(
+        return await self._requests.typed(
             T.GROUP_CREATE,
             pb.GroupCreate(title=title, member_ids=list(member_ids)),
             T.GROUP_CREATED,
@@ -1564,7 +1406,7 @@ class Client:
 
     async def invite(self, conversation_id: str, user_id: str) -> None:
         """Add a user to a conversation (group admins only: 2001; 4002 AlreadyMember)."""
-        await self._typed(
+        await self._requests.typed(
             T.GROUP_INVITE,
             pb.GroupInvite(conversation_id=conversation_id, user_id=user_id),
             T.ACK,
@@ -1573,7 +1415,7 @@ class Client:
 
     async def remove(self, conversation_id: str, user_id: str) -> None:
         """Remove a member (group admins only: 2001; 4003 NotMember; 4004 for yourself)."""
-        await self._typed(
+        await self._requests.typed(
             T.GROUP_REMOVE,
             pb.GroupRemove(conversation_id=conversation_id, user_id=user_id),
             T.ACK,
@@ -1582,13 +1424,13 @@ class Client:
 
     async def leave(self, conversation_id: str) -> None:
         """Leave a conversation."""
-        await self._typed(
+        await self._requests.typed(
             T.GROUP_LEAVE, pb.GroupLeave(conversation_id=conversation_id), T.ACK, pb.Ack
         )
 
     async def list_conversations(self) -> list[pb.Conversation]:
         """Every conversation you are a member of (with members, last_seq, mls_epoch)."""
-        result = await self._typed(
+        result = await self._requests.typed(
             T.CONVERSATION_LIST_REQUEST,
             pb.ConversationListRequest(),
             T.CONVERSATION_LIST,
@@ -1606,7 +1448,7 @@ class Client:
         """One page of history (SPEC §12.4): ``cursor_seq`` is exclusive; 0 means "from
         the newest" backward or "from the start" forward; at most 200 events, in
         ascending seq order. These events are *not* delivered to consumers or acked."""
-        result = await self._typed(
+        result = await self._requests.typed(
             T.MESSAGE_HISTORY_REQUEST,
             pb.HistoryRequest(
                 conversation_id=conversation_id,
@@ -1641,7 +1483,7 @@ class Client:
 
     async def mark_read(self, conversation_id: str, up_to_seq: int) -> None:
         """Store your read marker; members get MESSAGE_READ_RECEIPT."""
-        await self._typed(
+        await self._requests.typed(
             T.MESSAGE_READ,
             pb.ReadMarker(conversation_id=conversation_id, up_to_seq=up_to_seq),
             T.ACK,
@@ -1650,7 +1492,7 @@ class Client:
 
     async def typing(self, conversation_id: str, typing: bool = True) -> None:
         """Tell the conversation you are (not) typing (ephemeral)."""
-        await self._typed(
+        await self._requests.typed(
             T.TYPING,
             pb.Typing(conversation_id=conversation_id, typing=typing),
             T.ACK,
@@ -1659,14 +1501,16 @@ class Client:
 
     async def set_presence(self, status: str) -> None:
         """Set your presence: ``"online"``, ``"away"`` or ``"offline"``."""
-        await self._typed(T.PRESENCE_UPDATE, pb.PresenceUpdate(status=status), T.ACK, pb.Ack)
+        await self._requests.typed(
+            T.PRESENCE_UPDATE, pb.PresenceUpdate(status=status), T.ACK, pb.Ack
+        )
 
     async def upload_key_packages(
         self, key_packages: Sequence[bytes], *, last_resort: bool = False
     ) -> int:
         """Upload MLS KeyPackages for this device (all or nothing); returns how many
         were stored. ``last_resort=True`` uploads exactly one last-resort package."""
-        result = await self._typed(
+        result = await self._requests.typed(
             T.MLS_KEY_PACKAGE_UPLOAD,
             pb.MLSKeyPackageUpload(key_packages=list(key_packages), last_resort=last_resort),
             T.ACK,
@@ -1676,7 +1520,7 @@ class Client:
 
     async def fetch_key_packages(self, user_id: str) -> pb.MLSKeyPackageResponse:
         """One KeyPackage per device of ``user_id`` (consumed; 5005 if none)."""
-        return await self._typed(
+        return await self._requests.typed(
             T.MLS_KEY_PACKAGE_FETCH,
             pb.MLSKeyPackageFetch(user_id=user_id),
             T.MLS_KEY_PACKAGE_RESPONSE,
@@ -1687,7 +1531,7 @@ class Client:
         self, conversation_id: str, recipient_id: str, welcome_data: bytes
     ) -> None:
         """Deliver an MLS Welcome to a member (durable to each of its devices)."""
-        await self._typed(
+        await self._requests.typed(
             T.MLS_WELCOME,
             pb.MLSWelcome(
                 conversation_id=conversation_id,
@@ -1709,7 +1553,7 @@ class Client:
         """Send an MLS commit bundle (commit, optional GroupInfo, Welcomes as
         ``(recipient_id, welcome_data)``), accepted or rejected atomically; returns the
         broadcast echo. 5004 EpochMismatch if another commit won the epoch."""
-        return await self._typed(
+        return await self._requests.typed(
             T.MLS_COMMIT,
             pb.MLSCommit(
                 conversation_id=conversation_id,
@@ -1728,7 +1572,7 @@ class Client:
 
     async def group_info(self, conversation_id: str) -> pb.GroupInfo:
         """The latest stored GroupInfo of a conversation (5006 if none)."""
-        return await self._typed(
+        return await self._requests.typed(
             T.MLS_GROUP_INFO_FETCH,
             pb.GroupInfoFetch(conversation_id=conversation_id),
             T.MLS_GROUP_INFO,
@@ -1738,7 +1582,9 @@ class Client:
     async def ping(self, *, timeout: float | None = None) -> float:
         """PING the server; returns the round-trip time in seconds."""
         start = time.perf_counter()
-        await self._typed(T.PING, pb.Ping(timestamp=_now_us()), T.PONG, pb.Pong, timeout=timeout)
+        await self._requests.typed(
+            T.PING, pb.Ping(timestamp=_now_us()), T.PONG, pb.Pong, timeout=timeout
+        )
         return time.perf_counter() - start
 
 
@@ -1750,36 +1596,3 @@ def _close_code_after(code: int) -> int | None:
     or a code this client does not know)."""
     info = REGISTRY.get(code)
     return info.close_code if info is not None else None
-
-
-def _name(msg_type: int) -> str:
-    try:
-        return MessageType(msg_type).name
-    except ValueError:
-        return str(msg_type)
-
-
-def _error_from(request_type: int, rtype: int, payload: bytes) -> SovereignClientError:
-    try:
-        if rtype == T.AUTH_ERROR:
-            a = pb.AuthError.FromString(payload)
-            return SovereignClientError(a.error_code, a.message, request_type=request_type)
-        e = pb.Error.FromString(payload)
-        return SovereignClientError(
-            e.code, e.message, e.retry_after_ms, fatal=e.fatal, request_type=request_type
-        )
-    except DecodeError:
-        return SovereignClientError(
-            ErrorCode.INTERNAL_ERROR, "unparseable error", request_type=request_type
-        )
-
-
-def _parse(request: int, rtype: int, payload: bytes, expect: int, cls: type[M]) -> M:
-    if rtype != expect:
-        raise ProtocolViolation(
-            f"{_name(request)} was answered with {_name(rtype)}, expected {_name(expect)}"
-        )
-    try:
-        return cls.FromString(payload)
-    except DecodeError as exc:
-        raise ProtocolViolation(f"unparseable {_name(rtype)} payload") from exc
