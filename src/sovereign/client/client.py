@@ -38,13 +38,11 @@ time (picows, subprotocol ``sovereign.v1``) and survives its loss:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import ssl
 import time
 import weakref
-from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -53,27 +51,25 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar, overload
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from sovereign.client._transport import Connection
 from sovereign.client.authenticator import AssertionResponse, RegistrationResponse
 from sovereign.client.backoff import Backoff
+from sovereign.client.delivery import Delivery, EventHandler, StreamState
 from sovereign.client.errors import (
     ClientClosed,
     ClientError,
     ConnectError,
     ConnectionLost,
     NotAuthenticated,
-    ProtocolViolation,
     RequestTimeout,
     SessionEnded,
     SovereignClientError,
 )
 from sovereign.client.events import (
-    DURABLE_CONVERSATION_TYPES,
     Device,
     Event,
     HistoryPage,
@@ -84,10 +80,8 @@ from sovereign.client.requests import (
     RequestTable,
     error_from,
     parse_response,
-    type_name,
 )
 from sovereign.client.session import FATAL_CLOSE_CODES, ClientState, Session, SessionHooks
-from sovereign.client.tracking import AckTracker, SeqTracker, Verdict
 from sovereign.codec import EnvelopeError, decode_envelope
 from sovereign.errors import REGISTRY, ErrorCode
 from sovereign.protocol.types import MessageType
@@ -118,10 +112,6 @@ TERMINAL_AUTH_CODES: Final = frozenset(
         ErrorCode.ACCOUNT_DISABLED,
     }
 )
-# Requests whose response is "our own" durable event (SPEC §12.1).
-_ECHO_REQUESTS: Final = frozenset({T.MESSAGE_SEND, T.MLS_COMMIT})
-_ECHO_RESPONSES: Final = frozenset({T.MESSAGE_RECEIVE, T.MLS_COMMIT_BROADCAST})
-_MAX_ACK_IDS = 1000  # ~29 KB of ids: well inside max_envelope_bytes (64 KiB)
 
 
 class Authenticator(Protocol):
@@ -146,7 +136,6 @@ class Authenticator(Protocol):
         ...
 
 
-EventHandler = Callable[[Event], Awaitable[None] | None]
 H = TypeVar("H", bound=EventHandler)
 TypeFilter = MessageType | int | Iterable[MessageType | int] | None
 
@@ -169,85 +158,6 @@ async def _resolve_td(value: Any) -> Any:
     return value
 
 
-# -- internal bookkeeping ------------------------------------------------------------
-
-
-class _Tracked:
-    """An event on its way through the application; ``done`` runs when the last holder
-    (callback pass, iterator, backlog) releases it."""
-
-    __slots__ = ("done", "event", "holds")
-
-    def __init__(self, event: Event, done: Callable[[Event], None]) -> None:
-        self.event = event
-        self.holds = 1
-        self.done = done
-
-    def hold(self) -> None:
-        self.holds += 1
-
-    def release(self) -> None:
-        self.holds -= 1
-        if self.holds == 0:
-            self.done(self.event)
-
-
-@dataclass(eq=False, slots=True)
-class _Callback:
-    types: frozenset[int] | None
-    handler: EventHandler
-
-    def matches(self, event: Event) -> bool:
-        return self.types is None or int(event.type) in self.types
-
-
-@dataclass(eq=False, slots=True)
-class _Waiter:
-    types: frozenset[int] | None
-    predicate: Callable[[Event], bool] | None
-    future: asyncio.Future[Event]
-
-    def matches(self, event: Event) -> bool:
-        if self.types is not None and int(event.type) not in self.types:
-            return False
-        return self.predicate is None or bool(self.predicate(event))
-
-
-class _StreamState:
-    """The client-side half of an :class:`EventStream` (survives the stream object so
-    an abandoned stream can be cleaned up by a weakref finalizer)."""
-
-    __slots__ = ("closed", "current", "ended", "error", "queue", "types", "wakeup")
-
-    def __init__(self, types: frozenset[int] | None) -> None:
-        self.types = types
-        self.queue: deque[_Tracked] = deque()
-        self.current: _Tracked | None = None
-        self.wakeup: asyncio.Future[None] | None = None
-        self.ended = False
-        self.closed = False
-        self.error: BaseException | None = None
-
-    def matches(self, event: Event) -> bool:
-        return self.types is None or int(event.type) in self.types
-
-    def push(self, tracked: _Tracked) -> None:
-        self.queue.append(tracked)
-        self.wake()
-
-    def wake(self) -> None:
-        w = self.wakeup
-        if w is not None and not w.done():
-            with contextlib.suppress(RuntimeError):  # its loop is already closed
-                w.set_result(None)
-
-    def release_current(self) -> None:
-        cur = self.current
-        if cur is not None:
-            self.current = None
-            cur.release()
-
-
 class EventStream:
     """``async for event in client.events(): …`` — events in arrival order.
 
@@ -259,33 +169,17 @@ class EventStream:
     when the session ended. Iterate one stream from one task at a time.
     """
 
-    def __init__(self, client: Client, state: _StreamState) -> None:
+    def __init__(self, client: Client, state: StreamState) -> None:
         self._client = client
         self._state = state
-        self._finalizer = weakref.finalize(self, client._drop_stream, state)
+        self._finalizer = weakref.finalize(self, client._delivery.drop_stream, state)
         self._finalizer.atexit = False
 
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        st = self._state
-        st.release_current()
-        while not st.queue:
-            if st.closed:
-                raise StopAsyncIteration
-            if st.ended:
-                if st.error is not None:
-                    raise st.error
-                raise StopAsyncIteration
-            st.wakeup = asyncio.get_running_loop().create_future()
-            try:
-                await st.wakeup
-            finally:
-                st.wakeup = None
-        tracked = st.queue.popleft()
-        st.current = tracked
-        return tracked.event
+        return await self._state.next_event()
 
     async def next(self, timeout: float | None = None) -> Event:
         """The next event, waiting at most ``timeout`` seconds (TimeoutError)."""
@@ -400,25 +294,7 @@ class Client:
         self._requests = RequestTable(self, self._session)
         self._auth_lock = asyncio.Lock()
 
-        # delivery
-        self._seq = SeqTracker(dedupe_capacity)
-        self._acks = AckTracker()
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._ack_flushing = False
-        self._held: dict[str, list[tuple[Event, bool]]] = {}
-        self._repairs: dict[str, asyncio.Task[None]] = {}
-        self._sync_deferred: Event | None = None
-        self._last_sync: pb.SyncComplete | None = None
-        self._synced = False
-        self._callbacks: list[_Callback] = []
-        self._streams: list[_StreamState] = []
-        self._waiters: list[_Waiter] = []
-        self._backlog: deque[_Tracked] = deque()
-        self._backlog_overflowed = False
-        self._adopted: deque[_Tracked] = deque()
-        self._release_scheduled = False
-        self._cb_queue: deque[tuple[EventHandler, _Tracked]] = deque()
-        self._cb_task: asyncio.Task[None] | None = None
+        self._delivery = Delivery(self, self._session, self._requests, dedupe_capacity)
 
     # -- properties --------------------------------------------------------------------
     @property
@@ -472,18 +348,17 @@ class Client:
     @property
     def last_sync(self) -> pb.SyncComplete | None:
         """The SYNC_COMPLETE of the current connection, once it arrived."""
-        return self._last_sync if self._synced else None
+        return self._delivery.last_sync
 
     @property
     def truncated_conversation_ids(self) -> tuple[str, ...]:
         """Conversations whose unacknowledged history retention removed (SPEC §5),
         from the latest SYNC_COMPLETE."""
-        s = self._last_sync
-        return tuple(s.truncated_conversation_ids) if s is not None else ()
+        return self._delivery.truncated_conversation_ids
 
     def last_seq(self, conversation_id: str) -> int | None:
         """The highest seq this client has seen in ``conversation_id`` (None: none yet)."""
-        return self._seq.last(conversation_id)
+        return self._delivery.last_seq(conversation_id)
 
     def __repr__(self) -> str:
         device = self._session.device
@@ -554,13 +429,7 @@ class Client:
             await self.wait_closed_quietly()
             return
         session.begin_close()
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        conn = session.connection
-        if conn is not None and conn.ready and self.auto_ack and self._acks.pending:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._flush_acks(internal=True, reschedule=False), 2.0)
+        await self._delivery.flush_before_close()
         # Before the connection goes: requests in flight fail as ClientClosed, not as
         # ConnectionLost.
         self._requests.fail_all(ClientClosed())
@@ -602,8 +471,9 @@ class Client:
         async with asyncio.timeout(timeout):
             while True:
                 self._session.check_open()
-                if self._synced and self._last_sync is not None:
-                    return self._last_sync
+                sync = self._delivery.last_sync
+                if sync is not None:
+                    return sync
                 await self._session.changed()
 
     def on_state_change(self, listener: Callable[[ClientState], None]) -> Callable[[], None]:
@@ -793,38 +663,16 @@ class Client:
 
     # -- session hooks -----------------------------------------------------------------
     def _on_ready(self, conn: Connection) -> None:
-        self._synced = False
         self._requests.resend(conn)
-        self._schedule_ack_flush()
+        self._delivery.connection_ready()
 
     def _on_detached(self, conn: Connection, lost: ConnectionLost) -> None:
-        current = asyncio.current_task()
-        for task in self._repairs.values():
-            if task is not current:
-                task.cancel()
-        self._repairs.clear()
-        self._held.clear()  # never delivered: the server sends them again on resume
-        self._sync_deferred = None
-        self._synced = False
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        self._delivery.connection_lost()
         self._requests.connection_lost(conn, lost)
 
     def _on_end(self, error: ClientError | None) -> None:
         self._requests.fail_all(error if error is not None else ClientClosed())
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        for st in self._streams:
-            st.ended = True
-            st.error = error
-            st.wake()
-        end = error if error is not None else ClientClosed()
-        for w in self._waiters:
-            if not w.future.done():
-                w.future.set_exception(end)
-        self._waiters.clear()
+        self._delivery.end(error)
 
     async def _ping(self, conn: Connection, timeout: float) -> None:
         await self._requests.call(
@@ -881,8 +729,7 @@ class Client:
         if rid:
             answered = self._requests.resolve(conn, rid, msg_type, payload)
             if answered is not None:
-                if answered in _ECHO_REQUESTS and msg_type in _ECHO_RESPONSES:
-                    self._ingest_own(decode_event(msg_type, payload, rid))
+                self._delivery.response_received(answered, msg_type, payload, rid)
                 return
         if msg_type == T.PING:
             self._session.answer_ping(conn, rid, payload)
@@ -891,303 +738,7 @@ class Client:
             if msg_type in (T.ERROR, T.AUTH_ERROR):
                 log.warning("server error before READY: %s", error_from(0, msg_type, payload))
             return
-        try:
-            event = decode_event(msg_type, payload, rid)
-        except DecodeError:
-            log.warning("dropping an unparseable %s", type_name(msg_type))
-            return
-        if msg_type == T.ERROR:
-            log.warning("server error: %s", error_from(0, msg_type, payload))
-        self._ingest(event)
-
-    def _ingest(self, event: Event) -> None:
-        """Dedupe and order one pushed event, then deliver it (or hold it for a repair)."""
-        t = event.type
-        if t in DURABLE_CONVERSATION_TYPES:
-            conv = event.conversation_id
-            held = self._held.get(conv)
-            if held is not None:
-                held.append((event, False))
-                return
-            verdict = self._seq.check(conv, event.seq, event.event_id)
-            if verdict is Verdict.DUPLICATE:
-                self._duplicate(event)
-            elif verdict is Verdict.GAP:
-                self._held[conv] = [(event, False)]
-                self._start_repair(conv)
-            else:
-                self._accept(event)
-        elif t == T.MLS_WELCOME_RECEIVE:
-            eid = event.event_id
-            if eid and self._seq.seen_id(eid):
-                self._duplicate(event)
-                return
-            if eid:
-                self._seq.remember(eid)
-            self._route(event)
-        elif t == T.SYNC_COMPLETE:
-            if self._held:
-                self._sync_deferred = event  # after the repairs in progress
-            else:
-                self._complete_sync(event)
-        else:
-            self._route(event)
-
-    def _ingest_own(self, event: Event) -> None:
-        """Our own MESSAGE_SEND / MLS_COMMIT echo: the caller has it as the return value;
-        it still moves the seq position (or a later event would look like a gap) and is
-        acknowledged like any event (SPEC §12.3)."""
-        conv = event.conversation_id
-        held = self._held.get(conv)
-        if held is not None:
-            held.append((event, True))
-            return
-        verdict = self._seq.check(conv, event.seq, event.event_id)
-        if verdict is Verdict.DUPLICATE:
-            self._duplicate(event)
-        elif verdict is Verdict.GAP:
-            self._held[conv] = [(event, True)]
-            self._start_repair(conv)
-        else:
-            self._accept_own(event)
-
-    def _accept(self, event: Event) -> None:
-        conv = event.conversation_id
-        self._seq.advance(conv, event.seq, event.event_id)
-        self._route(event)
-        if event.type == T.GROUP_MEMBER_REMOVED and event.message.user_id == self.user_id:
-            # We are out: nothing more comes from this conversation. A later re-add
-            # starts from our new GROUP_MEMBER_ADDED (SPEC §12.13), not a gap.
-            self._seq.forget(conv)
-
-    def _accept_own(self, event: Event) -> None:
-        self._seq.advance(event.conversation_id, event.seq, event.event_id)
-        if self.auto_ack:
-            self._acks.seen(event.conversation_id, event.seq, event.event_id)
-            self._schedule_ack_flush()
-
-    def _duplicate(self, event: Event) -> None:
-        log.debug("duplicate %r", event)
-        if not self.auto_ack:
-            return
-        if event.type == T.MLS_WELCOME_RECEIVE:
-            self._acks.welcome_redelivered(event.event_id)
-        else:
-            self._acks.redelivered(event.conversation_id, event.seq, event.event_id)
-        self._schedule_ack_flush()
-
-    def _complete_sync(self, event: Event) -> None:
-        self._last_sync = event.expect(pb.SyncComplete)
-        self._synced = True
-        if self._last_sync.truncated_conversation_ids:
-            log.warning(
-                "history lost to retention in %d conversation(s)",
-                len(self._last_sync.truncated_conversation_ids),
-            )
-        self._route(event)
-        self._session.notify()
-
-    # -- gap repair --------------------------------------------------------------------
-    def _start_repair(self, conv: str) -> None:
-        conn = self._session.connection
-        if conn is None or not conn.ready:
-            self._held.pop(conv, None)
-            return
-        last = self._seq.last(conv)
-        log.info("seq gap in conversation %s after %s: paging history", conv, last)
-        self._repairs[conv] = self._session.spawn(self._repair(conn, conv))
-
-    async def _repair(self, conn: Connection, conv: str) -> None:
-        cursor = self._seq.last(conv) or 0
-        try:
-            while True:
-                held = self._held.get(conv)
-                if held is None:
-                    return
-                target = max(e.seq for e, _ in held)
-                if (self._seq.last(conv) or 0) >= target:
-                    break
-                rtype, payload = await self._requests.call(
-                    T.MESSAGE_HISTORY_REQUEST,
-                    pb.HistoryRequest(
-                        conversation_id=conv,
-                        cursor_seq=cursor,
-                        limit=self.history_page_limit,
-                        direction=pb.HISTORY_FORWARD,
-                    ).SerializeToString(),
-                    bound=conn,
-                    retry_rate_limited=True,
-                )
-                page = parse_response(
-                    T.MESSAGE_HISTORY_REQUEST,
-                    rtype,
-                    payload,
-                    T.MESSAGE_HISTORY_RESPONSE,
-                    pb.HistoryResponse,
-                )
-                own = {e.seq for e, is_own in self._held.get(conv, ()) if is_own}
-                for env in page.events:
-                    ev = decode_event(env.type, env.payload, replayed=True)
-                    if ev.type not in DURABLE_CONVERSATION_TYPES or ev.conversation_id != conv:
-                        continue
-                    if self._seq.check(conv, ev.seq, ev.event_id) is Verdict.DUPLICATE:
-                        continue
-                    if ev.seq in own:
-                        self._accept_own(ev)
-                    else:
-                        self._accept(ev)
-                if not page.has_more or not page.events or page.next_cursor_seq <= cursor:
-                    break
-                cursor = page.next_cursor_seq
-        except (ConnectionLost, ClientClosed, SessionEnded):
-            return  # state was reset; the server resends everything above our cursor
-        except (SovereignClientError, ProtocolViolation, RequestTimeout, DecodeError) as exc:
-            if conn is not self._session.connection:
-                return
-            log.warning("could not repair the gap in %s: %s; delivering what we have", conv, exc)
-        if conn is self._session.connection:
-            self._finish_repair(conv)
-
-    def _finish_repair(self, conv: str) -> None:
-        held = self._held.pop(conv, [])
-        self._repairs.pop(conv, None)
-        for ev, own in sorted(held, key=lambda item: item[0].seq):
-            verdict = self._seq.check(conv, ev.seq, ev.event_id)
-            if verdict is Verdict.DUPLICATE:
-                self._duplicate(ev)
-                continue
-            if verdict is Verdict.GAP:
-                log.warning(
-                    "events %d..%d of %s are not available; continuing",
-                    (self._seq.last(conv) or 0) + 1,
-                    ev.seq - 1,
-                    conv,
-                )
-            if own:
-                self._accept_own(ev)
-            else:
-                self._accept(ev)
-        if not self._held and self._sync_deferred is not None:
-            sync, self._sync_deferred = self._sync_deferred, None
-            self._complete_sync(sync)
-
-    # -- delivery to the application ---------------------------------------------------
-    def _route(self, event: Event) -> None:
-        tracked = _Tracked(event, self._event_done)
-        if self.auto_ack and event.durable:
-            if event.type == T.MLS_WELCOME_RECEIVE:
-                self._acks.welcome_delivered(event.event_id)
-            else:
-                self._acks.delivered(event.conversation_id, event.seq, event.event_id)
-        claimed = False
-        for cb in self._callbacks:
-            if cb.matches(event):
-                tracked.hold()
-                self._cb_queue.append((cb.handler, tracked))
-                claimed = True
-        for st in self._streams:
-            if not st.closed and st.matches(event):
-                tracked.hold()
-                st.push(tracked)
-                claimed = True
-        for w in self._waiters:
-            if not w.future.done() and w.matches(event):
-                w.future.set_result(event)
-                self._waiters.remove(w)
-                claimed = True
-                break
-        if not claimed and not (self._callbacks or self._streams):
-            tracked.hold()
-            self._push_backlog(tracked)
-        self._run_callbacks()
-        tracked.release()
-
-    def _event_done(self, event: Event) -> None:
-        if not self.auto_ack or not event.durable:
-            return
-        if event.type == T.MLS_WELCOME_RECEIVE:
-            self._acks.welcome_seen(event.event_id)
-        else:
-            self._acks.seen(event.conversation_id, event.seq, event.event_id)
-        self._schedule_ack_flush()
-
-    def _push_backlog(self, tracked: _Tracked) -> None:
-        self._backlog.append(tracked)
-        if len(self._backlog) > self.max_backlog:
-            if not self._backlog_overflowed:
-                self._backlog_overflowed = True
-                log.warning(
-                    "more than %d events nobody consumed: dropping the oldest "
-                    "(register a callback with on() or iterate events())",
-                    self.max_backlog,
-                )
-            self._backlog.popleft().release()
-
-    def _adopt_backlog(self, take: Callable[[_Tracked], None]) -> None:
-        """Give a new consumer the waiting events (in order) before any newer one.
-
-        Every consumer registered in the same tick gets its copy (the events move to
-        ``_adopted``); at the next tick those copies are what counts and the backlog's
-        own hold is released (events no consumer wanted count as processed).
-        """
-        for tracked in self._adopted:
-            take(tracked)
-        for tracked in self._backlog:
-            take(tracked)
-        if not self._backlog:
-            return
-        self._adopted.extend(self._backlog)
-        self._backlog.clear()
-        if not self._release_scheduled:
-            self._release_scheduled = True
-            asyncio.get_running_loop().call_soon(self._release_adopted)
-
-    def _release_adopted(self) -> None:
-        self._release_scheduled = False
-        adopted, self._adopted = self._adopted, deque()
-        for tracked in adopted:
-            tracked.release()
-
-    def _run_callbacks(self) -> None:
-        if self._cb_queue and (self._cb_task is None or self._cb_task.done()):
-            self._cb_task = self._session.spawn(self._callback_runner())
-
-    async def _callback_runner(self) -> None:
-        queue = self._cb_queue
-        while queue:
-            handler, tracked = queue.popleft()
-            try:
-                result = handler(tracked.event)
-                if inspect.isawaitable(result):
-                    await result
-            except asyncio.CancelledError:
-                tracked.release()
-                raise
-            except (ClientClosed, SessionEnded):
-                pass  # the client is going away; not a bug in the handler
-            except Exception:
-                log.exception("event handler %r failed on %r", handler, tracked.event)
-            tracked.release()
-
-    def _drop_stream(self, state: _StreamState) -> None:
-        """An :class:`EventStream` was closed or garbage-collected."""
-        if state.closed:
-            return
-        state.closed = True
-        state.release_current()
-        with contextlib.suppress(ValueError):
-            self._streams.remove(state)
-        leftover = list(state.queue)
-        state.queue.clear()
-        state.wake()
-        if self._callbacks or self._streams:
-            # The other consumers got these events themselves: nothing to hand over.
-            for tracked in leftover:
-                tracked.release()
-        else:
-            # Not processed by anyone: back to the backlog (front, in order) for the
-            # next consumer or wait_for().
-            self._backlog.extendleft(reversed(leftover))
+        self._delivery.receive(msg_type, payload, rid)
 
     # -- consuming events --------------------------------------------------------------
     def events(self, *types: MessageType | int) -> EventStream:
@@ -1197,19 +748,7 @@ class Client:
         login) are delivered first. See :class:`EventStream` for when an event counts
         as processed (and gets acknowledged).
         """
-        state = _StreamState(frozenset(int(t) for t in types) if types else None)
-        if not self._session.finished:
-            self._streams.append(state)
-
-            def take(tracked: _Tracked) -> None:
-                if state.matches(tracked.event):
-                    tracked.hold()
-                    state.push(tracked)
-
-            self._adopt_backlog(take)
-        else:
-            state.ended = True
-            state.error = self._session.terminal
+        state = self._delivery.open_stream(frozenset(int(t) for t in types) if types else None)
         return EventStream(self, state)
 
     @overload
@@ -1232,35 +771,15 @@ class Client:
         if handler is None:
 
             def decorator(fn: H) -> H:
-                self._add_callback(type_set, fn)
+                self._delivery.add_callback(type_set, fn)
                 return fn
 
             return decorator
-        return self._add_callback(type_set, handler)
-
-    def _add_callback(
-        self, types: frozenset[int] | None, handler: EventHandler
-    ) -> Callable[[], None]:
-        cb = _Callback(types, handler)
-        self._callbacks.append(cb)
-
-        def take(tracked: _Tracked) -> None:
-            if cb.matches(tracked.event):
-                tracked.hold()
-                self._cb_queue.append((cb.handler, tracked))
-
-        self._adopt_backlog(take)
-        self._run_callbacks()
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._callbacks.remove(cb)
-
-        return remove
+        return self._delivery.add_callback(type_set, handler)
 
     def off(self, handler: EventHandler) -> None:
         """Remove every registration of ``handler``."""
-        self._callbacks = [cb for cb in self._callbacks if cb.handler is not handler]
+        self._delivery.remove_handler(handler)
 
     async def wait_for(
         self,
@@ -1273,81 +792,11 @@ class Client:
         unconsumed events, else the next one to arrive. Handy in tests. Raises
         TimeoutError after ``timeout`` (default ``request_timeout``)."""
         self._session.check_open()
-        waiter = _Waiter(_type_set(types), predicate, asyncio.get_running_loop().create_future())
-        for tracked in self._backlog:
-            if waiter.matches(tracked.event):
-                self._backlog.remove(tracked)
-                tracked.release()
-                return tracked.event
-        for tracked in self._adopted:  # handed to a consumer this very tick
-            if waiter.matches(tracked.event):
-                return tracked.event
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(self.request_timeout if timeout is None else timeout):
-                return await waiter.future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-
-    # -- acks ----------------------------------------------------------------------------
-    def _schedule_ack_flush(self, delay: float | None = None) -> None:
-        if (
-            not self.auto_ack
-            or self._ack_timer is not None
-            or self._ack_flushing
-            or self._session.closing
-            or self._session.finished
-        ):
-            return
-        conn = self._session.connection
-        if conn is None or not conn.ready or not self._acks.pending:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # an EventStream finalized outside the loop
-            return
-        self._ack_timer = loop.call_later(
-            self.ack_interval if delay is None else delay, self._ack_timer_fired
+        return await self._delivery.wait_for(
+            _type_set(types), predicate, self.request_timeout if timeout is None else timeout
         )
 
-    def _ack_timer_fired(self) -> None:
-        self._ack_timer = None
-        if self._ack_flushing:
-            return
-        self._ack_flushing = True
-        self._session.spawn(self._flush_acks())
-
-    async def _flush_acks(self, *, internal: bool = False, reschedule: bool = True) -> None:
-        self._ack_flushing = True
-        retry_delay: float | None = None
-        try:
-            conn = self._session.connection
-            if conn is None or not conn.ready:
-                return
-            batch = self._acks.take(_MAX_ACK_IDS)
-            if not batch:
-                return
-            try:
-                await self._requests.call(
-                    T.MESSAGE_ACK,
-                    pb.MessageAck(message_ids=batch.message_ids).SerializeToString(),
-                    bound=conn,
-                    internal=internal,
-                )
-            except SovereignClientError as exc:
-                if exc.code == ErrorCode.RATE_LIMITED:
-                    self._acks.requeue(batch)
-                    retry_delay = max(exc.retry_after_ms / 1000.0, self.ack_interval)
-                else:
-                    log.warning("MESSAGE_ACK refused: %s", exc)
-            except ClientError:
-                self._acks.requeue(batch)  # sent again on the next READY
-        finally:
-            self._ack_flushing = False
-            if reschedule:
-                self._schedule_ack_flush(retry_delay)
-
+    # -- acks ----------------------------------------------------------------------------
     async def ack(self, *events: Event | str) -> int:
         """Acknowledge events now (for ``auto_ack=False``): one MESSAGE_ACK with their ids.
 
