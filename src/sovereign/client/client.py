@@ -1,62 +1,76 @@
-"""The asyncio Sovereign client (SPEC §1-§5, §12).
+"""The asyncio Sovereign client (SPEC §1-§5, §12): the public :class:`Client`.
 
 Theory of operation
 -------------------
 One :class:`Client` is one *device* (one session). It owns at most one WebSocket at a
-time (picows, subprotocol ``sovereign.v1``) and survives its loss:
+time (picows, subprotocol ``sovereign.v1``) and survives its loss. ``Client`` itself is
+a facade: the work is done by four parts with one concern each, which know each other
+only through small protocols declared next to the part that uses them.
 
-* **Requests** are Envelopes with a fresh ``request_id`` (uuid4 hex). A pending table
-  keyed by request_id resolves each one with its typed response, an ``Ack``, or raises
-  ``Error``/``AuthError`` as :class:`SovereignClientError`. Requests made while the
-  client is reconnecting wait (within their timeout) and go out once READY. When a
-  connection drops, requests already sent fail with :class:`ConnectionLost`, except
-  idempotent ones (MESSAGE_SEND: same request_id within 24 h returns the original
-  echo, SPEC §5; reads) which are sent again, *with the same request_id*, after the
-  client resumed. 3004 RateLimited is retried after ``retry_after_ms`` by the
-  high-level helpers.
-* **Reconnect**: after an unexpected close (1006, 4006 shutdown, 4008 idle, …) the
-  client waits ``backoff.delay(n)`` (1, 2, 4, 8, 16, 30, 30 … s, times a jitter in 0.5-1.0) and
-  resumes with its session token. 4002, 4003, 4004 and 4005 end the session for good
-  (:class:`SessionEnded`), as does :meth:`Client.close`.
-* **Heartbeat**: PING every ``ping_interval`` (30 s); no PONG within ``pong_timeout``
-  (10 s) drops the connection, which then reconnects.
-* **Events** (server pushes) pass through dedupe and gap detection (per conversation
-  ``seq``, SPEC §5) and are delivered in order to callbacks (:meth:`Client.on`) and
-  iterators (:meth:`Client.events`). A seq jump pauses that conversation, pages
-  MESSAGE_HISTORY_REQUEST forward from the last seq, delivers the missing events, then
-  the held live ones. Until the first consumer registers, events wait in a backlog
-  (so nothing of the sync burst right after login is lost); :meth:`Client.wait_for`
-  takes from it too.
-* **Acks**: once the application is done with a durable event (its callbacks returned,
-  or the iterator was asked for the next event), its id is queued; at most every
-  ``ack_interval`` (50 ms) one MESSAGE_ACK carries the newest id per conversation
-  (acks are cumulative) plus each welcome id. An ack never passes an event the
-  application still holds. Duplicates the server sends again (our ack was lost) are
-  acked again without being delivered twice.
+* **Connection life cycle** (:mod:`sovereign.client.session`). The session owns the
+  current connection and the :class:`ClientState`. *Reconnect*: after an unexpected
+  close (1006, 4006 shutdown, 4008 idle, …) it waits ``backoff.delay(n)`` (1, 2, 4, 8,
+  16, 30, 30 … s, times a jitter in 0.5-1.0) and resumes with the session token. 4002,
+  4003, 4004 and 4005 end the session for good (:class:`SessionEnded`), as does
+  :meth:`Client.close`. *Heartbeat*: PING every ``ping_interval`` (30 s); no PONG
+  within ``pong_timeout`` (10 s) drops the connection, which then reconnects.
+* **Auth ceremonies** (:mod:`sovereign.client.auth`): register, login and resume, each
+  on a fresh connection; success marks it READY before any later frame of it is
+  processed. When the server refuses the reconnect loop's resume for good (1001, 1002,
+  1005, 2004, or a fatal error), the session ends.
+* **Requests** (:mod:`sovereign.client.requests`) are Envelopes with a fresh
+  ``request_id`` (uuid4 hex). A pending table keyed by request_id resolves each one
+  with its typed response, an ``Ack``, or raises ``Error``/``AuthError`` as
+  :class:`SovereignClientError`. Requests made while the client is reconnecting wait
+  (within their timeout) and go out once READY. When a connection drops, requests
+  already sent fail with :class:`ConnectionLost`, except idempotent ones (MESSAGE_SEND:
+  same request_id within 24 h returns the original echo, SPEC §5; reads) which are
+  sent again, *with the same request_id*, after the client resumed. 3004 RateLimited
+  is retried after ``retry_after_ms`` by the high-level helpers.
+* **Events and acks** (:mod:`sovereign.client.delivery`). Server pushes pass through
+  dedupe and gap detection (per conversation ``seq``, SPEC §5) and are delivered in
+  order to callbacks (:meth:`Client.on`) and iterators (:meth:`Client.events`). A seq
+  jump pauses that conversation, pages MESSAGE_HISTORY_REQUEST forward from the last
+  seq, delivers the missing events, then the held live ones. Until the first consumer
+  registers, events wait in a backlog (so nothing of the sync burst right after login
+  is lost); :meth:`Client.wait_for` takes from it too. Once the application is done
+  with a durable event (its callbacks returned, or the iterator was asked for the next
+  event), its id is queued; at most every ``ack_interval`` (50 ms) one MESSAGE_ACK
+  carries the newest id per conversation (acks are cumulative) plus each welcome id.
+  An ack never passes an event the application still holds. Duplicates the server
+  sends again (our ack was lost) are acked again without being delivered twice.
+
+Underneath: :mod:`sovereign.client._transport` (one picows WebSocket),
+:mod:`sovereign.client.tracking` (the pure seq and ack bookkeeping delivery drives)
+and :mod:`sovereign.client.events` (what the application receives).
+
+The client wires the parts together (the bottom of :class:`Client`): every frame of
+the current connection is the answer to a pending request (our own MESSAGE_SEND /
+MLS_COMMIT echo also goes to delivery), a server PING the session answers, or, once
+READY, an event for delivery. When a connection becomes READY, is lost, or the session
+ends, the session tells the client, which tells the request table and delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import ssl
 import time
 import weakref
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Mapping,
     Sequence,
 )
-from typing import Any, Final, Protocol, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from google.protobuf.message import Message
 
 from sovereign.client._transport import Connection
-from sovereign.client.authenticator import AssertionResponse, RegistrationResponse
+from sovereign.client.auth import TERMINAL_AUTH_CODES, Auth, Authenticator
 from sovereign.client.backoff import Backoff
 from sovereign.client.delivery import Delivery, EventHandler, StreamState
 from sovereign.client.errors import (
@@ -66,7 +80,6 @@ from sovereign.client.errors import (
     ConnectionLost,
     NotAuthenticated,
     RequestTimeout,
-    SessionEnded,
     SovereignClientError,
 )
 from sovereign.client.events import (
@@ -79,11 +92,9 @@ from sovereign.client.requests import (
     IDEMPOTENT_TYPES,
     RequestTable,
     error_from,
-    parse_response,
 )
 from sovereign.client.session import FATAL_CLOSE_CODES, ClientState, Session, SessionHooks
 from sovereign.codec import EnvelopeError, decode_envelope
-from sovereign.errors import REGISTRY, ErrorCode
 from sovereign.protocol.types import MessageType
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -100,42 +111,6 @@ __all__ = [
 log = logging.getLogger("sovereign.client")
 
 T = MessageType
-M = TypeVar("M", bound=Message)
-
-#: AuthError codes that make resuming a session pointless: unknown token, expired,
-#: revoked, account disabled (SPEC §12.7).
-TERMINAL_AUTH_CODES: Final = frozenset(
-    {
-        ErrorCode.INVALID_CREDENTIAL,
-        ErrorCode.EXPIRED_SESSION,
-        ErrorCode.SESSION_REVOKED,
-        ErrorCode.ACCOUNT_DISABLED,
-    }
-)
-
-
-class Authenticator(Protocol):
-    """A WebAuthn authenticator the client can drive (sync or async).
-
-    :class:`~sovereign.client.authenticator.SoftwareAuthenticator` is one; a wrapper
-    around a hardware key or an OS passkey API can be another. ``options_json`` is the
-    server's PublicKeyCredentialCreationOptions / RequestOptions JSON; ``origin`` the
-    web origin to put in clientDataJSON (it must be one of the server's ``rp_origins``).
-    """
-
-    def create(
-        self, options_json: bytes, origin: str
-    ) -> RegistrationResponse | Awaitable[RegistrationResponse]:
-        """Make a credential: credential_id, client_data_json, attestation_object, …"""
-        ...
-
-    def get(
-        self, options_json: bytes, origin: str
-    ) -> AssertionResponse | Awaitable[AssertionResponse]:
-        """Sign an assertion: credential_id, authenticator_data, client_data_json, …"""
-        ...
-
-
 H = TypeVar("H", bound=EventHandler)
 TypeFilter = MessageType | int | Iterable[MessageType | int] | None
 
@@ -152,12 +127,6 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-async def _resolve_td(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
 class EventStream:
     """``async for event in client.events(): …`` — events in arrival order.
 
@@ -170,7 +139,7 @@ class EventStream:
     """
 
     def __init__(self, client: Client, state: StreamState) -> None:
-        self._client = client
+        self._client = client  # the client lives as long as any of its streams
         self._state = state
         self._finalizer = weakref.finalize(self, client._delivery.drop_stream, state)
         self._finalizer.atexit = False
@@ -199,9 +168,6 @@ class EventStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-
-# -- the client ----------------------------------------------------------------------
 
 
 class Client:
@@ -279,22 +245,24 @@ class Client:
         self.fatal_close_codes = frozenset(fatal_close_codes)
 
         self._username = username
+        # The parts read their options from this object (live, as before the split:
+        # ``client.auto_ack = False`` still takes effect). The session's hooks are bound
+        # late because the parts they reach are built after it.
         self._session = Session(
             self,
             SessionHooks(
-                on_frame=self._on_message,
+                on_frame=self._on_frame,
                 on_ready=self._on_ready,
                 on_detached=self._on_detached,
                 on_end=self._on_end,
                 ping=self._ping,
-                resume=self._resume_after_drop,
+                resume=lambda token: self._auth.resume_after_drop(token),
             ),
             token,
         )
         self._requests = RequestTable(self, self._session)
-        self._auth_lock = asyncio.Lock()
-
         self._delivery = Delivery(self, self._session, self._requests, dedupe_capacity)
+        self._auth = Auth(self, self._session, self._requests)
 
     # -- properties --------------------------------------------------------------------
     @property
@@ -487,42 +455,7 @@ class Client:
         """Create an account with a new passkey (AUTH_REGISTER_*); the client is READY
         afterwards. Raises :class:`SovereignClientError` (1003 taken name or refused
         attestation, 1004 challenge) on failure."""
-        auth = self._require_authenticator()
-        async with self._auth_lock:
-            self._check_can_authenticate()
-            conn = await self._session.open()
-            try:
-                challenge = await self._auth_step(
-                    conn,
-                    T.AUTH_REGISTER_REQUEST,
-                    pb.AuthRegisterRequest(
-                        username=username, display_name=display_name, invite_code=invite_code
-                    ),
-                    T.AUTH_REGISTER_CHALLENGE,
-                    pb.AuthRegisterChallenge,
-                )
-                att: RegistrationResponse = await _resolve_td(
-                    auth.create(bytes(challenge.credential_creation_options), self.origin)
-                )
-                await self._auth_step(
-                    conn,
-                    T.AUTH_REGISTER_RESPONSE,
-                    pb.AuthRegisterResponse(
-                        credential_id=att["credential_id"],
-                        authenticator_data=att["authenticator_data"],
-                        client_data_json=att["client_data_json"],
-                        attestation_object=att["attestation_object"],
-                    ),
-                    T.AUTH_REGISTER_SUCCESS,
-                    pb.AuthRegisterSuccess,
-                    username=username,
-                    display_name=display_name or username,
-                )
-            except BaseException:
-                self._session.abandon(conn)
-                raise
-        device = self._session.device
-        assert device is not None
+        device = await self._auth.register(username, display_name, invite_code)
         self._username = username
         return device
 
@@ -532,39 +465,7 @@ class Client:
         name = username or self._username
         if not name:
             raise ValueError("login needs a username")
-        auth = self._require_authenticator()
-        async with self._auth_lock:
-            self._check_can_authenticate()
-            conn = await self._session.open()
-            try:
-                challenge = await self._auth_step(
-                    conn,
-                    T.AUTH_REQUEST,
-                    pb.AuthRequest(username=name),
-                    T.AUTH_CHALLENGE,
-                    pb.AuthChallenge,
-                )
-                assertion: AssertionResponse = await _resolve_td(
-                    auth.get(bytes(challenge.credential_request_options), self.origin)
-                )
-                await self._auth_step(
-                    conn,
-                    T.AUTH_RESPONSE,
-                    pb.AuthResponse(
-                        credential_id=assertion["credential_id"],
-                        authenticator_data=assertion["authenticator_data"],
-                        client_data_json=assertion["client_data_json"],
-                        signature=assertion["signature"],
-                        user_handle=assertion["user_handle"] or b"",
-                    ),
-                    T.AUTH_SUCCESS,
-                    pb.AuthSuccess,
-                )
-            except BaseException:
-                self._session.abandon(conn)
-                raise
-        device = self._session.device
-        assert device is not None
+        device = await self._auth.login(name)
         self._username = device.username or name
         return device
 
@@ -574,121 +475,7 @@ class Client:
         tok = token or self._session.token
         if not tok:
             raise ValueError("resume needs a session token")
-        async with self._auth_lock:
-            self._check_can_authenticate()
-            await self._resume_new_connection(tok)
-        device = self._session.device
-        assert device is not None
-        return device
-
-    async def _resume_new_connection(self, token: str) -> None:
-        conn = await self._session.open()
-        try:
-            await self._auth_step(
-                conn,
-                T.AUTH_REQUEST,
-                pb.AuthRequest(session_token=token),
-                T.AUTH_SUCCESS,
-                pb.AuthSuccess,
-            )
-        except BaseException:
-            self._session.abandon(conn)
-            raise
-
-    def _require_authenticator(self) -> Authenticator:
-        if self.authenticator is None:
-            raise ValueError("this needs an authenticator: Client(url, authenticator=...)")
-        return self.authenticator
-
-    def _check_can_authenticate(self) -> None:
-        self._session.check_open()
-        device = self._session.device
-        if device is not None:
-            raise ClientError(
-                f"already authenticated as {device.user_id}; use a new Client for another device"
-            )
-
-    async def _auth_step(
-        self,
-        conn: Connection,
-        msg_type: MessageType,
-        message: Message,
-        expect: MessageType,
-        cls: type[M],
-        *,
-        username: str = "",
-        display_name: str = "",
-    ) -> M:
-        def on_response(rtype: int, payload: bytes) -> None:
-            if rtype in (T.AUTH_SUCCESS, T.AUTH_REGISTER_SUCCESS):
-                self._authenticated(conn, rtype, payload, username, display_name)
-
-        rtype, payload = await self._requests.call(
-            msg_type,
-            message.SerializeToString(),
-            bound=conn,
-            on_response=on_response
-            if expect in (T.AUTH_SUCCESS, T.AUTH_REGISTER_SUCCESS)
-            else None,
-            timeout=self.request_timeout,
-        )
-        return parse_response(msg_type, rtype, payload, expect, cls)
-
-    def _authenticated(
-        self, conn: Connection, rtype: int, payload: bytes, username: str, display_name: str
-    ) -> None:
-        """Runs synchronously on AUTH_SUCCESS / AUTH_REGISTER_SUCCESS, before any event of
-        the new connection is processed (the sync backlog follows right behind)."""
-        if not self._session.is_current(conn):
-            return
-        if rtype == T.AUTH_SUCCESS:
-            s = pb.AuthSuccess.FromString(payload)
-            device = Device(
-                token=s.session_token,
-                user_id=s.user_id,
-                username=s.username,
-                display_name=s.display_name,
-                is_admin=s.is_admin,
-                server_name=s.server_name,
-            )
-        else:
-            r = pb.AuthRegisterSuccess.FromString(payload)
-            device = Device(
-                token=r.session_token,
-                user_id=r.user_id,
-                username=username,
-                display_name=display_name,
-            )
-        self._session.mark_ready(conn, device)
-
-    # -- session hooks -----------------------------------------------------------------
-    def _on_ready(self, conn: Connection) -> None:
-        self._requests.resend(conn)
-        self._delivery.connection_ready()
-
-    def _on_detached(self, conn: Connection, lost: ConnectionLost) -> None:
-        self._delivery.connection_lost()
-        self._requests.connection_lost(conn, lost)
-
-    def _on_end(self, error: ClientError | None) -> None:
-        self._requests.fail_all(error if error is not None else ClientClosed())
-        self._delivery.end(error)
-
-    async def _ping(self, conn: Connection, timeout: float) -> None:
-        await self._requests.call(
-            T.PING, pb.Ping(timestamp=_now_us()).SerializeToString(), bound=conn, timeout=timeout
-        )
-
-    async def _resume_after_drop(self, token: str) -> None:
-        try:
-            async with self._auth_lock:
-                await self._resume_new_connection(token)
-        except SovereignClientError as exc:
-            if exc.code in TERMINAL_AUTH_CODES or exc.fatal:
-                raise SessionEnded(
-                    _close_code_after(exc.code), "resume refused", error=exc
-                ) from exc
-            raise
+        return await self._auth.resume(tok)
 
     # -- requests ----------------------------------------------------------------------
     async def request(
@@ -717,28 +504,6 @@ class Client:
             idempotent=idempotent,
             retry_rate_limited=retry_rate_limited,
         )
-
-    # -- incoming frames ---------------------------------------------------------------
-    def _on_message(self, conn: Connection, data: bytes) -> None:
-        try:
-            msg_type, rid, view = decode_envelope(data)
-        except EnvelopeError as exc:
-            log.warning("dropping an invalid envelope from the server: %s", exc)
-            return
-        payload = bytes(view)
-        if rid:
-            answered = self._requests.resolve(conn, rid, msg_type, payload)
-            if answered is not None:
-                self._delivery.response_received(answered, msg_type, payload, rid)
-                return
-        if msg_type == T.PING:
-            self._session.answer_ping(conn, rid, payload)
-            return
-        if msg_type in (T.PONG, T.ACK) or not conn.ready:
-            if msg_type in (T.ERROR, T.AUTH_ERROR):
-                log.warning("server error before READY: %s", error_from(0, msg_type, payload))
-            return
-        self._delivery.receive(msg_type, payload, rid)
 
     # -- consuming events --------------------------------------------------------------
     def events(self, *types: MessageType | int) -> EventStream:
@@ -1036,12 +801,45 @@ class Client:
         )
         return time.perf_counter() - start
 
+    # -- wiring: what the session asks of the other parts ------------------------------
+    def _on_frame(self, conn: Connection, data: bytes) -> None:
+        """Route one frame of the current connection: the answer to one of our requests,
+        a server PING, or an event (only once the connection is READY)."""
+        try:
+            msg_type, rid, view = decode_envelope(data)
+        except EnvelopeError as exc:
+            log.warning("dropping an invalid envelope from the server: %s", exc)
+            return
+        payload = bytes(view)
+        if rid:
+            answered = self._requests.resolve(conn, rid, msg_type, payload)
+            if answered is not None:
+                self._delivery.response_received(answered, msg_type, payload, rid)
+                return
+        if msg_type == T.PING:
+            self._session.answer_ping(conn, rid, payload)
+            return
+        if msg_type in (T.PONG, T.ACK) or not conn.ready:
+            if msg_type in (T.ERROR, T.AUTH_ERROR):
+                log.warning("server error before READY: %s", error_from(0, msg_type, payload))
+            return
+        self._delivery.receive(msg_type, payload, rid)
 
-# -- helpers -------------------------------------------------------------------------
+    def _on_ready(self, conn: Connection) -> None:
+        self._requests.resend(conn)
+        self._delivery.connection_ready()
 
+    def _on_detached(self, conn: Connection, lost: ConnectionLost) -> None:
+        self._delivery.connection_lost()
+        self._requests.connection_lost(conn, lost)
 
-def _close_code_after(code: int) -> int | None:
-    """The close code the server follows a fatal error ``code`` with (None: not fatal,
-    or a code this client does not know)."""
-    info = REGISTRY.get(code)
-    return info.close_code if info is not None else None
+    def _on_end(self, error: ClientError | None) -> None:
+        # After a fatal close this fails the idempotent requests the drop had kept for
+        # a resend; after close() the table is already empty.
+        self._requests.fail_all(error if error is not None else ClientClosed())
+        self._delivery.end(error)
+
+    async def _ping(self, conn: Connection, timeout: float) -> None:
+        await self._requests.call(
+            T.PING, pb.Ping(timestamp=_now_us()).SerializeToString(), bound=conn, timeout=timeout
+        )
