@@ -1,90 +1,100 @@
-"""The asyncio Sovereign client (SPEC §1-§5, §12).
+"""The asyncio Sovereign client (SPEC §1-§5, §12): the public :class:`Client`.
 
 Theory of operation
 -------------------
 One :class:`Client` is one *device* (one session). It owns at most one WebSocket at a
-time (picows, subprotocol ``sovereign.v1``) and survives its loss:
+time (picows, subprotocol ``sovereign.v1``) and survives its loss. ``Client`` itself is
+a facade: the work is done by four parts with one concern each, which know each other
+only through small protocols declared next to the part that uses them.
 
-* **Requests** are Envelopes with a fresh ``request_id`` (uuid4 hex). A pending table
-  keyed by request_id resolves each one with its typed response, an ``Ack``, or raises
-  ``Error``/``AuthError`` as :class:`SovereignClientError`. Requests made while the
-  client is reconnecting wait (within their timeout) and go out once READY. When a
-  connection drops, requests already sent fail with :class:`ConnectionLost`, except
-  idempotent ones (MESSAGE_SEND: same request_id within 24 h returns the original
-  echo, SPEC §5; reads) which are sent again, *with the same request_id*, after the
-  client resumed. 3004 RateLimited is retried after ``retry_after_ms`` by the
-  high-level helpers.
-* **Reconnect**: after an unexpected close (1006, 4006 shutdown, 4008 idle, …) the
-  client waits ``backoff.delay(n)`` (1, 2, 4, 8, 16, 30, 30 … s, times a jitter in 0.5-1.0) and
-  resumes with its session token. 4002, 4003, 4004 and 4005 end the session for good
-  (:class:`SessionEnded`), as does :meth:`Client.close`.
-* **Heartbeat**: PING every ``ping_interval`` (30 s); no PONG within ``pong_timeout``
-  (10 s) drops the connection, which then reconnects.
-* **Events** (server pushes) pass through dedupe and gap detection (per conversation
-  ``seq``, SPEC §5) and are delivered in order to callbacks (:meth:`Client.on`) and
-  iterators (:meth:`Client.events`). A seq jump pauses that conversation, pages
-  MESSAGE_HISTORY_REQUEST forward from the last seq, delivers the missing events, then
-  the held live ones. Until the first consumer registers, events wait in a backlog
-  (so nothing of the sync burst right after login is lost); :meth:`Client.wait_for`
-  takes from it too.
-* **Acks**: once the application is done with a durable event (its callbacks returned,
-  or the iterator was asked for the next event), its id is queued; at most every
-  ``ack_interval`` (50 ms) one MESSAGE_ACK carries the newest id per conversation
-  (acks are cumulative) plus each welcome id. An ack never passes an event the
-  application still holds. Duplicates the server sends again (our ack was lost) are
-  acked again without being delivered twice.
+* **Connection life cycle** (:mod:`sovereign.client.session`). The session owns the
+  current connection and the :class:`ClientState`. *Reconnect*: after an unexpected
+  close (1006, 4006 shutdown, 4008 idle, …) it waits ``backoff.delay(n)`` (1, 2, 4, 8,
+  16, 30, 30 … s, times a jitter in 0.5-1.0) and resumes with the session token. 4002,
+  4003, 4004 and 4005 end the session for good (:class:`SessionEnded`), as does
+  :meth:`Client.close`. *Heartbeat*: PING every ``ping_interval`` (30 s); no PONG
+  within ``pong_timeout`` (10 s) drops the connection, which then reconnects.
+* **Auth ceremonies** (:mod:`sovereign.client.auth`): register, login and resume, each
+  on a fresh connection; success marks it READY before any later frame of it is
+  processed. When the server refuses the reconnect loop's resume for good (1001, 1002,
+  1005, 2004, or a fatal error), the session ends.
+* **Requests** (:mod:`sovereign.client.requests`) are Envelopes with a fresh
+  ``request_id`` (uuid4 hex). A pending table keyed by request_id resolves each one
+  with its typed response, an ``Ack``, or raises ``Error``/``AuthError`` as
+  :class:`SovereignClientError`. Requests made while the client is reconnecting wait
+  (within their timeout) and go out once READY. When a connection drops, requests
+  already sent fail with :class:`ConnectionLost`, except idempotent ones (MESSAGE_SEND:
+  same request_id within 24 h returns the original echo, SPEC §5; reads) which are
+  sent again, *with the same request_id*, after the client resumed. 3004 RateLimited
+  is retried after ``retry_after_ms`` by the high-level helpers.
+* **Events and acks** (:mod:`sovereign.client.delivery`). Server pushes pass through
+  dedupe and gap detection (per conversation ``seq``, SPEC §5) and are delivered in
+  order to callbacks (:meth:`Client.on`) and iterators (:meth:`Client.events`). A seq
+  jump pauses that conversation, pages MESSAGE_HISTORY_REQUEST forward from the last
+  seq, delivers the missing events, then the held live ones. Until the first consumer
+  registers, events wait in a backlog (so nothing of the sync burst right after login
+  is lost); :meth:`Client.wait_for` takes from it too. Once the application is done
+  with a durable event (its callbacks returned, or the iterator was asked for the next
+  event), its id is queued; at most every ``ack_interval`` (50 ms) one MESSAGE_ACK
+  carries the newest id per conversation (acks are cumulative) plus each welcome id.
+  An ack never passes an event the application still holds. Duplicates the server
+  sends again (our ack was lost) are acked again without being delivered twice.
+
+Underneath: :mod:`sovereign.client._transport` (one picows WebSocket),
+:mod:`sovereign.client.tracking` (the pure seq and ack bookkeeping delivery drives)
+and :mod:`sovereign.client.events` (what the application receives).
+
+The client wires the parts together (the bottom of :class:`Client`): every frame of
+the current connection is the answer to a pending request (our own MESSAGE_SEND /
+MLS_COMMIT echo also goes to delivery), a server PING the session answers, or, once
+READY, an event for delivery. When a connection becomes READY, is lost, or the session
+ends, the session tells the client, which tells the request table and delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
 import ssl
 import time
-import uuid
 import weakref
-from collections import deque
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Final, Protocol, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
-from sovereign.client._transport import Connection, open_connection
-from sovereign.client.authenticator import AssertionResponse, RegistrationResponse
+from sovereign.client._transport import Connection
+from sovereign.client.auth import TERMINAL_AUTH_CODES, Auth, Authenticator
 from sovereign.client.backoff import Backoff
+from sovereign.client.delivery import Delivery, EventHandler, StreamState
 from sovereign.client.errors import (
     ClientClosed,
     ClientError,
     ConnectError,
     ConnectionLost,
     NotAuthenticated,
-    ProtocolViolation,
     RequestTimeout,
-    SessionEnded,
     SovereignClientError,
 )
 from sovereign.client.events import (
-    DURABLE_CONVERSATION_TYPES,
     Device,
     Event,
     HistoryPage,
     decode_event,
-    decode_payload,
 )
-from sovereign.client.tracking import AckTracker, SeqTracker, Verdict
-from sovereign.codec import EnvelopeError, decode_envelope, encode_envelope
+from sovereign.client.requests import (
+    IDEMPOTENT_TYPES,
+    RequestTable,
+    error_from,
+)
+from sovereign.client.session import FATAL_CLOSE_CODES, ClientState, Session, SessionHooks
+from sovereign.codec import EnvelopeError, decode_envelope
 from sovereign.protocol.types import MessageType
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -101,70 +111,6 @@ __all__ = [
 log = logging.getLogger("sovereign.client")
 
 T = MessageType
-M = TypeVar("M", bound=Message)
-
-#: Close codes after which the client does not reconnect (SPEC §4): auth failed, too
-#: many connections (reconnecting would only close another of this user's devices),
-#: session expired or revoked, account disabled.
-FATAL_CLOSE_CODES: Final = frozenset({4002, 4003, 4004, 4005})
-#: AuthError codes that make resuming a session pointless: unknown token, expired,
-#: revoked, account disabled (SPEC §12.7).
-TERMINAL_AUTH_CODES: Final = frozenset({1001, 1002, 1005, 2004})
-# The close code the server sends after these AuthErrors (SPEC §4, §12.20).
-_CLOSE_AFTER_AUTH_ERROR: Final = {1002: 4004, 1005: 4004, 2004: 4005}
-#: Requests that are safe to send again after a reconnect (same request_id).
-IDEMPOTENT_TYPES: Final = frozenset(
-    {
-        T.MESSAGE_SEND,  # SPEC §5: the server dedupes by (user, request_id) for 24 h
-        T.MESSAGE_HISTORY_REQUEST,
-        T.CONVERSATION_LIST_REQUEST,
-        T.MLS_GROUP_INFO_FETCH,
-        T.MESSAGE_READ,
-        T.PRESENCE_UPDATE,
-    }
-)
-# Requests whose response is "our own" durable event (SPEC §12.1).
-_ECHO_REQUESTS: Final = frozenset({T.MESSAGE_SEND, T.MLS_COMMIT})
-_ECHO_RESPONSES: Final = frozenset({T.MESSAGE_RECEIVE, T.MLS_COMMIT_BROADCAST})
-_RATE_LIMITED = 3004
-_MAX_ACK_IDS = 1000  # ~29 KB of ids: well inside max_envelope_bytes (64 KiB)
-_MIN_RATE_LIMIT_DELAY = 0.01
-
-
-class Authenticator(Protocol):
-    """A WebAuthn authenticator the client can drive (sync or async).
-
-    :class:`~sovereign.client.authenticator.SoftwareAuthenticator` is one; a wrapper
-    around a hardware key or an OS passkey API can be another. ``options_json`` is the
-    server's PublicKeyCredentialCreationOptions / RequestOptions JSON; ``origin`` the
-    web origin to put in clientDataJSON (it must be one of the server's ``rp_origins``).
-    """
-
-    def create(
-        self, options_json: bytes, origin: str
-    ) -> RegistrationResponse | Awaitable[RegistrationResponse]:
-        """Make a credential: credential_id, client_data_json, attestation_object, …"""
-        ...
-
-    def get(
-        self, options_json: bytes, origin: str
-    ) -> AssertionResponse | Awaitable[AssertionResponse]:
-        """Sign an assertion: credential_id, authenticator_data, client_data_json, …"""
-        ...
-
-
-class ClientState(Enum):
-    """Where the client is in its life cycle."""
-
-    IDLE = "idle"  # no session yet (or an auth attempt failed)
-    CONNECTING = "connecting"  # opening the WebSocket
-    AUTHENTICATING = "authenticating"  # socket open, auth ceremony in progress
-    READY = "ready"  # authenticated: requests flow, events arrive
-    RECONNECTING = "reconnecting"  # lost the connection, waiting to resume
-    CLOSED = "closed"  # close() was called, or the session ended (terminal)
-
-
-EventHandler = Callable[[Event], Awaitable[None] | None]
 H = TypeVar("H", bound=EventHandler)
 TypeFilter = MessageType | int | Iterable[MessageType | int] | None
 
@@ -181,103 +127,6 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-async def _resolve_td(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-# -- internal bookkeeping ------------------------------------------------------------
-
-
-class _Tracked:
-    """An event on its way through the application; ``done`` runs when the last holder
-    (callback pass, iterator, backlog) releases it."""
-
-    __slots__ = ("done", "event", "holds")
-
-    def __init__(self, event: Event, done: Callable[[Event], None]) -> None:
-        self.event = event
-        self.holds = 1
-        self.done = done
-
-    def hold(self) -> None:
-        self.holds += 1
-
-    def release(self) -> None:
-        self.holds -= 1
-        if self.holds == 0:
-            self.done(self.event)
-
-
-@dataclass(eq=False, slots=True)
-class _Pending:
-    request_id: str
-    msg_type: int
-    frame: bytes
-    future: asyncio.Future[tuple[int, bytes]]
-    retry: bool
-    bound: bool
-    conn: Connection | None = None
-    on_response: Callable[[int, bytes], None] | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Callback:
-    types: frozenset[int] | None
-    handler: EventHandler
-
-    def matches(self, event: Event) -> bool:
-        return self.types is None or int(event.type) in self.types
-
-
-@dataclass(eq=False, slots=True)
-class _Waiter:
-    types: frozenset[int] | None
-    predicate: Callable[[Event], bool] | None
-    future: asyncio.Future[Event]
-
-    def matches(self, event: Event) -> bool:
-        if self.types is not None and int(event.type) not in self.types:
-            return False
-        return self.predicate is None or bool(self.predicate(event))
-
-
-class _StreamState:
-    """The client-side half of an :class:`EventStream` (survives the stream object so
-    an abandoned stream can be cleaned up by a weakref finalizer)."""
-
-    __slots__ = ("closed", "current", "ended", "error", "queue", "types", "wakeup")
-
-    def __init__(self, types: frozenset[int] | None) -> None:
-        self.types = types
-        self.queue: deque[_Tracked] = deque()
-        self.current: _Tracked | None = None
-        self.wakeup: asyncio.Future[None] | None = None
-        self.ended = False
-        self.closed = False
-        self.error: BaseException | None = None
-
-    def matches(self, event: Event) -> bool:
-        return self.types is None or int(event.type) in self.types
-
-    def push(self, tracked: _Tracked) -> None:
-        self.queue.append(tracked)
-        self.wake()
-
-    def wake(self) -> None:
-        w = self.wakeup
-        if w is not None and not w.done():
-            with contextlib.suppress(RuntimeError):  # its loop is already closed
-                w.set_result(None)
-
-    def release_current(self) -> None:
-        cur = self.current
-        if cur is not None:
-            self.current = None
-            cur.release()
-
-
 class EventStream:
     """``async for event in client.events(): …`` — events in arrival order.
 
@@ -289,33 +138,17 @@ class EventStream:
     when the session ended. Iterate one stream from one task at a time.
     """
 
-    def __init__(self, client: Client, state: _StreamState) -> None:
-        self._client = client
+    def __init__(self, client: Client, state: StreamState) -> None:
+        self._client = client  # the client lives as long as any of its streams
         self._state = state
-        self._finalizer = weakref.finalize(self, client._drop_stream, state)
+        self._finalizer = weakref.finalize(self, client._delivery.drop_stream, state)
         self._finalizer.atexit = False
 
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> Event:
-        st = self._state
-        st.release_current()
-        while not st.queue:
-            if st.closed:
-                raise StopAsyncIteration
-            if st.ended:
-                if st.error is not None:
-                    raise st.error
-                raise StopAsyncIteration
-            st.wakeup = asyncio.get_running_loop().create_future()
-            try:
-                await st.wakeup
-            finally:
-                st.wakeup = None
-        tracked = st.queue.popleft()
-        st.current = tracked
-        return tracked.event
+        return await self._state.next_event()
 
     async def next(self, timeout: float | None = None) -> Event:
         """The next event, waiting at most ``timeout`` seconds (TimeoutError)."""
@@ -335,9 +168,6 @@ class EventStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-
-# -- the client ----------------------------------------------------------------------
 
 
 class Client:
@@ -414,112 +244,94 @@ class Client:
         self.max_backlog = max_backlog
         self.fatal_close_codes = frozenset(fatal_close_codes)
 
-        self._token = token
         self._username = username
-        self._device: Device | None = None
-        self._state = ClientState.IDLE
-        self._conn: Connection | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._auth_lock = asyncio.Lock()
-        self._closing = False
-        self._finished = False
-        self._terminal: ClientError | None = None
-        self._change_waiters: list[asyncio.Future[None]] = []
-        self._state_listeners: list[Callable[[ClientState], None]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._reconnects = 0
-        self._ever_ready = False
-        self._last_close: tuple[int, str] | None = None
-
-        # delivery
-        self._seq = SeqTracker(dedupe_capacity)
-        self._acks = AckTracker()
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._ack_flushing = False
-        self._held: dict[str, list[tuple[Event, bool]]] = {}
-        self._repairs: dict[str, asyncio.Task[None]] = {}
-        self._sync_deferred: Event | None = None
-        self._last_sync: pb.SyncComplete | None = None
-        self._synced = False
-        self._callbacks: list[_Callback] = []
-        self._streams: list[_StreamState] = []
-        self._waiters: list[_Waiter] = []
-        self._backlog: deque[_Tracked] = deque()
-        self._backlog_overflowed = False
-        self._adopted: deque[_Tracked] = deque()
-        self._release_scheduled = False
-        self._cb_queue: deque[tuple[EventHandler, _Tracked]] = deque()
-        self._cb_task: asyncio.Task[None] | None = None
+        # The parts read their options from this object (live, as before the split:
+        # ``client.auto_ack = False`` still takes effect). The session's hooks are bound
+        # late because the parts they reach are built after it.
+        self._session = Session(
+            self,
+            SessionHooks(
+                on_frame=self._on_frame,
+                on_ready=self._on_ready,
+                on_detached=self._on_detached,
+                on_end=self._on_end,
+                ping=self._ping,
+                resume=lambda token: self._auth.resume_after_drop(token),
+            ),
+            token,
+        )
+        self._requests = RequestTable(self, self._session)
+        self._delivery = Delivery(self, self._session, self._requests, dedupe_capacity)
+        self._auth = Auth(self, self._session, self._requests)
 
     # -- properties --------------------------------------------------------------------
     @property
     def state(self) -> ClientState:
         """The current :class:`ClientState`."""
-        return self._state
+        return self._session.state
 
     @property
     def ready(self) -> bool:
         """True while authenticated on a live connection."""
-        return self._state is ClientState.READY
+        return self._session.state is ClientState.READY
 
     @property
     def device(self) -> Device | None:
         """This device's session (user id, token, …) once authenticated."""
-        return self._device
+        return self._session.device
 
     @property
     def token(self) -> str | None:
         """The session token (persist it to come back as the same device)."""
-        return self._device.token if self._device is not None else self._token
+        return self._session.token
 
     @property
     def user_id(self) -> str:
         """The authenticated user's id, or ``""``."""
-        return self._device.user_id if self._device is not None else ""
+        return self._session.user_id
 
     @property
     def username(self) -> str:
         """The authenticated user's name (or the configured one), or ``""``."""
-        if self._device is not None and self._device.username:
-            return self._device.username
+        device = self._session.device
+        if device is not None and device.username:
+            return device.username
         return self._username or ""
 
     @property
     def reconnects(self) -> int:
         """How many times the client resumed its session after losing the connection."""
-        return self._reconnects
+        return self._session.reconnects
 
     @property
     def last_close(self) -> tuple[int, str] | None:
         """(close code, reason) of the last connection that ended, if any."""
-        return self._last_close
+        return self._session.last_close
 
     @property
     def terminal_error(self) -> ClientError | None:
         """Why the session ended (:class:`SessionEnded`, …), if it ended on its own."""
-        return self._terminal
+        return self._session.terminal
 
     @property
     def last_sync(self) -> pb.SyncComplete | None:
         """The SYNC_COMPLETE of the current connection, once it arrived."""
-        return self._last_sync if self._synced else None
+        return self._delivery.last_sync
 
     @property
     def truncated_conversation_ids(self) -> tuple[str, ...]:
         """Conversations whose unacknowledged history retention removed (SPEC §5),
         from the latest SYNC_COMPLETE."""
-        s = self._last_sync
-        return tuple(s.truncated_conversation_ids) if s is not None else ()
+        return self._delivery.truncated_conversation_ids
 
     def last_seq(self, conversation_id: str) -> int | None:
         """The highest seq this client has seen in ``conversation_id`` (None: none yet)."""
-        return self._seq.last(conversation_id)
+        return self._delivery.last_seq(conversation_id)
 
     def __repr__(self) -> str:
-        who = f" user={self._device.user_id}" if self._device is not None else ""
-        return f"<Client {self.url} {self._state.value}{who}>"
+        device = self._session.device
+        who = f" user={device.user_id}" if device is not None else ""
+        return f"<Client {self.url} {self._session.state.value}{who}>"
 
     # -- life cycle --------------------------------------------------------------------
     async def __aenter__(self) -> Client:
@@ -541,15 +353,15 @@ class Client:
         ``retry=True`` keeps trying with the reconnect backoff while the server can not
         be reached (bots that start before their server).
         """
-        if self._device is not None:
+        if self._session.device is not None:
             await self.wait_ready()
-            return self._device
+            return self._session.device
         attempt = 0
         while True:
             try:
                 return await self._connect_once()
             except (ConnectError, ConnectionLost, RequestTimeout) as exc:
-                if not retry or self._closing:
+                if not retry or self._session.closing:
                     raise
                 delay = self.backoff.delay(attempt)
                 attempt += 1
@@ -558,9 +370,10 @@ class Client:
 
     async def _connect_once(self) -> Device | None:
         can_login = bool(self._username) and self.authenticator is not None
-        if self._token:
+        token = self._session.token
+        if token:
             try:
-                return await self.resume(self._token)
+                return await self.resume(token)
             except SovereignClientError as exc:
                 if exc.code not in TERMINAL_AUTH_CODES or not can_login:
                     raise
@@ -576,44 +389,35 @@ class Client:
         Pending requests fail with :class:`ClientClosed`; event iterators end.
         Safe to call more than once, and after the session ended.
         """
-        if self._finished:
-            await self._cancel_tasks()
+        session = self._session
+        if session.finished:
+            await session.cancel_tasks()
             return
-        if self._closing:
+        if session.closing:
             await self.wait_closed_quietly()
             return
-        self._closing = True
-        task = self._reconnect_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        conn = self._conn
-        if conn is not None and conn.ready and self.auto_ack and self._acks.pending:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._flush_acks(internal=True, reschedule=False), 2.0)
-        self._fail_all(ClientClosed())
-        conn = self._conn
-        if conn is not None:
-            self._detach(conn, 1000, "client closed")
-            conn.close(1000, "client closed")
-            await conn.wait_closed()
-        self._finish(None)
-        await self._cancel_tasks()
+        session.begin_close()
+        await self._delivery.flush_before_close()
+        # Before the connection goes: requests in flight fail as ClientClosed, not as
+        # ConnectionLost.
+        self._requests.fail_all(ClientClosed())
+        await session.close_connection()
+        session.finish(None)
+        await session.cancel_tasks()
 
     async def wait_closed_quietly(self) -> None:
         """Wait until the client is closed or its session ended; never raises."""
-        while not self._finished:
-            await self._changed()
+        while not self._session.finished:
+            await self._session.changed()
 
     async def wait_closed(self) -> None:
         """Wait until the client is closed; raises the reason if the session ended
         on its own (:class:`SessionEnded`, or :class:`ConnectionLost` with
         ``auto_reconnect=False``)."""
         await self.wait_closed_quietly()
-        if self._terminal is not None:
-            raise self._terminal
+        terminal = self._session.terminal
+        if terminal is not None:
+            raise terminal
 
     async def run_forever(self) -> None:
         """For bots: run until :meth:`close` (returns) or the session ends (raises)."""
@@ -622,11 +426,11 @@ class Client:
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the client is READY (e.g. after a reconnect)."""
         async with asyncio.timeout(timeout):
-            while self._state is not ClientState.READY:
-                self._raise_if_finished()
-                if self._device is None and self._state is ClientState.IDLE:
+            while self._session.state is not ClientState.READY:
+                self._session.check_open()
+                if self._session.device is None and self._session.state is ClientState.IDLE:
                     raise NotAuthenticated("not authenticated: register, login or resume first")
-                await self._changed()
+                await self._session.changed()
 
     async def synced(self, timeout: float | None = None) -> pb.SyncComplete:
         """Wait for SYNC_COMPLETE on the current connection (the backlog was delivered
@@ -634,20 +438,15 @@ class Client:
         connection's SYNC_COMPLETE."""
         async with asyncio.timeout(timeout):
             while True:
-                self._raise_if_finished()
-                if self._synced and self._last_sync is not None:
-                    return self._last_sync
-                await self._changed()
+                self._session.check_open()
+                sync = self._delivery.last_sync
+                if sync is not None:
+                    return sync
+                await self._session.changed()
 
     def on_state_change(self, listener: Callable[[ClientState], None]) -> Callable[[], None]:
         """Call ``listener(state)`` on every state change; returns an unsubscribe function."""
-        self._state_listeners.append(listener)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._state_listeners.remove(listener)
-
-        return remove
+        return self._session.on_state_change(listener)
 
     # -- authentication ----------------------------------------------------------------
     async def register(
@@ -656,43 +455,9 @@ class Client:
         """Create an account with a new passkey (AUTH_REGISTER_*); the client is READY
         afterwards. Raises :class:`SovereignClientError` (1003 taken name or refused
         attestation, 1004 challenge) on failure."""
-        auth = self._require_authenticator()
-        async with self._auth_lock:
-            self._check_can_authenticate()
-            conn = await self._open()
-            try:
-                challenge = await self._auth_step(
-                    conn,
-                    T.AUTH_REGISTER_REQUEST,
-                    pb.AuthRegisterRequest(
-                        username=username, display_name=display_name, invite_code=invite_code
-                    ),
-                    T.AUTH_REGISTER_CHALLENGE,
-                    pb.AuthRegisterChallenge,
-                )
-                att: RegistrationResponse = await _resolve_td(
-                    auth.create(bytes(challenge.credential_creation_options), self.origin)
-                )
-                await self._auth_step(
-                    conn,
-                    T.AUTH_REGISTER_RESPONSE,
-                    pb.AuthRegisterResponse(
-                        credential_id=att["credential_id"],
-                        authenticator_data=att["authenticator_data"],
-                        client_data_json=att["client_data_json"],
-                        attestation_object=att["attestation_object"],
-                    ),
-                    T.AUTH_REGISTER_SUCCESS,
-                    pb.AuthRegisterSuccess,
-                    username=username,
-                    display_name=display_name or username,
-                )
-            except BaseException:
-                self._abandon(conn)
-                raise
-        assert self._device is not None
+        device = await self._auth.register(username, display_name, invite_code)
         self._username = username
-        return self._device
+        return device
 
     async def login(self, username: str | None = None) -> Device:
         """Sign in with a passkey (AUTH_REQUEST{username} → assertion). Every login is a
@@ -700,395 +465,17 @@ class Client:
         name = username or self._username
         if not name:
             raise ValueError("login needs a username")
-        auth = self._require_authenticator()
-        async with self._auth_lock:
-            self._check_can_authenticate()
-            conn = await self._open()
-            try:
-                challenge = await self._auth_step(
-                    conn,
-                    T.AUTH_REQUEST,
-                    pb.AuthRequest(username=name),
-                    T.AUTH_CHALLENGE,
-                    pb.AuthChallenge,
-                )
-                assertion: AssertionResponse = await _resolve_td(
-                    auth.get(bytes(challenge.credential_request_options), self.origin)
-                )
-                await self._auth_step(
-                    conn,
-                    T.AUTH_RESPONSE,
-                    pb.AuthResponse(
-                        credential_id=assertion["credential_id"],
-                        authenticator_data=assertion["authenticator_data"],
-                        client_data_json=assertion["client_data_json"],
-                        signature=assertion["signature"],
-                        user_handle=assertion["user_handle"] or b"",
-                    ),
-                    T.AUTH_SUCCESS,
-                    pb.AuthSuccess,
-                )
-            except BaseException:
-                self._abandon(conn)
-                raise
-        assert self._device is not None
-        self._username = self._device.username or name
-        return self._device
+        device = await self._auth.login(name)
+        self._username = device.username or name
+        return device
 
     async def resume(self, token: str | None = None) -> Device:
         """Resume a session by token (AUTH_REQUEST{session_token}): the same device,
         same cursors; the server slides the expiry. Raises 1001/1002/1005/2004."""
-        tok = token or self._token
+        tok = token or self._session.token
         if not tok:
             raise ValueError("resume needs a session token")
-        async with self._auth_lock:
-            self._check_can_authenticate()
-            await self._resume_new_connection(tok)
-        assert self._device is not None
-        return self._device
-
-    async def _resume_new_connection(self, token: str) -> None:
-        conn = await self._open()
-        try:
-            await self._auth_step(
-                conn,
-                T.AUTH_REQUEST,
-                pb.AuthRequest(session_token=token),
-                T.AUTH_SUCCESS,
-                pb.AuthSuccess,
-            )
-        except BaseException:
-            self._abandon(conn)
-            raise
-
-    def _require_authenticator(self) -> Authenticator:
-        if self.authenticator is None:
-            raise ValueError("this needs an authenticator: Client(url, authenticator=...)")
-        return self.authenticator
-
-    def _check_can_authenticate(self) -> None:
-        self._raise_if_finished()
-        if self._device is not None:
-            raise ClientError(
-                f"already authenticated as {self._device.user_id}; "
-                "use a new Client for another device"
-            )
-
-    async def _auth_step(
-        self,
-        conn: Connection,
-        msg_type: MessageType,
-        message: Message,
-        expect: MessageType,
-        cls: type[M],
-        *,
-        username: str = "",
-        display_name: str = "",
-    ) -> M:
-        def on_response(rtype: int, payload: bytes) -> None:
-            if rtype in (T.AUTH_SUCCESS, T.AUTH_REGISTER_SUCCESS):
-                self._authenticated(conn, rtype, payload, username, display_name)
-
-        rtype, payload = await self._call(
-            msg_type,
-            message.SerializeToString(),
-            bound=conn,
-            on_response=on_response
-            if expect in (T.AUTH_SUCCESS, T.AUTH_REGISTER_SUCCESS)
-            else None,
-            timeout=self.request_timeout,
-        )
-        return _parse(msg_type, rtype, payload, expect, cls)
-
-    def _authenticated(
-        self, conn: Connection, rtype: int, payload: bytes, username: str, display_name: str
-    ) -> None:
-        """Runs synchronously on AUTH_SUCCESS / AUTH_REGISTER_SUCCESS, before any event of
-        the new connection is processed (the sync backlog follows right behind)."""
-        if conn is not self._conn or conn.closed:
-            return
-        if rtype == T.AUTH_SUCCESS:
-            s = pb.AuthSuccess.FromString(payload)
-            device = Device(
-                token=s.session_token,
-                user_id=s.user_id,
-                username=s.username,
-                display_name=s.display_name,
-                is_admin=s.is_admin,
-                server_name=s.server_name,
-            )
-        else:
-            r = pb.AuthRegisterSuccess.FromString(payload)
-            device = Device(
-                token=r.session_token,
-                user_id=r.user_id,
-                username=username,
-                display_name=display_name,
-            )
-        self._device = device
-        self._token = device.token
-        conn.ready = True
-        if self._ever_ready:
-            self._reconnects += 1
-        self._ever_ready = True
-        self._synced = False
-        self._set_state(ClientState.READY)
-        if self.ping_interval:
-            self._heartbeat_task = self._spawn(self._heartbeat(conn))
-        # Requests queued while disconnected (and idempotent ones to retry) go out now.
-        for p in list(self._pending.values()):
-            if p.conn is None and conn.send(p.frame):
-                p.conn = conn
-        self._schedule_ack_flush()
-        log.info("ready as user %s (%s)", device.user_id, device.username or "-")
-
-    # -- connection management ---------------------------------------------------------
-    async def _open(self) -> Connection:
-        old = self._conn
-        if old is not None:
-            self._detach(old, 1000, "replaced")
-            old.close(1000, "replaced")
-        self._set_state(ClientState.CONNECTING)
-        headers = dict(self.extra_headers)
-        if self.send_origin:
-            headers["Origin"] = self.origin
-        try:
-            conn = await open_connection(
-                self.url,
-                on_message=self._on_message,
-                on_disconnected=self._on_disconnected,
-                headers=headers,
-                ssl_context=self.ssl_context,
-                timeout=self.connect_timeout,
-            )
-        except BaseException:
-            if not self._finished:
-                self._set_state(
-                    ClientState.IDLE if self._device is None else ClientState.RECONNECTING
-                )
-            raise
-        if self._closing or self._finished:
-            conn.close(1000, "client closed")
-            raise ClientClosed()
-        if conn.closed:  # dropped during the handshake
-            raise ConnectionLost(conn.effective_close_code, conn.close_reason)
-        self._conn = conn
-        self._set_state(ClientState.AUTHENTICATING)
-        return conn
-
-    def _abandon(self, conn: Connection) -> None:
-        """An auth attempt on ``conn`` failed: close it (the server may already have)."""
-        if conn is self._conn and not conn.ready:
-            self._detach(conn, 1000, "authentication failed")
-            conn.close(1000, "authentication failed")
-            if not self._finished:
-                self._set_state(
-                    ClientState.IDLE if self._device is None else ClientState.RECONNECTING
-                )
-
-    def _detach(self, conn: Connection, code: int, reason: str) -> None:
-        """Forget ``conn``: fail or re-queue its requests, stop its timers and repairs."""
-        if self._conn is conn:
-            self._conn = None
-        self._last_close = (code, reason)
-        hb = self._heartbeat_task
-        if hb is not None and hb is not asyncio.current_task():
-            hb.cancel()
-        self._heartbeat_task = None
-        current = asyncio.current_task()
-        for task in self._repairs.values():
-            if task is not current:
-                task.cancel()
-        self._repairs.clear()
-        self._held.clear()  # never delivered: the server sends them again on resume
-        self._sync_deferred = None
-        self._synced = False
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        lost = ConnectionLost(code, reason)
-        for rid, p in list(self._pending.items()):
-            if p.conn is not conn:
-                continue
-            if p.retry and not p.bound:
-                p.conn = None  # sent again (same request_id) once READY
-            else:
-                del self._pending[rid]
-                if not p.future.done():
-                    p.future.set_exception(lost)
-        self._notify()
-
-    def _on_disconnected(self, conn: Connection) -> None:
-        if conn is not self._conn:
-            return
-        was_ready = conn.ready
-        code = conn.effective_close_code
-        reason = conn.close_reason or conn.local_reason
-        self._detach(conn, code, reason)
-        if self._closing or self._finished:
-            return
-        log.info("connection closed: %d %s", code, reason)
-        if self._device is None:
-            self._set_state(ClientState.IDLE)
-            return
-        if code in self.fatal_close_codes:
-            self._terminate(SessionEnded(code, reason))
-            return
-        if not was_ready and self._reconnect_task is not None:
-            self._set_state(ClientState.RECONNECTING)
-            return  # a resume attempt failed: the reconnect loop goes on
-        if not self.auto_reconnect:
-            self._terminate(ConnectionLost(code, reason))
-            return
-        self._start_reconnect()
-
-    def _start_reconnect(self) -> None:
-        old = self._reconnect_task
-        if old is not None and not old.done():
-            old.cancel()  # finished its job: the connection it made was READY
-        self._set_state(ClientState.RECONNECTING)
-        self._reconnect_task = self._spawn(self._reconnect_loop())
-
-    async def _reconnect_loop(self) -> None:
-        attempt = 0
-        me = asyncio.current_task()
-        try:
-            while not self._closing and not self._finished:
-                delay = self.backoff.delay(attempt)
-                attempt += 1
-                self._set_state(ClientState.RECONNECTING)
-                log.info("reconnecting in %.2f s (attempt %d)", delay, attempt)
-                await asyncio.sleep(delay)
-                if self._closing or self._finished:
-                    return
-                token = self._token
-                if not token:
-                    self._terminate(SessionEnded(None, "no session token to resume"))
-                    return
-                try:
-                    async with self._auth_lock:
-                        await self._resume_new_connection(token)
-                    return
-                except SovereignClientError as exc:
-                    if exc.code in TERMINAL_AUTH_CODES or exc.fatal:
-                        code = _CLOSE_AFTER_AUTH_ERROR.get(exc.code)
-                        self._terminate(SessionEnded(code, "resume refused", error=exc))
-                        return
-                    log.warning("resume attempt %d refused: %s", attempt, exc)
-                except (ConnectError, ConnectionLost, RequestTimeout, ProtocolViolation) as exc:
-                    log.info("reconnect attempt %d failed: %s", attempt, exc)
-        finally:
-            if self._reconnect_task is me:
-                self._reconnect_task = None
-
-    async def _heartbeat(self, conn: Connection) -> None:
-        assert self.ping_interval is not None
-        while True:
-            await asyncio.sleep(self.ping_interval)
-            if conn is not self._conn or conn.closed:
-                return
-            try:
-                await self._call(
-                    T.PING,
-                    pb.Ping(timestamp=_now_us()).SerializeToString(),
-                    bound=conn,
-                    timeout=self.pong_timeout,
-                )
-            except RequestTimeout:
-                log.warning("no PONG within %.1f s: dropping the connection", self.pong_timeout)
-                if conn is self._conn:
-                    self._heartbeat_task = None  # do not cancel ourselves in _detach
-                    conn.abort("pong timeout")
-                return
-            except ClientError:
-                return
-
-    def _terminate(self, error: ClientError) -> None:
-        """The session is over (fatal close or refused resume): stop everything."""
-        if self._finished or self._terminal is not None:
-            return
-        self._terminal = error
-        log.warning("%s", error)
-        task = self._reconnect_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        conn = self._conn
-        if conn is not None:
-            self._detach(conn, conn.effective_close_code, "session ended")
-            conn.close(1000, "session ended")
-        self._fail_all(error)
-        self._finish(error)
-
-    def _finish(self, error: ClientError | None) -> None:
-        self._finished = True
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        for st in self._streams:
-            st.ended = True
-            st.error = error
-            st.wake()
-        end = error if error is not None else ClientClosed()
-        for w in self._waiters:
-            if not w.future.done():
-                w.future.set_exception(end)
-        self._waiters.clear()
-        self._set_state(ClientState.CLOSED)
-        self._notify()
-
-    def _fail_all(self, error: ClientError) -> None:
-        pending = list(self._pending.values())
-        self._pending.clear()
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(error)
-
-    def _raise_if_finished(self) -> None:
-        if self._terminal is not None:
-            raise self._terminal
-        if self._finished or self._closing:
-            raise ClientClosed()
-
-    async def _cancel_tasks(self) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current and not t.done()]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("client task failed", exc_info=task.exception())
-
-    def _set_state(self, state: ClientState) -> None:
-        if state is self._state or (self._finished and state is not ClientState.CLOSED):
-            return
-        self._state = state
-        for listener in list(self._state_listeners):
-            try:
-                listener(state)
-            except Exception:
-                log.exception("state listener failed")
-        self._notify()
-
-    def _notify(self) -> None:
-        waiters, self._change_waiters = self._change_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def _changed(self) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._change_waiters.append(fut)
-        await fut
+        return await self._auth.resume(tok)
 
     # -- requests ----------------------------------------------------------------------
     async def request(
@@ -1109,462 +496,14 @@ class Client:
         :data:`IDEMPOTENT_TYPES` — in which case it is sent again with the same
         request_id after the client resumed). ``retry_rate_limited`` retries 3004.
         """
-        if message is None:
-            payload = b""
-        elif isinstance(message, bytes | bytearray | memoryview):
-            payload = bytes(message)
-        else:
-            payload = message.SerializeToString()
-        retry = (int(msg_type) in IDEMPOTENT_TYPES) if idempotent is None else idempotent
-        rtype, rpayload = await self._call(
-            int(msg_type),
-            payload,
+        return await self._requests.request(
+            msg_type,
+            message,
             timeout=timeout,
             request_id=request_id,
-            retry=retry,
+            idempotent=idempotent,
             retry_rate_limited=retry_rate_limited,
         )
-        try:
-            return decode_payload(rtype, rpayload)
-        except DecodeError as exc:
-            raise ProtocolViolation(f"unparseable {_name(rtype)} payload") from exc
-
-    async def _typed(
-        self,
-        msg_type: MessageType,
-        message: Message,
-        expect: MessageType,
-        cls: type[M],
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> M:
-        rtype, payload = await self._call(
-            msg_type,
-            message.SerializeToString(),
-            timeout=timeout,
-            request_id=request_id,
-            retry=msg_type in IDEMPOTENT_TYPES,
-            retry_rate_limited=self.retry_rate_limited,
-        )
-        return _parse(msg_type, rtype, payload, expect, cls)
-
-    async def _call(
-        self,
-        msg_type: int,
-        payload: bytes,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        retry: bool = False,
-        bound: Connection | None = None,
-        retry_rate_limited: bool = False,
-        on_response: Callable[[int, bytes], None] | None = None,
-        internal: bool = False,
-    ) -> tuple[int, bytes]:
-        loop = asyncio.get_running_loop()
-        budget = self.request_timeout if timeout is None else timeout
-        deadline = loop.time() + budget
-        rid = request_id or uuid.uuid4().hex
-        frame = encode_envelope(int(msg_type), rid, payload)
-        rate_limited = 0
-        while True:
-            p = self._submit(rid, int(msg_type), frame, retry, bound, on_response, internal)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    rtype, rpayload = await p.future
-            except TimeoutError:
-                if self._pending.get(rid) is p:
-                    del self._pending[rid]
-                raise RequestTimeout(
-                    f"{_name(msg_type)} got no response within {budget:g} s"
-                ) from None
-            except BaseException:
-                if self._pending.get(rid) is p:
-                    del self._pending[rid]
-                raise
-            if rtype == T.ERROR or rtype == T.AUTH_ERROR:
-                err = _error_from(msg_type, rtype, rpayload)
-                if (
-                    err.code == _RATE_LIMITED
-                    and retry_rate_limited
-                    and rate_limited < self.max_rate_limit_retries
-                ):
-                    delay = max(err.retry_after_ms / 1000.0, _MIN_RATE_LIMIT_DELAY)
-                    if loop.time() + delay < deadline:
-                        rate_limited += 1
-                        log.debug("%s rate limited; retrying in %.3f s", _name(msg_type), delay)
-                        await asyncio.sleep(delay)
-                        continue
-                raise err
-            return rtype, rpayload
-
-    def _submit(
-        self,
-        rid: str,
-        msg_type: int,
-        frame: bytes,
-        retry: bool,
-        bound: Connection | None,
-        on_response: Callable[[int, bytes], None] | None,
-        internal: bool,
-    ) -> _Pending:
-        if not internal:
-            self._raise_if_finished()
-        if rid in self._pending:
-            raise ValueError(f"request_id {rid!r} is already in flight")
-        fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        p = _Pending(rid, msg_type, frame, fut, retry, bound is not None, None, on_response)
-        if bound is not None:
-            if bound is not self._conn or bound.closed or not bound.send(frame):
-                raise ConnectionLost(bound.effective_close_code, "connection is gone")
-            p.conn = bound
-        else:
-            if self._device is None:
-                raise NotAuthenticated("not authenticated: register, login or resume first")
-            conn = self._conn
-            if conn is not None and conn.ready and conn.send(frame):
-                p.conn = conn
-            # else: queued, sent when the client is READY again
-        self._pending[rid] = p
-        return p
-
-    # -- incoming frames ---------------------------------------------------------------
-    def _on_message(self, conn: Connection, data: bytes) -> None:
-        if conn is not self._conn:
-            return
-        try:
-            msg_type, rid, view = decode_envelope(data)
-        except EnvelopeError as exc:
-            log.warning("dropping an invalid envelope from the server: %s", exc)
-            return
-        payload = bytes(view)
-        if rid:
-            p = self._pending.get(rid)
-            if p is not None and p.conn is conn:
-                del self._pending[rid]
-                if p.on_response is not None:
-                    try:
-                        p.on_response(msg_type, payload)
-                    except Exception as exc:
-                        if not p.future.done():
-                            p.future.set_exception(
-                                ProtocolViolation(f"bad {_name(msg_type)}: {exc}")
-                            )
-                        return
-                if not p.future.done():
-                    p.future.set_result((msg_type, payload))
-                if p.msg_type in _ECHO_REQUESTS and msg_type in _ECHO_RESPONSES:
-                    self._ingest_own(decode_event(msg_type, payload, rid))
-                return
-        if msg_type == T.PING:  # SPEC §3: server PINGs are allowed; answer with PONG
-            try:
-                ts = pb.Ping.FromString(payload).timestamp
-            except DecodeError:
-                ts = 0
-            conn.send(encode_envelope(T.PONG, rid, pb.Pong(timestamp=ts).SerializeToString()))
-            return
-        if msg_type in (T.PONG, T.ACK) or not conn.ready:
-            if msg_type in (T.ERROR, T.AUTH_ERROR):
-                log.warning("server error before READY: %s", _error_from(0, msg_type, payload))
-            return
-        try:
-            event = decode_event(msg_type, payload, rid)
-        except DecodeError:
-            log.warning("dropping an unparseable %s", _name(msg_type))
-            return
-        if msg_type == T.ERROR:
-            log.warning("server error: %s", _error_from(0, msg_type, payload))
-        self._ingest(event)
-
-    def _ingest(self, event: Event) -> None:
-        """Dedupe and order one pushed event, then deliver it (or hold it for a repair)."""
-        t = event.type
-        if t in DURABLE_CONVERSATION_TYPES:
-            conv = event.conversation_id
-            held = self._held.get(conv)
-            if held is not None:
-                held.append((event, False))
-                return
-            verdict = self._seq.check(conv, event.seq, event.event_id)
-            if verdict is Verdict.DUPLICATE:
-                self._duplicate(event)
-            elif verdict is Verdict.GAP:
-                self._held[conv] = [(event, False)]
-                self._start_repair(conv)
-            else:
-                self._accept(event)
-        elif t == T.MLS_WELCOME_RECEIVE:
-            eid = event.event_id
-            if eid and self._seq.seen_id(eid):
-                self._duplicate(event)
-                return
-            if eid:
-                self._seq.remember(eid)
-            self._route(event)
-        elif t == T.SYNC_COMPLETE:
-            if self._held:
-                self._sync_deferred = event  # after the repairs in progress
-            else:
-                self._complete_sync(event)
-        else:
-            self._route(event)
-
-    def _ingest_own(self, event: Event) -> None:
-        """Our own MESSAGE_SEND / MLS_COMMIT echo: the caller has it as the return value;
-        it still moves the seq position (or a later event would look like a gap) and is
-        acknowledged like any event (SPEC §12.3)."""
-        conv = event.conversation_id
-        held = self._held.get(conv)
-        if held is not None:
-            held.append((event, True))
-            return
-        verdict = self._seq.check(conv, event.seq, event.event_id)
-        if verdict is Verdict.DUPLICATE:
-            self._duplicate(event)
-        elif verdict is Verdict.GAP:
-            self._held[conv] = [(event, True)]
-            self._start_repair(conv)
-        else:
-            self._accept_own(event)
-
-    def _accept(self, event: Event) -> None:
-        conv = event.conversation_id
-        self._seq.advance(conv, event.seq, event.event_id)
-        self._route(event)
-        if event.type == T.GROUP_MEMBER_REMOVED and event.message.user_id == self.user_id:
-            # We are out: nothing more comes from this conversation. A later re-add
-            # starts from our new GROUP_MEMBER_ADDED (SPEC §12.13), not a gap.
-            self._seq.forget(conv)
-
-    def _accept_own(self, event: Event) -> None:
-        self._seq.advance(event.conversation_id, event.seq, event.event_id)
-        if self.auto_ack:
-            self._acks.seen(event.conversation_id, event.seq, event.event_id)
-            self._schedule_ack_flush()
-
-    def _duplicate(self, event: Event) -> None:
-        log.debug("duplicate %r", event)
-        if not self.auto_ack:
-            return
-        if event.type == T.MLS_WELCOME_RECEIVE:
-            self._acks.welcome_redelivered(event.event_id)
-        else:
-            self._acks.redelivered(event.conversation_id, event.seq, event.event_id)
-        self._schedule_ack_flush()
-
-    def _complete_sync(self, event: Event) -> None:
-        self._last_sync = event.expect(pb.SyncComplete)
-        self._synced = True
-        if self._last_sync.truncated_conversation_ids:
-            log.warning(
-                "history lost to retention in %d conversation(s)",
-                len(self._last_sync.truncated_conversation_ids),
-            )
-        self._route(event)
-        self._notify()
-
-    # -- gap repair --------------------------------------------------------------------
-    def _start_repair(self, conv: str) -> None:
-        conn = self._conn
-        if conn is None or not conn.ready:
-            self._held.pop(conv, None)
-            return
-        last = self._seq.last(conv)
-        log.info("seq gap in conversation %s after %s: paging history", conv, last)
-        self._repairs[conv] = self._spawn(self._repair(conn, conv))
-
-    async def _repair(self, conn: Connection, conv: str) -> None:
-        cursor = self._seq.last(conv) or 0
-        try:
-            while True:
-                held = self._held.get(conv)
-                if held is None:
-                    return
-                target = max(e.seq for e, _ in held)
-                if (self._seq.last(conv) or 0) >= target:
-                    break
-                rtype, payload = await self._call(
-                    T.MESSAGE_HISTORY_REQUEST,
-                    pb.HistoryRequest(
-                        conversation_id=conv,
-                        cursor_seq=cursor,
-                        limit=self.history_page_limit,
-                        direction=pb.HISTORY_FORWARD,
-                    ).SerializeToString(),
-                    bound=conn,
-                    retry_rate_limited=True,
-                )
-                page = _parse(
-                    T.MESSAGE_HISTORY_REQUEST,
-                    rtype,
-                    payload,
-                    T.MESSAGE_HISTORY_RESPONSE,
-                    pb.HistoryResponse,
-                )
-                own = {e.seq for e, is_own in self._held.get(conv, ()) if is_own}
-                for env in page.events:
-                    ev = decode_event(env.type, env.payload, replayed=True)
-                    if ev.type not in DURABLE_CONVERSATION_TYPES or ev.conversation_id != conv:
-                        continue
-                    if self._seq.check(conv, ev.seq, ev.event_id) is Verdict.DUPLICATE:
-                        continue
-                    if ev.seq in own:
-                        self._accept_own(ev)
-                    else:
-                        self._accept(ev)
-                if not page.has_more or not page.events or page.next_cursor_seq <= cursor:
-                    break
-                cursor = page.next_cursor_seq
-        except (ConnectionLost, ClientClosed, SessionEnded):
-            return  # state was reset; the server resends everything above our cursor
-        except (SovereignClientError, ProtocolViolation, RequestTimeout, DecodeError) as exc:
-            if conn is not self._conn:
-                return
-            log.warning("could not repair the gap in %s: %s; delivering what we have", conv, exc)
-        if conn is self._conn:
-            self._finish_repair(conv)
-
-    def _finish_repair(self, conv: str) -> None:
-        held = self._held.pop(conv, [])
-        self._repairs.pop(conv, None)
-        for ev, own in sorted(held, key=lambda item: item[0].seq):
-            verdict = self._seq.check(conv, ev.seq, ev.event_id)
-            if verdict is Verdict.DUPLICATE:
-                self._duplicate(ev)
-                continue
-            if verdict is Verdict.GAP:
-                log.warning(
-                    "events %d..%d of %s are not available; continuing",
-                    (self._seq.last(conv) or 0) + 1,
-                    ev.seq - 1,
-                    conv,
-                )
-            if own:
-                self._accept_own(ev)
-            else:
-                self._accept(ev)
-        if not self._held and self._sync_deferred is not None:
-            sync, self._sync_deferred = self._sync_deferred, None
-            self._complete_sync(sync)
-
-    # -- delivery to the application ---------------------------------------------------
-    def _route(self, event: Event) -> None:
-        tracked = _Tracked(event, self._event_done)
-        if self.auto_ack and event.durable:
-            if event.type == T.MLS_WELCOME_RECEIVE:
-                self._acks.welcome_delivered(event.event_id)
-            else:
-                self._acks.delivered(event.conversation_id, event.seq, event.event_id)
-        claimed = False
-        for cb in self._callbacks:
-            if cb.matches(event):
-                tracked.hold()
-                self._cb_queue.append((cb.handler, tracked))
-                claimed = True
-        for st in self._streams:
-            if not st.closed and st.matches(event):
-                tracked.hold()
-                st.push(tracked)
-                claimed = True
-        for w in self._waiters:
-            if not w.future.done() and w.matches(event):
-                w.future.set_result(event)
-                self._waiters.remove(w)
-                claimed = True
-                break
-        if not claimed and not (self._callbacks or self._streams):
-            tracked.hold()
-            self._push_backlog(tracked)
-        self._run_callbacks()
-        tracked.release()
-
-    def _event_done(self, event: Event) -> None:
-        if not self.auto_ack or not event.durable:
-            return
-        if event.type == T.MLS_WELCOME_RECEIVE:
-            self._acks.welcome_seen(event.event_id)
-        else:
-            self._acks.seen(event.conversation_id, event.seq, event.event_id)
-        self._schedule_ack_flush()
-
-    def _push_backlog(self, tracked: _Tracked) -> None:
-        self._backlog.append(tracked)
-        if len(self._backlog) > self.max_backlog:
-            if not self._backlog_overflowed:
-                self._backlog_overflowed = True
-                log.warning(
-                    "more than %d events nobody consumed: dropping the oldest "
-                    "(register a callback with on() or iterate events())",
-                    self.max_backlog,
-                )
-            self._backlog.popleft().release()
-
-    def _adopt_backlog(self, take: Callable[[_Tracked], None]) -> None:
-        """Give a new consumer the waiting events (in order) before any newer one.
-
-        Every consumer registered in the same tick gets its copy (the events move to
-        ``_adopted``); at the next tick those copies are what counts and the backlog's
-        own hold is released (events no consumer wanted count as processed).
-        """
-        for tracked in self._adopted:
-            take(tracked)
-        for tracked in self._backlog:
-            take(tracked)
-        if not self._backlog:
-            return
-        self._adopted.extend(self._backlog)
-        self._backlog.clear()
-        if not self._release_scheduled:
-            self._release_scheduled = True
-            asyncio.get_running_loop().call_soon(self._release_adopted)
-
-    def _release_adopted(self) -> None:
-        self._release_scheduled = False
-        adopted, self._adopted = self._adopted, deque()
-        for tracked in adopted:
-            tracked.release()
-
-    def _run_callbacks(self) -> None:
-        if self._cb_queue and (self._cb_task is None or self._cb_task.done()):
-            self._cb_task = self._spawn(self._callback_runner())
-
-    async def _callback_runner(self) -> None:
-        queue = self._cb_queue
-        while queue:
-            handler, tracked = queue.popleft()
-            try:
-                result = handler(tracked.event)
-                if inspect.isawaitable(result):
-                    await result
-            except asyncio.CancelledError:
-                tracked.release()
-                raise
-            except (ClientClosed, SessionEnded):
-                pass  # the client is going away; not a bug in the handler
-            except Exception:
-                log.exception("event handler %r failed on %r", handler, tracked.event)
-            tracked.release()
-
-    def _drop_stream(self, state: _StreamState) -> None:
-        """An :class:`EventStream` was closed or garbage-collected."""
-        if state.closed:
-            return
-        state.closed = True
-        state.release_current()
-        with contextlib.suppress(ValueError):
-            self._streams.remove(state)
-        leftover = list(state.queue)
-        state.queue.clear()
-        state.wake()
-        if self._callbacks or self._streams:
-            # The other consumers got these events themselves: nothing to hand over.
-            for tracked in leftover:
-                tracked.release()
-        else:
-            # Not processed by anyone: back to the backlog (front, in order) for the
-            # next consumer or wait_for().
-            self._backlog.extendleft(reversed(leftover))
 
     # -- consuming events --------------------------------------------------------------
     def events(self, *types: MessageType | int) -> EventStream:
@@ -1574,19 +513,7 @@ class Client:
         login) are delivered first. See :class:`EventStream` for when an event counts
         as processed (and gets acknowledged).
         """
-        state = _StreamState(frozenset(int(t) for t in types) if types else None)
-        if not self._finished:
-            self._streams.append(state)
-
-            def take(tracked: _Tracked) -> None:
-                if state.matches(tracked.event):
-                    tracked.hold()
-                    state.push(tracked)
-
-            self._adopt_backlog(take)
-        else:
-            state.ended = True
-            state.error = self._terminal
+        state = self._delivery.open_stream(frozenset(int(t) for t in types) if types else None)
         return EventStream(self, state)
 
     @overload
@@ -1609,35 +536,15 @@ class Client:
         if handler is None:
 
             def decorator(fn: H) -> H:
-                self._add_callback(type_set, fn)
+                self._delivery.add_callback(type_set, fn)
                 return fn
 
             return decorator
-        return self._add_callback(type_set, handler)
-
-    def _add_callback(
-        self, types: frozenset[int] | None, handler: EventHandler
-    ) -> Callable[[], None]:
-        cb = _Callback(types, handler)
-        self._callbacks.append(cb)
-
-        def take(tracked: _Tracked) -> None:
-            if cb.matches(tracked.event):
-                tracked.hold()
-                self._cb_queue.append((cb.handler, tracked))
-
-        self._adopt_backlog(take)
-        self._run_callbacks()
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._callbacks.remove(cb)
-
-        return remove
+        return self._delivery.add_callback(type_set, handler)
 
     def off(self, handler: EventHandler) -> None:
         """Remove every registration of ``handler``."""
-        self._callbacks = [cb for cb in self._callbacks if cb.handler is not handler]
+        self._delivery.remove_handler(handler)
 
     async def wait_for(
         self,
@@ -1649,82 +556,12 @@ class Client:
         """The first event of ``types`` matching ``predicate`` — from the backlog of
         unconsumed events, else the next one to arrive. Handy in tests. Raises
         TimeoutError after ``timeout`` (default ``request_timeout``)."""
-        self._raise_if_finished()
-        waiter = _Waiter(_type_set(types), predicate, asyncio.get_running_loop().create_future())
-        for tracked in self._backlog:
-            if waiter.matches(tracked.event):
-                self._backlog.remove(tracked)
-                tracked.release()
-                return tracked.event
-        for tracked in self._adopted:  # handed to a consumer this very tick
-            if waiter.matches(tracked.event):
-                return tracked.event
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(self.request_timeout if timeout is None else timeout):
-                return await waiter.future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-
-    # -- acks ----------------------------------------------------------------------------
-    def _schedule_ack_flush(self, delay: float | None = None) -> None:
-        if (
-            not self.auto_ack
-            or self._ack_timer is not None
-            or self._ack_flushing
-            or self._closing
-            or self._finished
-        ):
-            return
-        conn = self._conn
-        if conn is None or not conn.ready or not self._acks.pending:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # an EventStream finalized outside the loop
-            return
-        self._ack_timer = loop.call_later(
-            self.ack_interval if delay is None else delay, self._ack_timer_fired
+        self._session.check_open()
+        return await self._delivery.wait_for(
+            _type_set(types), predicate, self.request_timeout if timeout is None else timeout
         )
 
-    def _ack_timer_fired(self) -> None:
-        self._ack_timer = None
-        if self._ack_flushing:
-            return
-        self._ack_flushing = True
-        self._spawn(self._flush_acks())
-
-    async def _flush_acks(self, *, internal: bool = False, reschedule: bool = True) -> None:
-        self._ack_flushing = True
-        retry_delay: float | None = None
-        try:
-            conn = self._conn
-            if conn is None or not conn.ready:
-                return
-            batch = self._acks.take(_MAX_ACK_IDS)
-            if not batch:
-                return
-            try:
-                await self._call(
-                    T.MESSAGE_ACK,
-                    pb.MessageAck(message_ids=batch.message_ids).SerializeToString(),
-                    bound=conn,
-                    internal=internal,
-                )
-            except SovereignClientError as exc:
-                if exc.code == _RATE_LIMITED:
-                    self._acks.requeue(batch)
-                    retry_delay = max(exc.retry_after_ms / 1000.0, self.ack_interval)
-                else:
-                    log.warning("MESSAGE_ACK refused: %s", exc)
-            except ClientError:
-                self._acks.requeue(batch)  # sent again on the next READY
-        finally:
-            self._ack_flushing = False
-            if reschedule:
-                self._schedule_ack_flush(retry_delay)
-
+    # -- acks ----------------------------------------------------------------------------
     async def ack(self, *events: Event | str) -> int:
         """Acknowledge events now (for ``auto_ack=False``): one MESSAGE_ACK with their ids.
 
@@ -1736,7 +573,9 @@ class Client:
         ids = [i for i in ids if i]
         if not ids:
             return 0
-        result = await self._typed(T.MESSAGE_ACK, pb.MessageAck(message_ids=ids), T.ACK, pb.Ack)
+        result = await self._requests.typed(
+            T.MESSAGE_ACK, pb.MessageAck(message_ids=ids), T.ACK, pb.Ack
+        )
         return int(result.count)
 
     # -- high-level API ------------------------------------------------------------------
@@ -1756,7 +595,7 @@ class Client:
         the server dedupes for 24 h. Pass your own ``request_id`` to make a retry from
         a new process idempotent too.
         """
-        return await self._typed(
+        return await self._requests.typed(
             T.MESSAGE_SEND,
             pb.MessageSend(
                 conversation_id=conversation_id,
@@ -1772,7 +611,7 @@ class Client:
     async def create_group(self, title: str, member_ids: Sequence[str] = ()) -> pb.GroupCreated:
         """Create a conversation with you as admin plus ``member_ids`` (1:1 = one other
         member). Every member's devices then get GROUP_MEMBER_ADDED events."""
-        return await self._typed(
+        return await self._requests.typed(
             T.GROUP_CREATE,
             pb.GroupCreate(title=title, member_ids=list(member_ids)),
             T.GROUP_CREATED,
@@ -1781,7 +620,7 @@ class Client:
 
     async def invite(self, conversation_id: str, user_id: str) -> None:
         """Add a user to a conversation (group admins only: 2001; 4002 AlreadyMember)."""
-        await self._typed(
+        await self._requests.typed(
             T.GROUP_INVITE,
             pb.GroupInvite(conversation_id=conversation_id, user_id=user_id),
             T.ACK,
@@ -1790,7 +629,7 @@ class Client:
 
     async def remove(self, conversation_id: str, user_id: str) -> None:
         """Remove a member (group admins only: 2001; 4003 NotMember; 4004 for yourself)."""
-        await self._typed(
+        await self._requests.typed(
             T.GROUP_REMOVE,
             pb.GroupRemove(conversation_id=conversation_id, user_id=user_id),
             T.ACK,
@@ -1799,13 +638,13 @@ class Client:
 
     async def leave(self, conversation_id: str) -> None:
         """Leave a conversation."""
-        await self._typed(
+        await self._requests.typed(
             T.GROUP_LEAVE, pb.GroupLeave(conversation_id=conversation_id), T.ACK, pb.Ack
         )
 
     async def list_conversations(self) -> list[pb.Conversation]:
         """Every conversation you are a member of (with members, last_seq, mls_epoch)."""
-        result = await self._typed(
+        result = await self._requests.typed(
             T.CONVERSATION_LIST_REQUEST,
             pb.ConversationListRequest(),
             T.CONVERSATION_LIST,
@@ -1823,7 +662,7 @@ class Client:
         """One page of history (SPEC §12.4): ``cursor_seq`` is exclusive; 0 means "from
         the newest" backward or "from the start" forward; at most 200 events, in
         ascending seq order. These events are *not* delivered to consumers or acked."""
-        result = await self._typed(
+        result = await self._requests.typed(
             T.MESSAGE_HISTORY_REQUEST,
             pb.HistoryRequest(
                 conversation_id=conversation_id,
@@ -1858,7 +697,7 @@ class Client:
 
     async def mark_read(self, conversation_id: str, up_to_seq: int) -> None:
         """Store your read marker; members get MESSAGE_READ_RECEIPT."""
-        await self._typed(
+        await self._requests.typed(
             T.MESSAGE_READ,
             pb.ReadMarker(conversation_id=conversation_id, up_to_seq=up_to_seq),
             T.ACK,
@@ -1867,7 +706,7 @@ class Client:
 
     async def typing(self, conversation_id: str, typing: bool = True) -> None:
         """Tell the conversation you are (not) typing (ephemeral)."""
-        await self._typed(
+        await self._requests.typed(
             T.TYPING,
             pb.Typing(conversation_id=conversation_id, typing=typing),
             T.ACK,
@@ -1876,14 +715,16 @@ class Client:
 
     async def set_presence(self, status: str) -> None:
         """Set your presence: ``"online"``, ``"away"`` or ``"offline"``."""
-        await self._typed(T.PRESENCE_UPDATE, pb.PresenceUpdate(status=status), T.ACK, pb.Ack)
+        await self._requests.typed(
+            T.PRESENCE_UPDATE, pb.PresenceUpdate(status=status), T.ACK, pb.Ack
+        )
 
     async def upload_key_packages(
         self, key_packages: Sequence[bytes], *, last_resort: bool = False
     ) -> int:
         """Upload MLS KeyPackages for this device (all or nothing); returns how many
         were stored. ``last_resort=True`` uploads exactly one last-resort package."""
-        result = await self._typed(
+        result = await self._requests.typed(
             T.MLS_KEY_PACKAGE_UPLOAD,
             pb.MLSKeyPackageUpload(key_packages=list(key_packages), last_resort=last_resort),
             T.ACK,
@@ -1893,7 +734,7 @@ class Client:
 
     async def fetch_key_packages(self, user_id: str) -> pb.MLSKeyPackageResponse:
         """One KeyPackage per device of ``user_id`` (consumed; 5005 if none)."""
-        return await self._typed(
+        return await self._requests.typed(
             T.MLS_KEY_PACKAGE_FETCH,
             pb.MLSKeyPackageFetch(user_id=user_id),
             T.MLS_KEY_PACKAGE_RESPONSE,
@@ -1904,7 +745,7 @@ class Client:
         self, conversation_id: str, recipient_id: str, welcome_data: bytes
     ) -> None:
         """Deliver an MLS Welcome to a member (durable to each of its devices)."""
-        await self._typed(
+        await self._requests.typed(
             T.MLS_WELCOME,
             pb.MLSWelcome(
                 conversation_id=conversation_id,
@@ -1926,7 +767,7 @@ class Client:
         """Send an MLS commit bundle (commit, optional GroupInfo, Welcomes as
         ``(recipient_id, welcome_data)``), accepted or rejected atomically; returns the
         broadcast echo. 5004 EpochMismatch if another commit won the epoch."""
-        return await self._typed(
+        return await self._requests.typed(
             T.MLS_COMMIT,
             pb.MLSCommit(
                 conversation_id=conversation_id,
@@ -1945,7 +786,7 @@ class Client:
 
     async def group_info(self, conversation_id: str) -> pb.GroupInfo:
         """The latest stored GroupInfo of a conversation (5006 if none)."""
-        return await self._typed(
+        return await self._requests.typed(
             T.MLS_GROUP_INFO_FETCH,
             pb.GroupInfoFetch(conversation_id=conversation_id),
             T.MLS_GROUP_INFO,
@@ -1955,39 +796,50 @@ class Client:
     async def ping(self, *, timeout: float | None = None) -> float:
         """PING the server; returns the round-trip time in seconds."""
         start = time.perf_counter()
-        await self._typed(T.PING, pb.Ping(timestamp=_now_us()), T.PONG, pb.Pong, timeout=timeout)
+        await self._requests.typed(
+            T.PING, pb.Ping(timestamp=_now_us()), T.PONG, pb.Pong, timeout=timeout
+        )
         return time.perf_counter() - start
 
+    # -- wiring: what the session asks of the other parts ------------------------------
+    def _on_frame(self, conn: Connection, data: bytes) -> None:
+        """Route one frame of the current connection: the answer to one of our requests,
+        a server PING, or an event (only once the connection is READY)."""
+        try:
+            msg_type, rid, view = decode_envelope(data)
+        except EnvelopeError as exc:
+            log.warning("dropping an invalid envelope from the server: %s", exc)
+            return
+        payload = bytes(view)
+        if rid:
+            answered = self._requests.resolve(conn, rid, msg_type, payload)
+            if answered is not None:
+                self._delivery.response_received(answered, msg_type, payload, rid)
+                return
+        if msg_type == T.PING:
+            self._session.answer_ping(conn, rid, payload)
+            return
+        if msg_type in (T.PONG, T.ACK) or not conn.ready:
+            if msg_type in (T.ERROR, T.AUTH_ERROR):
+                log.warning("server error before READY: %s", error_from(0, msg_type, payload))
+            return
+        self._delivery.receive(msg_type, payload, rid)
 
-# -- helpers -------------------------------------------------------------------------
+    def _on_ready(self, conn: Connection) -> None:
+        self._requests.resend(conn)
+        self._delivery.connection_ready()
 
+    def _on_detached(self, conn: Connection, lost: ConnectionLost) -> None:
+        self._delivery.connection_lost()
+        self._requests.connection_lost(conn, lost)
 
-def _name(msg_type: int) -> str:
-    try:
-        return MessageType(msg_type).name
-    except ValueError:
-        return str(msg_type)
+    def _on_end(self, error: ClientError | None) -> None:
+        # After a fatal close this fails the idempotent requests the drop had kept for
+        # a resend; after close() the table is already empty.
+        self._requests.fail_all(error if error is not None else ClientClosed())
+        self._delivery.end(error)
 
-
-def _error_from(request_type: int, rtype: int, payload: bytes) -> SovereignClientError:
-    try:
-        if rtype == T.AUTH_ERROR:
-            a = pb.AuthError.FromString(payload)
-            return SovereignClientError(a.error_code, a.message, request_type=request_type)
-        e = pb.Error.FromString(payload)
-        return SovereignClientError(
-            e.code, e.message, e.retry_after_ms, fatal=e.fatal, request_type=request_type
+    async def _ping(self, conn: Connection, timeout: float) -> None:
+        await self._requests.call(
+            T.PING, pb.Ping(timestamp=_now_us()).SerializeToString(), bound=conn, timeout=timeout
         )
-    except DecodeError:
-        return SovereignClientError(9001, "unparseable error", request_type=request_type)
-
-
-def _parse(request: int, rtype: int, payload: bytes, expect: int, cls: type[M]) -> M:
-    if rtype != expect:
-        raise ProtocolViolation(
-            f"{_name(request)} was answered with {_name(rtype)}, expected {_name(expect)}"
-        )
-    try:
-        return cls.FromString(payload)
-    except DecodeError as exc:
-        raise ProtocolViolation(f"unparseable {_name(rtype)} payload") from exc
