@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import ssl
 import time
@@ -34,18 +33,9 @@ Handler = Callable[[Connection, int, str, memoryview], object]
 
 
 def _load_dispatch() -> tuple[Any, str]:
-    try:
-        from sovereign._fast import dispatch as fast_dispatch
+    from sovereign import implementations
 
-        return fast_dispatch, "compiled"
-    except ImportError:
-        if os.environ.get("SOVEREIGN_REQUIRE_FAST") == "1":
-            raise ImportError(
-                "SOVEREIGN_REQUIRE_FAST=1 but sovereign._fast.dispatch is not built"
-            ) from None
-        from sovereign.protocol import dispatch as py_dispatch
-
-        return py_dispatch, "python"
+    return implementations.select("dispatch")
 
 
 class App:
