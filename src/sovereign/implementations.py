@@ -8,7 +8,8 @@ the environment, the first time a component is asked for:
   even imported (to debug, profile or bisect a difference between the two).
 * ``SOVEREIGN_REQUIRE_FAST=1``: the compiled module, and an ``ImportError`` whose
   message is one line naming the missing module when it cannot be imported (a
-  production install that silently runs the twins would be several times slower).
+  production install that silently ran the twins would be slower: 1.7-15x in the
+  microbenchmarks under ``benchmarks/``).
 * Both set: an ``ImportError``; they contradict each other.
 * Neither: the compiled module if it imports, else the twin.
 
