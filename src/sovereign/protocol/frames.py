@@ -96,6 +96,7 @@ __all__ = [
     "ECHO_CLOSE",
     "FAIL",
     "IGNORE",
+    "INVALID_PAYLOAD",
     "OP_BINARY",
     "OP_CLOSE",
     "OP_CONTINUATION",
