@@ -6,10 +6,10 @@ operation side by side; each benchmark checks its own result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests.helpers.twins import KINDS, load_twin
 
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -28,9 +28,6 @@ WIRE = _pb_encode(MESSAGE_SEND, RID, PAYLOAD)
 PING_PAYLOAD = pb.Ping(timestamp=1_760_000_000_000).SerializeToString()
 PING_WIRE = _pb_encode(PING, RID, PING_PAYLOAD)
 
-CODECS = {"compiled": "sovereign._fast.envelope", "python": "sovereign.codec.envelope"}
-DISPATCHERS = {"compiled": "sovereign._fast.dispatch", "python": "sovereign.protocol.dispatch"}
-Loader = Callable[[str], Any]
 # Rounds of >= 200 us (many iterations each) so timer overhead does not blur ~100 ns ops.
 BENCH = {"min_time": 0.0002, "warmup": True}
 
@@ -43,9 +40,9 @@ def _pb_decode(data: bytes) -> tuple[int, str, bytes]:
 @pytest.mark.benchmark(
     group="envelope decode: MESSAGE_SEND, 36 B request_id, 200 B payload", **BENCH
 )
-@pytest.mark.parametrize("impl", ["compiled", "python", "protobuf"])
-def test_decode(benchmark: Any, load_module: Loader, impl: str) -> None:
-    decode = _pb_decode if impl == "protobuf" else load_module(CODECS[impl]).decode_envelope
+@pytest.mark.parametrize("impl", [*KINDS, "protobuf"])
+def test_decode(benchmark: Any, impl: str) -> None:
+    decode = _pb_decode if impl == "protobuf" else load_twin("envelope", impl).decode_envelope
     t, rid, payload = benchmark(decode, WIRE)
     assert (t, rid, bytes(payload)) == (MESSAGE_SEND, RID, PAYLOAD)
 
@@ -53,9 +50,9 @@ def test_decode(benchmark: Any, load_module: Loader, impl: str) -> None:
 @pytest.mark.benchmark(
     group="envelope encode: MESSAGE_SEND, 36 B request_id, 200 B payload", **BENCH
 )
-@pytest.mark.parametrize("impl", ["compiled", "python", "protobuf"])
-def test_encode(benchmark: Any, load_module: Loader, impl: str) -> None:
-    encode = _pb_encode if impl == "protobuf" else load_module(CODECS[impl]).encode_envelope
+@pytest.mark.parametrize("impl", [*KINDS, "protobuf"])
+def test_encode(benchmark: Any, impl: str) -> None:
+    encode = _pb_encode if impl == "protobuf" else load_twin("envelope", impl).encode_envelope
     assert benchmark(encode, MESSAGE_SEND, RID, PAYLOAD) == WIRE
 
 
@@ -72,9 +69,9 @@ class _Conn:
 @pytest.mark.benchmark(
     group="dispatch: PING envelope to a no-op handler (ready, under limit)", **BENCH
 )
-@pytest.mark.parametrize("impl", ["compiled", "python"])
-def test_dispatch(benchmark: Any, load_module: Loader, impl: str) -> None:
-    mod = load_module(DISPATCHERS[impl])
+@pytest.mark.parametrize("impl", KINDS)
+def test_dispatch(benchmark: Any, impl: str) -> None:
+    mod = load_twin("dispatch", impl)
     seen: list[tuple[int, str, int]] = []
 
     def on_ping(conn: Any, t: int, rid: str, payload: memoryview) -> None:

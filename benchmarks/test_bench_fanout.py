@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests.helpers.twins import KINDS, load_twin
 
-MODULES = {"compiled": "sovereign._fast.fanout", "python": "sovereign.transport.fanout"}
-Loader = Callable[[str], Any]
 BENCH = {"min_time": 0.0002, "warmup": True}
 MEMBERS = 1_000
 LIMIT = 4 * 1_048_576
@@ -48,17 +46,17 @@ class _Conn:
 
 
 @pytest.mark.benchmark(group="ws_frame: 300 B envelope", **BENCH)
-@pytest.mark.parametrize("impl", list(MODULES))
-def test_ws_frame(benchmark: Any, load_module: Loader, impl: str) -> None:
-    mod = load_module(MODULES[impl])
+@pytest.mark.parametrize("impl", KINDS)
+def test_ws_frame(benchmark: Any, impl: str) -> None:
+    mod = load_twin("fanout", impl)
     frame = benchmark(mod.ws_frame, ENVELOPE)
     assert frame == b"\x82\x7e\x01\x2c" + ENVELOPE
 
 
 @pytest.mark.benchmark(group="fanout: 304 B frame to 1,000 users x 1 connection", **BENCH)
-@pytest.mark.parametrize("impl", list(MODULES))
-def test_fanout_by_user(benchmark: Any, load_module: Loader, impl: str) -> None:
-    mod = load_module(MODULES[impl])
+@pytest.mark.parametrize("impl", KINDS)
+def test_fanout_by_user(benchmark: Any, impl: str) -> None:
+    mod = load_twin("fanout", impl)
     frame = mod.ws_frame(ENVELOPE)
     conns = [_Conn() for _ in range(MEMBERS + 1)]
     by_user = {f"user{i:04d}": [c] for i, c in enumerate(conns)}
@@ -69,9 +67,9 @@ def test_fanout_by_user(benchmark: Any, load_module: Loader, impl: str) -> None:
 
 
 @pytest.mark.benchmark(group="fanout_conns: 304 B frame to 1,000 connections", **BENCH)
-@pytest.mark.parametrize("impl", list(MODULES))
-def test_fanout_conns(benchmark: Any, load_module: Loader, impl: str) -> None:
-    mod = load_module(MODULES[impl])
+@pytest.mark.parametrize("impl", KINDS)
+def test_fanout_conns(benchmark: Any, impl: str) -> None:
+    mod = load_twin("fanout", impl)
     frame = mod.ws_frame(ENVELOPE)
     conns = [_Conn() for _ in range(MEMBERS)]
     assert benchmark(mod.fanout_conns, frame, conns, None, LIMIT) == MEMBERS
@@ -79,9 +77,9 @@ def test_fanout_conns(benchmark: Any, load_module: Loader, impl: str) -> None:
 
 
 @pytest.mark.benchmark(group="append_ws_frame: backlog of 100 x 300 B envelopes", **BENCH)
-@pytest.mark.parametrize("impl", list(MODULES))
-def test_append_backlog(benchmark: Any, load_module: Loader, impl: str) -> None:
-    mod = load_module(MODULES[impl])
+@pytest.mark.parametrize("impl", KINDS)
+def test_append_backlog(benchmark: Any, impl: str) -> None:
+    mod = load_twin("fanout", impl)
     append = mod.append_ws_frame
 
     def batch() -> bytearray:

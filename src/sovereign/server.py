@@ -100,7 +100,7 @@ class App:
             mls=mls,
         )
         # -- the request path
-        self._dispatch_mod = implementations.dispatch()
+        self._dispatch_mod = implementations.load("dispatch")
         self.dispatcher = self._dispatch_mod.Dispatcher(
             handler_table(self.services),
             [int(t) for t in PRE_AUTH_TYPES],
@@ -286,7 +286,7 @@ def tune_gc() -> None:
 
 
 async def create_app(config: Config) -> App:
-    implementations.dispatch()  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
+    implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
     try:
         app = App(config, storage)

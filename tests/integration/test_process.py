@@ -1,5 +1,5 @@
 """The real server process: signals and graceful shutdown, the start-up log naming the
-active implementations, SOVEREIGN_REQUIRE_FAST, and the first-admin bootstrap code
+active implementations, SOVEREIGN_REQUIRE_FAST / SOVEREIGN_PURE, and the first-admin bootstrap code
 (SPEC §4 shutdown, §11, §12.19; issue 2 "Build and layout")."""
 
 from __future__ import annotations
@@ -160,11 +160,15 @@ async def test_shutdown_with_no_connections_exits_0(tmp_path: Path) -> None:
     assert await srv.stop(signal.SIGTERM) == 0
 
 
-# -- implementations and SOVEREIGN_REQUIRE_FAST ----------------------------------------
+# -- implementations, SOVEREIGN_REQUIRE_FAST and SOVEREIGN_PURE -------------------------
+
+# Whatever the caller's shell has: each test below sets the flags it is about.
+FAST = {"SOVEREIGN_REQUIRE_FAST": "1", "SOVEREIGN_PURE": "0"}
+ANY = {"SOVEREIGN_REQUIRE_FAST": "0", "SOVEREIGN_PURE": "0"}
 
 
 async def test_startup_log_names_the_compiled_implementations(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data", env={"SOVEREIGN_REQUIRE_FAST": "1"})
+    srv = Server(tmp_path / "data", env=FAST)
     await srv.start()
     try:
         listening = next(line for line in srv.lines if "listening on" in line)
@@ -207,25 +211,28 @@ def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[
     [
         ("sovereign._fast", "sovereign._fast.envelope"),  # nothing compiled
         ("sovereign._fast.dispatch", "sovereign._fast.dispatch"),  # only the dispatcher
+        ("sovereign._fast.fanout", "sovereign._fast.fanout"),  # only the fan-out
     ],
 )
 async def test_require_fast_refuses_to_start_without_compiled_modules(
     tmp_path: Path, blocked: str, named: str
 ) -> None:
     script = blocked_script(tmp_path / "data", blocked)
-    proc = await asyncio.to_thread(run_script, script, {"SOVEREIGN_REQUIRE_FAST": "1"})
+    proc = await asyncio.to_thread(run_script, script, FAST)
     assert proc.returncode != 0, proc
     assert named in proc.stderr, proc
     assert "SOVEREIGN_REQUIRE_FAST" in proc.stderr
+    # one clear line: what is missing and how to build it
+    assert "SOVEREIGN_REQUIRE_FAST=1 but the compiled " in proc.stderr
+    assert f" {named} is missing; build it with" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "listening" not in proc.stdout + proc.stderr
 
 
 async def test_without_require_fast_the_python_twins_run(tmp_path: Path) -> None:
     d = tmp_path / "data"
-    srv = Server(
-        d, env={"SOVEREIGN_REQUIRE_FAST": "0"}, script=blocked_script(d, "sovereign._fast")
-    )
+    srv = Server(d, env=ANY, script=blocked_script(d, "sovereign._fast"))
     await srv.start()
     try:
         listening = next(line for line in srv.lines if "listening on" in line)
@@ -244,6 +251,29 @@ async def test_without_require_fast_the_python_twins_run(tmp_path: Path) -> None
         assert acct.user_id
     finally:
         srv.close()
+
+
+async def test_pure_runs_the_python_twins_although_compiled_ones_are_built(
+    tmp_path: Path,
+) -> None:
+    srv = Server(tmp_path / "data", env={"SOVEREIGN_PURE": "1", "SOVEREIGN_REQUIRE_FAST": "0"})
+    await srv.start()
+    try:
+        listening = next(line for line in srv.lines if "listening on" in line)
+        assert "envelope codec: python" in listening and "dispatcher: python" in listening
+        await wait_handlers_installed(srv)
+    finally:
+        assert await srv.stop() == 0
+
+
+async def test_pure_and_require_fast_together_refuse_to_start(tmp_path: Path) -> None:
+    script = blocked_script(tmp_path / "data", "sovereign._no_such_module")  # blocks nothing
+    env = {"SOVEREIGN_PURE": "1", "SOVEREIGN_REQUIRE_FAST": "1"}
+    proc = await asyncio.to_thread(run_script, script, env)
+    assert proc.returncode != 0, proc
+    assert "SOVEREIGN_PURE=1 and SOVEREIGN_REQUIRE_FAST=1 contradict" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "listening" not in proc.stdout + proc.stderr
 
 
 # -- first-admin bootstrap (SPEC §12.19) -----------------------------------------------

@@ -16,23 +16,15 @@ from hypothesis import strategies as st
 from sovereign.codec import encode_envelope
 from sovereign.codec.envelope import encode_envelope as py_encode
 from sovereign.v1 import sovereign_pb2 as pb
-from tests.helpers.twins import load_all, load_twin
-
-MODULES = {"compiled": "sovereign._fast.dispatch", "python": "sovereign.protocol.dispatch"}
+from tests.helpers.twins import impl_fixture, impls_fixture
 
 AUTH_REQUEST, AUTH_RESPONSE, MESSAGE_SEND, PING = 1, 3, 20, 60
 PRE_AUTH = (1, 3, 6, 8, 60)  # SPEC §12.7
 MAX_ENVELOPE = 256
 
 
-@pytest.fixture(scope="module", params=list(MODULES))
-def mod(request: pytest.FixtureRequest) -> ModuleType:
-    return load_twin(MODULES, request.param, "dispatcher")
-
-
-@pytest.fixture(scope="module")
-def mods() -> list[ModuleType]:
-    return load_all(MODULES, "dispatcher")
+mod = impl_fixture("dispatch")
+mods = impls_fixture("dispatch")
 
 
 class FakeConn:

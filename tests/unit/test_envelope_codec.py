@@ -19,37 +19,14 @@ from hypothesis import strategies as st
 from sovereign import codec
 from sovereign.codec import EnvelopeError
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.twins import impl_fixture, impls_fixture, load_twin
 
-IMPL_NAMES = ("compiled", "python")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 NO_LIMIT = 1 << 40  # max_request_id large enough to never trigger
 
 
-def _load(name: str) -> ModuleType:
-    impls = codec.implementations()
-    if name not in impls:
-        if os.environ.get("SOVEREIGN_ALLOW_PURE") == "1":
-            pytest.skip(f"{name} codec not built (SOVEREIGN_ALLOW_PURE=1)")
-        pytest.fail(
-            f"{name} codec missing: run `python setup.py build_ext --inplace` "
-            "(or set SOVEREIGN_ALLOW_PURE=1 to test the twin alone)"
-        )
-    return impls[name]
-
-
-@pytest.fixture(scope="module", params=IMPL_NAMES)
-def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return _load(request.param)
-
-
-@pytest.fixture(scope="module")
-def impls() -> list[ModuleType]:
-    """Both implementations, for cross-checks."""
-    out = []
-    for name in IMPL_NAMES:
-        if name in codec.implementations() or os.environ.get("SOVEREIGN_ALLOW_PURE") != "1":
-            out.append(_load(name))
-    return out
+impl = impl_fixture("envelope")
+impls = impls_fixture("envelope")  # both implementations, for cross-checks
 
 
 Outcome = tuple[object, ...]
@@ -100,7 +77,9 @@ def test_same_error_class_everywhere(impl: ModuleType) -> None:
 
 def test_compiled_is_selected_when_built() -> None:
     if "compiled" not in codec.implementations():
-        _load("compiled")
+        load_twin("envelope", "compiled")
+    if os.environ.get("SOVEREIGN_PURE") == "1":
+        pytest.skip("SOVEREIGN_PURE=1 selects the twin (see test_implementations.py)")
     assert codec.IMPLEMENTATION == "compiled"
     assert codec.decode_envelope is codec.implementations()["compiled"].decode_envelope
 
@@ -110,7 +89,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**os.environ, "SOVEREIGN_PURE": "0", **env},
         check=False,
         timeout=60,
     )
@@ -137,7 +116,7 @@ def test_require_fast_turns_missing_module_into_import_error() -> None:
 
 @pytest.mark.parametrize("first", ["sovereign._fast.envelope", "sovereign._fast.dispatch"])
 def test_compiled_module_can_be_imported_first(first: str) -> None:
-    _load("compiled")
+    load_twin("envelope", "compiled")
     r = _run(f"import {first}\nimport sovereign.codec as c\nprint(c.IMPLEMENTATION)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "compiled"

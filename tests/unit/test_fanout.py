@@ -27,21 +27,14 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from sovereign.codec import encode_envelope
 from sovereign.v1 import sovereign_pb2 as pb
-from tests.helpers.twins import load_all, load_twin
+from tests.helpers.twins import impl_fixture, impls_fixture, load_twin
 
-MODULES = {"compiled": "sovereign._fast.fanout", "python": "sovereign.transport.fanout"}
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 MESSAGE_RECEIVE = 21
 
 
-@pytest.fixture(scope="module", params=list(MODULES))
-def impl(request: pytest.FixtureRequest) -> ModuleType:
-    return load_twin(MODULES, request.param, "fan-out")
-
-
-@pytest.fixture(scope="module")
-def impls() -> list[ModuleType]:
-    return load_all(MODULES, "fan-out")
+impl = impl_fixture("fanout")
+impls = impls_fixture("fanout")
 
 
 def payload_of(n: int) -> bytes:
@@ -478,7 +471,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**os.environ, "SOVEREIGN_PURE": "0", **env},
         check=False,
         timeout=60,
     )
@@ -491,7 +484,9 @@ PICK = "from sovereign.transport import fanout as f; print(f.implementation().__
 def test_implementation_prefers_compiled() -> None:
     from sovereign.transport import fanout as twin
 
-    compiled = load_twin(MODULES, "compiled", "fan-out")
+    compiled = load_twin("fanout", "compiled")
+    if os.environ.get("SOVEREIGN_PURE") == "1":
+        pytest.skip("SOVEREIGN_PURE=1 selects the twin (see test_implementations.py)")
     assert twin.implementation() is compiled
 
 

@@ -23,9 +23,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 __all__ = ["MAX_TYPES", "Dispatcher", "TokenBucket"]
 
-cdef enum:
-    _N_TYPES = 128  # handler table size (types 0..127)
-MAX_TYPES = _N_TYPES
+MAX_TYPES = _N_TYPES  # declared in dispatch.pxd
 cdef double _MAX_RETRY_MS = 4294967295.0  # Error.retry_after_ms is a uint32
 
 # Error codes (SPEC §8).
@@ -48,12 +46,10 @@ cdef tuple _check_bucket(rate_per_s, burst):
 
 
 cdef class TokenBucket:
-    """Per-connection token bucket (SPEC §9). 32 bytes of state, no GC tracking."""
+    """Per-connection token bucket (SPEC §9). 32 bytes of state, no GC tracking.
 
-    cdef double _rate
-    cdef double _burst
-    cdef double _tokens
-    cdef double _last
+    Attributes and ``_take`` are declared in dispatch.pxd.
+    """
 
     def __init__(self, rate_per_s, burst, double now):
         self._rate, self._burst = _check_bucket(rate_per_s, burst)
@@ -124,13 +120,10 @@ cdef object _decode_utf8(const unsigned char* s, Py_ssize_t n):
 
 
 cdef class Dispatcher:
-    """Routes one received Envelope to its handler, or reports why it cannot."""
+    """Routes one received Envelope to its handler, or reports why it cannot.
 
-    cdef tuple _table                      # owns the handlers (and is GC-traversed)
-    cdef PyObject* _handlers[_N_TYPES]     # borrowed from _table; NULL = no handler
-    cdef unsigned char _pre_auth[_N_TYPES]
-    cdef Py_ssize_t _max_envelope_bytes
-    cdef Py_ssize_t _max_request_id_bytes
+    Attributes are declared in dispatch.pxd.
+    """
 
     def __init__(
         self, handlers, pre_auth_types, max_envelope_bytes, max_request_id_bytes=64

@@ -31,44 +31,14 @@ from cpython.dict cimport PyDict_CheckExact, PyDict_GetItemWithError
 from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE, PyList_GetSlice
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
 cdef tuple _EMPTY = ()
 
-# _try_write outcomes
-cdef enum:
-    SKIPPED = 0
-    WRITTEN = 1
-    OVER = 2  # the caller must call conn.overflow()
-
+# The _try_write outcomes (SKIPPED, WRITTEN, OVER) and the header helpers
+# (_header_len, _put_header) are in fanout.pxd.
 
 # ---------------------------------------------------------------- framing
-
-cdef inline Py_ssize_t _header_len(Py_ssize_t n) noexcept nogil:
-    if n < 126:
-        return 2
-    if n <= 0xFFFF:
-        return 4
-    return 10
-
-
-cdef inline void _put_header(unsigned char* p, Py_ssize_t n) noexcept nogil:
-    """RFC 6455 §5.2 server frame header: FIN + binary, no mask, minimal length."""
-    cdef uint64_t v = <uint64_t>n
-    cdef int i
-    p[0] = 0x82
-    if n < 126:
-        p[1] = <unsigned char>n
-    elif n <= 0xFFFF:
-        p[1] = 126
-        p[2] = <unsigned char>(v >> 8)
-        p[3] = <unsigned char>v
-    else:
-        p[1] = 127
-        for i in range(8):
-            p[2 + i] = <unsigned char>(v >> (56 - 8 * i))
-
 
 cdef int _acquire(object buf, Py_buffer* view) except -1:
     """Exact bytes are read in place (0); anything else via PyBUF_SIMPLE (1: release)."""
@@ -131,7 +101,7 @@ cdef inline bytes _check_frame(object frame):
     return <bytes>frame
 
 
-cdef inline int _try_write(object conn, bytes frame, Py_ssize_t n, Py_ssize_t limit) except -1:
+cdef int _try_write(object conn, bytes frame, Py_ssize_t n, Py_ssize_t limit) except -1:
     """SKIPPED (not live / closed), WRITTEN, or OVER (caller calls conn.overflow())."""
     cdef Py_ssize_t size
     if not conn.live:

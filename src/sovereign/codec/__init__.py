@@ -1,15 +1,16 @@
 """Envelope codec (SPEC §2), compiled when available.
 
-At import this picks ``sovereign._fast.envelope`` (Cython) and falls back to the
-pure-Python twin ``sovereign.codec.envelope``. ``SOVEREIGN_REQUIRE_FAST=1`` turns a
-missing compiled module into an ImportError instead of a silent fallback.
+The implementation -- ``sovereign._fast.envelope`` (Cython) or its pure-Python twin
+``sovereign.codec.envelope`` -- is chosen by :mod:`sovereign.implementations` at import
+(``SOVEREIGN_PURE=1`` forces the twin; ``SOVEREIGN_REQUIRE_FAST=1`` turns a missing
+compiled module into an ImportError instead of a silent fallback).
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
+from sovereign import implementations as _implementations
 from sovereign.codec import envelope as _python
 
 __all__ = [
@@ -21,34 +22,19 @@ __all__ = [
     "implementations",
 ]
 
-EnvelopeError = _python.EnvelopeError
+_active = _implementations.select("envelope")
+IMPLEMENTATION: str = _active.kind
+
+EnvelopeError = _python.EnvelopeError  # one class: the compiled module raises it too
 decode_envelope = _python.decode_envelope
 encode_envelope = _python.encode_envelope
 encode_envelope_into = _python.encode_envelope_into
-IMPLEMENTATION: str = "python"
-
-_compiled: ModuleType | None = None
-try:
-    from sovereign._fast import envelope as _fast
-except ImportError as exc:
-    if os.environ.get("SOVEREIGN_REQUIRE_FAST") == "1":
-        raise ImportError(
-            "SOVEREIGN_REQUIRE_FAST=1 but the compiled codec sovereign._fast.envelope is "
-            "missing; build it with `python setup.py build_ext --inplace` "
-            f"(or reinstall the package): {exc}"
-        ) from exc
-else:
-    _compiled = _fast
-    decode_envelope = _fast.decode_envelope
-    encode_envelope = _fast.encode_envelope
-    encode_envelope_into = _fast.encode_envelope_into
-    IMPLEMENTATION = "compiled"
+if _active.kind == _implementations.COMPILED:
+    decode_envelope = _active.module.decode_envelope
+    encode_envelope = _active.module.encode_envelope
+    encode_envelope_into = _active.module.encode_envelope_into
 
 
 def implementations() -> dict[str, ModuleType]:
     """The available codec modules by name ("compiled", "python"), for parity tests."""
-    impls: dict[str, ModuleType] = {}
-    if _compiled is not None:
-        impls["compiled"] = _compiled
-    impls["python"] = _python
-    return impls
+    return _implementations.available("envelope")

@@ -25,16 +25,16 @@ must not (asyncio transports don't), and nothing may change ``user_ids`` during 
 call. Exceptions raised by a connection or transport propagate and end the fan-out.
 
 The compiled module has the same API and results; ``tests/unit/test_fanout.py``
-holds both to that. :func:`implementation` picks one.
+holds both to that. :func:`implementation` returns the one in use.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Protocol
+
+from sovereign import implementations as _implementations
 
 __all__ = [
     "FanoutConn",
@@ -216,17 +216,7 @@ def collect(
 def implementation() -> ModuleType:
     """``sovereign._fast.fanout`` if it is built, else this module.
 
-    ``SOVEREIGN_REQUIRE_FAST=1`` turns a missing compiled module into an ImportError
-    instead of a silent fallback (as ``sovereign.codec`` does).
+    Chosen by :mod:`sovereign.implementations` (``SOVEREIGN_PURE=1`` forces this twin;
+    ``SOVEREIGN_REQUIRE_FAST=1`` turns a missing compiled module into an ImportError).
     """
-    try:
-        from sovereign._fast import fanout as fast
-    except ImportError as exc:
-        if os.environ.get("SOVEREIGN_REQUIRE_FAST") == "1":
-            raise ImportError(
-                "SOVEREIGN_REQUIRE_FAST=1 but the compiled fan-out sovereign._fast.fanout "
-                "is missing; build it with `python setup.py build_ext --inplace` "
-                f"(or reinstall the package): {exc}"
-            ) from exc
-        return sys.modules[__name__]
-    return fast
+    return _implementations.load("fanout")

@@ -34,7 +34,7 @@ from sovereign.v1 import sovereign_pb2 as pb
 log = logging.getLogger("sovereign.outbox")
 
 _BINARY = WSMsgType.BINARY
-_fan = implementations.fanout()
+_fan = implementations.load("fanout")
 _append_ws_frame = _fan.append_ws_frame
 
 _REJECT_TEXT: dict[int, str] = {

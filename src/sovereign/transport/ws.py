@@ -18,7 +18,6 @@ from picows import (
     WSCloseCode,
     WSFrame,
     WSListener,
-    WSMsgType,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
@@ -26,14 +25,15 @@ from picows import (
 )
 
 from sovereign.errors import CloseCode
-from sovereign.protocol import upgrade
+from sovereign.protocol import frames, upgrade
 from sovereign.services.session import Session
 
 log = logging.getLogger("sovereign.ws")
 
-_WS_PROTOCOL_ERROR = 1002  # RFC 6455 §7.4.1
-_BINARY = WSMsgType.BINARY
-_CONTINUATION = WSMsgType.CONTINUATION
+_DELIVER = frames.DELIVER
+_REPLY_PONG = frames.REPLY_PONG
+_FAIL = frames.FAIL
+_ECHO_CLOSE = frames.ECHO_CLOSE
 
 
 class ConnectionHandler(Protocol):
@@ -67,14 +67,15 @@ class Connection(WSListener):
     asyncio transport or None once closed; ``overflow()`` drops a slow reader.
     """
 
-    __slots__ = ("drained", "frag", "handler", "live", "out", "paused", "session", "transport")
+    __slots__ = ("drained", "frames", "handler", "live", "out", "paused", "session", "transport")
 
     def __init__(self, handler: ConnectionHandler) -> None:
         self.handler = handler
         self.transport: WSTransport | None = None
         self.out: Any = None
         self.live = False
-        self.frag: bytearray | None = None
+        # RFC 6455 rules and reassembly (sans-I/O, protocol/frames.py).
+        self.frames = frames.FrameAssembler(handler.max_frame_bytes)
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.session: Session = None  # type: ignore[assignment]  # set on connect
@@ -96,7 +97,7 @@ class Connection(WSListener):
         if s is None:
             return
         s.state.closing(s.state.close_code or CloseCode.GOING_AWAY)
-        self.frag = None
+        self.frames.close()
         self._wake_writer()
         self.handler.closed(self)
 
@@ -106,50 +107,26 @@ class Connection(WSListener):
             return
         now = self.handler.monotonic()
         state.last_received = now  # SPEC §12.7: idle clock restarts on every frame
-        mt = frame.msg_type
-        # RFC 6455 §5.2: no extension is negotiated, so any RSV bit is an error.
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self.close(_WS_PROTOCOL_ERROR, "reserved bits set")
-            return
-        if mt is _BINARY:
-            if self.frag is not None:  # RFC 6455 §5.4: a new message inside a fragmented one
-                self.close(_WS_PROTOCOL_ERROR, "expected continuation frame")
-                return
-            if frame.fin:
-                self.handler.received(self.session, frame.get_payload_as_memoryview(), now)
-            else:
-                self.frag = bytearray(frame.get_payload_as_memoryview())
-            return
-        if mt is _CONTINUATION:
-            frag = self.frag
-            if frag is None:
-                self.close(_WS_PROTOCOL_ERROR, "continuation without a message")
-                return
-            # SPEC §1: a reassembled message over max_frame_bytes closes 1009 unbuffered.
-            if len(frag) + frame.payload_size > self.handler.max_frame_bytes:
-                self.frag = None
-                self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
-                return
-            frag += frame.get_payload_as_memoryview()
-            if frame.fin:
-                self.frag = None
-                self.handler.received(self.session, memoryview(frag), now)
-            return
-        if mt is WSMsgType.TEXT:
-            self.close(CloseCode.UNSUPPORTED_DATA, "binary frames only")  # SPEC §1
-            return
-        if mt is WSMsgType.PING:
-            transport.send_pong(frame.get_payload_as_bytes())  # RFC 6455 §5.5.2
-            return
-        if mt is WSMsgType.CLOSE:
-            # RFC 6455 §5.5.1: echo the peer's code, then close the TCP connection.
-            code = frame.get_close_code()
-            state.closing(code.value if code.value else CloseCode.NORMAL)
+        fa = self.frames
+        verdict = fa.receive(
+            frame.msg_type,  # type: ignore[arg-type]  # an IntEnum at run time
+            frame.fin,
+            frame.rsv1 or frame.rsv2 or frame.rsv3,
+            frame.get_payload_as_memoryview(),
+            frame.payload_size,
+        )
+        if verdict == _DELIVER:
+            self.handler.received(self.session, fa.message, now)
+        elif verdict == _REPLY_PONG:
+            transport.send_pong(fa.pong_payload)
+        elif verdict == _FAIL:
+            self.close(fa.close_code, fa.close_reason)
+        elif verdict == _ECHO_CLOSE:
+            state.closing(fa.close_code)
             if not transport.is_close_frame_sent:
-                transport.send_close(code if code.value else WSCloseCode.OK)
+                transport.send_close(WSCloseCode(fa.close_code))
             transport.disconnect()
-            return
-        # PONG: only refreshes the idle clock.
+        # PENDING, IGNORE (PONG included): nothing more to do.
 
     # -- flow control (asyncio write-buffer watermarks) ------------------------
     def pause_writing(self) -> None:
@@ -183,7 +160,7 @@ class Connection(WSListener):
         if not s.state.closing(CloseCode.TRY_AGAIN_LATER):
             return
         self.live = False
-        self.frag = None
+        self.frames.close()
         log.info("closing slow reader conn=%s user=%s", s.conn_id, s.user_id)
         if self.transport is not None:
             self.transport.disconnect(graceful=False)
@@ -193,7 +170,7 @@ class Connection(WSListener):
         self.live = False
         if not self.session.state.closing(int(code)):
             return
-        self.frag = None
+        self.frames.close()
         if t is None:
             return
         if not t.is_close_frame_sent:

@@ -1,0 +1,1 @@
+"""Microbenchmarks (pytest-benchmark). A package so ``tests.helpers`` imports from here."""
