@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from sovereign.storage import Database, Storage, open_storage
-from tests.helpers.gate import Gate
 
 
 @pytest.fixture
@@ -30,10 +29,3 @@ async def storage(db_path: Path) -> AsyncIterator[Storage]:
         yield s
     finally:
         await s.close()
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.release()  # never leave the writer blocked if a test fails
