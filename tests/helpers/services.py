@@ -240,6 +240,16 @@ class Harness:
     async def ack(self, s: Session, *message_ids: str) -> Sent:
         return await self.call(s, T.MESSAGE_ACK, pb.MessageAck(message_ids=list(message_ids)))
 
+    async def refuse_events(self, refuse: bool = True) -> None:
+        """Make SQLite refuse every conversation event (a failing commit), or stop."""
+        sql = (
+            "CREATE TRIGGER refuse_events BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            if refuse
+            else "DROP TRIGGER refuse_events"
+        )
+        await self.db.write(lambda c: c.execute(sql))
+
     def conv(self, conv_id: str) -> Conv:
         return self.state.convs[conv_id]
 

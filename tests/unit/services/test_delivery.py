@@ -246,11 +246,7 @@ async def test_failed_commit_is_undone_the_seq_is_not_burned_and_the_sender_gets
     h: Harness, world: World
 ) -> None:
     w = world
-    await h.db.write(
-        lambda c: c.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'full'); END"
-        )
-    )
+    await h.refuse_events()
     # Two sends in one batch: the whole batch fails, both are undone in reverse order.
     h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv), "doomed")
     h.request(w.b1, T.MESSAGE_SEND, send_req(w.conv), "also")
@@ -266,7 +262,7 @@ async def test_failed_commit_is_undone_the_seq_is_not_burned_and_the_sender_gets
     conv = h.conv(w.conv)
     assert (conv.last_seq, conv.committed_seq) == (2, 2)
     assert (w.alice.user_id, "doomed") not in h.delivery.idempotent
-    await h.db.write(lambda c: c.execute("DROP TRIGGER refuse"))
+    await h.refuse_events(False)
     # The retry is a new send (the request_id was not spent) and takes seq 3 (not burned).
     h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv), "doomed")
     await h.settle()
