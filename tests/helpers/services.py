@@ -51,6 +51,7 @@ class Login:
     username: str
     session_id: str
     device_id: str
+    token: str = ""  # the session token (AUTH_REQUEST{session_token} resumes with it)
 
 
 class FakeLink:
@@ -139,15 +140,13 @@ class Harness:
         # session is stored with the fake clock's time here and the same device hooks
         # run after it, as create_session runs them.
         now = self.clock.now_us()
+        token = tokens.new_token()
         row = await self.storage.sessions.create(
-            user_id,
-            tokens.digest(tokens.new_token()),
-            now + self.auth.session_lifetime_us,
-            now=now,
+            user_id, tokens.digest(token), now + self.auth.session_lifetime_us, now=now
         )
         for hook in self.auth.device_hooks:
             await hook(row.device_id, user_id)
-        return Login(user_id, username, row.session_id, row.device_id)
+        return Login(user_id, username, row.session_id, row.device_id, token)
 
     # -- connections --------------------------------------------------------------------
     def open(self) -> Session:
