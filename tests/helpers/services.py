@@ -136,9 +136,8 @@ class Harness:
 
     async def _new_device(self, user_id: str, username: str) -> Login:
         # AuthService.create_session stamps the session with the system clock, not the
-        # injected one (see test_delivery.py, the xfail on §12.12 welcomes), so the
-        # session is stored with the fake clock's time here and the same device hooks
-        # run after it, as create_session runs them.
+        # injected one (the xfail in test_delivery_sync.py), so the session is stored
+        # with the fake clock's time here, then the device hooks run as they would there.
         now = self.clock.now_us()
         token = tokens.new_token()
         row = await self.storage.sessions.create(
