@@ -19,7 +19,7 @@ a test reads back went through the same framing and envelope codec as production
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,10 +118,9 @@ def decode(envelope: bytes) -> Sent:
 class FakeOutbox:
     """:class:`sovereign.services.ports.Outbox` in memory (see the module docstring)."""
 
-    frame = staticmethod(fanout.ws_frame)
-    append_frame = staticmethod(fanout.append_ws_frame)
-
     def __init__(self) -> None:
+        self.frame: Callable[[bytes], bytes] = fanout.ws_frame
+        self.append_frame: Callable[[bytearray, bytes], None] = fanout.append_ws_frame
         self._open: list[Session] = []
         self._by_user: dict[str, list[Session]] = {}
         self._live: set[Session] = set()

@@ -34,7 +34,7 @@ async def test_resume_makes_the_connection_ready_and_starts_its_sync(
 
 async def test_resume_refusals_and_their_close_codes(h: Harness, world: World) -> None:
     w = world
-    cases = []
+    cases: list[tuple[str, ErrorCode, CloseCode | None]] = []
     # Unknown token: 1001, non-fatal, the connection stays (docs/decisions.md).
     cases.append(("A" * 43, ErrorCode.INVALID_CREDENTIAL, None))
     # Revoked: 1005 and 4004.
