@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +259,10 @@ class Harness:
             ).fetchall()
         )
         return [int(r[0]) for r in rows]
+
+
+#: The ``harness_with`` fixture: ``async with harness_with(max_group_members=3) as h``.
+HarnessWith = Callable[..., AbstractAsyncContextManager[Harness]]
 
 
 @asynccontextmanager

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.services import Harness, World, build_world, harness
+from tests.helpers.services import Harness, HarnessWith, World, build_world, harness
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ async def world(h: Harness) -> World:
 
 
 @pytest.fixture
-def harness_with(tmp_path: Path) -> Callable[..., AbstractAsyncContextManager[Harness]]:
+def harness_with(tmp_path: Path) -> HarnessWith:
     """``async with harness_with(max_group_members=3) as h:`` for per-test settings;
     each call is a fresh data directory unless ``data_dir`` names one (a restart)."""
     counter = itertools.count()

@@ -3,14 +3,9 @@ an account or revoking a session."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-
 from sovereign.errors import CloseCode
 from sovereign.protocol.types import MessageType as T
-from tests.helpers.services import Harness, World, build_world
-
-HarnessWith = Callable[..., AbstractAsyncContextManager[Harness]]
+from tests.helpers.services import Harness, HarnessWith, World, build_world
 
 
 async def test_over_the_per_user_cap_the_oldest_connection_is_closed_4003(

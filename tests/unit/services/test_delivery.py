@@ -8,8 +8,6 @@ GROUP_MEMBER_ADDED events) and carol is in no conversation with them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from sovereign.errors import ErrorCode
@@ -17,9 +15,7 @@ from sovereign.protocol.types import MessageType as T
 from sovereign.services.delivery import IDEMPOTENCY_US
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.gate import Gate
-from tests.helpers.services import Harness, World, build_world
-
-HarnessWith = Callable[..., AbstractAsyncContextManager[Harness]]
+from tests.helpers.services import Harness, HarnessWith, World, build_world
 
 
 def send_req(conv_id: str, payload: bytes = b"ciphertext") -> pb.MessageSend:

@@ -4,9 +4,6 @@ committed meanwhile follow without duplicates, and only then live fan-out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-
 import pytest
 
 from sovereign.protocol.types import MessageType as T
@@ -14,9 +11,7 @@ from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers import mls
 from tests.helpers.fakes import Sent
-from tests.helpers.services import Harness, Login, World
-
-HarnessWith = Callable[..., AbstractAsyncContextManager[Harness]]
+from tests.helpers.services import Harness, HarnessWith, Login, World
 
 DURABLE = (T.MESSAGE_RECEIVE, T.GROUP_MEMBER_ADDED, T.GROUP_MEMBER_REMOVED)
 

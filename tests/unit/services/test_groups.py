@@ -3,17 +3,13 @@ right recipients; limits; admin promotion; a failed change undone in memory."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-
 from sovereign.errors import ErrorCode
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.fakes import Sent
-from tests.helpers.services import Harness, World, build_world
+from tests.helpers.services import Harness, HarnessWith, World, build_world
 
-HarnessWith = Callable[..., AbstractAsyncContextManager[Harness]]
 MEMBERSHIP = (T.GROUP_MEMBER_ADDED, T.GROUP_MEMBER_REMOVED)
 
 
