@@ -87,9 +87,8 @@ async def test_presence_is_the_best_over_a_users_connections_and_sent_only_on_ch
 
 async def test_new_contacts_learn_each_others_presence(h: Harness, world: World) -> None:
     w = world
-    await h.call(
-        w.b1, T.PRESENCE_UPDATE, pb.PresenceUpdate(status="away")
-    )  # alice hears it; carol does not share a conversation with bob yet
+    # alice hears it; carol does not share a conversation with bob yet.
+    await h.call(w.b1, T.PRESENCE_UPDATE, pb.PresenceUpdate(status="away"))
     assert notes(h.outbox.take(w.a1)) == [(w.bob.user_id, "away")]
     assert h.outbox.take(w.c1) == []
     await h.call(
