@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from sovereign.api import handler_table
 from sovereign.config import Config, validate
 from sovereign.protocol.types import MessageType as T
-from sovereign.services import Services, tokens
+from sovereign.services import Services, ids, tokens
 from sovereign.services.auth import AuthService
 from sovereign.services.connections import ConnectionService
 from sovereign.services.delivery import DeliveryService
@@ -273,6 +273,10 @@ async def harness(
     unless overridden, so READY ends at presence unless a test asks for
     MLS_KEY_PACKAGE_LOW."""
     settings: dict[str, Any] = {"min_key_packages": 0, **overrides}
+    # Event ids are monotonic per process (sovereign.services.ids keeps the last
+    # millisecond): ids stamped with the fake clock's 2030 would hold every later id of
+    # this test process in 2030, so that state is put back when the harness closes.
+    id_state = list(ids._state)
     config = validate(Config(data_dir=str(data_dir), **settings))
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
     try:
@@ -280,11 +284,15 @@ async def harness(
         await h.load()
     except BaseException:
         await storage.close()
+        ids._state[:] = id_state
         raise
     try:
         yield h
     finally:
-        await h.close()
+        try:
+            await h.close()
+        finally:
+            ids._state[:] = id_state
 
 
 @dataclass(frozen=True, slots=True)
