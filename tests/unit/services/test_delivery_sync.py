@@ -198,3 +198,24 @@ async def test_a_device_logged_in_after_a_welcome_does_not_get_it(h: Harness, wo
     backlog, done, _ = split_at_sync_complete(h.outbox.take(b2))
     assert T.MLS_WELCOME_RECEIVE not in [f.type for f in backlog]
     assert done.msg.delivered == 0
+
+
+async def test_sync_complete_names_conversations_whose_unacked_events_retention_removed(
+    h: Harness, world: World
+) -> None:
+    """SPEC §5: lost history is never silent. Time passes on the fake clock."""
+    w = world
+    h.disconnect(w.b1)
+    await h.send(w.a1, w.conv)  # seq 3, never acked by bob's first device
+    b2_login = await h.another_device(w.bob)  # starts at seq 3: loses nothing
+    h.clock.advance((h.config.retention_days + 1) * 24 * 3600)
+    kept = await h.send(w.a1, w.conv)  # seq 4, recent
+    assert await h.services.history.retention_pass() == {w.conv: 3}
+    b1 = await h.connect(w.bob)
+    backlog, done, _ = split_at_sync_complete(h.outbox.take(b1))
+    assert [f.msg for f in backlog] == [kept]
+    assert (done.msg.delivered, list(done.msg.truncated_conversation_ids)) == (1, [w.conv])
+    b2 = await h.connect(b2_login)
+    backlog, done, _ = split_at_sync_complete(h.outbox.take(b2))
+    assert [f.msg for f in backlog] == [kept]
+    assert list(done.msg.truncated_conversation_ids) == []
