@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests.helpers.gate import Gate
 from tests.helpers.server import RunningServer, running_server
 
 # Async tests run on uvloop (what production uses). SOVEREIGN_TEST_LOOP=asyncio runs
@@ -49,3 +50,11 @@ def server_with(
         return running_server(tmp_path / f"data{next(counter)}", **overrides)
 
     return make
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    """A write that holds the database writer thread (storage and service tests)."""
+    g = Gate()
+    yield g
+    g.release()  # never leave the writer blocked if a test fails

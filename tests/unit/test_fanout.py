@@ -27,6 +27,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from sovereign.codec import encode_envelope
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.frames import parse_frames
 from tests.helpers.twins import impl_fixture, impls_fixture, load_twin
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
@@ -41,38 +42,7 @@ def payload_of(n: int) -> bytes:
     return bytes((i * 7 + 3) & 0xFF for i in range(n))
 
 
-# ------------------------------------------------------------------ reference parser
-
-
-def parse_frames(data: bytes) -> list[bytes]:
-    """Independent RFC 6455 §5.2 parser for server->client frames.
-
-    Asserts every frame is final, binary, unmasked, RSV-free and uses the minimal
-    length encoding; returns the payloads.
-    """
-    payloads = []
-    pos = 0
-    while pos < len(data):
-        assert len(data) - pos >= 2, "truncated header"
-        b0, b1 = data[pos], data[pos + 1]
-        pos += 2
-        assert b0 & 0x80, "FIN not set"
-        assert b0 & 0x70 == 0, "RSV bits set"
-        assert b0 & 0x0F == 0x2, "not a binary frame"
-        assert not b1 & 0x80, "server frames must not be masked"
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(data[pos : pos + 2], "big")
-            pos += 2
-            assert n >= 126, "non-minimal 16-bit length"
-        elif n == 127:
-            n = int.from_bytes(data[pos : pos + 8], "big")
-            pos += 8
-            assert 0xFFFF < n < 1 << 63, "non-minimal or too large 64-bit length"
-        assert len(data) - pos >= n, "truncated payload"
-        payloads.append(data[pos : pos + n])
-        pos += n
-    return payloads
+# ------------------------------------------------------------------ reference header
 
 
 def expected_header(n: int) -> bytes:

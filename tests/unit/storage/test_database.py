@@ -11,8 +11,7 @@ import pytest
 from sovereign.storage import Database, DatabaseClosed, DatabaseError, MigrationError
 from sovereign.storage import database as database_mod
 from sovereign.storage.database import default_migrations, load_migrations, split_statements
-
-from .conftest import Gate
+from tests.helpers.gate import Gate
 
 # The migrations the code ships; tests add theirs after the last one.
 SHIPPED = [(m.version, m.name) for m in load_migrations(default_migrations(), "sqlite")]

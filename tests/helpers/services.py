@@ -1,0 +1,318 @@
+"""The real services over a real SQLite file, driven with no sockets (in the spirit of
+h11's ``ConnectionPair``): a fake outbox records what each session would have read,
+a fake clock moves only when a test says so.
+
+:class:`Harness` wires the services exactly as ``sovereign.server.App.__init__`` does
+(``tests/unit/services/test_wiring.py`` fails if the two drift apart) and feeds
+requests through the real API handler table, so payload parsing and error rendering
+are the production ones. A test reads responses and pushes with
+``h.outbox.take(session)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from sovereign.api import handler_table
+from sovereign.config import Config, validate
+from sovereign.protocol.types import MessageType as T
+from sovereign.services import Services, ids, tokens
+from sovereign.services.auth import AuthService
+from sovereign.services.connections import ConnectionService
+from sovereign.services.delivery import DeliveryService
+from sovereign.services.ephemeral import EphemeralService
+from sovereign.services.eventlog import Conv, EventLog
+from sovereign.services.groups import GroupService
+from sovereign.services.history import HistoryService
+from sovereign.services.mls import MlsService
+from sovereign.services.session import Session
+from sovereign.services.state import ConversationState
+from sovereign.services.tasks import TaskRunner
+from sovereign.storage import Storage, open_storage
+from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.fakes import FakeClock, FakeOutbox, Hold, Sent
+
+SETTLE_TIMEOUT = 10.0  # a guard against a hung test, not a wait for time to pass
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """One device of a user: a session created by a passkey login (SPEC §4)."""
+
+    user_id: str
+    username: str
+    session_id: str
+    device_id: str
+    token: str = ""  # the session token (AUTH_REQUEST{session_token} resumes with it)
+
+
+class FakeLink:
+    """What a Session links to in place of a socket: the services' ``Link``."""
+
+    def user_agent(self) -> str:
+        return "sovereign-tests"
+
+    def peer(self) -> str:
+        return "fake:0"
+
+
+class Harness:
+    def __init__(self, config: Config, storage: Storage, clock: FakeClock) -> None:
+        self.config = config
+        self.storage = storage
+        self.clock = clock
+        self.db = db = storage.db
+        # -- ports (as App.__init__, with the fake outbox)
+        self.outbox = outbox = FakeOutbox()
+        self.tasks = tasks = TaskRunner(outbox)
+        self.eventlog = eventlog = EventLog(db, outbox.cork, outbox.uncork)
+        self.state = state = ConversationState(db, storage.users)
+        # -- services
+        self.auth = auth = AuthService(config, storage, clock)
+        self.conns = conns = ConnectionService(
+            config, storage.users, storage.sessions, outbox, clock
+        )
+        self.delivery = delivery = DeliveryService(
+            config, db, state, eventlog, outbox, clock, tasks
+        )
+        self.ephemeral = ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
+        self.groups = groups = GroupService(
+            config, state, eventlog, outbox, clock, delivery, ephemeral.introduce
+        )
+        history = HistoryService(config, db, state, outbox, clock)
+        self.mls = mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
+        # -- hooks (SPEC §4 "On READY" order)
+        auth.device_hooks.append(delivery.device_created)
+        conns.ready_hooks.append(delivery.on_ready)
+        conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
+        delivery.after_sync.append(mls.on_sync_end)
+        delivery.went_live.append(ephemeral.on_live)
+        self.services = Services(
+            config=config,
+            outbox=outbox,
+            tasks=tasks,
+            state=state,
+            auth=auth,
+            connections=conns,
+            delivery=delivery,
+            groups=groups,
+            ephemeral=ephemeral,
+            history=history,
+            mls=mls,
+        )
+        self.handlers = handler_table(self.services)
+        self._conn_ids = itertools.count(1)
+        self._rids = itertools.count(1)
+
+    async def load(self) -> None:
+        """What ``create_app`` loads before serving."""
+        await self.auth.load_settings()
+        await self.state.load()
+        await self.delivery.load()
+
+    async def close(self) -> None:
+        """The end of ``App.shutdown``: requests finish, queued writes land, then storage."""
+        await self.settle()
+        await self.delivery.stop()
+        await self.storage.close()
+
+    # -- users and devices ------------------------------------------------------------
+    async def register(self, username: str) -> Login:
+        """A new user with its first device."""
+        user = await self.auth.create_user(username)
+        return await self._new_device(user.user_id, username)
+
+    async def another_device(self, of: Login) -> Login:
+        """A second passkey login of the same user: a new device (SPEC §12.12)."""
+        return await self._new_device(of.user_id, of.username)
+
+    async def _new_device(self, user_id: str, username: str) -> Login:
+        # AuthService.create_session stamps the session with the system clock, not the
+        # injected one (the xfail in test_delivery_sync.py), so the session is stored
+        # with the fake clock's time here, then the device hooks run as they would there.
+        now = self.clock.now_us()
+        token = tokens.new_token()
+        row = await self.storage.sessions.create(
+            user_id, tokens.digest(token), now + self.auth.session_lifetime_us, now=now
+        )
+        for hook in self.auth.device_hooks:
+            await hook(row.device_id, user_id)
+        return Login(user_id, username, row.session_id, row.device_id, token)
+
+    # -- connections --------------------------------------------------------------------
+    def open(self) -> Session:
+        """A connection right after the WebSocket upgrade (AUTHENTICATING)."""
+        s = Session(next(self._conn_ids), FakeLink(), self.outbox, None)
+        self.outbox.opened(s)
+        s.state.upgraded(self.clock.monotonic())
+        return s
+
+    def authenticate(self, s: Session, who: Login) -> None:
+        """What a successful AUTH_* step does: READY, then the READY hooks (sync)."""
+        if self.conns.authenticated(
+            s,
+            user_id=who.user_id,
+            username=who.username,
+            session_id=who.session_id,
+            device_id=who.device_id,
+            is_admin=False,
+        ):
+            self.conns.ready(s)
+
+    async def connect(self, who: Login) -> Session:
+        """A READY session whose offline sync has finished (its frames are kept)."""
+        s = self.open()
+        self.authenticate(s, who)
+        await self.settle()
+        assert self.outbox.is_live(s), "the session did not go live after its sync"
+        return s
+
+    def disconnect(self, s: Session) -> None:
+        """The socket is gone: what the transport and ``App.closed`` do."""
+        self.outbox.closed(s)
+        self.conns.closed(s)
+
+    # -- requests -------------------------------------------------------------------------
+    def request(self, s: Session, msg_type: T, message: Message, rid: str = "") -> None:
+        """One envelope from the client, through the real handler for its type."""
+        self.handlers[msg_type](s, msg_type, rid, memoryview(message.SerializeToString()))
+
+    def rid(self) -> str:
+        return f"r{next(self._rids)}"
+
+    def hold_reads(self) -> Hold:
+        """Storage reads wait until released (then pass through to the real reader):
+        a commit can land while, say, an offline sync has not read anything yet."""
+        real = self.db.read
+        hold = Hold()
+
+        async def read(fn: Any) -> Any:
+            await hold.wait()
+            return await real(fn)
+
+        self.db.read = read  # type: ignore[method-assign]
+        return hold
+
+    async def settle(self) -> None:
+        """Until no commit is in flight and no request or background task is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_TIMEOUT
+        while True:
+            await self.eventlog.wait_idle()
+            if not self.tasks.pending:
+                return
+            left = deadline - loop.time()
+            assert left > 0, "the services did not settle"
+            await self.tasks.drain(left)
+
+    async def call(self, s: Session, msg_type: T, message: Message) -> Sent:
+        """A request with a fresh request_id; settles and returns its one response."""
+        rid = self.rid()
+        self.request(s, msg_type, message, rid)
+        await self.settle()
+        return self.outbox.response(s, rid)
+
+    # -- common flows -----------------------------------------------------------------------
+    async def create_group(self, s: Session, *members: Login, title: str = "g") -> str:
+        req = pb.GroupCreate(title=title, member_ids=[m.user_id for m in members])
+        created = await self.call(s, T.GROUP_CREATE, req)
+        assert created.type == T.GROUP_CREATED, created
+        conv_id: str = created.msg.conversation_id
+        return conv_id
+
+    async def send(self, s: Session, conv_id: str, payload: bytes = b"ciphertext") -> Any:
+        """MESSAGE_SEND; returns the echo (a pb.MessageReceive)."""
+        req = pb.MessageSend(conversation_id=conv_id, encrypted_payload=payload)
+        echo = await self.call(s, T.MESSAGE_SEND, req)
+        assert echo.type == T.MESSAGE_RECEIVE, echo
+        return echo.msg
+
+    async def ack(self, s: Session, *message_ids: str) -> Sent:
+        return await self.call(s, T.MESSAGE_ACK, pb.MessageAck(message_ids=list(message_ids)))
+
+    async def refuse_events(self, refuse: bool = True) -> None:
+        """Make SQLite refuse every conversation event (a failing commit), or stop."""
+        sql = (
+            "CREATE TRIGGER refuse_events BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            if refuse
+            else "DROP TRIGGER refuse_events"
+        )
+        await self.db.write(lambda c: c.execute(sql))
+
+    def conv(self, conv_id: str) -> Conv:
+        return self.state.convs[conv_id]
+
+    async def stored_seqs(self, conv_id: str) -> list[int]:
+        """The seqs of the conversation's events in storage."""
+        rows = await self.db.read(
+            lambda c: c.execute(
+                "SELECT seq FROM events WHERE conversation_id = ? ORDER BY seq", (conv_id,)
+            ).fetchall()
+        )
+        return [int(r[0]) for r in rows]
+
+
+#: The ``harness_with`` fixture: ``async with harness_with(max_group_members=3) as h``.
+HarnessWith = Callable[..., AbstractAsyncContextManager[Harness]]
+
+
+@asynccontextmanager
+async def harness(
+    data_dir: Path, clock: FakeClock | None = None, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """Services over a fresh (or existing) data directory. ``min_key_packages`` is 0
+    unless overridden, so READY ends at presence unless a test asks for
+    MLS_KEY_PACKAGE_LOW."""
+    settings: dict[str, Any] = {"min_key_packages": 0, **overrides}
+    # Event ids are monotonic per process (sovereign.services.ids keeps the last
+    # millisecond): ids stamped with the fake clock's 2030 would hold every later id of
+    # this test process in 2030, so that state is put back when the harness closes.
+    id_state = list(ids._state)
+    config = validate(Config(data_dir=str(data_dir), **settings))
+    storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
+    try:
+        h = Harness(config, storage, clock or FakeClock())
+        await h.load()
+    except BaseException:
+        await storage.close()
+        ids._state[:] = id_state
+        raise
+    try:
+        yield h
+    finally:
+        try:
+            await h.close()
+        finally:
+            ids._state[:] = id_state
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """alice and bob share ``conv`` (alice created it: admin); carol shares nothing.
+    One READY session each (a1, b1, c1), everything they received so far taken."""
+
+    alice: Login
+    bob: Login
+    carol: Login
+    a1: Session
+    b1: Session
+    c1: Session
+    conv: str
+
+
+async def build_world(h: Harness) -> World:
+    alice, bob, carol = [await h.register(name) for name in ("alice", "bob", "carol")]
+    a1, b1, c1 = [await h.connect(who) for who in (alice, bob, carol)]
+    conv = await h.create_group(a1, bob)
+    for s in (a1, b1, c1):
+        h.outbox.take(s)
+    return World(alice, bob, carol, a1, b1, c1, conv)
