@@ -205,6 +205,7 @@ class AuthService:
             now + self.session_lifetime_us,
             credential_id=credential_id,
             user_agent=user_agent,
+            now=now,
         )
         for hook in self.device_hooks:
             await hook(session.device_id, user_id)
@@ -349,7 +350,7 @@ class AuthService:
         _check_username(username)
         try:
             return await self.storage.users.create(
-                username, display_name or username, is_admin=is_admin
+                username, display_name or username, is_admin=is_admin, now=self.clock.now_us()
             )
         except UsernameTaken:
             raise SovereignError(ErrorCode.REGISTRATION_FAILED, "username is taken") from None

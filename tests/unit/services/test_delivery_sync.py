@@ -4,8 +4,6 @@ committed meanwhile follow without duplicates, and only then live fan-out."""
 
 from __future__ import annotations
 
-import pytest
-
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
@@ -183,12 +181,6 @@ async def test_welcomes_follow_the_conversation_backlog_and_skip_devices_created
     assert seqs(backlog, w.conv) == [2] and T.MLS_WELCOME_RECEIVE not in [f.type for f in backlog]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AuthService.create_session stores the session (device) with the system "
-    "clock (SessionStore.create's default), not the injected Clock, while welcomes are "
-    "stamped with the injected one: §12.12 compares the two.",
-)
 async def test_a_device_logged_in_after_a_welcome_does_not_get_it(h: Harness, world: World) -> None:
     w = world
     await send_welcome(h, w.a1, w.conv, w.bob)
