@@ -28,18 +28,8 @@ from sovereign.config import Config, ConfigError
 from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.connection import Timeouts
 from sovereign.protocol.types import PRE_AUTH_TYPES
-from sovereign.services import Services
-from sovereign.services.auth import AuthService
-from sovereign.services.connections import ConnectionService
-from sovereign.services.delivery import DeliveryService
-from sovereign.services.ephemeral import EphemeralService
-from sovereign.services.eventlog import EventLog
-from sovereign.services.groups import GroupService
-from sovereign.services.history import HistoryService
-from sovereign.services.mls import MlsService
+from sovereign.services.compose import build_services
 from sovereign.services.session import Session
-from sovereign.services.state import ConversationState
-from sovereign.services.tasks import TaskRunner
 from sovereign.storage import Storage, open_storage
 from sovereign.transport.outbox import LocalOutbox
 from sovereign.transport.ws import Connection, make_listener_factory
@@ -66,39 +56,10 @@ class App:
             idle_timeout=config.idle_timeout,
             max_auth_failures=config.max_auth_failures,
         )
-        db = storage.db
-        # -- ports
         self.outbox = outbox = LocalOutbox(config.send_buffer_limit)
-        self.tasks = tasks = TaskRunner(outbox)
-        eventlog = EventLog(db, outbox.cork, outbox.uncork)
-        state = ConversationState(db, storage.users)
-        # -- services
-        self.auth = auth = AuthService(config, storage, clock)
-        conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
-        delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks)
-        ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
-        groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
-        history = HistoryService(config, db, state, outbox, clock)
-        mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
-        # -- how they hear of each other (SPEC §4 "On READY" order)
-        auth.device_hooks.append(delivery.device_created)
-        conns.ready_hooks.append(delivery.on_ready)
-        conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
-        delivery.after_sync.append(mls.on_sync_end)
-        delivery.went_live.append(ephemeral.on_live)
-        self.services = Services(
-            config=config,
-            outbox=outbox,
-            tasks=tasks,
-            state=state,
-            auth=auth,
-            connections=conns,
-            delivery=delivery,
-            groups=groups,
-            ephemeral=ephemeral,
-            history=history,
-            mls=mls,
-        )
+        self.services = build_services(config, storage, outbox, clock)
+        self.tasks = self.services.tasks
+        self.auth = self.services.auth
         # -- the request path
         self._dispatch_mod = implementations.load("dispatch")
         self.dispatcher = self._dispatch_mod.Dispatcher(

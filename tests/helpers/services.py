@@ -2,8 +2,9 @@
 h11's ``ConnectionPair``): a fake outbox records what each session would have read,
 a fake clock moves only when a test says so.
 
-:class:`Harness` wires the services exactly as ``sovereign.server.App.__init__`` does
-(``tests/unit/services/test_wiring.py`` fails if the two drift apart) and feeds
+:class:`Harness` builds the services with ``sovereign.services.compose.build_services``,
+as ``sovereign.server.App`` does, with a fake outbox and clock
+(``tests/unit/services/test_wiring.py`` checks the two stay the same) and feeds
 requests through the real API handler table, so payload parsing and error rendering
 are the production ones. A test reads responses and pushes with
 ``h.outbox.take(session)``.
@@ -24,18 +25,10 @@ from google.protobuf.message import Message
 from sovereign.api import handler_table
 from sovereign.config import Config, validate
 from sovereign.protocol.types import MessageType as T
-from sovereign.services import Services, ids, tokens
-from sovereign.services.auth import AuthService
-from sovereign.services.connections import ConnectionService
-from sovereign.services.delivery import DeliveryService
-from sovereign.services.ephemeral import EphemeralService
-from sovereign.services.eventlog import Conv, EventLog
-from sovereign.services.groups import GroupService
-from sovereign.services.history import HistoryService
-from sovereign.services.mls import MlsService
+from sovereign.services import ids
+from sovereign.services.compose import build_services
+from sovereign.services.eventlog import Conv
 from sovereign.services.session import Session
-from sovereign.services.state import ConversationState
-from sovereign.services.tasks import TaskRunner
 from sovereign.storage import Storage, open_storage
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.fakes import FakeClock, FakeOutbox, Hold, Sent
@@ -69,45 +62,12 @@ class Harness:
         self.config = config
         self.storage = storage
         self.clock = clock
-        self.db = db = storage.db
-        # -- ports (as App.__init__, with the fake outbox)
-        self.outbox = outbox = FakeOutbox()
-        self.tasks = tasks = TaskRunner(outbox)
-        self.eventlog = eventlog = EventLog(db, outbox.cork, outbox.uncork)
-        self.state = state = ConversationState(db, storage.users)
-        # -- services
-        self.auth = auth = AuthService(config, storage, clock)
-        self.conns = conns = ConnectionService(
-            config, storage.users, storage.sessions, outbox, clock
-        )
-        self.delivery = delivery = DeliveryService(
-            config, db, state, eventlog, outbox, clock, tasks
-        )
-        self.ephemeral = ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
-        self.groups = groups = GroupService(
-            config, state, eventlog, outbox, clock, delivery, ephemeral.introduce
-        )
-        history = HistoryService(config, db, state, outbox, clock)
-        self.mls = mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
-        # -- hooks (SPEC §4 "On READY" order)
-        auth.device_hooks.append(delivery.device_created)
-        conns.ready_hooks.append(delivery.on_ready)
-        conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
-        delivery.after_sync.append(mls.on_sync_end)
-        delivery.went_live.append(ephemeral.on_live)
-        self.services = Services(
-            config=config,
-            outbox=outbox,
-            tasks=tasks,
-            state=state,
-            auth=auth,
-            connections=conns,
-            delivery=delivery,
-            groups=groups,
-            ephemeral=ephemeral,
-            history=history,
-            mls=mls,
-        )
+        self.db = storage.db
+        self.outbox = FakeOutbox()
+        svc = self.services = build_services(config, storage, self.outbox, clock)
+        self.tasks, self.eventlog, self.state = svc.tasks, svc.eventlog, svc.state
+        self.auth, self.conns, self.delivery = svc.auth, svc.connections, svc.delivery
+        self.ephemeral, self.groups, self.mls = svc.ephemeral, svc.groups, svc.mls
         self.handlers = handler_table(self.services)
         self._conn_ids = itertools.count(1)
         self._rids = itertools.count(1)
@@ -135,16 +95,9 @@ class Harness:
         return await self._new_device(of.user_id, of.username)
 
     async def _new_device(self, user_id: str, username: str) -> Login:
-        # AuthService.create_session stamps the session with the system clock, not the
-        # injected one (the xfail in test_delivery_sync.py), so the session is stored
-        # with the fake clock's time here, then the device hooks run as they would there.
-        now = self.clock.now_us()
-        token = tokens.new_token()
-        row = await self.storage.sessions.create(
-            user_id, tokens.digest(token), now + self.auth.session_lifetime_us, now=now
-        )
-        for hook in self.auth.device_hooks:
-            await hook(row.device_id, user_id)
+        # The login path: the session is stamped with the injected (fake) clock and the
+        # device hooks start its cursors (SPEC §12.12).
+        row, token = await self.auth.create_session(user_id)
         return Login(user_id, username, row.session_id, row.device_id, token)
 
     # -- connections --------------------------------------------------------------------

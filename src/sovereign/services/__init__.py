@@ -2,8 +2,8 @@
 
 Services are built from explicit ports (:mod:`sovereign.services.ports`), raise
 :class:`~sovereign.errors.SovereignError` with registry codes, and leave SQL to
-:mod:`sovereign.storage`. :class:`Services` is what the composition root
-(``sovereign.server``) hands the API layer.
+:mod:`sovereign.storage`. :func:`sovereign.services.compose.build_services` builds them;
+:class:`Services` is what it returns and what the API layer receives.
 """
 
 from __future__ import annotations
@@ -17,19 +17,22 @@ if TYPE_CHECKING:
     from sovereign.services.connections import ConnectionService
     from sovereign.services.delivery import DeliveryService
     from sovereign.services.ephemeral import EphemeralService
+    from sovereign.services.eventlog import EventLog
     from sovereign.services.groups import GroupService
     from sovereign.services.history import HistoryService
     from sovereign.services.mls import MlsService
-    from sovereign.services.ports import Outbox, Tasks
+    from sovereign.services.ports import Outbox
     from sovereign.services.state import ConversationState
+    from sovereign.services.tasks import TaskRunner
 
 
 @dataclass(frozen=True, slots=True)
 class Services:
     config: Config
     outbox: Outbox
-    tasks: Tasks
+    tasks: TaskRunner
     state: ConversationState
+    eventlog: EventLog
     auth: AuthService
     connections: ConnectionService
     delivery: DeliveryService

@@ -1,0 +1,59 @@
+"""Build the services over their ports and wire the hooks between them.
+
+The one place that knows how the services fit together: the composition root
+(``server.App``) calls it with the real outbox, the service tests with a fake one.
+"""
+
+from __future__ import annotations
+
+from sovereign.clock import Clock
+from sovereign.config import Config
+from sovereign.services import Services
+from sovereign.services.auth import AuthService
+from sovereign.services.connections import ConnectionService
+from sovereign.services.delivery import DeliveryService
+from sovereign.services.ephemeral import EphemeralService
+from sovereign.services.eventlog import EventLog
+from sovereign.services.groups import GroupService
+from sovereign.services.history import HistoryService
+from sovereign.services.mls import MlsService
+from sovereign.services.ports import Outbox
+from sovereign.services.state import ConversationState
+from sovereign.services.tasks import TaskRunner
+from sovereign.storage import Storage
+
+
+def build_services(config: Config, storage: Storage, outbox: Outbox, clock: Clock) -> Services:
+    db = storage.db
+    tasks = TaskRunner(outbox)
+    eventlog = EventLog(db, outbox.cork, outbox.uncork)
+    state = ConversationState(db, storage.users)
+    auth = AuthService(config, storage, clock)
+    conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
+    delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks)
+    ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
+    groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
+    history = HistoryService(config, db, state, outbox, clock)
+    mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
+    # How they hear of each other (SPEC §4 "On READY" order): a new device starts its
+    # cursors; READY starts the offline sync; its end checks the KeyPackage pool and
+    # makes the connection live, which re-aggregates presence; a close undoes both.
+    auth.device_hooks.append(delivery.device_created)
+    conns.ready_hooks.append(delivery.on_ready)
+    conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
+    delivery.after_sync.append(mls.on_sync_end)
+    delivery.went_live.append(ephemeral.on_live)
+    return Services(
+        config=config,
+        outbox=outbox,
+        tasks=tasks,
+        state=state,
+        eventlog=eventlog,
+        auth=auth,
+        connections=conns,
+        delivery=delivery,
+        groups=groups,
+        ephemeral=ephemeral,
+        history=history,
+        mls=mls,
+    )
