@@ -13,9 +13,9 @@ import time
 class Clock:
     __slots__ = ()
 
-    def monotonic(self) -> float:
-        """Seconds on a clock that never steps back (timeouts, token buckets)."""
-        return time.monotonic()
+    #: Seconds on a clock that never steps back (timeouts, token buckets). The C
+    #: function itself, not a wrapper: it is read on every received frame.
+    monotonic = staticmethod(time.monotonic)
 
     def now_us(self) -> int:
         """Wall-clock microseconds since the epoch."""

@@ -51,6 +51,10 @@ class App:
         self.started_at = clock.now_s()
         self.accepting = True
         self.allowed_origins = frozenset(config.origins_allowed)
+        # Read by the transport on every connection: plain attributes, not properties.
+        self.max_frame_bytes = config.max_frame_bytes
+        self.max_connections = config.max_connections
+        self.send_buffer_limit = config.send_buffer_limit
         self.timeouts = Timeouts(
             auth_timeout=config.auth_timeout,
             idle_timeout=config.idle_timeout,
@@ -73,18 +77,6 @@ class App:
         self._stopped = asyncio.Event()
 
     # -- transport callbacks (ConnectionHandler) --------------------------------------
-    @property
-    def max_frame_bytes(self) -> int:
-        return self.config.max_frame_bytes
-
-    @property
-    def max_connections(self) -> int:
-        return self.config.max_connections
-
-    @property
-    def send_buffer_limit(self) -> int:
-        return self.config.send_buffer_limit
-
     def connection_count(self) -> int:
         return self.outbox.count()
 
