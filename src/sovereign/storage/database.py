@@ -43,6 +43,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
+from sovereign.stats import BATCH_BOUNDS, COMMIT_BOUNDS, Histogram
 from sovereign.storage.engines import ENGINE, SqliteEngine
 from sovereign.storage.errors import DatabaseClosed, DatabaseError, MigrationError, StorageError
 
@@ -132,6 +133,9 @@ class Database:
         self._writes_ok = 0
         self._writes_failed = 0
         self._largest = 0
+        # Written by the writer thread only; read by /metrics (SPEC §12.25).
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
+        self.commit_seconds = Histogram(COMMIT_BOUNDS)
 
     # -- lifecycle ------------------------------------------------------------
     @classmethod
@@ -250,6 +254,12 @@ class Database:
         if target.resolve() == self.path.resolve():
             raise ValueError("backup destination is the live database")
         await self._on_reader(lambda conn: _backup_to(conn, target), False)
+
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread is running and taking writes (``/readyz``, SPEC §12.25)."""
+        w = self._writer
+        return w is not None and w.is_alive() and not self._dead and not self._closed
 
     def stats(self) -> DatabaseStats:
         return DatabaseStats(
@@ -377,6 +387,7 @@ class Database:
         outcomes: list[_Outcome] = []
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
+        started = time.perf_counter()
         try:
             for i, (fn, fut, _durable) in enumerate(batch):
                 if not conn.in_transaction:
@@ -425,6 +436,8 @@ class Database:
             if committed:
                 self._batches += 1
                 self._largest = max(self._largest, len(batch))
+                self.batch_sizes.observe(len(batch))
+                self.commit_seconds.observe(time.perf_counter() - started)
             ok = sum(1 for o in outcomes if o[1] is None)
             self._writes_ok += ok
             self._writes_failed += len(outcomes) - ok
