@@ -439,6 +439,8 @@ class AdminHttp:
                 },
                 "server_name": self.svc.config.server_name,
                 "version": self.ctx.version,
+                # Where people use the server (invite links point there).
+                "client_origin": self.svc.config.rp_origins[0],
             }
         )
 
