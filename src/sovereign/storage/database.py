@@ -243,7 +243,9 @@ class Database:
         """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
         return await self._on_reader(fn, True)
 
-    async def backup(self, dest: str | Path) -> None:
+    async def backup(
+        self, dest: str | Path, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         """Write a consistent copy of the database to ``dest`` (SPEC §11 ``backup``).
 
         Uses SQLite's online backup API on a reader in one step, i.e. from one WAL
@@ -253,7 +255,7 @@ class Database:
         target = Path(dest)
         if target.resolve() == self.path.resolve():
             raise ValueError("backup destination is the live database")
-        await self._on_reader(lambda conn: _backup_to(conn, target), False)
+        await self._on_reader(lambda conn: _backup_to(conn, target, progress), False)
 
     @property
     def writer_alive(self) -> bool:
@@ -542,13 +544,35 @@ def _post(outcomes: list[_Outcome]) -> None:
         _call_soon(lp, _settle, items)
 
 
-def _backup_to(conn: sqlite3.Connection, dest: Path) -> None:
+BACKUP_STEP_PAGES = 1024
+
+
+def _backup_to(
+    conn: sqlite3.Connection,
+    dest: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".partial")
     tmp.unlink(missing_ok=True)
     out = sqlite3.connect(tmp, isolation_level=None)
     try:
-        conn.backup(out)  # pages=-1: one step, one snapshot
+        if progress is None:
+            conn.backup(out)  # pages=-1: one step, one snapshot
+        else:
+            # In steps, for a progress report (``progress(done, total)`` in pages). The
+            # read transaction held across the steps pins one WAL snapshot: writers
+            # go on, and every step copies from that same snapshot.
+            conn.execute("BEGIN")
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                conn.backup(
+                    out,
+                    pages=BACKUP_STEP_PAGES,
+                    progress=lambda _status, remaining, total: progress(total - remaining, total),
+                )
+            finally:
+                conn.execute("ROLLBACK")
         # A single self-contained file (no -wal sidecar) is what an operator copies.
         out.execute("PRAGMA journal_mode = DELETE")
         ok = out.execute("PRAGMA quick_check").fetchone()[0]
