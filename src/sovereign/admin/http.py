@@ -219,7 +219,10 @@ class AdminHttp:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, exc.status, exc.reason)
+            resp = error_response(exc.status, exc.status, exc.reason)
+            if "Allow" in exc.headers:  # RFC 9110 §15.5.6: a 405 lists what is allowed
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -54,7 +54,11 @@ _SETTING = {
     },
 }
 _PAGE_PARAMS = [
-    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    {
+        "name": "offset",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+    },
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
 ]
 
@@ -95,6 +99,7 @@ def _op(
     params: list[dict[str, Any]] | None = None,
     body: dict[str, Any] | None = None,
     status: int = 200,
+    body_required: bool = True,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
@@ -103,7 +108,10 @@ def _op(
     if params:
         op["parameters"] = params
     if body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        op["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": body}},
+        }
     return op
 
 
@@ -119,13 +127,30 @@ def document(version: str) -> dict[str, Any]:
         "properties": {
             "server_name": {"type": "string", "minLength": 1, "maxLength": 64},
             "registration": {"enum": ["open", "invite", "closed"]},
-            "max_connections": {"type": "integer", "minimum": 1},
-            "max_connections_per_user": {"type": "integer", "minimum": 1},
-            "rate_limit_per_second": {"type": "number", "exclusiveMinimum": 0},
-            "rate_limit_burst": {"type": "integer", "minimum": 1},
-            "max_message_size_bytes": {"type": "integer", "minimum": 1},
-            "session_timeout_hours": {"type": "integer", "minimum": 1},
-            "min_key_packages": {"type": "integer", "minimum": 0},
+            "max_connections": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "max_connections_per_user": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 1_000,
+                "description": "at most max_connections (422 otherwise)",
+            },
+            "rate_limit_per_second": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": 1_000_000,
+            },
+            "rate_limit_burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "max_message_size_bytes": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "at most max_envelope_bytes (422 otherwise)",
+            },
+            "session_timeout_hours": {"type": "integer", "minimum": 1, "maximum": 87_600},
+            "min_key_packages": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "at most max_key_packages (422 otherwise)",
+            },
         },
     }
     settings_list = {
@@ -236,6 +261,7 @@ def document(version: str) -> dict[str, Any]:
                     },
                 },
                 status=201,
+                body_required=False,
             ),
         },
         "/admin/api/invites/{code}": {
