@@ -75,6 +75,28 @@ def public(handler: F) -> F:
     return handler
 
 
+_QUERY_ATTR = "__sovereign_query__"
+
+
+def query(*names: str) -> Callable[[F], F]:
+    """The query parameters a route takes; any other, or one given twice, is a 422."""
+
+    def mark(handler: F) -> F:
+        setattr(handler, _QUERY_ATTR, frozenset(names))
+        return handler
+
+    return mark
+
+
+def check_query(request: web.Request, handler: Any) -> None:
+    allowed: frozenset[str] = getattr(handler, _QUERY_ATTR, frozenset())
+    for key in request.query:
+        if key not in allowed:
+            raise AdminError(422, f"{key[:40]}: unknown query parameter", field=key[:40])
+        if len(request.query.getall(key)) > 1:
+            raise AdminError(422, f"{key}: given more than once", field=key)
+
+
 def is_public(handler: Any) -> bool:
     return bool(getattr(handler, _PUBLIC_ATTR, False))
 
@@ -134,7 +156,7 @@ async def read_json(request: web.Request) -> Any:
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int | None) -> int:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
@@ -204,6 +226,8 @@ class AdminHttp:
                 request[CALLER] = await self._authenticate(request)
                 if match.http_exception is not None:
                     raise match.http_exception
+            if route_handler is not None:
+                check_query(request, route_handler)
             return await handler(request)
         except SovereignError as exc:
             return _sovereign_error(exc)
@@ -354,10 +378,12 @@ class AdminHttp:
         return self._file("index.html")
 
     @public
+    @query("token")
     async def setup_page(self, request: web.Request) -> web.Response:
         return self._file("setup.html")
 
     @public
+    @query("v")
     async def static(self, request: web.Request) -> web.Response:
         return self._file(request.match_info["name"])
 
@@ -453,6 +479,7 @@ class AdminHttp:
     async def stats(self, request: web.Request) -> web.Response:
         return json_response(self.ctx.series.body())
 
+    @query("search", "offset", "limit")
     async def users(self, request: web.Request) -> web.Response:
         offset, limit = page_params(request)
         search = request.query.get("search", "")
@@ -487,6 +514,7 @@ class AdminHttp:
     async def setting_delete(self, request: web.Request) -> web.Response:
         return json_response({"data": await self.svc.reset_setting(request.match_info["key"])})
 
+    @query("user_id", "offset", "limit")
     async def sessions(self, request: web.Request) -> web.Response:
         offset, limit = page_params(request)
         user_id = request.query.get("user_id") or None
@@ -507,6 +535,7 @@ class AdminHttp:
         invite = await self.svc.create_invite(caller.user.user_id, ttl)
         return json_response(invite, 201)
 
+    @query("offset", "limit")
     async def invites(self, request: web.Request) -> web.Response:
         offset, limit = page_params(request)
         return json_response((await self.svc.list_invites(offset, limit)).body())
@@ -515,10 +544,12 @@ class AdminHttp:
         await self.svc.delete_invite(request.match_info["code"])
         return web.Response(status=204)
 
+    @query("offset", "limit")
     async def mls_conversations(self, request: web.Request) -> web.Response:
         offset, limit = page_params(request)
         return json_response((await self.svc.mls_conversations(offset, limit)).body())
 
+    @query("offset", "limit")
     async def mls_devices(self, request: web.Request) -> web.Response:
         offset, limit = page_params(request)
         return json_response((await self.svc.mls_devices(offset, limit)).body())
