@@ -110,6 +110,7 @@ class App:
         delivery.went_live.append(ephemeral.on_live)
         if stats is not None:
             conns.ready_hooks.append(self._count_ready)
+            self._envelopes_in = stats.envelopes_in
             self.received = self._received_counting  # type: ignore[method-assign]
         # -- the admin listener's service: its own AuthService, whose relying party also
         # accepts the admin listener's origin once it is bound (SPEC §12.28)
@@ -182,9 +183,6 @@ class App:
         return s
 
     def received(self, s: Session, buf: memoryview, now: float) -> None:
-        self.received_uncounted(s, buf, now)
-
-    def received_uncounted(self, s: Session, buf: memoryview, now: float) -> None:
         try:
             self.dispatcher.dispatch(s, s.bucket, buf, s.state.ready, now)
         except Exception:
@@ -194,16 +192,18 @@ class App:
 
     def _received_counting(self, s: Session, buf: memoryview, now: float) -> None:
         """:meth:`received` plus a count by Envelope type, read from the first field
-        (tag 0x08, a varint) without decoding: a few byte reads per frame."""
-        if len(buf) > 1 and buf[0] == 0x08:
-            t = buf[1]
-            if t & 0x80 and len(buf) > 2:
-                t = (t & 0x7F) | (buf[2] << 7)
-        else:
-            t = 0
-        counts = self.stats.envelopes_in  # type: ignore[union-attr]
+        (tag 0x08, a varint) without decoding. A copy of :meth:`received`'s body rather
+        than a call to it: one Python frame less per frame received."""
+        t = buf[1] if len(buf) > 1 and buf[0] == 0x08 else 0
+        if t & 0x80 and len(buf) > 2:
+            t = (t & 0x7F) | (buf[2] << 7)
+        counts = self._envelopes_in
         counts[t] = counts.get(t, 0) + 1
-        self.received_uncounted(s, buf, now)
+        try:
+            self.dispatcher.dispatch(s, s.bucket, buf, s.state.ready, now)
+        except Exception:
+            log.exception("handler failed")
+            self.outbox.send_error(s, ErrorCode.INTERNAL_ERROR, "", "internal error")
 
     def _count_ready(self, s: Session) -> None:
         self.stats.auth_success += 1  # type: ignore[union-attr]

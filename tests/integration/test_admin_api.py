@@ -307,6 +307,23 @@ async def test_settings_apply_live_and_survive_a_restart(tmp_path: Path) -> None
             assert (await api.delete("/admin/api/settings/nope")).status == 404
 
 
+async def test_connection_cap_setting_applies_to_new_connections(server: RunningServer) -> None:
+    token = await admin_token(server)
+    c1 = await WsClient.connect(server.url)
+    bob = await register(c1, "bob")
+    c2 = await WsClient.connect(server.url)
+    await resume(c2, bob.token)  # the default cap (5) allows both
+    async with AdminApi(server.admin, token) as api:
+        r = await api.put("/admin/api/settings", {"max_connections_per_user": 2})
+        assert r.status == 200
+        await c1.nothing(0.2)  # lowering a cap drops nobody (SPEC §12.23)
+        c3 = await WsClient.connect(server.url)
+        await resume(c3, bob.token)  # over the new cap: the oldest goes, 4003
+        assert await c1.closed(1.0) == 4003
+    for c in (c2, c3):
+        await c.close()
+
+
 async def test_message_size_setting_applies_to_the_next_send(server: RunningServer) -> None:
     token = await admin_token(server)
     c = await WsClient.connect(server.url)
@@ -534,3 +551,16 @@ async def test_health_and_readiness_until_shutdown(tmp_path: Path) -> None:
     finally:
         if not srv.app._stopped.is_set():
             await srv_cm.__aexit__(None, None, None)
+
+
+async def test_metrics_off_counts_nothing_on_the_request_path(server_with: ServerWith) -> None:
+    async with server_with(metrics=False) as srv:
+        assert srv.app.stats is None and srv.app.outbox.stats is None
+        c = await WsClient.connect(srv.url)
+        await register(c, "alice")
+        await c.close()
+        async with AdminApi(srv.admin) as api:
+            r = await api.get("/metrics")
+        assert r.status == 200
+        assert "sovereign_connections" in r.body and "sovereign_writer_batch_size" in r.body
+        assert "sovereign_envelopes_in" not in r.body

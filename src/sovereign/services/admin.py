@@ -489,7 +489,7 @@ class AdminService:
             # SPEC §4: a disabled account's sockets close with 4005 at once.
             self.connections.close_user(user_id, CloseCode.ACCOUNT_DISABLED, "account disabled")
         if "display_name" in fields:
-            self.state.profiles.pop(user_id, None)  # re-read on next use
+            self.state.forget_profile(user_id)  # re-read on next use
         log.info("admin updated user=%s fields=%s", user_id, ",".join(sorted(fields)))
         return user_json(updated)
 
@@ -504,7 +504,7 @@ class AdminService:
         await self.groups.remove_user_everywhere(user_id)
 
         await self.storage.db.write(lambda c: adminsql.delete_user_txn(c, user_id))
-        self.state.profiles.pop(user_id, None)
+        self.state.forget_profile(user_id)
         log.info("admin deleted user=%s", user_id)
 
     async def revoke_user_sessions(self, user_id: str) -> int:

@@ -47,19 +47,6 @@ _REJECT_TEXT: dict[int, str] = {
 }
 
 
-def _frame_type(frame: bytes) -> int:
-    """The Envelope type of a server frame (unmasked, RFC 6455 §5.2), read from its
-    first field (tag 0x08, a varint) without decoding; 0 if the frame starts otherwise."""
-    n = frame[1] & 0x7F
-    i = 2 if n < 126 else 4 if n == 126 else 10
-    if len(frame) <= i + 1 or frame[i] != 0x08:
-        return 0
-    t = frame[i + 1]
-    if t & 0x80 and len(frame) > i + 2:
-        t = (t & 0x7F) | (frame[i + 2] << 7)
-    return t
-
-
 class LocalOutbox:
     frame = staticmethod(_fan.ws_frame)
     append_frame = staticmethod(_append_ws_frame)
@@ -196,7 +183,13 @@ class LocalOutbox:
         stats = self.stats
         if stats is not None and n:
             stats.deliveries += n
-            t = _frame_type(frame)
+            # The Envelope type, read from the server frame (unmasked, RFC 6455 §5.2)
+            # without decoding: its first field (tag 0x08) is a varint.
+            b = frame[1] & 0x7F
+            i = 2 if b < 126 else 4 if b == 126 else 10
+            t = frame[i + 1] if len(frame) > i + 1 and frame[i] == 0x08 else 0
+            if t & 0x80 and len(frame) > i + 2:
+                t = (t & 0x7F) | (frame[i + 2] << 7)
             out = stats.envelopes_out
             out[t] = out.get(t, 0) + n
 
