@@ -564,3 +564,16 @@ async def test_metrics_off_counts_nothing_on_the_request_path(server_with: Serve
         assert r.status == 200
         assert "sovereign_connections" in r.body and "sovereign_writer_batch_size" in r.body
         assert "sovereign_envelopes_in" not in r.body
+
+
+async def test_openapi_document_is_served_without_auth(server: RunningServer) -> None:
+    from sovereign import __version__
+    from sovereign.admin.openapi import document
+
+    async with AdminApi(server.admin) as api:
+        r = await api.get("/admin/api/openapi.json")
+    assert r.status == 200 and r.body == document(__version__)
+    documented = {(method.upper(), path) for path, ops in r.body["paths"].items() for method in ops}
+    served = {(m, p) for m, p, h in _routes(server) if not is_public(h)}
+    # Every authenticated route but the panel's own helpers is in the document.
+    assert served - documented == {("GET", "/admin/api/me")}, served - documented

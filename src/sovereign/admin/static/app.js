@@ -259,9 +259,9 @@ function sessionTable(rows, reload, withUser = true) {
     h("thead", {}, h("tr", {}, withUser ? h("th", {}, "User") : null, h("th", {}, "Device"), h("th", { class: "hide-sm" }, "Last seen"), h("th", {}, "Status"), h("th", {}))),
     h("tbody", {}, rows.map((s) => h("tr", {},
       withUser ? h("td", {}, h("a", { href: `#/users/${encodeURIComponent(s.user_id)}` }, s.username || s.user_id)) : null,
-      h("td", {}, h("div", {}, s.kind === "admin" ? "Admin panel" : describeAgent(s.user_agent)), h("div", { class: "muted small mono" }, s.device_id.slice(0, 10))),
+      h("td", {}, h("div", {}, s.kind === "admin" ? `Admin panel · ${describeAgent(s.user_agent)}` : describeAgent(s.user_agent)), h("div", { class: "muted small mono" }, s.device_id.slice(0, 10))),
       h("td", { class: "hide-sm muted" }, ago(s.last_seen_at)),
-      h("td", {}, s.online ? badge("online", "ok") : badge("offline")),
+      h("td", {}, s.kind === "admin" ? badge("panel", "accent") : s.online ? badge("online", "ok") : badge("offline")),
       h("td", { class: "actions" }, h("button", { class: "small danger", onclick: async (ev) => {
         if (!(await confirmDialog("Revoke session", "The device is signed out at once and must sign in again with a passkey.", "Revoke"))) return;
         ev.target.disabled = true;
@@ -277,8 +277,9 @@ function sessionTable(rows, reload, withUser = true) {
 }
 
 function describeAgent(ua) {
-  if (!ua) return "Unknown client";
+  if (!ua) return "Client app";
   if (ua === "cli" || ua === "test") return "Operator token";
+  if (/HeadlessChrome\//.test(ua)) return "Headless Chrome";
   const browser = /Edg\//.test(ua) ? "Edge" : /Chrome\//.test(ua) ? "Chrome" : /Firefox\//.test(ua) ? "Firefox" : /Safari\//.test(ua) ? "Safari" : null;
   const os = /Android/.test(ua) ? "Android" : /iPhone|iPad/.test(ua) ? "iOS" : /Mac OS X/.test(ua) ? "macOS" : /Windows/.test(ua) ? "Windows" : /Linux/.test(ua) ? "Linux" : null;
   return browser ? `${browser}${os ? ` on ${os}` : ""}` : ua.slice(0, 40);
