@@ -353,11 +353,12 @@ class App:
             pools_below_min=lambda: 0,
         )
 
-    async def readiness(self) -> dict[str, bool]:
-        """SPEC §12.25 ``/readyz``: every check must hold; 503 while draining."""
+    async def readiness(self) -> dict[str, bool | None]:
+        """SPEC §12.25 ``/readyz``: every check must hold; 503 while draining (then the
+        write probe is skipped: ``database_writable`` is None, not checked)."""
         db = self.storage.db
-        writable = False
-        if db.writer_alive:
+        writable: bool | None = None if not self.accepting else False
+        if self.accepting and db.writer_alive:
             try:  # one empty transaction through the writer: it takes the write lock
                 await asyncio.wait_for(db.write(lambda c: None, durable=False), 2.0)
                 writable = True

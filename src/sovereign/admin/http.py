@@ -110,7 +110,7 @@ class AdminContext:
     started_at_s: int
     tls: bool
     origins: frozenset[str]  # origins accepted for the panel (CSRF + WebAuthn, §12.28)
-    ready: Callable[[], Awaitable[dict[str, bool]]]
+    ready: Callable[[], Awaitable[dict[str, bool | None]]]
     metrics: Sources
     series: MinuteSeries
 
@@ -575,7 +575,11 @@ class AdminListener:
         self.host = ""
 
     async def start(self, host: str, port: int, ssl_ctx: Any) -> None:
-        runner = web.AppRunner(self.http.app, access_log=None, handle_signals=False)
+        # No access log: the setup URL's query holds the bootstrap code. A request still
+        # running at shutdown gets 2 s (the WebSocket side drains first, SPEC §4).
+        runner = web.AppRunner(
+            self.http.app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
         await site.start()
