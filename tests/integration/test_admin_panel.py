@@ -180,8 +180,20 @@ async def _story(srv: Any, page: Any, base: str, setup_url: str) -> None:
     await expect(row.locator(".epoch")).to_have_text("1")
     await expect(row.locator(".badge", has_text="stored")).to_be_visible()
     await _shot(page, "08-mls-health")
-    for c in (alice, carol):
-        await c.close()
+
+    # 6b. Delete carol from her page: alice, connected, hears GROUP_MEMBER_REMOVED and
+    # carol's socket closes 4004.
+    await page.goto(base + f"/admin/#/users/{carol_id}")
+    await expect(page.get_by_role("heading", name="carol")).to_be_visible()
+    await expect(page.get_by_text("Project X")).to_be_visible()
+    await page.click("#delete-user")
+    await page.get_by_role("dialog").get_by_role("button", name="Delete user").click()
+    await expect(page.get_by_role("heading", name="Users")).to_be_visible()
+    removed = await alice.wait_for(T.GROUP_MEMBER_REMOVED)
+    assert removed.user_id == carol_id
+    assert await carol.closed(1.0) == 4004
+    await expect(page.get_by_role("link", name="carol")).to_have_count(0)
+    await alice.close()
     assert alice_id
 
     # 7. A setting changes the running server, and a bad value is shown in place.
