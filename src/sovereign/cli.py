@@ -258,7 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _err(f"cannot start: {exc}")
     except OSError as exc:  # e.g. the port is taken, the data dir is not writable
         log.debug("start-up failed", exc_info=True)
-        return _err(f"cannot start on {cfg.listen}: {exc}")
+        where = cfg.listen + (f" and admin {cfg.admin_listen}" if cfg.admin_listen else "")
+        return _err(f"cannot start on {where}: {exc}")
 
 
 async def _with_app(cfg: Config, fn: Callable[[Any], Coroutine[Any, Any, int]]) -> int:

@@ -148,3 +148,24 @@ def test_backup_and_restore_show_progress_on_a_terminal(tmp_path: Path) -> None:
     assert "backup: 100%" in shown, shown
     shown = on_tty("restore", str(tmp_path / "b.db"))
     assert "restore: 100%" in shown, shown
+
+
+async def test_a_taken_admin_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = await cli_serve_fails(tmp_path / "data", "--admin-listen", f"127.0.0.1:{port}")
+    assert r.returncode != 0
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("sovereign:")]
+    assert len(lines) == 1 and f"admin 127.0.0.1:{port}" in lines[0], r
+
+
+async def cli_serve_fails(d: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    import asyncio
+
+    cmd = [sys.executable, "-m", "sovereign", "serve", "--data-dir", str(d)]
+    cmd += ["--listen", "127.0.0.1:0", *extra]
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=30)
