@@ -9,6 +9,9 @@ are one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereign import __version__
-from sovereign.config import Config, ConfigError, dump_toml, load
+from sovereign.config import Config, ConfigError, dump_toml, load, load_with_sources
 
 log = logging.getLogger("sovereign.cli")
 
@@ -53,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="WebSocket listener (0.0.0.0:8080)")
     serve.add_argument(
-        "--admin-listen", metavar="HOST:PORT", help="admin listener (not available yet)"
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help='admin API, panel and /metrics (127.0.0.1:8081; "" turns it off)',
     )
 
     setup = sub.add_parser(
@@ -86,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     ulist = usub.add_parser("list", help="list users")
     _common(ulist)
     ulist.add_argument("--search", default="", help="match username or display name")
+    for action, text in (
+        ("disable", "disable an account (its connections close at once, 4005)"),
+        ("enable", "enable a disabled account"),
+        ("delete", "delete an account: leaves every group, passkeys and devices go"),
+    ):
+        p = usub.add_parser(action, help=text)
+        _common(p)
+        p.add_argument("user", help="username or user id")
+
+    session = sub.add_parser("session", help="manage sessions (devices)")
+    ssub = session.add_subparsers(dest="session_command", required=True, metavar="ACTION")
+    slist = ssub.add_parser("list", help="list active sessions")
+    _common(slist)
+    slist.add_argument("--user", default="", help="only this username or user id")
+    srevoke = ssub.add_parser("revoke", help="revoke a session (its connections close, 4004)")
+    _common(srevoke)
+    srevoke.add_argument("session_id")
 
     invite = sub.add_parser("invite", help="manage invite codes")
     isub = invite.add_subparsers(dest="invite_command", required=True, metavar="ACTION")
@@ -148,10 +170,62 @@ def _check_tls(cfg: Config) -> str | None:
     return None
 
 
+LOCK_NAME = "sovereign.lock"
+
+
+def _lock_path(cfg: Config) -> Path:
+    return Path(cfg.data_dir) / LOCK_NAME
+
+
+def _take_lock(cfg: Config) -> int | None:
+    """The data dir's lock (an flock held for the server's lifetime), or None if another
+    process holds it. The kernel drops it when the process dies, even by SIGKILL."""
+    fd = os.open(_lock_path(cfg), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def server_running(cfg: Config) -> bool:
+    """True while a ``serve`` process holds DATA_DIR/sovereign.lock."""
+    if not _lock_path(cfg).exists():
+        return False
+    fd = _take_lock(cfg)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _write_lock_info(fd: int, info: dict[str, Any]) -> None:
+    """Where the running server's admin listener is (the CLI's way to reach it)."""
+    data = json.dumps(info).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _read_lock_info(cfg: Config) -> dict[str, Any]:
+    try:
+        info = json.loads(_lock_path(cfg).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sovereign import logs
 
-    cfg = _config(args, listen=args.listen, admin_listen=args.admin_listen)
+    overrides = {
+        "data_dir": args.data_dir,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+        "listen": args.listen,
+        "admin_listen": args.admin_listen,
+    }
+    cfg, sources = load_with_sources(args.config, overrides)
     logs.setup(cfg.log_format, cfg.log_level)
     problem = _check_tls(cfg)
     if problem is not None:
@@ -160,16 +234,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Importing the server picks the envelope codec; creating the app picks the
         # dispatcher. Either raises ImportError under SOVEREIGN_REQUIRE_FAST=1 when the
         # compiled module is missing: say so in one line, not a traceback.
-        from sovereign.server import serve
+        from sovereign.server import App, serve
 
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        return _run(serve(cfg))
+        lock = _take_lock(cfg)
+        if lock is None:
+            return _err(
+                f"another server is running on {cfg.data_dir} (it holds {_lock_path(cfg)}); "
+                "stop it first"
+            )
+
+        def ready(app: App) -> None:
+            _write_lock_info(lock, {"pid": os.getpid(), "admin_url": app.admin_url("") or ""})
+
+        try:
+            return _run(serve(cfg, ready=ready, sources=sources))
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(lock, 0)
+            os.close(lock)
     except ImportError as exc:
         log.debug("start-up failed", exc_info=True)
         return _err(f"cannot start: {exc}")
     except OSError as exc:  # e.g. the port is taken, the data dir is not writable
         log.debug("start-up failed", exc_info=True)
-        return _err(f"cannot start on {cfg.listen}: {exc}")
+        where = cfg.listen + (f" and admin {cfg.admin_listen}" if cfg.admin_listen else "")
+        return _err(f"cannot start on {where}: {exc}")
 
 
 async def _with_app(cfg: Config, fn: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
@@ -235,6 +325,224 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     return _run(_with_app(cfg, work))
 
 
+# -- commands that mirror the admin API --------------------------------------------------
+#
+# With no server on the data dir they run the AdminService in this process, on the
+# database. With a server running, the live effects (closing sockets with 4005/4004,
+# GROUP_MEMBER_REMOVED to connected members) need that server: the command then calls
+# its admin API (the address is in DATA_DIR/sovereign.lock) with an admin session minted
+# here for the first enabled admin, valid 5 minutes and revoked right after the call.
+
+
+class _ApiFailed(Exception):
+    pass
+
+
+def _admin_api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
+    import ssl as ssl_mod
+    import urllib.error
+    import urllib.request
+
+    from sovereign.services import tokens
+    from sovereign.storage import open_storage
+
+    base = str(_read_lock_info(cfg).get("admin_url") or "")
+    if not base:
+        raise _ApiFailed(
+            "the running server has no admin listener (admin_listen is off); stop it, or "
+            "use the admin panel"
+        )
+
+    async def mint() -> tuple[str, str]:
+        storage = await open_storage(cfg.sqlite_path)
+        try:
+            admins = [u for u in await storage.users.list(limit=100) if u.is_admin and u.enabled]
+            if not admins:
+                raise _ApiFailed("no admin exists yet: create the first one with the setup URL")
+            token = tokens.new_token()
+            now = int(time.time() * 1_000_000)
+            session = await storage.sessions.create(
+                admins[0].user_id,
+                tokens.digest(token),
+                now + 300_000_000,
+                None,
+                "cli",
+                kind="admin",
+            )
+            return token, session.session_id
+        finally:
+            await storage.close()
+
+    async def revoke(session_id: str) -> None:
+        storage = await open_storage(cfg.sqlite_path)
+        try:
+            await storage.sessions.revoke(session_id, int(time.time() * 1_000_000))
+        finally:
+            await storage.close()
+
+    token, session_id = _run_any(mint())
+    try:
+        req = urllib.request.Request(
+            base + path,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        # The lock file names a loopback address this server bound: its own certificate.
+        ctx = ssl_mod._create_unverified_context() if base.startswith("https") else None
+        try:
+            with urllib.request.urlopen(req, timeout=30, context=ctx) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code}"
+            raise _ApiFailed(message) from None
+        except OSError as exc:
+            raise _ApiFailed(f"cannot reach the running server at {base}: {exc}") from None
+        return json.loads(raw) if raw else None
+    finally:
+        _run_any(revoke(session_id))
+
+
+def _run_any(coro: Coroutine[Any, Any, Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+async def _find_user(app: Any, who: str) -> Any:
+    user = await app.storage.users.get_by_id(who) or await app.storage.users.get_by_username(who)
+    if user is None:
+        raise _ApiFailed(f"no user {who!r}")
+    return user
+
+
+def _find_user_remote(cfg: Config, who: str) -> dict[str, Any]:
+    from urllib.parse import quote
+
+    for u in _admin_api(cfg, "GET", f"/admin/api/users?search={quote(who)}&limit=100")["data"]:
+        if who in (u["id"], u["username"]):
+            return dict(u)
+    try:
+        return dict(_admin_api(cfg, "GET", f"/admin/api/users/{quote(who)}"))
+    except _ApiFailed:
+        raise _ApiFailed(f"no user {who!r}") from None
+
+
+def _user_action(args: argparse.Namespace, action: str) -> int:
+    from urllib.parse import quote
+
+    from sovereign.errors import SovereignError
+    from sovereign.services.admin import AdminError
+
+    cfg = _config(args)
+    done = {"disable": "disabled", "enable": "enabled", "delete": "deleted"}[action]
+    try:
+        if server_running(cfg):
+            user = _find_user_remote(cfg, args.user)
+            path = f"/admin/api/users/{quote(user['id'])}"
+            if action == "delete":
+                _admin_api(cfg, "DELETE", path)
+            else:
+                _admin_api(cfg, "PUT", path, {"enabled": action == "enable"})
+            print(f"{done} {user['username']} ({user['id']}) on the running server")
+            return 0
+
+        async def work(app: Any) -> int:
+            user = await _find_user(app, args.user)
+            if action == "delete":
+                await app.admin.delete_user(user.user_id)
+            else:
+                await app.admin.update_user(user.user_id, {"enabled": action == "enable"})
+            print(f"{done} {user.username} ({user.user_id})")
+            return 0
+
+        return _run(_with_app(cfg, work))
+    except (_ApiFailed, SovereignError, AdminError) as exc:
+        return _err(f"cannot {action} {args.user!r}: {getattr(exc, 'message', exc)}")
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    return _user_action(args, "disable")
+
+
+def cmd_user_enable(args: argparse.Namespace) -> int:
+    return _user_action(args, "enable")
+
+
+def cmd_user_delete(args: argparse.Namespace) -> int:
+    return _user_action(args, "delete")
+
+
+def _print_sessions(rows: list[dict[str, Any]]) -> None:
+    print(f"{'SESSION ID':<24} {'USER':<33} {'KIND':<7} {'ONLINE':<7} LAST SEEN (UTC)")
+    for s in rows:
+        seen = time.strftime("%Y-%m-%d %H:%M", time.gmtime(s["last_seen_at"] / 1000))
+        online = "yes" if s["online"] else "no"
+        print(f"{s['id']:<24} {s['username']:<33} {s['kind']:<7} {online:<7} {seen}")
+    print(f"{len(rows)} active session(s)")
+
+
+def cmd_session_list(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    cfg = _config(args)
+    try:
+        if server_running(cfg):
+            user_q = ""
+            if args.user:
+                user_q = "&user_id=" + quote(_find_user_remote(cfg, args.user)["id"])
+            rows: list[dict[str, Any]] = []
+            while True:
+                page = _admin_api(
+                    cfg, "GET", f"/admin/api/sessions?offset={len(rows)}&limit=100{user_q}"
+                )
+                rows.extend(page["data"])
+                if len(rows) >= page["pagination"]["total"] or not page["data"]:
+                    break
+            _print_sessions(rows)
+            return 0
+
+        async def work(app: Any) -> int:
+            user_id = (await _find_user(app, args.user)).user_id if args.user else None
+            rows: list[dict[str, Any]] = []
+            while True:
+                page = await app.admin.list_sessions(user_id, len(rows), 100)
+                rows.extend(page.data)
+                if len(rows) >= page.total or not page.data:
+                    break
+            _print_sessions(rows)
+            return 0
+
+        return _run(_with_app(cfg, work))
+    except _ApiFailed as exc:
+        return _err(f"cannot list sessions: {exc}")
+
+
+def cmd_session_revoke(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from sovereign.services.admin import AdminError
+
+    cfg = _config(args)
+    try:
+        if server_running(cfg):
+            _admin_api(cfg, "DELETE", f"/admin/api/sessions/{quote(args.session_id)}")
+            print(f"revoked session {args.session_id} on the running server")
+            return 0
+
+        async def work(app: Any) -> int:
+            await app.admin.revoke_session(args.session_id)
+            print(f"revoked session {args.session_id}")
+            return 0
+
+        return _run(_with_app(cfg, work))
+    except (_ApiFailed, AdminError) as exc:
+        return _err(f"cannot revoke session {args.session_id!r}: {getattr(exc, 'message', exc)}")
+
+
 def cmd_invite_create(args: argparse.Namespace) -> int:
     cfg = _config(args)
 
@@ -255,15 +563,43 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if dest.exists():
         return _err(f"{dest} already exists; choose a new path")
 
+    report = _progress("backup")
+
     async def work(app: Any) -> int:
         try:
-            await app.storage.db.backup(dest)
+            await app.storage.db.backup(dest, report if sys.stderr.isatty() else None)
+            report(1, 1, end=True)
         except (StorageError, OSError, ValueError) as exc:
             return _err(f"backup to {dest} failed: {exc}")
         print(f"backup of {cfg.sqlite_path} written to {dest} ({dest.stat().st_size} bytes)")
         return 0
 
     return _run(_with_app(cfg, work))
+
+
+class _Progress:
+    """``done/total`` as a percentage on one terminal line (stderr); silent when stderr
+    is not a terminal, so scripts and logs stay clean."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+
+    def __call__(self, done: int, total: int, *, end: bool = False) -> None:
+        if not self.tty:
+            return
+        pct = 100 if total <= 0 else min(100, done * 100 // total)
+        if pct != self.last or end:
+            self.last = pct
+            sys.stderr.write(f"\r{self.what}: {pct:3d}%")
+            if end:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _progress(what: str) -> _Progress:
+    return _Progress(what)
 
 
 def _sidecars(db: Path) -> list[Path]:
@@ -296,6 +632,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = _config(args)
     src = Path(args.path)
     db = cfg.sqlite_path
+    if server_running(cfg):
+        return _err(
+            f"a server is running on {cfg.data_dir} (it holds {_lock_path(cfg)}); stop it "
+            "before restoring: a restore replaces the database under it"
+        )
     problem = _looks_like_backup(src)
     if problem is not None:
         return _err(problem)
@@ -307,11 +648,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     staging = db.with_name(db.name + ".restoring")
     for p in (staging, *_sidecars(staging)):
         p.unlink(missing_ok=True)
+    total = src.stat().st_size
+    report = _progress("restore")
     with open(src, "rb") as fin, open(staging, "wb") as fout:
+        done = 0
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
+            done += len(chunk)
+            report(done, total)
         fout.flush()
         os.fsync(fout.fileno())
+    report(total, total, end=True)
 
     async def check() -> int:
         storage = await open_storage(staging)
@@ -419,11 +766,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("setup", None): cmd_setup,
         ("user", "create"): cmd_user_create,
         ("user", "list"): cmd_user_list,
+        ("user", "disable"): cmd_user_disable,
+        ("user", "enable"): cmd_user_enable,
+        ("user", "delete"): cmd_user_delete,
+        ("session", "list"): cmd_session_list,
+        ("session", "revoke"): cmd_session_revoke,
         ("invite", "create"): cmd_invite_create,
         ("backup", None): cmd_backup,
         ("restore", None): cmd_restore,
     }
-    action = getattr(args, "user_command", None) or getattr(args, "invite_command", None)
+    action = (
+        getattr(args, "user_command", None)
+        or getattr(args, "invite_command", None)
+        or getattr(args, "session_command", None)
+    )
     try:
         return handlers[(args.command, action)](args)
     except ConfigError as exc:

@@ -5,9 +5,11 @@ file (TOML) > default. Every key is validated at start-up; a bad value raises
 :class:`ConfigError` whose message is one line naming the key and what is allowed.
 List-valued environment keys are comma-separated (SPEC §12.21).
 
-Keys for features this version does not have yet (``admin_listen``, ``storage =
-"postgres"``, ``postgres_dsn``, ``redis_url``) are accepted by the parser but refused by
+Keys for features this version does not have yet (``storage = "postgres"``,
+``postgres_dsn``, ``redis_url``) are accepted by the parser but refused by
 :func:`validate`: a setting that silently does nothing is worse than a clear error.
+:func:`load_with_sources` also says where each value came from (the admin API's
+settings view shows it, SPEC §12.23).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class ConfigError(ValueError):
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # listeners and identity
     listen: str = "0.0.0.0:8080"
-    admin_listen: str = ""  # not available yet: any value is refused
+    admin_listen: str = "127.0.0.1:8081"  # admin API, panel, /metrics; "" turns it off
     data_dir: str = "./data"
     server_name: str = "Sovereign"
     rp_id: str = "localhost"
@@ -74,6 +76,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     group_commit_max_batch: int = 512
+    metrics: bool = True  # count for /metrics; false removes even the hot path's counting
 
     @property
     def origins_allowed(self) -> list[str]:
@@ -107,7 +110,6 @@ _NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
 #: Keys of features not in this version: key -> why a non-empty value is refused.
 #: ``dump_toml`` leaves them out, so ``sovereign setup`` never writes them.
 _NOT_YET = {
-    "admin_listen": "the admin listener is not available yet in this version; leave it unset",
     "postgres_dsn": "PostgreSQL storage is not available yet in this version; leave it unset",
     "redis_url": "cluster mode (Redis) is not available yet in this version; leave it unset",
 }
@@ -126,6 +128,8 @@ def _describe(tp: Any) -> str:
         return "a number"
     if tp is str:
         return "a string"
+    if tp is bool:
+        return "true or false"
     return "a list of strings (comma-separated in the environment)"
 
 
@@ -139,6 +143,10 @@ def _coerce_env(key: str, raw: str, tp: Any) -> Any:
             f"{key}: {raw!r} from SOVEREIGN_{key.upper()} is not valid; expected {_describe(base)}"
         )
     try:
+        if base is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
         if base is int:
             return int(raw)
         if base is float:
@@ -164,6 +172,8 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must be 0 or more (got {getattr(cfg, key)})")
     _parse_hostport("listen", cfg.listen)
+    if cfg.admin_listen:
+        _parse_hostport("admin_listen", cfg.admin_listen)
     if cfg.storage != "sqlite":
         raise ConfigError(
             f'storage: "{cfg.storage}" is not available yet in this version; use "sqlite"'
@@ -208,8 +218,19 @@ def load(
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the effective configuration: flags > environment > file > default."""
+    return load_with_sources(config_file, overrides, environ)[0]
+
+
+def load_with_sources(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """:func:`load`, plus where each key set by someone came from: ``file``, ``env``
+    or ``flag`` (a key absent from the map has its default)."""
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     hints = _hints()
     if config_file is None:
         # A data dir chosen by flag or environment may hold a sovereign.toml (setup writes it).
@@ -222,6 +243,7 @@ def load(
         try:
             with path.open("rb") as fh:
                 data.update(tomllib.load(fh))
+            sources.update(dict.fromkeys(data, "file"))
         except FileNotFoundError:
             raise ConfigError(f"config: file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
@@ -230,10 +252,12 @@ def load(
         raw = env.get("SOVEREIGN_" + key.upper())
         if raw is not None:
             data[key] = _coerce_env(key, raw, tp)
+            sources[key] = "env"
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
-    return validate(_convert(data, "configuration"))
+            sources[key] = "flag"
+    return validate(_convert(data, "configuration")), sources
 
 
 def dump_toml(cfg: Config) -> str:

@@ -22,14 +22,21 @@ import orjson
 import picows
 
 from sovereign import __version__, implementations
+from sovereign.admin.http import AdminContext, AdminListener
+from sovereign.admin.metrics import Sources
+from sovereign.admin.timeseries import MinuteSeries
 from sovereign.api import handler_table
+from sovereign.auth import webauthn as wa
 from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.config import Config, ConfigError
 from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.connection import Timeouts
 from sovereign.protocol.types import PRE_AUTH_TYPES
+from sovereign.services.admin import SETTINGS, AdminService
+from sovereign.services.auth import AuthService
 from sovereign.services.compose import build_services
 from sovereign.services.session import Session
+from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage, open_storage
 from sovereign.transport.outbox import LocalOutbox
 from sovereign.transport.ws import Connection, make_listener_factory
@@ -43,7 +50,13 @@ class App:
     """The running server: one per process. Implements the transport's
     :class:`~sovereign.transport.ws.ConnectionHandler`."""
 
-    def __init__(self, config: Config, storage: Storage, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        clock: Clock = SYSTEM_CLOCK,
+        sources: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.storage = storage
         self.clock = clock
@@ -60,10 +73,38 @@ class App:
             idle_timeout=config.idle_timeout,
             max_auth_failures=config.max_auth_failures,
         )
-        self.outbox = outbox = LocalOutbox(config.send_buffer_limit)
-        self.services = build_services(config, storage, outbox, clock)
-        self.tasks = self.services.tasks
-        self.auth = self.services.auth
+        # -- counters for /metrics: plain ints read at scrape time (SPEC §12.25)
+        self.stats = stats = ServerStats() if config.metrics else None
+        self.mls_stats = mls_stats = MlsStats()
+        # -- ports and services
+        self.outbox = outbox = LocalOutbox(config.send_buffer_limit, stats)
+        self.services = svc = build_services(
+            config, storage, outbox, clock, stats=stats, mls_stats=mls_stats
+        )
+        self.tasks = svc.tasks
+        self.auth = svc.auth
+        self.eventlog = svc.eventlog
+        if stats is not None:
+            svc.connections.ready_hooks.append(self._count_ready)
+            self._envelopes_in = stats.envelopes_in
+            self.received = self._received_counting  # type: ignore[method-assign]
+        # -- the admin listener's service: its own AuthService, whose relying party also
+        # accepts the admin listener's origin once it is bound (SPEC §12.28)
+        self.admin_auth = AuthService(config, storage, clock)
+        self.admin = AdminService(
+            config,
+            storage,
+            clock,
+            auth=self.admin_auth,
+            connections=svc.connections,
+            groups=svc.groups,
+            state=svc.state,
+            outbox=outbox,
+            mls_stats=mls_stats,
+            base={k: getattr(config, k) for k in SETTINGS},
+            sources=sources or {},
+        )
+        self.admin_listener: AdminListener | None = None
         # -- the request path
         self._dispatch_mod = implementations.load("dispatch")
         self.dispatcher = self._dispatch_mod.Dispatcher(
@@ -88,6 +129,8 @@ class App:
         )
         s = Session(self._conn_seq, conn, self.outbox, bucket)
         self.outbox.opened(conn)
+        if self.stats is not None:
+            self.stats.connections_opened += 1
         return s
 
     def received(self, s: Session, buf: memoryview, now: float) -> None:
@@ -98,7 +141,28 @@ class App:
             log.exception("handler failed")
             self.outbox.send_error(s, ErrorCode.INTERNAL_ERROR, "", "internal error")
 
+    def _received_counting(self, s: Session, buf: memoryview, now: float) -> None:
+        """:meth:`received` plus a count by Envelope type, read from the first field
+        (tag 0x08, a varint) without decoding. A copy of :meth:`received`'s body rather
+        than a call to it: one Python frame less per frame received."""
+        t = buf[1] if len(buf) > 1 and buf[0] == 0x08 else 0
+        if t & 0x80 and len(buf) > 2:
+            t = (t & 0x7F) | (buf[2] << 7)
+        counts = self._envelopes_in
+        counts[t] = counts.get(t, 0) + 1
+        try:
+            self.dispatcher.dispatch(s, s.bucket, buf, s.state.ready, now)
+        except Exception:
+            log.exception("handler failed")
+            self.outbox.send_error(s, ErrorCode.INTERNAL_ERROR, "", "internal error")
+
+    def _count_ready(self, s: Session) -> None:
+        self.stats.auth_success += 1  # type: ignore[union-attr]
+
     def closed(self, conn: Connection) -> None:
+        if self.stats is not None:
+            code = conn.session.state.close_code or CloseCode.GOING_AWAY
+            self.stats.closes[code] = self.stats.closes.get(code, 0) + 1
         self.outbox.closed(conn)
         self.services.connections.closed(conn.session)
 
@@ -175,6 +239,90 @@ class App:
             self.bound_address(),
             implementations.describe(),
         )
+        if cfg.admin_listen:
+            await self._start_admin(ssl_ctx)
+
+    async def _start_admin(self, ssl_ctx: ssl.SSLContext | None) -> None:
+        cfg = self.config
+        host, _, port = cfg.admin_listen.rpartition(":")
+        scheme = "https" if ssl_ctx else "http"
+        ctx = AdminContext(
+            service=self.admin,
+            version=__version__,
+            started_at_s=self.started_at,
+            tls=ssl_ctx is not None,
+            origins=frozenset(),  # set below, once the port is known
+            ready=self.readiness,
+            metrics=self._metric_sources(),
+            series=MinuteSeries(
+                lambda: self.clock.now_us() / 1e6,
+                self.outbox.count,
+                lambda: self.eventlog.events_written,
+            ),
+        )
+        listener = AdminListener(ctx)
+        await listener.start(host.strip("[]"), int(port), ssl_ctx)
+        self.admin_listener = listener
+        # SPEC §12.28: the panel's ceremonies and CSRF check accept the rp_origins and
+        # the admin listener's own origin; a browser needs a host the rp_id covers, so
+        # "localhost" stands for a loopback or wildcard bind (docs/decisions.md).
+        own = {f"{scheme}://{h}:{listener.port}" for h in self._admin_hosts(listener.host)}
+        origins = (*cfg.rp_origins, *sorted(own - set(cfg.rp_origins)))
+        ctx.origins = frozenset(origins)
+        self.admin_auth.rp = wa.RelyingParty(rp_id=cfg.rp_id, rp_name=cfg.rp_name, origins=origins)
+        log.info("admin listener on %s://%s:%d", scheme, listener.host, listener.port)
+
+    @staticmethod
+    def _admin_hosts(bound: str) -> list[str]:
+        if bound in ("127.0.0.1", "0.0.0.0", "::", "::1", "localhost"):
+            return ["localhost", "127.0.0.1"]
+        return [bound]
+
+    def admin_url(self, path: str) -> str | None:
+        """An URL of the admin listener a browser on this machine can open."""
+        listener = self.admin_listener
+        if listener is None:
+            return None
+        scheme = "https" if self.config.tls_cert else "http"
+        host = self._admin_hosts(listener.host)[0]
+        return f"{scheme}://{host}:{listener.port}{path}"
+
+    def _metric_sources(self) -> Sources:
+        db = self.storage.db
+        outbox = self.outbox
+        return Sources(
+            stats=self.stats,
+            mls=self.mls_stats,
+            connections=outbox.count,
+            ready_connections=lambda: sum(1 for s in outbox.all_sessions() if s.state.ready),
+            events_written=lambda: self.eventlog.events_written,
+            batch_sizes=db.batch_sizes,
+            commit_seconds=db.commit_seconds,
+            writes_committed=lambda: db.stats().writes_committed,
+            writes_failed=lambda: db.stats().writes_failed,
+            rejected=outbox.rejected,
+            pools_below_min=lambda: 0,
+        )
+
+    async def readiness(self) -> dict[str, bool | None]:
+        """SPEC §12.25 ``/readyz``: every check must hold; 503 while draining (then the
+        write probe is skipped: ``database_writable`` is None, not checked)."""
+        db = self.storage.db
+        writable: bool | None = None if not self.accepting else False
+        if self.accepting and db.writer_alive:
+            try:  # one empty transaction through the writer: it takes the write lock
+                await asyncio.wait_for(db.write(lambda c: None, durable=False), 2.0)
+                writable = True
+            except Exception:
+                writable = False
+        return {
+            "accepting": self.accepting,
+            "listeners_bound": self._server is not None
+            and self._server.is_serving()
+            and (self.admin_listener is not None and self.admin_listener.bound),
+            "writer_alive": db.writer_alive,
+            "database_writable": writable,
+        }
 
     def bound_address(self) -> str:
         assert self._server is not None
@@ -188,7 +336,7 @@ class App:
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """SPEC §4: stop accepting, close every connection 4006, finish writes."""
-        self.accepting = False
+        self.accepting = False  # /readyz answers 503 from here on
         if self._server is not None:
             self._server.close()
         for timer in self._timers:
@@ -202,6 +350,8 @@ class App:
         deadline = self.monotonic() + 2.0
         while self.outbox.count() and self.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self.admin_listener is not None:
+            await self.admin_listener.stop()
         await self.storage.close()
         self._stopped.set()
 
@@ -238,12 +388,13 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1_000)
 
 
-async def create_app(config: Config) -> App:
+async def create_app(config: Config, sources: dict[str, str] | None = None) -> App:
     implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
     try:
-        app = App(config, storage)
+        app = App(config, storage, sources=sources)
         await app.auth.load_settings()
+        await app.admin.load_settings()  # stored settings win over file, env, flags
         await app.services.state.load()
         await app.services.delivery.load()
     except BaseException:
@@ -252,7 +403,12 @@ async def create_app(config: Config) -> App:
     return app
 
 
-async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -> int:
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[App], None] | None = None,
+    sources: dict[str, str] | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     # Signals are caught from the first moment, so a SIGTERM during start-up still
     # shuts down gracefully (exit 0) once the server is up.
@@ -260,24 +416,33 @@ async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = await create_app(config)
+    app = await create_app(config, sources)
     tune_gc()
     try:
         await app.start()
     except BaseException:
-        await app.storage.close()
+        await app.shutdown()
         raise
     code = await app.auth.ensure_bootstrap()
     if code is not None:
-        # Printed, never logged: the operator needs it once. (The admin panel's setup
-        # page, SPEC §10, is not built yet, so no URL is advertised.)
-        print(
-            "No admin exists yet. Register the first admin with this one-time code as "
-            "invite_code (AUTH_REGISTER_REQUEST; works under any registration policy). "
-            "A new code is printed at each start until an admin exists.\n"
-            f"bootstrap code: {code}",
-            flush=True,
-        )
+        # Printed, never logged: the operator needs it once (SPEC §10, §12.28).
+        url = app.admin_url(f"/admin/setup?token={code}")
+        if url is not None:
+            print(
+                "No admin exists yet. Open this one-time URL in a browser to register the "
+                "first admin's passkey (its token also works as invite_code in "
+                "AUTH_REGISTER_REQUEST). A new one is printed at each start until an admin "
+                f"exists.\nsetup URL: {url}",
+                flush=True,
+            )
+        else:
+            print(
+                "No admin exists yet. Register the first admin with this one-time code as "
+                "invite_code (AUTH_REGISTER_REQUEST; works under any registration policy). "
+                "A new code is printed at each start until an admin exists.\n"
+                f"bootstrap code: {code}",
+                flush=True,
+            )
     if ready is not None:
         ready(app)
     await stop.wait()

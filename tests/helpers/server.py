@@ -16,16 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sovereign.config import Config, load
+from sovereign.config import Config, load_with_sources
 from sovereign.server import App, create_app
 
 ORIGIN = "http://localhost:8080"
 
 
 def test_config(data_dir: Path, **overrides: Any) -> Config:
+    return test_config_sources(data_dir, **overrides)[0]
+
+
+def test_config_sources(data_dir: Path, **overrides: Any) -> tuple[Config, dict[str, str]]:
     base: dict[str, Any] = {
         "data_dir": str(data_dir),
         "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
         "rp_id": "localhost",
         "rp_origins": [ORIGIN],
         "registration": "open",
@@ -36,7 +41,7 @@ def test_config(data_dir: Path, **overrides: Any) -> Config:
         "min_key_packages": 0,
     }
     base.update(overrides)
-    return load(None, base, environ={})
+    return load_with_sources(None, base, environ={})
 
 
 @dataclass
@@ -52,11 +57,17 @@ class RunningServer:
     def base(self) -> str:
         return f"127.0.0.1:{self.app.port}"
 
+    @property
+    def admin(self) -> str:
+        """The admin listener's base URL (http://127.0.0.1:PORT)."""
+        assert self.app.admin_listener is not None
+        return f"http://127.0.0.1:{self.app.admin_listener.port}"
+
 
 @asynccontextmanager
 async def running_server(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
-    cfg = test_config(data_dir, **overrides)
-    app = await create_app(cfg)
+    cfg, sources = test_config_sources(data_dir, **overrides)
+    app = await create_app(cfg, sources)
     await app.start()
     try:
         yield RunningServer(app, cfg)
@@ -95,6 +106,7 @@ class ServerProcess:
             str(self.data_dir),
             "--listen",
             "127.0.0.1:0",
+            *([] if "--admin-listen" in self.args else ["--admin-listen", "127.0.0.1:0"]),
             *self.args,
         ]
         self.proc = subprocess.Popen(

@@ -331,7 +331,16 @@ SERVE = [sys.executable, "-m", "sovereign", "serve"]
 
 def serve_fails(data_dir: Path, env: dict[str, str], *extra: str) -> Result:
     proc = subprocess.run(
-        [*SERVE, "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
+        [
+            *SERVE,
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

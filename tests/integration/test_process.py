@@ -111,9 +111,9 @@ class Server(ServerProcess):
 
 
 async def wait_handlers_installed(srv: Server) -> None:
-    # serve() installs its signal handlers right after printing the bootstrap code
-    # (or deciding there is none); the code line is the last thing before them.
-    await srv.line_starting("bootstrap code:")
+    # serve() installs its signal handlers right after printing the setup URL
+    # (or deciding there is none); the URL line is the last thing before them.
+    await srv.line_starting("setup URL:")
 
 
 # -- graceful shutdown (SPEC §4) ------------------------------------------------------
@@ -192,7 +192,8 @@ class Block:
 
 sys.meta_path.insert(0, Block())
 from sovereign.cli import main
-sys.exit(main(["serve", "--data-dir", {str(data_dir)!r}, "--listen", "127.0.0.1:0"]))
+sys.exit(main(["serve", "--data-dir", {str(data_dir)!r}, "--listen", "127.0.0.1:0",
+                "--admin-listen", "127.0.0.1:0"]))
 """
 
 
@@ -284,8 +285,11 @@ async def test_bootstrap_code_registers_the_first_admin(tmp_path: Path) -> None:
     srv = Server(d, env={"SOVEREIGN_REGISTRATION": "closed"})
     await srv.start()
     try:
-        line = await srv.line_starting("bootstrap code:")
-        code = line.split()[-1]
+        line = await srv.line_starting("setup URL:")
+        # SPEC §12.28: the first-start URL opens the admin panel's setup page; its token
+        # is the bootstrap code, which also works as invite_code over the WebSocket.
+        assert re.search(r"setup URL: http://localhost:\d+/admin/setup\?token=\S+$", line)
+        code = line.rsplit("token=", 1)[-1].strip()
         # The code is shown to the operator, never written to the log stream.
         assert not any(code in ln and "INFO" in ln for ln in srv.lines)
 
@@ -316,7 +320,7 @@ async def test_bootstrap_code_registers_the_first_admin(tmp_path: Path) -> None:
     await again.start()
     try:
         await asyncio.sleep(0.3)
-        assert "bootstrap code" not in again.output()
+        assert "setup URL" not in again.output() and "bootstrap code" not in again.output()
         assert await again.stop() == 0
     finally:
         again.close()

@@ -240,7 +240,8 @@ async def test_serve_process_with_tls_from_the_environment(
     await srv.start()
     try:
         assert "listening on wss://127.0.0.1:" in srv.output()
-        await srv.line_starting("bootstrap code:")
+        line = await srv.line_starting("setup URL:")
+        assert line.split()[-1].startswith("https://localhost:")  # the admin panel under TLS
         assert "http://" not in srv.output()  # nothing advertised as plain http under TLS
         c = await wss_connect(f"wss://127.0.0.1:{srv.port}/ws", trusting(certs.cert))
         assert (await c.request(T.PING, pb.Ping(timestamp=5), T.PONG)).timestamp == 5
@@ -256,7 +257,15 @@ SERVE = [sys.executable, "-m", "sovereign", "serve"]
 
 def serve_once(data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*SERVE, "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
+        [
+            *SERVE,
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

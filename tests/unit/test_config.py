@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign import cli
-from sovereign.config import ConfigError, dump_toml, load
+from sovereign.config import ConfigError, dump_toml, load, load_with_sources
 
 
 def test_defaults_match_spec_section_9() -> None:
@@ -20,7 +19,8 @@ def test_defaults_match_spec_section_9() -> None:
     assert (c.max_group_members, c.max_groups_per_user) == (1_000, 500)
     assert (c.max_key_packages, c.min_key_packages, c.retention_days) == (100, 5, 90)
     assert (c.listen, c.data_dir) == ("0.0.0.0:8080", "./data")
-    assert (c.storage, c.admin_listen, c.postgres_dsn, c.redis_url) == ("sqlite", "", "", "")
+    assert (c.storage, c.postgres_dsn, c.redis_url) == ("sqlite", "", "")
+    assert (c.admin_listen, c.metrics) == ("127.0.0.1:8081", True)  # SPEC §10: loopback
     assert c.origins_allowed == c.rp_origins
 
 
@@ -98,7 +98,6 @@ NOT_YET = [
     ),
     ("postgres_dsn", "postgresql://db/sovereign", "postgres_dsn: PostgreSQL storage is not"),
     ("redis_url", "redis://localhost:6379/0", "redis_url: cluster mode (Redis) is not"),
-    ("admin_listen", "127.0.0.1:8081", "admin_listen: the admin listener is not"),
 ]
 
 
@@ -114,7 +113,7 @@ def test_unavailable_features_are_refused_by_name(
             load(f, {}, environ={})
         elif source == "environment":
             load(None, {}, environ={"SOVEREIGN_" + key.upper(): value})
-        else:  # what a command-line flag passes (serve has --admin-listen)
+        else:  # what a command-line flag passes
             load(None, {key: value}, environ={})
     msg = str(info.value)
     assert msg.startswith(message) and "not available yet" in msg and "\n" not in msg
@@ -122,26 +121,46 @@ def test_unavailable_features_are_refused_by_name(
 
 def test_unavailable_features_unset_or_at_default_are_accepted(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
-    f.write_text('storage = "sqlite"\nadmin_listen = ""\npostgres_dsn = ""\nredis_url = ""\n')
-    env = {"SOVEREIGN_ADMIN_LISTEN": "", "SOVEREIGN_REDIS_URL": "", "SOVEREIGN_STORAGE": "sqlite"}
-    assert load(f, {"admin_listen": None}, environ=env).storage == "sqlite"
+    f.write_text('storage = "sqlite"\npostgres_dsn = ""\nredis_url = ""\n')
+    env = {"SOVEREIGN_REDIS_URL": "", "SOVEREIGN_STORAGE": "sqlite"}
+    assert load(f, {"postgres_dsn": None}, environ=env).storage == "sqlite"
 
 
 def test_setup_writes_no_unavailable_keys() -> None:
     text = dump_toml(load(None, {}, environ={}))
     assert 'storage = "sqlite"' in text
-    for key in ("admin_listen", "postgres_dsn", "redis_url"):
+    for key in ("postgres_dsn", "redis_url"):
         assert key not in text
+    assert 'admin_listen = "127.0.0.1:8081"' in text
 
 
-def test_serve_admin_listen_flag_is_refused_before_anything_starts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for key in ("SOVEREIGN_ADMIN_LISTEN", "SOVEREIGN_STORAGE", "SOVEREIGN_DATA_DIR"):
-        monkeypatch.delenv(key, raising=False)
-    d = tmp_path / "data"
-    rc = cli.main(["serve", "--data-dir", str(d), "--admin-listen", "127.0.0.1:8081"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1, err
-    assert "admin_listen: the admin listener is not available yet" in err
-    assert not d.exists()  # refused before the data dir or database was touched
+def test_admin_listen_is_a_host_and_port_or_empty_for_off(tmp_path: Path) -> None:
+    assert load(None, {"admin_listen": "0.0.0.0:9000"}, environ={}).admin_listen == "0.0.0.0:9000"
+    assert load(None, {}, environ={"SOVEREIGN_ADMIN_LISTEN": ""}).admin_listen == ""
+    for bad in ("localhost", "127.0.0.1:http", ":8081", "127.0.0.1:70000"):
+        with pytest.raises(ConfigError) as info:
+            load(None, {"admin_listen": bad}, environ={})
+        assert str(info.value).startswith("admin_listen: ") and "HOST:PORT" in str(info.value)
+
+
+def test_metrics_switch_from_each_source(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("metrics = false\n")
+    assert load(f, {}, environ={}).metrics is False
+    assert load(None, {}, environ={"SOVEREIGN_METRICS": "false"}).metrics is False
+    assert load(None, {}, environ={"SOVEREIGN_METRICS": "1"}).metrics is True
+    with pytest.raises(ConfigError) as info:
+        load(None, {}, environ={"SOVEREIGN_METRICS": "maybe"})
+    assert str(info.value).startswith("metrics: ") and "true or false" in str(info.value)
+
+
+def test_sources_say_where_each_value_came_from(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('server_name = "file"\nrate_limit_burst = 7\n')
+    env = {"SOVEREIGN_RATE_LIMIT_BURST": "8", "SOVEREIGN_REGISTRATION": "invite"}
+    cfg, sources = load_with_sources(f, {"registration": "closed", "listen": None}, environ=env)
+    assert (cfg.server_name, cfg.rate_limit_burst, cfg.registration) == ("file", 8, "closed")
+    assert sources["server_name"] == "file"
+    assert sources["rate_limit_burst"] == "env"
+    assert sources["registration"] == "flag"
+    assert "listen" not in sources and "max_connections" not in sources  # defaults

@@ -30,6 +30,9 @@ LOAD_ENV: dict[str, str] = {
     "SOVEREIGN_MAX_CONNECTIONS": "1000000",
     "SOVEREIGN_MAX_CONNECTIONS_PER_USER": "1000",
     "SOVEREIGN_IDLE_TIMEOUT": "3600",
+    # Its own free port: the default 127.0.0.1:8081 may be taken (another server, a
+    # parallel run). METRICS=false via --server-env measures the cost of counting.
+    "SOVEREIGN_ADMIN_LISTEN": "127.0.0.1:0",
     "SOVEREIGN_LOG_FORMAT": "text",
     "SOVEREIGN_LOG_LEVEL": "info",
 }

@@ -53,14 +53,22 @@ def _check_username(username: str) -> None:
 
 
 class AuthService:
-    def __init__(self, config: Config, storage: Storage, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        clock: Clock = SYSTEM_CLOCK,
+        origins: tuple[str, ...] | None = None,
+    ) -> None:
         self.config = config
         self.storage = storage
         self.clock = clock
         # Called with (device_id, user_id) after a new session (device) is stored.
         self.device_hooks: list[Callable[[str, str], Awaitable[None]]] = []
         self.rp = wa.RelyingParty(
-            rp_id=config.rp_id, rp_name=config.rp_name, origins=tuple(config.rp_origins)
+            rp_id=config.rp_id,
+            rp_name=config.rp_name,
+            origins=origins if origins is not None else tuple(config.rp_origins),
         )
 
     # -- settings ------------------------------------------------------------
@@ -176,6 +184,8 @@ class AuthService:
         if session is None or not tokens.same_digest(session.token_hash, digest):
             raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
         now = self.clock.now_us()
+        if session.kind != "device":  # an admin panel sign-in is no device (§12.28)
+            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
         if session.revoked_at_us is not None:
             raise SovereignError(ErrorCode.SESSION_REVOKED, "session revoked")
         if session.expires_at_us <= now:

@@ -20,13 +20,30 @@ from sovereign.services.mls import MlsService
 from sovereign.services.ports import Outbox
 from sovereign.services.state import ConversationState
 from sovereign.services.tasks import TaskRunner
+from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage
 
 
-def build_services(config: Config, storage: Storage, outbox: Outbox, clock: Clock) -> Services:
+def build_services(
+    config: Config,
+    storage: Storage,
+    outbox: Outbox,
+    clock: Clock,
+    *,
+    stats: ServerStats | None = None,
+    mls_stats: MlsStats | None = None,
+) -> Services:
+    """``stats`` (None: metrics off) and ``mls_stats`` are the counters the admin
+    listener reads (SPEC §12.24, §12.25)."""
     db = storage.db
     tasks = TaskRunner(outbox)
-    eventlog = EventLog(db, outbox.cork, outbox.uncork)
+    eventlog = EventLog(
+        db,
+        outbox.cork,
+        outbox.uncork,
+        latency=stats.send_commit if stats is not None else None,
+        now_us=clock.now_us,
+    )
     state = ConversationState(db, storage.users)
     auth = AuthService(config, storage, clock)
     conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
@@ -34,7 +51,7 @@ def build_services(config: Config, storage: Storage, outbox: Outbox, clock: Cloc
     ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
     groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
     history = HistoryService(config, db, state, outbox, clock)
-    mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
+    mls = MlsService(config, db, state, eventlog, outbox, clock, delivery, mls_stats)
     # How they hear of each other (SPEC §4 "On READY" order): a new device starts its
     # cursors; READY starts the offline sync; its end checks the KeyPackage pool and
     # makes the connection live, which re-aggregates presence; a close undoes both.

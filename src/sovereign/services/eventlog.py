@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from sovereign.services.ids import new_ulid
+from sovereign.stats import Histogram
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn, Database
 
@@ -187,8 +188,15 @@ class EventLog:
         db: Database,
         cork: Callable[[], None] = lambda: None,
         uncork: Callable[[], None] = lambda: None,
+        *,
+        latency: Histogram | None = None,
+        now_us: Callable[[], int] | None = None,
     ) -> None:
         self.db = db
+        # /metrics: seconds from an event's server timestamp (taken when the request
+        # was handled) to its COMMIT; None when metrics are off (SPEC §12.25).
+        self.latency = latency if now_us is not None else None
+        self.now_us = now_us
         # Effects of one committed batch are corked: frames per connection are joined
         # into one write (the outbox's cork/uncork).
         self.cork = cork
@@ -256,6 +264,12 @@ class EventLog:
             return
         self.batches += 1
         self.events_written += len(rows)
+        latency = self.latency
+        if latency is not None and rows and self.now_us is not None:
+            now = self.now_us()
+            for op in batch:
+                for ev in op.events:
+                    latency.observe((now - ev.ts_us) / 1e6)
         self.cork()
         try:
             self._finish(batch)

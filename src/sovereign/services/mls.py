@@ -36,6 +36,7 @@ from sovereign.services.ids import new_ulid
 from sovereign.services.ports import Outbox
 from sovereign.services.session import Session
 from sovereign.services.state import ConversationState
+from sovereign.stats import MlsStats
 from sovereign.storage import keypackages as kpsql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Database
@@ -56,8 +57,11 @@ class MlsService:
         outbox: Outbox,
         clock: Clock,
         delivery: DeliveryService,
+        stats: MlsStats | None = None,
     ) -> None:
         self.config = config
+        #: 5004 refusals per conversation, for the admin MLS health view (SPEC §12.24).
+        self.stats = stats if stats is not None else MlsStats()
         self.db = db
         self.state = state
         self.eventlog = eventlog
@@ -246,6 +250,7 @@ class MlsService:
                 ErrorCode.INVALID_COMMIT, "group_id differs from the conversation's"
             )
         if info.epoch != conv.epoch:
+            self.stats.refused(conv.conversation_id, self.clock.now_s())
             raise SovereignError(
                 ErrorCode.EPOCH_MISMATCH,
                 f"commit for epoch {info.epoch}, the conversation is at {conv.epoch}",

@@ -43,6 +43,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
+from sovereign.stats import BATCH_BOUNDS, COMMIT_BOUNDS, Histogram
 from sovereign.storage.engines import ENGINE, SqliteEngine
 from sovereign.storage.errors import DatabaseClosed, DatabaseError, MigrationError, StorageError
 
@@ -132,6 +133,9 @@ class Database:
         self._writes_ok = 0
         self._writes_failed = 0
         self._largest = 0
+        # Written by the writer thread only; read by /metrics (SPEC §12.25).
+        self.batch_sizes = Histogram(BATCH_BOUNDS)
+        self.commit_seconds = Histogram(COMMIT_BOUNDS)
 
     # -- lifecycle ------------------------------------------------------------
     @classmethod
@@ -239,7 +243,9 @@ class Database:
         """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
         return await self._on_reader(fn, True)
 
-    async def backup(self, dest: str | Path) -> None:
+    async def backup(
+        self, dest: str | Path, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         """Write a consistent copy of the database to ``dest`` (SPEC §11 ``backup``).
 
         Uses SQLite's online backup API on a reader in one step, i.e. from one WAL
@@ -249,7 +255,13 @@ class Database:
         target = Path(dest)
         if target.resolve() == self.path.resolve():
             raise ValueError("backup destination is the live database")
-        await self._on_reader(lambda conn: _backup_to(conn, target), False)
+        await self._on_reader(lambda conn: _backup_to(conn, target, progress), False)
+
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread is running and taking writes (``/readyz``, SPEC §12.25)."""
+        w = self._writer
+        return w is not None and w.is_alive() and not self._dead and not self._closed
 
     def stats(self) -> DatabaseStats:
         return DatabaseStats(
@@ -377,6 +389,7 @@ class Database:
         outcomes: list[_Outcome] = []
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
+        started = time.perf_counter()
         try:
             for i, (fn, fut, _durable) in enumerate(batch):
                 if not conn.in_transaction:
@@ -425,6 +438,8 @@ class Database:
             if committed:
                 self._batches += 1
                 self._largest = max(self._largest, len(batch))
+                self.batch_sizes.observe(len(batch))
+                self.commit_seconds.observe(time.perf_counter() - started)
             ok = sum(1 for o in outcomes if o[1] is None)
             self._writes_ok += ok
             self._writes_failed += len(outcomes) - ok
@@ -529,13 +544,35 @@ def _post(outcomes: list[_Outcome]) -> None:
         _call_soon(lp, _settle, items)
 
 
-def _backup_to(conn: sqlite3.Connection, dest: Path) -> None:
+BACKUP_STEP_PAGES = 1024
+
+
+def _backup_to(
+    conn: sqlite3.Connection,
+    dest: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".partial")
     tmp.unlink(missing_ok=True)
     out = sqlite3.connect(tmp, isolation_level=None)
     try:
-        conn.backup(out)  # pages=-1: one step, one snapshot
+        if progress is None:
+            conn.backup(out)  # pages=-1: one step, one snapshot
+        else:
+            # In steps, for a progress report (``progress(done, total)`` in pages). The
+            # read transaction held across the steps pins one WAL snapshot: writers
+            # go on, and every step copies from that same snapshot.
+            conn.execute("BEGIN")
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                conn.backup(
+                    out,
+                    pages=BACKUP_STEP_PAGES,
+                    progress=lambda _status, remaining, total: progress(total - remaining, total),
+                )
+            finally:
+                conn.execute("ROLLBACK")
         # A single self-contained file (no -wal sidecar) is what an operator copies.
         out.execute("PRAGMA journal_mode = DELETE")
         ok = out.execute("PRAGMA quick_check").fetchone()[0]

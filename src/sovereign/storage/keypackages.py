@@ -115,6 +115,10 @@ def delete_device_txn(conn: Conn, device_id: str) -> int:
     return conn.execute("DELETE FROM key_packages WHERE device_id = ?", (device_id,)).rowcount
 
 
+def delete_user_packages_txn(conn: Conn, user_id: str) -> int:
+    return conn.execute("DELETE FROM key_packages WHERE user_id = ?", (user_id,)).rowcount
+
+
 def count_for_user_txn(conn: Conn, user_id: str) -> int:
     return int(
         conn.execute("SELECT COUNT(*) FROM key_packages WHERE user_id = ?", (user_id,)).fetchone()[

@@ -34,6 +34,7 @@ class SessionRow(msgspec.Struct, frozen=True, kw_only=True):
     expires_at_us: int
     last_seen_at_us: int
     revoked_at_us: int | None
+    kind: str = "device"  # 'device' | 'admin' (SPEC §12.28)
 
     @property
     def revoked(self) -> bool:
@@ -48,7 +49,7 @@ class SessionRow(msgspec.Struct, frozen=True, kw_only=True):
 
 _COLS = (
     "session_id, device_id, user_id, token_hash, credential_id, user_agent,"
-    " created_at_us, expires_at_us, last_seen_at_us, revoked_at_us"
+    " created_at_us, expires_at_us, last_seen_at_us, revoked_at_us, kind"
 )
 
 
@@ -64,6 +65,7 @@ def _session(r: sqlite3.Row) -> SessionRow:
         expires_at_us=r[7],
         last_seen_at_us=r[8],
         revoked_at_us=r[9],
+        kind=r[10],
     )
 
 
@@ -76,13 +78,15 @@ def create_session_txn(
     now_us: int,
     credential_id: bytes | None = None,
     user_agent: str = "",
+    kind: str = "device",
 ) -> SessionRow:
-    """A new session = a new device. Raises NotFound for an unknown user."""
+    """A new session = a new device (or an admin panel sign-in, ``kind='admin'``).
+    Raises NotFound for an unknown user."""
     try:
         r = conn.execute(
             f"INSERT INTO sessions (session_id, device_id, user_id, token_hash, credential_id,"
-            f" user_agent, created_at_us, expires_at_us, last_seen_at_us)"
-            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_COLS}",
+            f" user_agent, created_at_us, expires_at_us, last_seen_at_us, kind)"
+            f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_COLS}",
             (
                 secrets.token_urlsafe(16),
                 secrets.token_urlsafe(16),
@@ -93,6 +97,7 @@ def create_session_txn(
                 now_us,
                 expires_at_us,
                 now_us,
+                kind,
             ),
         ).fetchone()
     except sqlite3.IntegrityError as exc:
@@ -213,6 +218,7 @@ class SessionStore:
         user_agent: str = "",
         *,
         now: int | None = None,
+        kind: str = "device",
     ) -> SessionRow:
         t = now if now is not None else SYSTEM_CLOCK.now_us()
         return await self._db.write(
@@ -224,6 +230,7 @@ class SessionStore:
                 now_us=t,
                 credential_id=credential_id,
                 user_agent=user_agent,
+                kind=kind,
             )
         )
 

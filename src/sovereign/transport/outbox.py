@@ -28,6 +28,7 @@ from sovereign.codec import encode_envelope
 from sovereign.errors import REGISTRY, ErrorCode
 from sovereign.protocol.types import MessageType
 from sovereign.services.session import Session
+from sovereign.stats import ServerStats
 from sovereign.transport.ws import Connection
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -50,8 +51,11 @@ class LocalOutbox:
     frame = staticmethod(_fan.ws_frame)
     append_frame = staticmethod(_append_ws_frame)
 
-    def __init__(self, send_buffer_limit: int) -> None:
+    def __init__(self, send_buffer_limit: int, stats: ServerStats | None = None) -> None:
         self.limit = send_buffer_limit
+        #: Counters read by /metrics (SPEC §12.25); None when metrics are off.
+        self.stats = stats
+        self._out = stats.envelopes_out if stats is not None else None
         self._conns: dict[int, Connection] = {}
         self._by_user: dict[str, list[Connection]] = {}
         self._corked: dict[Connection, bytearray] | None = None
@@ -105,6 +109,9 @@ class LocalOutbox:
         if t is None or s.state.closed:
             return
         envelope = encode_envelope(msg_type, request_id, payload)
+        out = self._out
+        if out is not None:
+            out[msg_type] = out.get(msg_type, 0) + 1
         corked = self._corked
         if corked is not None:  # inside a commit's effects: one write per connection
             buf = corked.get(conn)
@@ -127,6 +134,9 @@ class LocalOutbox:
     ) -> None:
         info = REGISTRY[code]
         text = message or info.name
+        if self.stats is not None:
+            errs = self.stats.errors_sent
+            errs[code] = errs.get(code, 0) + 1
         if info.auth:
             self.send(
                 s, MessageType.AUTH_ERROR, request_id, pb.AuthError(error_code=code, message=text)
@@ -167,9 +177,21 @@ class LocalOutbox:
         ex = exclude.link if exclude is not None else None
         corked = self._corked
         if corked is None:
-            self._fanout(frame, self._by_user, user_ids, ex, self.limit)
+            n = self._fanout(frame, self._by_user, user_ids, ex, self.limit)
         else:
-            self._collect(frame, self._by_user, user_ids, ex, corked)
+            n = self._collect(frame, self._by_user, user_ids, ex, corked)
+        stats = self.stats
+        if stats is not None and n:
+            stats.deliveries += n
+            # The Envelope type, read from the server frame (unmasked, RFC 6455 §5.2)
+            # without decoding: its first field (tag 0x08) is a varint.
+            b = frame[1] & 0x7F
+            i = 2 if b < 126 else 4 if b == 126 else 10
+            t = frame[i + 1] if len(frame) > i + 1 and frame[i] == 0x08 else 0
+            if t & 0x80 and len(frame) > i + 2:
+                t = (t & 0x7F) | (frame[i + 2] << 7)
+            out = stats.envelopes_out
+            out[t] = out.get(t, 0) + n
 
     def publish_message(
         self,
