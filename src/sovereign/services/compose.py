@@ -12,6 +12,7 @@ from sovereign.services import Services
 from sovereign.services.auth import AuthService
 from sovereign.services.connections import ConnectionService
 from sovereign.services.delivery import DeliveryService
+from sovereign.services.directory import DirectoryService
 from sovereign.services.ephemeral import EphemeralService
 from sovereign.services.eventlog import EventLog
 from sovereign.services.groups import GroupService
@@ -35,6 +36,7 @@ def build_services(config: Config, storage: Storage, outbox: Outbox, clock: Cloc
     groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
     history = HistoryService(config, db, state, outbox, clock)
     mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
+    directory = DirectoryService(db, storage.users, storage.sessions, state, conns, outbox, clock)
     # How they hear of each other (SPEC §4 "On READY" order): a new device starts its
     # cursors; READY starts the offline sync; its end checks the KeyPackage pool and
     # makes the connection live, which re-aggregates presence; a close undoes both.
@@ -43,6 +45,7 @@ def build_services(config: Config, storage: Storage, outbox: Outbox, clock: Cloc
     conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
     delivery.after_sync.append(mls.on_sync_end)
     delivery.went_live.append(ephemeral.on_live)
+    mls.first_upload.append(directory.device_announced)  # DEVICE_ADDED (SPEC §12.29)
     return Services(
         config=config,
         outbox=outbox,
@@ -56,4 +59,5 @@ def build_services(config: Config, storage: Storage, outbox: Outbox, clock: Cloc
         ephemeral=ephemeral,
         history=history,
         mls=mls,
+        directory=directory,
     )
