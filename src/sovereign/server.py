@@ -32,6 +32,7 @@ from sovereign.services.compose import build_services
 from sovereign.services.session import Session
 from sovereign.storage import Storage, open_storage
 from sovereign.transport.outbox import LocalOutbox
+from sovereign.transport.webclient import load_site
 from sovereign.transport.ws import Connection, make_listener_factory
 
 log = logging.getLogger("sovereign.server")
@@ -66,6 +67,10 @@ class App:
             handler_table(self.services),
             [int(t) for t in PRE_AUTH_TYPES],
             config.max_envelope_bytes,
+        )
+        # SPEC §12.30: the browser client's files, read once, served from memory.
+        self.static_site = (
+            load_site(config.web_client_dir, config.rp_origins) if config.web_client else None
         )
         self._conn_seq = 0
         self._server: asyncio.Server | None = None
@@ -279,11 +284,15 @@ async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -
     if code is not None:
         # Printed, never logged: the operator needs it once. (The admin panel's setup
         # page, SPEC §10, is not built yet, so no URL is advertised.)
+        link = ""
+        if app.static_site is not None and config.rp_origins:
+            # The fragment never reaches a server or a log: the web client reads it.
+            link = f"set up the first admin in a browser: {config.rp_origins[0]}/#invite={code}\n"
         print(
             "No admin exists yet. Register the first admin with this one-time code as "
             "invite_code (AUTH_REGISTER_REQUEST; works under any registration policy). "
             "A new code is printed at each start until an admin exists.\n"
-            f"bootstrap code: {code}",
+            f"{link}bootstrap code: {code}",
             flush=True,
         )
     if ready is not None:
