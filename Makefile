@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
 ARGS   ?=
 
-.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean
+.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean web
 
 $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,4 +71,15 @@ interop: $(INTEROP)/node_modules/.installed-stamp
 
 $(INTEROP)/node_modules/.installed-stamp: $(INTEROP)/package.json $(INTEROP)/package-lock.json
 	cd $(INTEROP) && npm ci --no-audit --no-fund
+	@touch $@
+
+## web: rebuild the browser client (web/, TypeScript + ts-mls) into
+## src/sovereign/webclient with the pinned bundler; the built files are committed, so
+## `make serve` needs no Node. Same sources and lock file => the same bytes.
+WEB = web
+web: $(WEB)/node_modules/.installed-stamp
+	cd $(WEB) && npx tsc --noEmit -p . && node build.mjs
+
+$(WEB)/node_modules/.installed-stamp: $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund
 	@touch $@

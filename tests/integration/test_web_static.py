@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sovereign.transport.webclient import bundled_directory, read_files
 from tests.helpers.server import RunningServer
 from tests.helpers.wsclient import WsClient
 
@@ -126,3 +127,21 @@ async def test_web_client_off_serves_nothing(server_with: ServerWith, bundle: Pa
         assert (await http_get(srv, "/"))[0] == 404
         assert (await http_get(srv, "/app/app-5XUVP3ZA.js"))[0] == 404
         assert (await http_get(srv, "/healthz"))[0] == 200
+
+
+async def test_the_bundled_client_is_served(server: RunningServer) -> None:
+    """The bundle shipped in the package (``make web``): its page and every asset it
+    references, nothing inline."""
+    files = read_files(bundled_directory())
+    assert "index.html" in files, "the web client is not built: run `make web`"
+    status, h, page = await http_get(server, "/")
+    assert status == 200 and page == files["index.html"]
+    assert b"<script>" not in page and b"<style>" not in page and b" style=" not in page
+    assets = [n for n in files if n != "index.html"]
+    assert any(n.endswith(".js") for n in assets) and any(n.endswith(".css") for n in assets)
+    for name in assets:
+        status, h, body = await http_get(server, f"/app/{name}")
+        assert status == 200 and body == files[name], name
+        if name.endswith((".js", ".css")):
+            assert f"/app/{name}".encode() in page  # the page references the hashed names
+            assert h["cache-control"] == "public, max-age=31536000, immutable"
