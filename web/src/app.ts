@@ -851,10 +851,26 @@ export class App {
   }
 
   private flushing = false;
+  private flushAgain = false;
   private async flushOutbox(): Promise<void> {
-    if (this.flushing || !this.conn || this.state !== "online") return;
+    if (!this.conn || this.state !== "online") return;
+    if (this.flushing) {
+      this.flushAgain = true; // picked up when the running pass ends
+      return;
+    }
     this.flushing = true;
     try {
+      do {
+        this.flushAgain = false;
+        await this.flushPass();
+      } while (this.flushAgain && this.conn);
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  private async flushPass(): Promise<void> {
+    {
       const entries = [...this.outbox.values()].sort((a, b) => a.createdAt - b.createdAt);
       for (const o of entries) {
         if (o.failed || !this.conn) continue;
@@ -879,11 +895,9 @@ export class App {
             o.failed = e.serverMessage;
             await store.write({ [`out:${o.rid}`]: o });
             this.changed();
-          } else break; // connection trouble: the next READY sends it again (same request_id)
+          } else return; // connection trouble: the next READY sends it again (same request_id)
         }
       }
-    } finally {
-      this.flushing = false;
     }
   }
 
