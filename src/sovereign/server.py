@@ -285,9 +285,12 @@ async def serve(config: Config, *, ready: Callable[[App], None] | None = None) -
         # Printed, never logged: the operator needs it once. (The admin panel's setup
         # page, SPEC §10, is not built yet, so no URL is advertised.)
         link = ""
-        if app.static_site is not None and config.rp_origins:
-            # The fragment never reaches a server or a log: the web client reads it.
-            link = f"set up the first admin in a browser: {config.rp_origins[0]}/#invite={code}\n"
+        # The fragment never reaches a server or a log: the web client reads it. Only
+        # an origin of the listener's own scheme is advertised (https under TLS).
+        scheme = "https://" if config.tls_cert else "http://"
+        origin = next((o for o in config.rp_origins if o.startswith(scheme)), None)
+        if app.static_site is not None and origin is not None:
+            link = f"set up the first admin in a browser: {origin}/#invite={code}\n"
         print(
             "No admin exists yet. Register the first admin with this one-time code as "
             "invite_code (AUTH_REGISTER_REQUEST; works under any registration policy). "
