@@ -24,10 +24,10 @@ serve: $(STAMP)
 ## test: lint, type-check and the whole test suite (what CI runs); every async test
 ## runs on uvloop and again on the stdlib event loop (SOVEREIGN_TEST_LOOP=both)
 TEST_LOOP ?= both
-test: $(STAMP) interop lint typecheck
+test: $(STAMP) interop web-deps lint typecheck
 	SOVEREIGN_TEST_LOOP=$(TEST_LOOP) $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
 
-test-fast: $(STAMP) interop
+test-fast: $(STAMP) interop web-deps
 	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
 
 lint: $(STAMP)
@@ -77,7 +77,10 @@ $(INTEROP)/node_modules/.installed-stamp: $(INTEROP)/package.json $(INTEROP)/pac
 ## src/sovereign/webclient with the pinned bundler; the built files are committed, so
 ## `make serve` needs no Node. Same sources and lock file => the same bytes.
 WEB = web
-web: $(WEB)/node_modules/.installed-stamp
+.PHONY: web-deps
+web-deps: $(WEB)/node_modules/.installed-stamp
+
+web: web-deps
 	cd $(WEB) && npx tsc --noEmit -p . && node build.mjs
 
 $(WEB)/node_modules/.installed-stamp: $(WEB)/package.json $(WEB)/package-lock.json
