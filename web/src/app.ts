@@ -507,6 +507,7 @@ export class App {
         const who = this.nameOf(rec, m.user_id);
         const added = env.type === "GROUP_MEMBER_ADDED";
         if (!added && m.user_id === this.session?.userId) rec.left = true;
+        if (added && m.user_id === this.session?.userId) this.scheduleRejoin(conv); // if no Welcome comes
         message = { conv, seq, id: eventId, sender: m.added_by || m.removed_by, text: added ? `${who} joined` : `${who} left`, ts: m.server_timestamp / 1000, kind: "system" };
         void this.refreshSoon();
       } else if (env.type === "MLS_COMMIT_BROADCAST") {
