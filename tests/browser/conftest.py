@@ -58,6 +58,9 @@ def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
         "SOVEREIGN_RP_ID": "localhost",
         "SOVEREIGN_REGISTRATION": "open",
         "SOVEREIGN_LOG_LEVEL": "warning",
+        # A pool of 10 falls below 9 after two fetches: the top-up on
+        # MLS_KEY_PACKAGE_LOW is exercised by the story itself.
+        "SOVEREIGN_MIN_KEY_PACKAGES": "9",
     }
     proc = subprocess.Popen(
         [

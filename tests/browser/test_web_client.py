@@ -76,6 +76,9 @@ DROP_GROUP_STATE = """async () => {
   await new Promise((ok) => { tx.oncomplete = ok; });
   db.close();
 }"""
+UNLABELLED = """() => [...document.querySelectorAll("input, textarea")]
+  .filter((el) => !el.labels?.length && !el.getAttribute("aria-label"))
+  .map((el) => el.id || el.outerHTML)"""
 REJOINED = "() => [...window.sovereign.convs.keys()].every((c) => window.sovereign.hasKeys(c))"
 
 
@@ -182,6 +185,8 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
     bob.page.fill("#composer", "typing something")
     expect(alice.page.locator("#typing")).to_contain_text("Bob is typing", timeout=MLS_TIMEOUT)
     bob.page.fill("#composer", "")
+    expect(alice.page.locator("#conv-members")).to_contain_text("Bob · online")  # presence
+    assert alice.page.evaluate(UNLABELLED) == [], "every input needs a label"
     alice.shot("04-conversation")
 
     # -- 4. bob reloads: same device (session token kept), history from IndexedDB.
@@ -269,7 +274,21 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
     bob.sees("Welcome back, Bob")
     carol.sees("Welcome back, Bob")
 
-    # -- 10. The server stored ciphertext only.
+    # -- 10. KeyPackages: alice's first device had packages fetched by every member that
+    # added her laptop (and by herself), fell below the minimum (9, see conftest), got
+    # MLS_KEY_PACKAGE_LOW and topped its pool up; every device keeps one last resort.
+    with sqlite3.connect(server.data_dir / "sovereign.db") as db:
+        pools = db.execute(
+            "SELECT s.device_id, SUM(k.last_resort = 0), SUM(k.last_resort = 1)"
+            " FROM sessions s JOIN users u ON u.user_id = s.user_id"
+            " JOIN key_packages k ON k.device_id = s.device_id"
+            " WHERE u.username = 'alice' AND s.revoked_at_us IS NULL GROUP BY s.device_id"
+        ).fetchall()
+    # 10 uploaded, at least 4 consumed (her own conversation start, and alice, bob and
+    # carol adding the laptop): only a top-up leaves 9 or more.
+    assert len(pools) == 1 and pools[0][1] >= 9 and pools[0][2] == 1, pools
+
+    # -- 11. The server stored ciphertext only.
     sent = [
         "Hello Bob, this is encrypted",
         "Hi Alice! Loud and clear",
