@@ -246,17 +246,30 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
     assert [t for t in texts if t in burst] == burst
     assert texts.index("Sent from Alice's laptop") < texts.index(burst[0])
 
+    # -- 7b. alice loses the network: her message shows at once as waiting, and goes out
+    # (same request_id) when she is back; bob gets it once.
+    alice.context.set_offline(True)
+    expect(alice.page.locator("#conn")).not_to_have_text("Online", timeout=MLS_TIMEOUT)
+    alice.send("Sent while the network was down")
+    expect(alice.page.locator(".msg.own.pending")).to_contain_text("Waiting for connection")
+    alice.shot("07-offline-pending")
+    alice.context.set_offline(False)
+    alice.online()
+    bob.sees("Sent while the network was down")
+    expect(alice.page.locator(".msg.own.pending")).to_have_count(0, timeout=MLS_TIMEOUT)
+    assert bob.texts().count("Sent while the network was down") == 1
+
     # -- 8. alice revokes her laptop from her phone; the laptop shows it was signed out.
     alice.page.get_by_role("link", name="Devices").click()
     expect(alice.page.locator("#device-list .device")).to_have_count(2, timeout=MLS_TIMEOUT)
-    alice.shot("07-devices")
+    alice.shot("08-devices")
     alice.page.once("dialog", lambda d: d.accept())
     alice.page.get_by_role("button", name="Revoke device").click()
     expect(alice2.page.locator("#notice")).to_have_text(
         "This device was signed out.", timeout=MLS_TIMEOUT
     )
     expect(alice.page.locator("#device-list .device")).to_have_count(1, timeout=MLS_TIMEOUT)
-    alice2.shot("08-signed-out")
+    alice2.shot("09-signed-out")
 
     # -- 9. bob's MLS state is lost (IndexedDB wiped of group state): he rejoins from the
     # stored GroupInfo with an external commit and reads new messages again.
@@ -298,6 +311,7 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
         "Sent from Alice's laptop",
         *burst,
         "Welcome back, Bob",
+        "Sent while the network was down",
     ]
     stored = b"".join(f.read_bytes() for f in server.db_files)
     for text in sent:

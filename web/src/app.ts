@@ -60,6 +60,7 @@ export interface StoredMessage {
   text: string;
   ts: number; // ms
   kind: "text" | "system" | "unavailable";
+  subject?: string; // system messages: the user who joined or left (named when shown)
 }
 export interface OutboxEntry {
   rid: string;
@@ -235,7 +236,20 @@ export class App {
   }
 
   // -- the connection ------------------------------------------------------------------
+  private looping = false;
+  private wake: (() => void) | null = null;
+
   private async connectLoop(): Promise<void> {
+    if (this.looping) return;
+    this.looping = true;
+    try {
+      await this.connectLoopInner();
+    } finally {
+      this.looping = false;
+    }
+  }
+
+  private async connectLoopInner(): Promise<void> {
     while (!this.stopped && this.session && !this.conn) {
       this.setState("connecting");
       try {
@@ -258,7 +272,11 @@ export class App {
         this.attempt += 1;
         const delay = Math.min(30_000, 1000 * 2 ** Math.min(this.attempt - 1, 5)) * (0.5 + Math.random() / 2);
         this.setState(navigator.onLine ? "connecting" : "offline", `retrying in ${Math.round(delay / 1000)} s`);
-        await sleep(delay);
+        await new Promise<void>((resolve) => {
+          this.wake = resolve; // the browser came back online: do not wait out the delay
+          setTimeout(resolve, delay);
+        });
+        this.wake = null;
       }
     }
   }
@@ -294,13 +312,27 @@ export class App {
     void this.connectLoop();
   }
 
-  /** Reconnect now (the UI's "retry" and the browser's online event). */
+  /** Reconnect now (the browser's online event). */
   reconnect(): void {
-    if (this.session && !this.conn) {
-      this.stopped = false;
-      this.attempt = 0;
-      void this.connectLoop();
+    if (!this.session || this.conn || this.state === "error") return;
+    this.stopped = false;
+    this.attempt = 0;
+    if (this.looping) this.wake?.();
+    else void this.connectLoop();
+  }
+
+  /** The browser says the network is gone: the socket is dead even if no close came. */
+  wentOffline(): void {
+    if (!this.session || this.state === "signed-out" || this.state === "error") return;
+    const conn = this.conn;
+    if (conn) {
+      this.conn = null; // do not wait for a close handshake that cannot complete
+      clearInterval(this.pingTimer);
+      conn.onClose = () => {};
+      conn.close(4000);
     }
+    this.setState("offline");
+    void this.connectLoop();
   }
 
   request(type: string, message: Msg, opts: { requestId?: string; timeoutMs?: number } = {}): Promise<Envelope> {
@@ -504,11 +536,19 @@ export class App {
       const m = env.message;
       eventId = m.event_id || m.message_id || "";
       if (env.type === "GROUP_MEMBER_ADDED" || env.type === "GROUP_MEMBER_REMOVED") {
-        const who = this.nameOf(rec, m.user_id);
         const added = env.type === "GROUP_MEMBER_ADDED";
         if (!added && m.user_id === this.session?.userId) rec.left = true;
         if (added && m.user_id === this.session?.userId) this.scheduleRejoin(conv); // if no Welcome comes
-        message = { conv, seq, id: eventId, sender: m.added_by || m.removed_by, text: added ? `${who} joined` : `${who} left`, ts: m.server_timestamp / 1000, kind: "system" };
+        message = {
+          conv,
+          seq,
+          id: eventId,
+          sender: m.added_by || m.removed_by,
+          subject: m.user_id,
+          text: added ? "joined" : "left",
+          ts: m.server_timestamp / 1000,
+          kind: "system",
+        };
         void this.refreshSoon();
       } else if (env.type === "MLS_COMMIT_BROADCAST") {
         const pending = this.pendingCommits.get(conv);
@@ -552,7 +592,10 @@ export class App {
     }
     rec.lastSeq = seq;
     if (message && message.kind !== "unavailable") {
-      rec.lastText = message.kind === "system" ? message.text : `${message.sender === this.session?.userId ? "You: " : ""}${message.text}`;
+      rec.lastText =
+        message.kind === "system"
+          ? `${this.nameOf(rec, message.subject ?? "")} ${message.text}`
+          : `${message.sender === this.session?.userId ? "You: " : ""}${message.text}`;
       rec.lastTs = message.ts;
     }
     if (message) writes[seqKey(conv, seq)] = message;
@@ -587,7 +630,7 @@ export class App {
     };
   }
 
-  private nameOf(rec: ConvRecord, userId: string): string {
+  nameOf(rec: ConvRecord, userId: string): string {
     if (userId === this.session?.userId) return "You";
     const m = rec.members.find((x) => x.user_id === userId);
     return m ? m.display_name || m.username : "Someone";

@@ -6,6 +6,7 @@ const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.hos
 const app = new App(wsUrl);
 new UI(app, document.getElementById("app")!);
 window.addEventListener("online", () => app.reconnect());
+window.addEventListener("offline", () => app.wentOffline());
 document.addEventListener("visibilitychange", () => app.setPresence(document.hidden ? "away" : "online"));
 void app.start();
 (window as unknown as { sovereign: App }).sovereign = app; // for debugging and tests

@@ -82,6 +82,15 @@ export class Connection {
 
   close(code = 1000): void {
     this.ws.close(code);
+    this.failPending(code); // now: the close handshake may never complete (offline)
+  }
+
+  private failPending(code: number): void {
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(new ConnectionClosed(code));
+    }
+    this.pending.clear();
   }
 
   private received(data: Uint8Array): void {
@@ -105,11 +114,7 @@ export class Connection {
 
   private closed(code: number): void {
     this.closeCode = code;
-    for (const p of this.pending.values()) {
-      clearTimeout(p.timer);
-      p.reject(new ConnectionClosed(code));
-    }
-    this.pending.clear();
+    this.failPending(code);
     this.onClose(code);
   }
 }
