@@ -412,7 +412,10 @@ export class UI {
   }
 
   private messageNode(rec: ConvRecord, m: StoredMessage): HTMLElement {
-    if (m.kind === "system") return h("p", { class: "system", "data-seq": String(m.seq) }, m.text);
+    if (m.kind === "system") {
+      const text = m.subject ? `${this.app.nameOf(rec, m.subject)} ${m.text}` : m.text;
+      return h("p", { class: "system", "data-seq": String(m.seq) }, text);
+    }
     const own = m.sender === this.app.session?.userId;
     const sender = rec.members.find((x) => x.user_id === m.sender);
     let status = "";
