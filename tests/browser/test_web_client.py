@@ -79,6 +79,11 @@ DROP_GROUP_STATE = """async () => {
 UNLABELLED = """() => [...document.querySelectorAll("input, textarea")]
   .filter((el) => !el.labels?.length && !el.getAttribute("aria-label"))
   .map((el) => el.id || el.outerHTML)"""
+SEND_MANY = """async (texts) => {
+  const app = window.sovereign;
+  const conv = [...app.convs.keys()][0];
+  for (const t of texts) await app.send(conv, t);
+}"""
 REJOINED = "() => [...window.sovereign.convs.keys()].every((c) => window.sovereign.hasKeys(c))"
 
 
@@ -287,6 +292,18 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
     bob.sees("Welcome back, Bob")
     carol.sees("Welcome back, Bob")
 
+    # -- 9b. History paging: the view shows the newest 50 of what this device decrypted
+    # (kept in IndexedDB); "Load older messages" pages back.
+    many = [f"Filler message number {i:02d}" for i in range(45)]
+    alice.page.evaluate(SEND_MANY, many)
+    bob.sees(many[-1])
+    expect(bob.page.locator("#messages .msg")).to_have_count(50, timeout=MLS_TIMEOUT)
+    assert "Hi Alice! Loud and clear" not in bob.texts()
+    bob.page.get_by_role("button", name="Load older messages").click()
+    bob.sees("Hi Alice! Loud and clear")
+    texts = bob.texts()
+    assert texts.index("Hi Alice! Loud and clear") < texts.index(many[0]) < texts.index(many[-1])
+
     # -- 10. KeyPackages: alice's first device had packages fetched by every member that
     # added her laptop (and by herself), fell below the minimum (9, see conftest), got
     # MLS_KEY_PACKAGE_LOW and topped its pool up; every device keeps one last resort.
@@ -312,6 +329,7 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
         *burst,
         "Welcome back, Bob",
         "Sent while the network was down",
+        *many,
     ]
     stored = b"".join(f.read_bytes() for f in server.db_files)
     for text in sent:
