@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
 ARGS   ?=
 
-.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean
+.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean web
 
 $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,10 @@ serve: $(STAMP)
 ## test: lint, type-check and the whole test suite (what CI runs); every async test
 ## runs on uvloop and again on the stdlib event loop (SOVEREIGN_TEST_LOOP=both)
 TEST_LOOP ?= both
-test: $(STAMP) interop lint typecheck
+test: $(STAMP) interop web-deps lint typecheck
 	SOVEREIGN_TEST_LOOP=$(TEST_LOOP) $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
 
-test-fast: $(STAMP) interop
+test-fast: $(STAMP) interop web-deps
 	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
 
 lint: $(STAMP)
@@ -71,4 +71,18 @@ interop: $(INTEROP)/node_modules/.installed-stamp
 
 $(INTEROP)/node_modules/.installed-stamp: $(INTEROP)/package.json $(INTEROP)/package-lock.json
 	cd $(INTEROP) && npm ci --no-audit --no-fund
+	@touch $@
+
+## web: rebuild the browser client (web/, TypeScript + ts-mls) into
+## src/sovereign/webclient with the pinned bundler; the built files are committed, so
+## `make serve` needs no Node. Same sources and lock file => the same bytes.
+WEB = web
+.PHONY: web-deps
+web-deps: $(WEB)/node_modules/.installed-stamp
+
+web: web-deps
+	cd $(WEB) && npx tsc --noEmit -p . && node build.mjs
+
+$(WEB)/node_modules/.installed-stamp: $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund
 	@touch $@

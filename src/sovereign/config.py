@@ -46,6 +46,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_origins: list[str] | None = None  # None: same as rp_origins (SPEC §12.10)
     tls_cert: str = ""
     tls_key: str = ""
+    # the bundled browser client on the WebSocket listener (SPEC §12.30)
+    web_client: bool = True
+    web_client_dir: str = ""  # "": the client bundled in the package; else a directory
     # policy
     registration: Registration = "open"
     mls_validation: MlsValidation = "strict"
@@ -122,6 +125,8 @@ def _hints() -> dict[str, Any]:
 def _describe(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if tp is bool:
+        return "true or false"
     if tp is int:
         return "an integer"
     if tp is float:
@@ -142,6 +147,13 @@ def _coerce_env(key: str, raw: str, tp: Any) -> Any:
         raise ConfigError(
             f"{key}: {raw!r} from SOVEREIGN_{key.upper()} is not valid; expected {_describe(base)}"
         )
+    if base is bool:
+        word = raw.strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: {raw!r} is not valid; expected {_describe(base)}")
     try:
         if base is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):

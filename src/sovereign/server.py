@@ -39,6 +39,7 @@ from sovereign.services.session import Session
 from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage, open_storage
 from sovereign.transport.outbox import LocalOutbox
+from sovereign.transport.webclient import load_site
 from sovereign.transport.ws import Connection, make_listener_factory
 
 log = logging.getLogger("sovereign.server")
@@ -111,6 +112,10 @@ class App:
             handler_table(self.services),
             [int(t) for t in PRE_AUTH_TYPES],
             config.max_envelope_bytes,
+        )
+        # SPEC §12.30: the browser client's files, read once, served from memory.
+        self.static_site = (
+            load_site(config.web_client_dir, config.rp_origins) if config.web_client else None
         )
         self._conn_seq = 0
         self._server: asyncio.Server | None = None
@@ -425,24 +430,27 @@ async def serve(
         raise
     code = await app.auth.ensure_bootstrap()
     if code is not None:
-        # Printed, never logged: the operator needs it once (SPEC §10, §12.28).
+        # Printed, never logged: the operator needs it once (SPEC §10, §12.28). The
+        # admin panel's setup page, the web client (the #fragment never reaches a server
+        # or a log; only an origin of the listener's own scheme is advertised) and
+        # AUTH_REGISTER_REQUEST.invite_code all take the same one-time code.
+        lines = []
         url = app.admin_url(f"/admin/setup?token={code}")
         if url is not None:
-            print(
-                "No admin exists yet. Open this one-time URL in a browser to register the "
-                "first admin's passkey (its token also works as invite_code in "
-                "AUTH_REGISTER_REQUEST). A new one is printed at each start until an admin "
-                f"exists.\nsetup URL: {url}",
-                flush=True,
-            )
-        else:
-            print(
-                "No admin exists yet. Register the first admin with this one-time code as "
-                "invite_code (AUTH_REGISTER_REQUEST; works under any registration policy). "
-                "A new code is printed at each start until an admin exists.\n"
-                f"bootstrap code: {code}",
-                flush=True,
-            )
+            lines.append(f"setup URL: {url}")
+        scheme = "https://" if config.tls_cert else "http://"
+        origin = next((o for o in config.rp_origins if o.startswith(scheme)), None)
+        if app.static_site is not None and origin is not None:
+            lines.append(f"set up the first admin in a browser: {origin}/#invite={code}")
+        lines.append(f"bootstrap code: {code}")
+        print(
+            "No admin exists yet. Open the setup URL to register the first admin's passkey "
+            "in the admin panel, or register in the web client with the link, or use the "
+            "code as invite_code (AUTH_REGISTER_REQUEST; works under any registration "
+            "policy). A new code is printed at each start until an admin exists.\n"
+            + "\n".join(lines),
+            flush=True,
+        )
     if ready is not None:
         ready(app)
     await stop.wait()

@@ -20,9 +20,9 @@ __all__ = ["Handler", "handler_table"]
 
 
 def handler_table(svc: Services) -> dict[int, Handler]:
-    from sovereign.api import auth, core, messaging, mls
+    from sovereign.api import auth, core, directory, messaging, mls
 
     table: dict[int, Handler] = {}
-    for module in (core, auth, messaging, mls):
+    for module in (core, auth, messaging, mls, directory):
         module.install(table, svc)
     return table

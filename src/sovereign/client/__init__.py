@@ -44,8 +44,11 @@ from sovereign.client.events import (
     DURABLE_TYPES,
     EPHEMERAL_TYPES,
     Device,
+    DeviceAdded,
+    DeviceInfo,
     Event,
     HistoryPage,
+    UserInfo,
 )
 from sovereign.client.tracking import AckBatch, AckTracker, SeqTracker, Verdict
 from sovereign.protocol.types import MessageType
@@ -70,6 +73,8 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "Device",
+    "DeviceAdded",
+    "DeviceInfo",
     "Event",
     "EventHandler",
     "EventStream",
@@ -83,5 +88,6 @@ __all__ = [
     "SessionEnded",
     "SoftwareAuthenticator",
     "SovereignClientError",
+    "UserInfo",
     "Verdict",
 ]

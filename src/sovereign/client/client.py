@@ -793,6 +793,36 @@ class Client:
             pb.GroupInfo,
         )
 
+    # -- directory, devices, profile (SPEC §12.29) ------------------------------------
+    async def lookup_user(self, username: str) -> pb.UserInfo:
+        """The enabled user with exactly this username (case-insensitive); raises
+        :class:`SovereignClientError` 4006 otherwise (there is no search)."""
+        return await self._requests.typed(
+            T.USER_LOOKUP, pb.UserLookup(username=username), T.USER_INFO, pb.UserInfo
+        )
+
+    async def devices(self) -> list[pb.Device]:
+        """Your active devices, newest first: ``current`` marks this one, ``online`` a
+        device with a live connection; ``created_at`` / ``last_seen_at`` in Unix ms."""
+        result = await self._requests.typed(
+            T.DEVICE_LIST_REQUEST, pb.DeviceListRequest(), T.DEVICE_LIST, pb.DeviceList
+        )
+        return list(result.devices)
+
+    async def revoke_device(self, device_id: str) -> None:
+        """Sign one of your devices out for good: its session is revoked, its
+        connections close with 4004, its KeyPackages and pending welcomes are gone.
+        Revoking this device ends this client's session. 4006 for any other id."""
+        await self._requests.typed(
+            T.DEVICE_REVOKE, pb.DeviceRevoke(device_id=device_id), T.ACK, pb.Ack
+        )
+
+    async def update_profile(self, display_name: str) -> None:
+        """Change your display name (1-64 characters, else 3001)."""
+        await self._requests.typed(
+            T.PROFILE_UPDATE, pb.ProfileUpdate(display_name=display_name), T.ACK, pb.Ack
+        )
+
     async def ping(self, *, timeout: float | None = None) -> float:
         """PING the server; returns the round-trip time in seconds."""
         start = time.perf_counter()

@@ -19,8 +19,11 @@ __all__ = [
     "EPHEMERAL_TYPES",
     "PAYLOAD_CLASSES",
     "Device",
+    "DeviceAdded",
+    "DeviceInfo",
     "Event",
     "HistoryPage",
+    "UserInfo",
     "decode_event",
     "decode_payload",
 ]
@@ -51,6 +54,9 @@ PAYLOAD_CLASSES: Final[Mapping[int, type[Message]]] = {
     T.MLS_GROUP_INFO: pb.GroupInfo,
     T.PRESENCE_NOTIFY: pb.PresenceNotify,
     T.TYPING_NOTIFY: pb.TypingNotify,
+    T.USER_INFO: pb.UserInfo,
+    T.DEVICE_LIST: pb.DeviceList,
+    T.DEVICE_ADDED: pb.DeviceAdded,
     T.PING: pb.Ping,
     T.PONG: pb.Pong,
     T.ERROR: pb.Error,
@@ -72,8 +78,20 @@ EPHEMERAL_TYPES: Final = frozenset(
         T.MESSAGE_DELIVERED,
         T.MLS_KEY_PACKAGE_LOW,
         T.SYNC_COMPLETE,
+        T.DEVICE_ADDED,
     }
 )
+
+
+#: Pushed when a device of a user you share a conversation with (or of your own user)
+#: uploads KeyPackages for the first time (SPEC §12.29): ``Event.message`` of a
+#: ``MessageType.DEVICE_ADDED`` event; fetch that user's KeyPackages to add the device
+#: to your MLS groups.
+DeviceAdded = pb.DeviceAdded
+#: One of your devices, as :meth:`Client.devices` lists them (times in Unix ms).
+DeviceInfo = pb.Device
+#: What :meth:`Client.lookup_user` answers.
+UserInfo = pb.UserInfo
 
 
 def decode_payload(msg_type: int, payload: bytes) -> Any:

@@ -69,6 +69,9 @@ IDEMPOTENT_TYPES: Final = frozenset(
         T.MLS_GROUP_INFO_FETCH,
         T.MESSAGE_READ,
         T.PRESENCE_UPDATE,
+        T.USER_LOOKUP,  # reads
+        T.DEVICE_LIST_REQUEST,
+        T.PROFILE_UPDATE,  # setting the same name twice is the same as once
     }
 )
 _MIN_RATE_LIMIT_DELAY = 0.01

@@ -52,10 +52,17 @@ class MessageType(IntEnum):
     PRESENCE_NOTIFY = 51
     TYPING = 52
     TYPING_NOTIFY = 53
+    USER_LOOKUP = 54
+    USER_INFO = 55
+    DEVICE_LIST_REQUEST = 56
+    DEVICE_LIST = 57
+    DEVICE_REVOKE = 58
+    PROFILE_UPDATE = 59
     PING = 60
     PONG = 61
     ERROR = 62
     ACK = 63
+    DEVICE_ADDED = 64
 
 
 T = MessageType

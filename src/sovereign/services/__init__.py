@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from sovereign.services.auth import AuthService
     from sovereign.services.connections import ConnectionService
     from sovereign.services.delivery import DeliveryService
+    from sovereign.services.directory import DirectoryService
     from sovereign.services.ephemeral import EphemeralService
     from sovereign.services.eventlog import EventLog
     from sovereign.services.groups import GroupService
@@ -40,3 +41,4 @@ class Services:
     ephemeral: EphemeralService
     history: HistoryService
     mls: MlsService
+    directory: DirectoryService

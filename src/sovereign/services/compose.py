@@ -12,6 +12,7 @@ from sovereign.services import Services
 from sovereign.services.auth import AuthService
 from sovereign.services.connections import ConnectionService
 from sovereign.services.delivery import DeliveryService
+from sovereign.services.directory import DirectoryService
 from sovereign.services.ephemeral import EphemeralService
 from sovereign.services.eventlog import EventLog
 from sovereign.services.groups import GroupService
@@ -52,6 +53,7 @@ def build_services(
     groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
     history = HistoryService(config, db, state, outbox, clock)
     mls = MlsService(config, db, state, eventlog, outbox, clock, delivery, mls_stats)
+    directory = DirectoryService(db, storage.users, storage.sessions, state, conns, outbox, clock)
     # How they hear of each other (SPEC §4 "On READY" order): a new device starts its
     # cursors; READY starts the offline sync; its end checks the KeyPackage pool and
     # makes the connection live, which re-aggregates presence; a close undoes both.
@@ -60,6 +62,7 @@ def build_services(
     conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
     delivery.after_sync.append(mls.on_sync_end)
     delivery.went_live.append(ephemeral.on_live)
+    mls.first_upload.append(directory.device_announced)  # DEVICE_ADDED (SPEC §12.29)
     return Services(
         config=config,
         outbox=outbox,
@@ -73,4 +76,5 @@ def build_services(
         ephemeral=ephemeral,
         history=history,
         mls=mls,
+        directory=directory,
     )

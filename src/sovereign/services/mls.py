@@ -11,6 +11,7 @@ GroupInfo so a member whose state forked can rejoin with an external commit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 
 from sovereign.clock import Clock
@@ -68,6 +69,8 @@ class MlsService:
         self.outbox = outbox
         self.clock = clock
         self.delivery = delivery
+        #: Called after a device's first KeyPackage upload ever: DEVICE_ADDED (§12.29).
+        self.first_upload: list[Callable[[Session], None]] = []
 
     # -- KeyPackages (SPEC §7, §12.6, §12.17, §12.22) --------------------------------
     def _check_package(self, s: Session, index: int, data: bytes) -> bool:
@@ -117,7 +120,7 @@ class MlsService:
             else:
                 ordinary.append((index, bytes(data)))
         try:
-            stored = await self.db.write(
+            uploaded = await self.db.write(
                 partial(
                     kpsql.upload_txn,
                     device_id=s.device_id,
@@ -138,7 +141,10 @@ class MlsService:
                 ErrorCode.INVALID_KEY_PACKAGE, f"package {exc.index}: duplicate of a stored package"
             ) from None
         if rid:
-            self.outbox.send(s, T.ACK, rid, pb.Ack(count=stored))
+            self.outbox.send(s, T.ACK, rid, pb.Ack(count=uploaded.stored))
+        if uploaded.first:
+            for hook in self.first_upload:
+                hook(s)
 
     async def fetch(self, s: Session, rid: str, req: pb.MLSKeyPackageFetch) -> None:
         if await self.state.profile(req.user_id) is None:

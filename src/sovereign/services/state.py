@@ -95,8 +95,14 @@ class ConversationState:
             user = await self.users.get_by_id(user_id)
             if user is None:
                 return None
-            p = self.profiles[user_id] = (user.username, user.display_name)
+            # setdefault: a PROFILE_UPDATE during the read wins over the older row.
+            p = self.profiles.setdefault(user_id, (user.username, user.display_name))
         return p
+
+    def set_profile(self, user_id: str, username: str, display_name: str) -> None:
+        """A profile that just changed (SPEC §12.29): replaced, not just forgotten, so a
+        load that started before the change cannot put the old name back."""
+        self.profiles[user_id] = (username, display_name)
 
     def forget_profile(self, user_id: str) -> None:
         self.profiles.pop(user_id, None)

@@ -40,6 +40,12 @@ def ordinary_count_txn(conn: Conn, device_id: str) -> int:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    stored: int
+    first: bool  # the device's first upload ever (it announces the device, SPEC §12.29)
+
+
 def upload_txn(
     conn: Conn,
     *,
@@ -49,7 +55,7 @@ def upload_txn(
     last_resort: tuple[int, bytes] | None,
     max_per_device: int,
     now_us: int,
-) -> int:
+) -> Uploaded:
     """All or nothing. ``(index, data)`` pairs keep the caller's indexes for errors."""
     if ordinary_count_txn(conn, device_id) + len(ordinary) > max_per_device:
         raise PoolFull()
@@ -74,7 +80,12 @@ def upload_txn(
             " created_at_us) VALUES (?, ?, ?, ?, ?, ?)",
             (device_id, user_id, data, digest, is_lr, now_us),
         )
-    return len(rows)
+    first = conn.execute(
+        "UPDATE sessions SET key_packages_since_us = ?"
+        " WHERE device_id = ? AND key_packages_since_us IS NULL",
+        (now_us, device_id),
+    ).rowcount
+    return Uploaded(len(rows), first == 1)
 
 
 def fetch_txn(conn: Conn, user_id: str) -> list[FetchedPackage]:

@@ -25,7 +25,7 @@ from picows import (
 )
 
 from sovereign.errors import CloseCode
-from sovereign.protocol import frames, upgrade
+from sovereign.protocol import frames, static, upgrade
 from sovereign.services.session import Session
 
 log = logging.getLogger("sovereign.ws")
@@ -57,6 +57,8 @@ class ConnectionHandler(Protocol):
     def closed(self, conn: Connection) -> None: ...
     def connection_count(self) -> int: ...
     def health_body(self) -> bytes: ...
+    @property
+    def static_site(self) -> static.StaticSite | None: ...
 
 
 class Connection(WSListener):
@@ -192,10 +194,16 @@ class Connection(WSListener):
 def make_listener_factory(
     handler: ConnectionHandler,
 ) -> Callable[[WSUpgradeRequest], WSUpgradeResponseWithListener]:
-    """The picows router: HTTP upgrade policy (SPEC §1, §4) for ``/ws`` and ``/healthz``."""
+    """The picows router: HTTP upgrade policy (SPEC §1, §4) for ``/ws`` and ``/healthz``,
+    and the web client's files (SPEC §12.30) when it is on."""
 
     def factory(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
         headers = request.headers
+        site = handler.static_site
+        if site is not None:
+            path = request.path.decode("latin-1")
+            if static.is_static_path(path):
+                return serve_static(site, request.method.decode("latin-1"), path)
         decision = upgrade.decide(
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
@@ -231,3 +239,12 @@ def make_listener_factory(
         )
 
     return factory
+
+
+def serve_static(site: static.StaticSite, method: str, path: str) -> WSUpgradeResponseWithListener:
+    answer = site.decide(method, path)
+    if answer.status == 200:
+        response = WSUpgradeResponse.create_ok_response(answer.body, dict(answer.headers or {}))
+    else:
+        response = WSUpgradeResponse.create_error_response(answer.status, answer.reason.encode())
+    return WSUpgradeResponseWithListener(response, None)
