@@ -12,6 +12,11 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
   ``call_soon_threadsafe`` (one loop wake-up per batch, not per write).
 - If SQLite aborts the whole transaction, or COMMIT fails, every write whose work was
   lost gets a :class:`DatabaseError`; a write that failed on its own keeps its own error.
+- A batch that starts with only non-durable writes (delivery cursors, ``durable=False``)
+  waits up to ``lazy_ms`` for a durable write to share its transaction. At everyday
+  load an ack arrives between two messages: this turns two commits per message (the
+  event's, then the cursor's) into one, with the cursor pages in the event's commit.
+  Durable writes never wait.
 - Reads run on ``readers`` read-only connections in a small thread pool; WAL lets them
   run beside the writer. Each read runs in one read transaction, so ``fn`` sees one
   consistent snapshot of committed data.
@@ -105,11 +110,13 @@ class Database:
         busy_timeout_ms: int,
         migrations: Traversable,
         engine: SqliteEngine = ENGINE,
+        lazy_ms: float = 0.0,
     ) -> None:
         # Use Database.open(); the constructor only records settings.
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be >= 1")
         self.path = path
+        self._lazy_s = max(0.0, lazy_ms) / 1000
         self.engine = engine
         self.max_batch = max_batch
         self._n_readers = readers
@@ -143,8 +150,12 @@ class Database:
         readers: int = 2,
         busy_timeout_ms: int = 5000,
         migrations: Traversable | Path | None = None,
+        lazy_ms: float = 0.0,
     ) -> Database:
-        """Create (if needed), migrate and open the database at ``path`` (SPEC §11)."""
+        """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
+
+        ``lazy_ms``: how long a batch of only non-durable writes waits for a durable
+        write to join it (see the module docstring); 0 commits it at once."""
         p = Path(path)
         if str(path) == ":memory:":
             raise ValueError("Database needs a file: readers and the writer share it")
@@ -156,6 +167,7 @@ class Database:
             readers=readers,
             busy_timeout_ms=busy_timeout_ms,
             migrations=mig,
+            lazy_ms=lazy_ms,
         )
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Daemon: a process that exits without close() must not hang on this thread;
@@ -346,13 +358,16 @@ class Database:
     def _serve(self) -> _Stop:
         q = self._queue
         limit = self.max_batch
+        lazy = self._lazy_s
         while True:
             first = q.get()
             if isinstance(first, _Stop):
                 return first
             batch = [first]
             stop: _Stop | None = None
-            while len(batch) < limit:
+            if lazy > 0 and not first[2]:
+                stop = self._gather_lazy(batch, lazy)
+            while stop is None and len(batch) < limit:
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
@@ -364,6 +379,28 @@ class Database:
             self._run_batch(batch)
             if stop is not None:
                 return stop
+
+    def _gather_lazy(
+        self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]], wait: float
+    ) -> _Stop | None:
+        """Non-durable writes only so far: take what arrives within ``wait`` seconds,
+        until a durable write (whose commit they then share) or a stop."""
+        q = self._queue
+        deadline = time.monotonic() + wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                item = q.get(timeout=left)
+            except queue.Empty:
+                return None
+            if isinstance(item, _Stop):
+                return item
+            batch.append(item)
+            if item[2]:
+                return None
+        return None
 
     def _run_batch(
         self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]
