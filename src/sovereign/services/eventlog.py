@@ -221,13 +221,11 @@ class EventLog:
 
     async def _write(self, batch: list[Op]) -> None:
         rows: list[sql.EventRow] = []
-        heads: dict[str, tuple[int, int, str]] = {}
         txns: list[Callable[[Conn], None]] = []
         requests: list[tuple[str, str, str, int]] = []
         for op in batch:
             for ev in op.events:
                 rows.append(ev.row())
-                heads[ev.conv.conversation_id] = (ev.seq, ev.ts_us, ev.conv.conversation_id)
             if op.txns:
                 txns.extend(op.txns)
             if op.send_request is not None:
@@ -238,8 +236,8 @@ class EventLog:
             for fn in txns:
                 fn(conn)
             if rows:
+                # No conversations-row update: a head is its newest event (load_state).
                 sql.insert_events_txn(conn, rows)
-                sql.update_heads_txn(conn, heads.values())
             if requests:
                 sql.insert_send_requests_txn(conn, requests)
 
