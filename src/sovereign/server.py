@@ -33,7 +33,7 @@ from sovereign.services.auth import AuthService
 from sovereign.services.connections import ConnectionService
 from sovereign.services.delivery import DeliveryService
 from sovereign.services.ephemeral import EphemeralService
-from sovereign.services.eventlog import EventLog
+from sovereign.services.eventlog import EVENT_GATHER_S, EventLog
 from sovereign.services.groups import GroupService
 from sovereign.services.history import HistoryService
 from sovereign.services.mls import MlsService
@@ -70,7 +70,7 @@ class App:
         # -- ports
         self.outbox = outbox = LocalOutbox(config.send_buffer_limit)
         self.tasks = tasks = TaskRunner(outbox)
-        eventlog = EventLog(db, outbox.cork, outbox.uncork)
+        eventlog = EventLog(db, outbox.cork, outbox.uncork, gather_s=EVENT_GATHER_S)
         state = ConversationState(db, storage.users)
         # -- services
         self.auth = auth = AuthService(config, storage, clock)

@@ -236,7 +236,7 @@ class Rig:
         from sovereign.services.connections import ConnectionService
         from sovereign.services.delivery import DeliveryService
         from sovereign.services.ephemeral import EphemeralService
-        from sovereign.services.eventlog import EventLog
+        from sovereign.services.eventlog import EVENT_GATHER_S, EventLog
         from sovereign.services.groups import GroupService
         from sovereign.services.history import HistoryService
         from sovereign.services.mls import MlsService
@@ -249,7 +249,7 @@ class Rig:
         self.config = config
         self.outbox = outbox = MemoryOutbox()
         self.tasks = tasks = TaskRunner(outbox)
-        self.eventlog = eventlog = EventLog(db, outbox.cork, outbox.uncork)
+        self.eventlog = eventlog = EventLog(db, outbox.cork, outbox.uncork, EVENT_GATHER_S)
         state = ConversationState(db, storage.users)
         self.auth = auth = AuthService(config, storage, clock)
         conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
