@@ -697,6 +697,8 @@ class Run:
                 out.server_io.get("write_bytes", 0) / 1024 / count, 2
             )
             r["server_syscalls_write_per_unit"] = round(out.server_io.get("syscw", 0) / count, 2)
+            if "ctx_switches" in out.server_io:
+                r["server_ctx_switches_per_unit"] = round(out.server_io["ctx_switches"] / count, 2)
         if count and out.server_split is not None:
             user, sys_ = out.server_split
             r["server_user_us_per_unit"] = round(user * 1e6 / count, 1)

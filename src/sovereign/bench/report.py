@@ -116,6 +116,7 @@ def per_unit_table(results: list[dict[str, Any]]) -> str:
         "CPU us/msg (user + sys)",
         "disk KB/msg",
         "write syscalls/msg",
+        "ctx switches/msg",
         "p99 ms",
     ]
     rows = [head]
@@ -141,6 +142,7 @@ def per_unit_table(results: list[dict[str, Any]]) -> str:
                 cpu,
                 _num(r.get("server_disk_write_kb_per_unit"), 1),
                 _num(r.get("server_syscalls_write_per_unit"), 1),
+                _num(r.get("server_ctx_switches_per_unit"), 1),
                 _num(p99, 2),
             ]
         )

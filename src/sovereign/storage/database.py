@@ -13,7 +13,8 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
 - If SQLite aborts the whole transaction, or COMMIT fails, every write whose work was
   lost gets a :class:`DatabaseError`; a write that failed on its own keeps its own error.
 - A batch that starts with only non-durable writes (delivery cursors, ``durable=False``)
-  waits up to ``lazy_ms`` for a durable write to share its transaction. At everyday
+  waits up to ``lazy_ms`` for a durable write to share its transaction, if durable
+  writes are coming (one started within ``2 * lazy_ms``). At everyday
   load an ack arrives between two messages: this turns two commits per message (the
   event's, then the cursor's) into one, with the cursor pages in the event's commit.
   Durable writes never wait.
@@ -117,6 +118,7 @@ class Database:
             raise ValueError("max_batch and readers must be >= 1")
         self.path = path
         self._lazy_s = max(0.0, lazy_ms) / 1000
+        self._last_durable = -1e9  # monotonic start of the last batch with a durable write
         self.engine = engine
         self.max_batch = max_batch
         self._n_readers = readers
@@ -365,7 +367,9 @@ class Database:
                 return first
             batch = [first]
             stop: _Stop | None = None
-            if lazy > 0 and not first[2]:
+            # Only while durable writes are coming (one started within 2 * lazy): at a
+            # quiet time the wait would buy nothing and cost a wake-up.
+            if lazy > 0 and not first[2] and time.monotonic() - self._last_durable < 2 * lazy:
                 stop = self._gather_lazy(batch, lazy)
             while stop is None and len(batch) < limit:
                 try:
@@ -408,6 +412,8 @@ class Database:
         conn = self._wconn
         assert conn is not None
         durable = any(item[2] for item in batch)
+        if durable:
+            self._last_durable = time.monotonic()
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._sync_full = durable
