@@ -50,11 +50,11 @@ bench-compare: $(STAMP)
 ## benchmarks/instructions.json; fails when a count rose > 5% (noise-free; CI runs it)
 INSTRUCTIONS = benchmarks/instructions.json
 bench-instructions: $(STAMP)
-	$(BIN)/python -m sovereign.bench.instructions --check $(INSTRUCTIONS) $(ARGS)
+	$(BIN)/python -m benchmarks.instructions --check $(INSTRUCTIONS) $(ARGS)
 
 ## bench-instructions-update: store the current counts as the new baseline
 bench-instructions-update: $(STAMP)
-	$(BIN)/python -m sovereign.bench.instructions --update $(INSTRUCTIONS) $(ARGS)
+	$(BIN)/python -m benchmarks.instructions --update $(INSTRUCTIONS) $(ARGS)
 
 ## load: a load scenario against a spawned server (SCENARIO=relay|fanout|resume|idle|mixed),
 ## JSON in .benchmarks/load-$(SCENARIO).json; e.g. make load SCENARIO=fanout ARGS="--duration 20"

@@ -23,10 +23,10 @@ The services are wired as ``server.App`` wires them (:func:`build`), with
 that corks and fans out with the same compiled ``_fast.fanout`` functions as the real
 one, and counts bytes instead of writing to sockets.
 
-``python -m sovereign.bench.instructions --check FILE`` compares with a stored baseline
-and exits 1 if a count rose by more than ``--tolerance`` (5%); ``--update FILE`` writes
-the baseline. ``--workload NAME`` (used under valgrind) runs one workload; counts are
-per unit (per message, ack or delivery).
+``python -m benchmarks.instructions --check FILE`` (from the repository root) compares
+with a stored baseline and exits 1 if a count rose by more than ``--tolerance`` (5%);
+``--update FILE`` writes the baseline. ``--workload NAME`` (used under valgrind) runs
+one workload; counts are per unit (per message, cycle or delivery).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ UNITS = {"send": 2000, "send_batched": 6000, "cycle": 2000, "fanout": 100_000}
 WORKLOADS = tuple(UNITS)
 BATCH = 50  # send_batched: sends per commit
 GROUP = 101  # fanout: members (100 deliveries per message)
+_ROOT = Path(__file__).resolve().parents[1]
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 
@@ -428,13 +429,13 @@ def _valgrind_one(workload: str, scale: float) -> int:
         "--callgrind-out-file=/dev/null",
         sys.executable,
         "-m",
-        "sovereign.bench.instructions",
+        "benchmarks.instructions",
         "--workload",
         workload,
         "--scale",
         str(scale),
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_ROOT)
     m = _COLLECTED.search(p.stderr)
     if p.returncode != 0 or m is None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -486,7 +487,7 @@ def compare(baseline: dict[str, Any], now: dict[str, Any], tolerance: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sovereign.bench.instructions", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     p.add_argument(
         "--workload", choices=("none", *WORKLOADS), help="run one workload (no valgrind)"
     )
