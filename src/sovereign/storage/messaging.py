@@ -265,6 +265,15 @@ def load_device_txn(conn: Conn, session_id: str, device_id: str) -> tuple[int, d
     return (int(row[0]) if row else 0), load_cursors_txn(conn, device_id)
 
 
+def load_device_sync_txn(
+    conn: Conn, session_id: str, device_id: str, user_id: str
+) -> tuple[int, dict[str, int], list[StoredWelcome]]:
+    """What a READY needs of a device not in memory, in one read: its session's
+    created_at_us, its cursors and its pending welcomes (one reader hop, not two)."""
+    created, cursors = load_device_txn(conn, session_id, device_id)
+    return created, cursors, pending_welcomes_txn(conn, user_id, device_id, created)
+
+
 def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:
     return {
         conv: seq
