@@ -126,6 +126,10 @@ class Storage:
 #: nearly every cursor write into the next event transaction; an ack's answer waits at
 #: most this long, event deliveries never.
 CURSOR_LAZY_MS = 2.0
+#: How often the checkpointer thread copies the WAL back into the database file
+#: (Database ``checkpoint_s``): off the writer's COMMIT path, so a checkpoint never
+#: holds up a commit; ~2 s of writes lets hot pages be copied once per interval.
+CHECKPOINT_S = 2.0
 
 
 async def open_storage(
@@ -135,6 +139,7 @@ async def open_storage(
     readers: int = 2,
     busy_timeout_ms: int = 5000,
     lazy_ms: float = CURSOR_LAZY_MS,
+    checkpoint_s: float = CHECKPOINT_S,
 ) -> Storage:
     """Open (creating and migrating as needed) the SQLite database at ``path``."""
     db = await Database.open(
@@ -143,5 +148,6 @@ async def open_storage(
         readers=readers,
         busy_timeout_ms=busy_timeout_ms,
         lazy_ms=lazy_ms,
+        checkpoint_s=checkpoint_s,
     )
     return Storage(db)

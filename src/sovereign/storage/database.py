@@ -18,6 +18,12 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
   load an ack arrives between two messages: this turns two commits per message (the
   event's, then the cursor's) into one, with the cursor pages in the event's commit.
   Durable writes never wait.
+- With ``checkpoint_s`` > 0 the WAL is copied back into the database file by a
+  checkpointer thread on its own connection (``PRAGMA wal_checkpoint(PASSIVE)`` every
+  ``checkpoint_s``), not by the writer inside a COMMIT: a checkpoint of a large WAL
+  takes tens of milliseconds or more, and every commit waiting behind it would wait
+  that long. The writer keeps SQLite's automatic checkpoint only as a backstop for a
+  WAL that grew past ``BACKSTOP_WAL_BYTES``.
 - Reads run on ``readers`` read-only connections in a small thread pool; WAL lets them
   run beside the writer. Each read runs in one read transaction, so ``fn`` sees one
   consistent snapshot of committed data.
@@ -62,6 +68,9 @@ Conn: TypeAlias = sqlite3.Connection
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+#: The writer checkpoints the WAL itself only past this size (the checkpointer thread
+#: normally keeps it far smaller).
+BACKSTOP_WAL_BYTES = 64 * 1024 * 1024
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.([a-z]+))?\.sql$")
 
 
@@ -112,6 +121,7 @@ class Database:
         migrations: Traversable,
         engine: SqliteEngine = ENGINE,
         lazy_ms: float = 0.0,
+        checkpoint_s: float = 0.0,
     ) -> None:
         # Use Database.open(); the constructor only records settings.
         if max_batch < 1 or readers < 1:
@@ -119,6 +129,9 @@ class Database:
         self.path = path
         self._lazy_s = max(0.0, lazy_ms) / 1000
         self._last_durable = -1e9  # monotonic start of the last batch with a durable write
+        self._checkpoint_s = max(0.0, checkpoint_s)
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self.engine = engine
         self.max_batch = max_batch
         self._n_readers = readers
@@ -153,11 +166,14 @@ class Database:
         busy_timeout_ms: int = 5000,
         migrations: Traversable | Path | None = None,
         lazy_ms: float = 0.0,
+        checkpoint_s: float = 0.0,
     ) -> Database:
         """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
 
         ``lazy_ms``: how long a batch of only non-durable writes waits for a durable
-        write to join it (see the module docstring); 0 commits it at once."""
+        write to join it (see the module docstring); 0 commits it at once.
+        ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
+        checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT."""
         p = Path(path)
         if str(path) == ":memory:":
             raise ValueError("Database needs a file: readers and the writer share it")
@@ -170,6 +186,7 @@ class Database:
             busy_timeout_ms=busy_timeout_ms,
             migrations=mig,
             lazy_ms=lazy_ms,
+            checkpoint_s=checkpoint_s,
         )
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Daemon: a process that exits without close() must not hang on this thread;
@@ -356,6 +373,32 @@ class Database:
             self.engine.configure_reader(r, self._busy_timeout_ms)
             self._rfree.put(r)
         self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
+        if self._checkpoint_s > 0:
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_WAL_BYTES // page}")
+            cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            cconn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            cconn.execute("PRAGMA synchronous = FULL")  # fsync the database after copying
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_main,
+                args=(cconn,),
+                name="sovereign-db-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer.start()
+
+    def _checkpoint_main(self, conn: sqlite3.Connection) -> None:
+        """PASSIVE checkpoints every ``checkpoint_s``: never waits for the writer or a
+        reader, copies what it can; the writer restarts the WAL from the top once a
+        checkpoint has caught up."""
+        try:
+            while not self._checkpoint_stop.wait(self._checkpoint_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
     def _serve(self) -> _Stop:
         q = self._queue
@@ -492,6 +535,9 @@ class Database:
         _post(leftovers)
         if self._rpool is not None:
             self._rpool.shutdown(wait=True)  # in-flight reads finish first
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            self._checkpointer.join()
         conn = self._wconn
         if conn is not None:
             try:
