@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
 ARGS   ?=
 
-.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean web
+.PHONY: install serve test test-fast lint typecheck bench bench-compare bench-instructions bench-instructions-update profile clean web
 
 $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,17 @@ bench: $(STAMP)
 ## bench-compare: fail if a benchmark regressed more than 10% against the last saved run
 bench-compare: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:10% $(ARGS)
+
+## bench-instructions: instruction counts (valgrind callgrind) of fixed work — sends one
+## commit each, sends 50 per commit, acks, fan-out deliveries — against the baseline in
+## benchmarks/instructions.json; fails when a count rose > 5% (noise-free; CI runs it)
+INSTRUCTIONS = benchmarks/instructions.json
+bench-instructions: $(STAMP)
+	$(BIN)/python -m benchmarks.instructions --check $(INSTRUCTIONS) $(ARGS)
+
+## bench-instructions-update: store the current counts as the new baseline
+bench-instructions-update: $(STAMP)
+	$(BIN)/python -m benchmarks.instructions --update $(INSTRUCTIONS) $(ARGS)
 
 ## load: a load scenario against a spawned server (SCENARIO=relay|fanout|resume|idle|mixed),
 ## JSON in .benchmarks/load-$(SCENARIO).json; e.g. make load SCENARIO=fanout ARGS="--duration 20"

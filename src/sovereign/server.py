@@ -35,6 +35,7 @@ from sovereign.protocol.types import PRE_AUTH_TYPES
 from sovereign.services.admin import SETTINGS, AdminService
 from sovereign.services.auth import AuthService
 from sovereign.services.compose import build_services
+from sovereign.services.eventlog import EVENT_GATHER_S
 from sovereign.services.session import Session
 from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage, open_storage
@@ -80,7 +81,13 @@ class App:
         # -- ports and services
         self.outbox = outbox = LocalOutbox(config.send_buffer_limit, stats)
         self.services = svc = build_services(
-            config, storage, outbox, clock, stats=stats, mls_stats=mls_stats
+            config,
+            storage,
+            outbox,
+            clock,
+            stats=stats,
+            mls_stats=mls_stats,
+            gather_s=EVENT_GATHER_S,
         )
         self.tasks = svc.tasks
         self.auth = svc.auth

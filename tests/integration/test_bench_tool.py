@@ -22,7 +22,16 @@ from sovereign.bench.scenarios.relay import message_send_parts
 from sovereign.v1 import sovereign_pb2 as pb
 
 RUNS: dict[str, list[str]] = {
-    "relay": ["relay", "--pairs", "2", "--duration", "1", "--procs", "2"],
+    "relay": [
+        "relay",
+        *("--pairs", "2", "--duration", "1", "--procs", "2"),
+        *("--probes", "2", "--probe-duration", "0.5"),
+    ],
+    "baseline": [
+        "baseline",
+        *("--pairs", "2", "--duration", "0.5", "--probes", "1", "--probe-duration", "0.5"),
+        *("--fixed", "100"),
+    ],
     "fanout": ["fanout", "--groups", "10", "--duration", "1", "--probe-every", "3"],
     "resume": ["resume", "--count", "20", "--concurrency", "4", "--duration", "5"],
     "idle": ["idle", "--connections", "50", "--duration", "1", "--heartbeat", "0.5"],
@@ -85,15 +94,39 @@ def _common(name: str, runs: dict[str, tuple[int, str, dict[str, Any]]]) -> list
 
 def test_relay(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
     results = _common("relay", runs)
-    assert [r["phase"] for r in results] == ["full", "half"]
+    phases = [r["phase"] for r in results]
+    # full, then the open-loop capacity search (2 probes), then half of the capacity
+    assert phases[0] == "full"
+    assert [p for p in phases[1:3]] and all(p.startswith("probe@") for p in phases[1:3])
     for r in results:
         assert r["sent"] == r["echoed"] == r["received"] == r["completed"] > 0
         assert r["acks_sent"] > 0 and r["load_procs"] == 2
         lat = r["latency_ms"]["delivery"]
         assert lat["n"] == r["received"]
         assert 0 <= lat["p50_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"]
+        assert r["server_cpu_us_per_unit"] == pytest.approx(
+            r["server_user_us_per_unit"] + r["server_sys_us_per_unit"], abs=0.2
+        )
+        assert r["server_syscalls_write_per_unit"] >= 0
     assert results[0]["per_server_cpu_s"] is None or results[0]["per_server_cpu_s"] > 0
-    assert results[1]["target_rate"] == pytest.approx(results[0]["messages_per_s"] / 2, rel=0.01)
+    doc = runs["relay"][2]
+    capacity = doc["headline"]["open_loop_capacity_msgs_per_s"]
+    if capacity:  # a probe sustained its rate (p99 < 50 ms): half runs at half of it
+        assert phases[-1] == "half"
+        assert results[-1]["target_rate"] == pytest.approx(capacity / 2, rel=0.01)
+
+
+def test_baseline(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
+    results = _common("baseline", runs)
+    phases = [r["phase"] for r in results]
+    assert phases[:3] == ["echo", "full", "probe@" + phases[2].removeprefix("probe@")]
+    assert phases[-1] == "fixed@100"
+    echo = results[0]
+    assert echo["sent"] == echo["received"] > 0 and echo["connections"] == 4
+    assert echo["server_disk_write_kb_per_unit"] == 0
+    head = runs["baseline"][2]["headline"]
+    if head.get("echo_msgs_per_server_cpu_s"):
+        assert head["relay_fraction_of_transport"] > 0
 
 
 def test_fanout(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:

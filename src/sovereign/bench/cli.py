@@ -31,7 +31,13 @@ from sovereign.bench.coordinator import BenchAbort, Coordinator
 from sovereign.bench.profile import Profiler, ProfilerError
 from sovereign.bench.scenarios import SPECS, Outcome
 from sovereign.bench.scenarios.mixed import DEFAULT_MIX, parse_mix
-from sovereign.bench.server import LOAD_ENV, Account, SpawnedServer, provision_tokens
+from sovereign.bench.server import (
+    LOAD_ENV,
+    Account,
+    SpawnedServer,
+    provision_tokens,
+    provision_tokens_with,
+)
 
 FD_MARGIN = 1000  # fds a process keeps for itself (listener, SQLite, pipes, ...)
 
@@ -78,11 +84,24 @@ def _rate(text: str) -> str:
     if text in ("half", "max"):
         return text
     try:
-        if float(text) > 0:
+        if all(float(r) > 0 for r in text.split(",")):
             return text
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError("'half', 'max' or a positive number of messages/s")
+    raise argparse.ArgumentTypeError(
+        "'half', 'max' or positive numbers of messages/s, comma-separated"
+    )
+
+
+def _rates(text: str) -> str:
+    if text.strip() in ("", "none"):
+        return ""
+    try:
+        if all(float(r) > 0 for r in text.split(",")):
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError("positive numbers of messages/s, comma-separated")
 
 
 def _sizes(text: str) -> list[int]:
@@ -183,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     s.add_argument(
+        "--server-python",
+        default="",
+        metavar="PYTHON",
+        help="spawn the server with this interpreter (another venv, e.g. older code "
+        "installed in /tmp/perf-before/.venv/bin/python) and provision its accounts "
+        "with it; the load generator stays this one, so two builds compare back to back",
+    )
+    s.add_argument(
         "--keep-data",
         action="store_true",
         help="keep the spawned server's temporary data dir (its path is printed)",
@@ -259,39 +286,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sovereign-bench {__version__}")
     sub = parser.add_subparsers(dest="scenario", metavar="SCENARIO", required=True)
 
-    p = sub.add_parser(
-        "relay",
-        parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="1:1 durable message cycle over many pairs",
-        description="N pairs; each: send -> echo after commit -> delivery to the peer -> "
-        "peer acks -> MESSAGE_DELIVERED back. Phase 'full' is a closed loop (--window "
-        "messages in flight per pair); then, with --rate half, an open loop at half the "
-        "rate 'full' reached. Latency p50/p99/p99.9: send -> delivery (timestamp in the "
-        "payload), also commit (echo) and full cycle.",
+    relay_help = (
+        "N pairs; each: send -> echo after commit -> delivery to the peer -> peer acks -> "
+        "MESSAGE_DELIVERED back. Phase 'full' is a closed loop (--window messages in flight "
+        "per pair); with --rate half, open-loop 'probe@N' phases then search the open-loop "
+        "capacity (the highest fixed rate with p99 send -> delivery < 50 ms) and 'half' runs "
+        "at half of it; --fixed adds open loops at given rates. Latency p50/p99/p99.9: send "
+        "-> delivery (timestamp in the payload), also commit (echo) and full cycle. Every "
+        "phase reports server CPU (user + sys), disk written and write syscalls per message."
     )
-    p.add_argument("--pairs", type=_positive_int, default=100, help="pairs (default 100)")
-    p.add_argument(
-        "--window",
-        type=_positive_int,
-        default=8,
-        help="closed loop: messages in flight per pair (default 8)",
-    )
-    p.add_argument(
-        "--rate",
-        type=_rate,
-        default="half",
-        help="'half' (default): full speed, then an open loop at half that rate; "
-        "'max': full speed only; a number: only an open loop at that many "
-        "messages/s in total",
-    )
-    p.add_argument(
-        "--messages",
-        type=_positive_int,
-        default=None,
-        help="stop a phase after this many messages in total (also bounded by --duration)",
-    )
-    p.set_defaults(duration_default=10.0)
+    for name, help_, desc, fixed in (
+        ("relay", "1:1 durable message cycle over many pairs", relay_help, ""),
+        (
+            "baseline",
+            "a bare picows echo server, then the relay, under the same load generator",
+            "Phase 'echo': the same connections and frame sizes against a bare picows echo "
+            "server (python -m sovereign.bench.echo, spawned on the server's CPUs) gives what "
+            "the transport alone does; then the relay phases (see relay --help), reported as "
+            "a fraction of it. Default --fixed 1000,3000.",
+            "1000,3000",
+        ),
+    ):
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help=help_,
+            description=desc,
+        )
+        p.add_argument("--pairs", type=_positive_int, default=100, help="pairs (default 100)")
+        p.add_argument(
+            "--window",
+            type=_positive_int,
+            default=8,
+            help="closed loop: messages in flight per pair (default 8)",
+        )
+        p.add_argument(
+            "--rate",
+            type=_rate,
+            default="half",
+            help="'half' (default): full speed, the open-loop capacity search, then an "
+            "open loop at half the capacity; 'max': full speed only; numbers (e.g. "
+            "1000,3000): only open loops at those many messages/s in total",
+        )
+        p.add_argument(
+            "--fixed",
+            type=_rates,
+            default=fixed,
+            metavar="RATES",
+            help="open loops at these total rates after the others, e.g. 1000,3000 "
+            f"(default {fixed or 'none'})",
+        )
+        p.add_argument(
+            "--probes",
+            type=_positive_int,
+            default=7,
+            help="most open-loop phases the capacity search runs (default 7)",
+        )
+        p.add_argument(
+            "--probe-duration",
+            type=float,
+            default=5.0,
+            metavar="S",
+            help="seconds each capacity probe issues load (default 5)",
+        )
+        p.add_argument(
+            "--messages",
+            type=_positive_int,
+            default=None,
+            help="stop a phase after this many messages in total (also bounded by --duration)",
+        )
+        p.set_defaults(duration_default=10.0)
 
     p = sub.add_parser(
         "fanout",
@@ -431,6 +496,7 @@ class Run:
         self.args = args
         self.t0 = time.monotonic()
         self.server: SpawnedServer | None = None
+        self.echo: SpawnedServer | None = None
         self.tmpdir = ""
         self.coordinator: Coordinator | None = None
         self.profiler: Profiler | None = None
@@ -457,6 +523,8 @@ class Run:
                 )
                 setattr(args, name, None)
         if args.url:
+            if args.scenario == "baseline":
+                raise BenchAbort("baseline spawns its servers itself: --url is not supported")
             args.server_cpu = None
         if args.server_cpu and args.load_cpus and set(args.server_cpu) & set(args.load_cpus):
             self.warn(
@@ -527,6 +595,8 @@ class Run:
         coord.stop()
         self.coordinator = None
         exit_code, shutdown_s = (None, 0.0)
+        if self.echo is not None:
+            self.echo.stop()
         if self.server is not None:
             exit_code, shutdown_s = self.server.stop()
         return self.finish(results, profile_summary, exit_code, shutdown_s)
@@ -549,7 +619,14 @@ class Run:
         accounts: list[Account] = []
         if not args.webauthn:
             self.log(f"provisioning {n_accounts:,} accounts (token path) in {data_dir}")
-            accounts = asyncio.run(provision_tokens(data_dir, n_accounts, f"b{nonce}_", self.log))
+            if args.server_python:
+                accounts = provision_tokens_with(
+                    args.server_python, data_dir, n_accounts, f"b{nonce}_"
+                )
+            else:
+                accounts = asyncio.run(
+                    provision_tokens(data_dir, n_accounts, f"b{nonce}_", self.log)
+                )
         env = dict(SPECS[args.scenario].server_env)
         for kv in args.server_env:
             key, sep, value = kv.partition("=")
@@ -559,12 +636,27 @@ class Run:
         from sovereign.bench.server import server_environment
 
         self.server = SpawnedServer(
-            data_dir, env=server_environment(env, os.environ), cpus=args.server_cpu, log=self.log
+            data_dir,
+            env=server_environment(env, os.environ),
+            cpus=args.server_cpu,
+            log=self.log,
+            python=args.server_python,
         )
         args.url_effective = self.server.start()
         self.log(
             f"server pid {self.server.pid} on CPUs {args.server_cpu or 'any'}: {args.url_effective}"
         )
+        if args.scenario == "baseline":
+            self.echo = SpawnedServer(
+                data_dir,
+                env=os.environ,
+                cpus=args.server_cpu,
+                log=self.log,
+                argv=["-m", "sovereign.bench.echo", "--listen", "127.0.0.1:0"],
+            )
+            args.echo_url = self.echo.start()
+            args.echo_pid = self.echo.pid
+            self.log(f"echo server pid {self.echo.pid}: {args.echo_url}")
         if args.webauthn:
             accounts = self.register_webauthn(n_accounts, nonce)
         return accounts
@@ -604,6 +696,14 @@ class Run:
             r["server_disk_write_kb_per_unit"] = round(
                 out.server_io.get("write_bytes", 0) / 1024 / count, 2
             )
+            r["server_syscalls_write_per_unit"] = round(out.server_io.get("syscw", 0) / count, 2)
+            if "ctx_switches" in out.server_io:
+                r["server_ctx_switches_per_unit"] = round(out.server_io["ctx_switches"] / count, 2)
+        if count and out.server_split is not None:
+            user, sys_ = out.server_split
+            r["server_user_us_per_unit"] = round(user * 1e6 / count, 1)
+            r["server_sys_us_per_unit"] = round(sys_ * 1e6 / count, 1)
+            r["server_cpu_us_per_unit"] = round((user + sys_) * 1e6 / count, 1)
         r["server_cpus"] = self.args.server_cpu
         r["load_cpus"] = self.args.load_cpus
         r["duration_s"] = out.phase.duration
@@ -627,9 +727,17 @@ class Run:
             )
         if srv is not None and exit_code not in (0, None):
             problems.append(f"server exited with status {exit_code} after SIGTERM")
+        headline = report.headline(results)
         print()
         print(self.header())
         print(report.table(results))
+        if any(r.get("unit") == "msgs" for r in results):
+            print()
+            print(report.per_unit_table(results))
+        if headline:
+            print()
+            for line in report.headline_lines(headline):
+                print(line)
         notes = report.caveats(results)
         if problems:
             print("\nproblems:")
@@ -665,6 +773,7 @@ class Run:
                     "log_problems": list(srv.problems)[:50] if srv is not None else [],
                     "exit_code": exit_code,
                     "shutdown_s": round(shutdown_s, 2),
+                    "python": args.server_python or sys.executable,
                 },
                 "load": {
                     "procs": args.procs,
@@ -672,6 +781,7 @@ class Run:
                     "source_addrs": args.source_addrs,
                 },
                 "args": {k: v for k, v in vars(args).items() if k != "url_effective"},
+                "headline": headline,
                 "results": results,
                 "problems": problems,
                 "notes": notes,
@@ -703,6 +813,8 @@ class Run:
             steps.append(("load processes", self.coordinator.stop))
         if self.server is not None and self.server.alive():
             steps.append(("server", self.server.stop))
+        if self.echo is not None and self.echo.alive():
+            steps.append(("echo server", self.echo.stop))
         for what, step in steps:
             try:
                 step()

@@ -151,7 +151,7 @@ class Coordinator:
 
     # -- phases -----------------------------------------------------------------------------
     def run_phase(self, phase: Phase) -> Outcome:
-        pid = self.server_pid
+        pid = phase.pid or self.server_pid
         label = f"{self.spec.name}/{phase.name}"
         start_at = time.monotonic() + 0.3
         for pipe in self.pipes:

@@ -34,7 +34,29 @@ def io_bytes(pid: int) -> dict[str, int]:
                     out[key] = int(value)
     except OSError:
         pass
+    switches = context_switches(pid)
+    if switches is not None:
+        out["ctx_switches"] = switches
     return out
+
+
+def context_switches(pid: int) -> int | None:
+    """Voluntary + involuntary context switches of every live thread of ``pid``: on one
+    core, each hop between the event loop and a SQLite thread costs two."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                for line in fh:
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[-1])
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -5,27 +5,56 @@ from __future__ import annotations
 import math
 from typing import Any
 
-#: Targets from issue 5 (2 cores: server pinned to one, load on the other).
+#: Targets from issue 12 (2 cores: server pinned to one, load on the other).
 TARGETS = {
-    "relay_per_cpu": 20_000,
-    "relay_p99_ms": 5.0,
+    "relay_per_cpu": 25_000,
+    "relay_disk_kb_full": 3.0,
+    "fixed1000_cpu_us": 150.0,
+    "fixed1000_disk_kb": 12.0,
+    "fixed_p99_ms": 5.0,
     "fanout1000_per_cpu": 500_000,
     "resume_per_cpu": 5_000,
-    "idle_kb": 10.0,
+    "idle_kb": 8.0,
 }
+
+_RELAY = ("relay", "baseline")
+
+
+def _p99(result: dict[str, Any]) -> float | None:
+    lat = (result.get("latency_ms") or {}).get(result.get("headline_latency") or "") or {}
+    p99 = lat.get("p99_ms")
+    return None if p99 is None else float(p99)
 
 
 def target(result: dict[str, Any]) -> tuple[str, bool | None]:
     """(description, met) of the issue's target for this result; ("", None) if none."""
     sc, phase = result["scenario"], result["phase"]
     per_cpu = result.get("per_server_cpu_s")
-    if sc == "relay" and phase == "full":
-        t = TARGETS["relay_per_cpu"]
-        return f">= {t:,} msgs/server-CPU-s", None if per_cpu is None else per_cpu >= t
-    if sc == "relay":
-        p99 = (result.get("latency_ms", {}).get("delivery") or {}).get("p99_ms")
-        t = TARGETS["relay_p99_ms"]
-        return f"p99 < {t:g} ms at half max", None if p99 is None else p99 < t
+    if sc in _RELAY and phase == "full":
+        t, kb = TARGETS["relay_per_cpu"], TARGETS["relay_disk_kb_full"]
+        disk = result.get("server_disk_write_kb_per_unit")
+        per_cpu = result.get("per_server_cpu_s")
+        met = None if per_cpu is None else per_cpu >= t and (disk is None or disk <= kb)
+        return f">= {t:,} msgs/server-CPU-s, <= {kb:g} KB/msg", met
+    if sc in _RELAY and phase == "fixed@1000":
+        cpu, kb, ms = (
+            TARGETS["fixed1000_cpu_us"],
+            TARGETS["fixed1000_disk_kb"],
+            TARGETS["fixed_p99_ms"],
+        )
+        got_cpu = result.get("server_cpu_us_per_unit")
+        got_kb = result.get("server_disk_write_kb_per_unit")
+        p99 = _p99(result)
+        if got_cpu is None or p99 is None:
+            return f"<= {cpu:g} us, <= {kb:g} KB/msg, p99 < {ms:g} ms", None
+        return (
+            f"<= {cpu:g} us, <= {kb:g} KB/msg, p99 < {ms:g} ms",
+            got_cpu <= cpu and (got_kb is None or got_kb <= kb) and p99 < ms,
+        )
+    if sc in _RELAY and phase.startswith("fixed@"):
+        ms = TARGETS["fixed_p99_ms"]
+        p99 = _p99(result)
+        return f"p99 < {ms:g} ms", None if p99 is None else p99 < ms
     if sc == "fanout" and result.get("group_members") == 1000:
         t = TARGETS["fanout1000_per_cpu"]
         return f">= {t:,} deliveries/server-CPU-s", None if per_cpu is None else per_cpu >= t
@@ -33,10 +62,100 @@ def target(result: dict[str, Any]) -> tuple[str, bool | None]:
         t = TARGETS["resume_per_cpu"]
         return f">= {t:,} resumes/server-CPU-s", None if per_cpu is None else per_cpu >= t
     if sc == "idle":
-        kb = result.get("rss_kb_per_connection")
+        rss = result.get("rss_kb_per_connection")
         t = TARGETS["idle_kb"]
-        return f"<= {t:g} KB RSS/conn", None if kb is None else kb <= t
+        return f"<= {t:g} KB RSS/conn", None if rss is None else rss <= t
     return "", None
+
+
+def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's headline figures: the open-loop capacity, and (baseline) the relay as a
+    fraction of the bare transport measured in the same run."""
+    out: dict[str, Any] = {}
+    echo = next((r for r in results if r["phase"] == "echo"), None)
+    full = next((r for r in results if r["scenario"] in _RELAY and r["phase"] == "full"), None)
+    half = next((r for r in results if r["scenario"] in _RELAY and r["phase"] == "half"), None)
+    probes = [r for r in results if r["phase"].startswith("probe@")]
+    if probes or half is not None:
+        cap = half.get("open_loop_capacity") if half is not None else 0.0
+        out["open_loop_capacity_msgs_per_s"] = cap
+    if echo is not None:
+        out["echo_msgs_per_server_cpu_s"] = echo.get("per_server_cpu_s")
+    if echo is not None and full is not None:
+        e, f = echo.get("per_server_cpu_s"), full.get("per_server_cpu_s")
+        if e and f:
+            out["relay_full_msgs_per_server_cpu_s"] = f
+            out["relay_fraction_of_transport"] = round(f / e, 3)
+    return out
+
+
+def headline_lines(h: dict[str, Any]) -> list[str]:
+    lines = []
+    if "open_loop_capacity_msgs_per_s" in h:
+        cap = h["open_loop_capacity_msgs_per_s"]
+        lines.append(
+            f"open-loop capacity (highest fixed rate with p99 send->delivery < 50 ms): "
+            f"{_num(cap)} msgs/s"
+        )
+    if "relay_fraction_of_transport" in h:
+        lines.append(
+            f"relay at full speed: {_num(h['relay_full_msgs_per_server_cpu_s'])} msgs per "
+            f"server CPU-s = {100 * h['relay_fraction_of_transport']:.1f}% of the bare picows "
+            f"echo ({_num(h['echo_msgs_per_server_cpu_s'])} frames echoed per server CPU-s, "
+            "same load generator, same run)"
+        )
+    return lines
+
+
+def per_unit_table(results: list[dict[str, Any]]) -> str:
+    """Cost per message, the issue-12 table: CPU (user + sys), disk, write syscalls, p99."""
+    head = [
+        "phase",
+        "mode",
+        "msgs/s",
+        "CPU us/msg (user + sys)",
+        "disk KB/msg",
+        "write syscalls/msg",
+        "ctx switches/msg",
+        "p99 ms",
+    ]
+    rows = [head]
+    for r in results:
+        if r.get("unit") != "msgs":
+            continue
+        target_rate = r.get("target_rate")
+        mode = r.get("mode") or ""
+        if target_rate:
+            mode = f"open loop at {target_rate:,.0f}/s"
+        user, sys_ = r.get("server_user_us_per_unit"), r.get("server_sys_us_per_unit")
+        cpu = (
+            "-"
+            if user is None or sys_ is None
+            else f"{user + sys_:,.0f} ({user:,.0f} + {sys_:,.0f})"
+        )
+        p99 = _p99(r)
+        rows.append(
+            [
+                f"{r['scenario']}/{r['phase']}",
+                mode,
+                _num(r.get("per_s")),
+                cpu,
+                _num(r.get("server_disk_write_kb_per_unit"), 1),
+                _num(r.get("server_syscalls_write_per_unit"), 1),
+                _num(r.get("server_ctx_switches_per_unit"), 1),
+                _num(p99, 2),
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            str(c).ljust(widths[i]) if i < 2 else str(c).rjust(widths[i]) for i, c in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _num(v: Any, digits: int = 0) -> str:

@@ -10,6 +10,7 @@ bulk and in-process: :func:`provision_tokens` opens the data dir's storage with
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -84,6 +85,26 @@ async def provision_tokens(
     return out
 
 
+_PROVISION = """\
+import asyncio, json, sys
+from sovereign.bench.server import provision_tokens
+accounts = asyncio.run(provision_tokens(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+print(json.dumps([[a.user_id, a.username, a.token] for a in accounts]))
+"""
+
+
+def provision_tokens_with(python: str, data_dir: str, count: int, prefix: str) -> list[Account]:
+    """:func:`provision_tokens` run by another interpreter (``--server-python``): the
+    data dir's schema must be the one that server's code migrates to."""
+    out = subprocess.run(
+        [python, "-c", _PROVISION, data_dir, str(count), prefix],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [Account(*row) for row in json.loads(out.strip().splitlines()[-1])]
+
+
 def server_environment(overrides: Mapping[str, str], base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.update(LOAD_ENV)
@@ -105,8 +126,14 @@ class SpawnedServer:
         env: Mapping[str, str],
         cpus: list[int] | None,
         log: Callable[[str], None],
+        python: str = "",
+        argv: list[str] | None = None,
     ) -> None:
         self.data_dir = data_dir
+        #: The interpreter (another venv's, to measure older code: ``--server-python``).
+        self.python = python or sys.executable
+        #: What to run instead of ``-m sovereign serve`` (the baseline's echo server).
+        self.argv = argv
         self.env = dict(env)
         self.cpus = cpus
         self.log = log
@@ -126,16 +153,19 @@ class SpawnedServer:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> str:
-        serve = [
-            sys.executable,
-            "-m",
-            "sovereign",
-            "serve",
-            "--data-dir",
-            self.data_dir,
-            "--listen",
-            "127.0.0.1:0",
-        ]
+        if self.argv is not None:
+            serve = [self.python, *self.argv]
+        else:
+            serve = [
+                self.python,
+                "-m",
+                "sovereign",
+                "serve",
+                "--data-dir",
+                self.data_dir,
+                "--listen",
+                "127.0.0.1:0",
+            ]
         preexec: Callable[[], None] | None = None
         if self.cpus is not None:
             taskset = shutil.which("taskset")

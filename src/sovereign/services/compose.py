@@ -33,15 +33,18 @@ def build_services(
     *,
     stats: ServerStats | None = None,
     mls_stats: MlsStats | None = None,
+    gather_s: float = 0.0,
 ) -> Services:
     """``stats`` (None: metrics off) and ``mls_stats`` are the counters the admin
-    listener reads (SPEC §12.24, §12.25)."""
+    listener reads (SPEC §12.24, §12.25); ``gather_s`` is how long an event batch in a
+    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0)."""
     db = storage.db
     tasks = TaskRunner(outbox)
     eventlog = EventLog(
         db,
         outbox.cork,
         outbox.uncork,
+        gather_s,
         latency=stats.send_commit if stats is not None else None,
         now_us=clock.now_us,
     )

@@ -335,11 +335,16 @@ class DeliveryService:
             created, cursors = await self.db.read(
                 partial(sql.load_device_txn, session_id=s.session_id, device_id=s.device_id)
             )
-            dev = devices.get(s.device_id)  # another connection may have won
-            if dev is None:
-                dev = Device(s.device_id, s.user_id, created)
-                dev.cursors = cursors
-                devices[s.device_id] = dev
+            dev = self._device_loaded(s, created, cursors)
+        return dev
+
+    def _device_loaded(self, s: Session, created: int, cursors: dict[str, int]) -> Device:
+        devices = self.state.devices
+        dev = devices.get(s.device_id)  # another connection may have won
+        if dev is None:
+            dev = Device(s.device_id, s.user_id, created)
+            dev.cursors = cursors
+            devices[s.device_id] = dev
         return dev
 
     def detach(self, s: Session) -> None:
@@ -374,7 +379,21 @@ class DeliveryService:
         outbox = self.outbox
         append = outbox.append_frame
         try:
-            dev = await self.device(s)
+            # A resume storm is mostly reader hops: a device not in memory comes with
+            # its pending welcomes in one read (a welcome stored after it is pushed to
+            # this session's SyncState buffer, so nothing falls between).
+            welcomes: list[sql.StoredWelcome] | None = None
+            dev = self.state.devices.get(s.device_id)
+            if dev is None:
+                created, cursors, welcomes = await self.db.read(
+                    partial(
+                        sql.load_device_sync_txn,
+                        session_id=s.session_id,
+                        device_id=s.device_id,
+                        user_id=s.user_id,
+                    )
+                )
+                dev = self._device_loaded(s, created, cursors)
             dev.sessions.append(s)
             delivered = 0
             truncated: list[str] = []
@@ -403,9 +422,12 @@ class DeliveryService:
                         await outbox.write_backlog(s, out)
                         out = bytearray()
                 sync.synced_upto[conv_id] = upto
-            welcomes = await self.db.read(
-                lambda c: sql.pending_welcomes_txn(c, s.user_id, dev.device_id, dev.created_at_us)
-            )
+            if welcomes is None:
+                welcomes = await self.db.read(
+                    lambda c: sql.pending_welcomes_txn(
+                        c, s.user_id, dev.device_id, dev.created_at_us
+                    )
+                )
             for event_id, _conv, _sender, _ts, payload in welcomes:
                 append(out, encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
                 sync.synced_welcomes.add(event_id)

@@ -12,6 +12,18 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
   ``call_soon_threadsafe`` (one loop wake-up per batch, not per write).
 - If SQLite aborts the whole transaction, or COMMIT fails, every write whose work was
   lost gets a :class:`DatabaseError`; a write that failed on its own keeps its own error.
+- A batch that starts with only non-durable writes (delivery cursors, ``durable=False``)
+  waits up to ``lazy_ms`` for a durable write to share its transaction, if durable
+  writes are coming (one started within ``2 * lazy_ms``). At everyday
+  load an ack arrives between two messages: this turns two commits per message (the
+  event's, then the cursor's) into one, with the cursor pages in the event's commit.
+  Durable writes never wait.
+- With ``checkpoint_s`` > 0 the WAL is copied back into the database file by a
+  checkpointer thread on its own connection (``PRAGMA wal_checkpoint(PASSIVE)`` every
+  ``checkpoint_s``), not by the writer inside a COMMIT: a checkpoint of a large WAL
+  takes tens of milliseconds or more, and every commit waiting behind it would wait
+  that long. The writer keeps SQLite's automatic checkpoint only as a backstop for a
+  WAL that grew past ``BACKSTOP_WAL_BYTES``.
 - Reads run on ``readers`` read-only connections in a small thread pool; WAL lets them
   run beside the writer. Each read runs in one read transaction, so ``fn`` sees one
   consistent snapshot of committed data.
@@ -57,6 +69,9 @@ Conn: TypeAlias = sqlite3.Connection
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+#: The writer checkpoints the WAL itself only past this size (the checkpointer thread
+#: normally keeps it far smaller).
+BACKSTOP_WAL_BYTES = 64 * 1024 * 1024
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.([a-z]+))?\.sql$")
 
 
@@ -106,11 +121,18 @@ class Database:
         busy_timeout_ms: int,
         migrations: Traversable,
         engine: SqliteEngine = ENGINE,
+        lazy_ms: float = 0.0,
+        checkpoint_s: float = 0.0,
     ) -> None:
         # Use Database.open(); the constructor only records settings.
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be >= 1")
         self.path = path
+        self._lazy_s = max(0.0, lazy_ms) / 1000
+        self._last_durable = -1e9  # monotonic start of the last batch with a durable write
+        self._checkpoint_s = max(0.0, checkpoint_s)
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self.engine = engine
         self.max_batch = max_batch
         self._n_readers = readers
@@ -147,8 +169,15 @@ class Database:
         readers: int = 2,
         busy_timeout_ms: int = 5000,
         migrations: Traversable | Path | None = None,
+        lazy_ms: float = 0.0,
+        checkpoint_s: float = 0.0,
     ) -> Database:
-        """Create (if needed), migrate and open the database at ``path`` (SPEC §11)."""
+        """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
+
+        ``lazy_ms``: how long a batch of only non-durable writes waits for a durable
+        write to join it (see the module docstring); 0 commits it at once.
+        ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
+        checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT."""
         p = Path(path)
         if str(path) == ":memory:":
             raise ValueError("Database needs a file: readers and the writer share it")
@@ -160,6 +189,8 @@ class Database:
             readers=readers,
             busy_timeout_ms=busy_timeout_ms,
             migrations=mig,
+            lazy_ms=lazy_ms,
+            checkpoint_s=checkpoint_s,
         )
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Daemon: a process that exits without close() must not hang on this thread;
@@ -354,17 +385,48 @@ class Database:
             self.engine.configure_reader(r, self._busy_timeout_ms)
             self._rfree.put(r)
         self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
+        if self._checkpoint_s > 0:
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_WAL_BYTES // page}")
+            cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            cconn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            cconn.execute("PRAGMA synchronous = FULL")  # fsync the database after copying
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_main,
+                args=(cconn,),
+                name="sovereign-db-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer.start()
+
+    def _checkpoint_main(self, conn: sqlite3.Connection) -> None:
+        """PASSIVE checkpoints every ``checkpoint_s``: never waits for the writer or a
+        reader, copies what it can; the writer restarts the WAL from the top once a
+        checkpoint has caught up."""
+        try:
+            while not self._checkpoint_stop.wait(self._checkpoint_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
     def _serve(self) -> _Stop:
         q = self._queue
         limit = self.max_batch
+        lazy = self._lazy_s
         while True:
             first = q.get()
             if isinstance(first, _Stop):
                 return first
             batch = [first]
             stop: _Stop | None = None
-            while len(batch) < limit:
+            # Only while durable writes are coming (one started within 2 * lazy): at a
+            # quiet time the wait would buy nothing and cost a wake-up.
+            if lazy > 0 and not first[2] and time.monotonic() - self._last_durable < 2 * lazy:
+                stop = self._gather_lazy(batch, lazy)
+            while stop is None and len(batch) < limit:
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
@@ -377,12 +439,36 @@ class Database:
             if stop is not None:
                 return stop
 
+    def _gather_lazy(
+        self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]], wait: float
+    ) -> _Stop | None:
+        """Non-durable writes only so far: take what arrives within ``wait`` seconds,
+        until a durable write (whose commit they then share) or a stop."""
+        q = self._queue
+        deadline = time.monotonic() + wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                item = q.get(timeout=left)
+            except queue.Empty:
+                return None
+            if isinstance(item, _Stop):
+                return item
+            batch.append(item)
+            if item[2]:
+                return None
+        return None
+
     def _run_batch(
         self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]
     ) -> None:
         conn = self._wconn
         assert conn is not None
         durable = any(item[2] for item in batch)
+        if durable:
+            self._last_durable = time.monotonic()
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._sync_full = durable
@@ -464,6 +550,9 @@ class Database:
         _post(leftovers)
         if self._rpool is not None:
             self._rpool.shutdown(wait=True)  # in-flight reads finish first
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            self._checkpointer.join()
         conn = self._wconn
         if conn is not None:
             try:

@@ -44,6 +44,20 @@ from typing import Final
 
 from sovereign.storage.errors import StorageError
 
+#: Page size of NEW databases (an existing file keeps its own: changing it needs a
+#: VACUUM outside WAL mode, which no start-up should do unasked). Each commit writes
+#: whole pages of every B-tree it touches — at everyday load one event touches about
+#: five (the event, its id index, the idempotency row, two cursor rows), most in
+#: different places — so smaller pages write less. Measured (relay, 200 pairs, fixed
+#: 1,000 msgs/s, one run each, checkpoint every 10,000 pages): 4 KiB pages 29.0 KB
+#: written per message, 2 KiB 19.5 KB, 1 KiB 14.3 KB, server CPU within the noise.
+PAGE_SIZE: Final = 1024
+#: WAL size that triggers the writer's automatic checkpoint. SQLite's default (1,000
+#: pages) copied the same hot pages back into the database file every ~170 commits;
+#: ~16 MB lets each hot page be written once per checkpoint for many more commits
+#: (4 KiB pages, 1,000 msgs/s, 1,000 -> 10,000 pages: 42.0 -> 29.0 KB per message).
+WAL_CHECKPOINT_BYTES: Final = 16 * 1024 * 1024
+
 
 class SqliteEngine:
     name: Final = "sqlite"
@@ -58,6 +72,7 @@ class SqliteEngine:
     def configure_writer(self, conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # a no-op once the file has pages
         # WAL: readers never block the writer nor each other.
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -70,6 +85,8 @@ class SqliteEngine:
         conn.execute("PRAGMA temp_store = MEMORY")
         # A larger page cache for the writer (default 2 MB): hot index pages stay put.
         conn.execute("PRAGMA cache_size = -16384")
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page}")
 
     def configure_reader(self, conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
         conn.row_factory = sqlite3.Row

@@ -31,9 +31,16 @@ _SAVE_READ_MARKER = (
     + ENGINE.greatest("read_markers.up_to_seq", "excluded.up_to_seq")
     + ", updated_at_us = excluded.updated_at_us"
 )
+# Retention also records the head it removed: once a conversation's newest events are
+# gone, the conversations row is where its last seq and timestamp survive (see
+# load_conversations_txn).
 _RAISE_PURGED_SEQ = (
     "UPDATE conversations SET purged_seq = "
     + ENGINE.greatest("purged_seq", "?")
+    + ", last_seq = "
+    + ENGINE.greatest("last_seq", "?")
+    + ", last_ts_us = "
+    + ENGINE.greatest("last_ts_us", "?")
     + " WHERE conversation_id = ?"
 )
 
@@ -75,6 +82,10 @@ StoredWelcome = tuple[str, str, str, int, bytes]
 
 
 def load_conversations_txn(conn: Conn) -> tuple[list[ConversationRecord], list[MemberRecord]]:
+    """Conversations and members. A conversation's head (last seq and timestamp) is its
+    newest stored event: the event batch does not rewrite the conversations row (one
+    B-tree page less per commit); ``last_seq`` / ``last_ts_us`` there are a floor, kept
+    by retention for conversations whose newest events it removed."""
     convs = [
         ConversationRecord(*row)
         for row in conn.execute(
@@ -83,6 +94,13 @@ def load_conversations_txn(conn: Conn) -> tuple[list[ConversationRecord], list[M
             " FROM conversations"
         )
     ]
+    for rec in convs:
+        row = conn.execute(
+            "SELECT seq, ts_us FROM events WHERE conversation_id = ? ORDER BY seq DESC LIMIT 1",
+            (rec.conversation_id,),
+        ).fetchone()
+        rec.last_seq = max(rec.last_seq, rec.purged_seq, int(row[0]) if row else 0)
+        rec.last_ts_us = max(rec.last_ts_us, int(row[1]) if row else 0)
     members = [
         MemberRecord(*row)
         for row in conn.execute(
@@ -101,13 +119,6 @@ def insert_events_txn(conn: Conn, events: Sequence[EventRow]) -> None:
         "INSERT INTO events (conversation_id, seq, event_id, type, sender_id, ts_us, payload)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         events,
-    )
-
-
-def update_heads_txn(conn: Conn, heads: Iterable[tuple[int, int, str]]) -> None:
-    """(last_seq, last_ts_us, conversation_id): once per conversation per batch."""
-    conn.executemany(
-        "UPDATE conversations SET last_seq = ?, last_ts_us = ? WHERE conversation_id = ?", heads
     )
 
 
@@ -254,6 +265,15 @@ def load_device_txn(conn: Conn, session_id: str, device_id: str) -> tuple[int, d
     return (int(row[0]) if row else 0), load_cursors_txn(conn, device_id)
 
 
+def load_device_sync_txn(
+    conn: Conn, session_id: str, device_id: str, user_id: str
+) -> tuple[int, dict[str, int], list[StoredWelcome]]:
+    """What a READY needs of a device not in memory, in one read: its session's
+    created_at_us, its cursors and its pending welcomes (one reader hop, not two)."""
+    created, cursors = load_device_txn(conn, session_id, device_id)
+    return created, cursors, pending_welcomes_txn(conn, user_id, device_id, created)
+
+
 def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:
     return {
         conv: seq
@@ -375,13 +395,19 @@ def send_request_txn(conn: Conn, user_id: str, request_id: str, since_us: int) -
 def purge_events_txn(conn: Conn, before_event_id: str) -> dict[str, int]:
     """Delete events older than the cutoff ULID; returns conversation -> highest purged seq."""
     purged: dict[str, int] = {}
-    for conv, seq in conn.execute(
-        "DELETE FROM events WHERE event_id < ? RETURNING conversation_id, seq",
+    newest_ts: dict[str, int] = {}
+    for conv, seq, ts in conn.execute(
+        "DELETE FROM events WHERE event_id < ? RETURNING conversation_id, seq, ts_us",
         (before_event_id,),
     ).fetchall():
         if seq > purged.get(conv, 0):
             purged[conv] = int(seq)
-    conn.executemany(_RAISE_PURGED_SEQ, [(seq, conv) for conv, seq in purged.items()])
+        if ts > newest_ts.get(conv, 0):
+            newest_ts[conv] = int(ts)
+    conn.executemany(
+        _RAISE_PURGED_SEQ,
+        [(seq, seq, newest_ts[conv], conv) for conv, seq in purged.items()],
+    )
     conn.execute("DELETE FROM welcomes WHERE event_id < ?", (before_event_id,))
     return purged
 

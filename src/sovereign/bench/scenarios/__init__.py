@@ -8,13 +8,14 @@ from sovereign.bench.scenarios.base import Outcome, Phase, Spec, WorkerBase
 from sovereign.bench.scenarios.fanout import FanoutSpec, FanoutWorker
 from sovereign.bench.scenarios.idle import IdleSpec, IdleWorker
 from sovereign.bench.scenarios.mixed import MixedSpec, MixedWorker
-from sovereign.bench.scenarios.relay import RelaySpec, RelayWorker
+from sovereign.bench.scenarios.relay import BaselineSpec, RelaySpec, RelayWorker
 from sovereign.bench.scenarios.resume import ResumeSpec, ResumeWorker
 
 __all__ = ["SPECS", "Outcome", "Phase", "Spec", "WorkerBase", "worker_for"]
 
 SPECS: dict[str, type[Spec]] = {
     "relay": RelaySpec,
+    "baseline": BaselineSpec,
     "fanout": FanoutSpec,
     "resume": ResumeSpec,
     "idle": IdleSpec,
@@ -23,6 +24,7 @@ SPECS: dict[str, type[Spec]] = {
 
 _WORKERS: dict[str, type[WorkerBase]] = {
     "relay": RelayWorker,
+    "baseline": RelayWorker,
     "fanout": FanoutWorker,
     "resume": ResumeWorker,
     "idle": IdleWorker,

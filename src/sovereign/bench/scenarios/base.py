@@ -32,6 +32,7 @@ class Phase:
     duration: float
     memory: bool = False  # the scenario reports memory (snapshots are always taken)
     settle: float = 0.0  # seconds to wait after the phase before the "after" snapshot
+    pid: int | None = None  # measure this process instead of the server (baseline echo)
 
 
 @dataclass

@@ -13,25 +13,35 @@ Latencies (from a CLOCK_MONOTONIC timestamp inside the encrypted payload):
 - ``cycle``: send → A has MESSAGE_DELIVERED.
 
 Phases: ``full`` is a closed loop with ``--window`` messages in flight per pair;
-``half`` / ``fixed`` are open loops at a fixed total rate, timestamps taken at the
-*intended* send time so a stalled generator cannot hide latency.
+``probe@N``, ``half`` and ``fixed@N`` are open loops at a fixed total rate, timestamps
+taken at the *intended* send time so a stalled generator cannot hide latency. The
+probes search the **open-loop capacity**: the highest fixed rate the server sustains
+with p99 send → delivery under ``CAPACITY_P99_MS``; ``half`` runs at half of it (half
+of a deep-pipeline closed-loop burst is no half load at all: the server is still
+saturated there).
+
+``baseline`` (:class:`BaselineSpec`) runs the same load generator against a bare picows
+echo server first (phase ``echo``: every connection keeps ``--window`` frames of the
+size of a MESSAGE_SEND in flight and gets them back), then the relay phases, so the
+relay is reported as a fraction of what the transport alone does on this machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import math
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from picows import WSFrame
 
 from sovereign.bench import stats
-from sovereign.bench.client import BINARY, BenchClient
+from sovereign.bench.client import BINARY, BenchClient, connect
 from sovereign.bench.scenarios.base import Outcome, Phase, Spec, WorkerBase, split
 from sovereign.bench.server import Account
 from sovereign.codec import decode_envelope, encode_envelope
@@ -46,6 +56,8 @@ _DELIVERED = int(T.MESSAGE_DELIVERED)
 _ACK = int(T.ACK)
 _ERROR = int(T.ERROR)
 _now = time.monotonic_ns
+#: A fixed rate is sustained when p99 send -> delivery stays under this (issue 12).
+CAPACITY_P99_MS = 50.0
 # FromString takes any buffer (upb); typed as Any so memoryviews need no copy.
 _parse_receive: Callable[[Any], pb.MessageReceive] = pb.MessageReceive.FromString
 _parse_delivered: Callable[[Any], pb.MessageDelivered] = pb.MessageDelivered.FromString
@@ -204,6 +216,39 @@ class Receiver(BenchClient):
             self.pair.flush_ack()
 
 
+class EchoClient(BenchClient):
+    """A connection to the bare echo server: ``--window`` frames in flight, each the
+    size of a relay MESSAGE_SEND, stamped with its send time in the first 8 bytes."""
+
+    w: RelayWorker
+    inflight = 0
+
+    def fire(self) -> None:
+        w = self.w
+        t = self.transport
+        if t is None:
+            return
+        while self.inflight < w.window and w.issuing:
+            if w.sent >= w.cap:
+                w.stop_issuing()
+                return
+            t.send(BINARY, _TS.pack(_now()) + w.echo_pad)
+            self.inflight += 1
+            w.sent += 1
+
+    def on_frame(self, frame: WSFrame) -> None:
+        buf = frame.get_payload_as_memoryview()
+        now = _now()
+        w = self.w
+        stats.add_ns(w.delivery, now - _TS.unpack_from(buf)[0])
+        self.inflight -= 1
+        w.received += 1
+        w.completed += 1
+        w.last_t = now / 1e9
+        if w.issuing:
+            self.fire()
+
+
 class RelayWorker(WorkerBase):
     def __init__(self, index: int, common: dict[str, Any]) -> None:
         super().__init__(index, common)
@@ -215,6 +260,9 @@ class RelayWorker(WorkerBase):
         self.issuing = False
         self.cap = math.inf
         self._done = asyncio.Event()
+        self.echoes: list[EchoClient] = []
+        self.echo_mode = False
+        self.echo_pad = b""
         self._reset()
 
     def _reset(self) -> None:
@@ -266,12 +314,34 @@ class RelayWorker(WorkerBase):
         await self.quiet()
         for c in self.clients:
             c.setup = False
+        echo_url = data.get("echo_url")
+        if echo_url:
+            await self._open_echoes(echo_url, 2 * len(pairs), data["concurrency"], data["envelope"])
         return {"pairs": len(self.pairs)}
+
+    async def _open_echoes(self, url: str, n: int, concurrency: int, size: int) -> None:
+        """As many echo connections as relay connections, from the same addresses."""
+        sem = asyncio.Semaphore(max(1, concurrency))
+        self.echo_pad = b"\xa5" * max(0, size - _TS.size)
+
+        def make() -> EchoClient:
+            c = EchoClient(self)
+            c.w = self
+            c.setup = False
+            return c
+
+        async def one() -> EchoClient:
+            async with sem:
+                return await connect(make, url, local_addr=self.addrs.next())
+
+        self.echoes = list(await asyncio.gather(*(one() for _ in range(n))))
+        self.clients.extend(self.echoes)
 
     def begin(self, name: str, params: dict[str, Any]) -> None:
         super().begin(name, params)
         self._reset()
         self.closed_loop = params["rate"] is None
+        self.echo_mode = bool(params.get("echo"))
         cap = params.get("cap")
         self.cap = math.inf if cap is None else int(cap)
         self._done = asyncio.Event()
@@ -283,7 +353,12 @@ class RelayWorker(WorkerBase):
     async def issue(self, params: dict[str, Any], start: float, deadline: float) -> None:
         self.issuing = True
         try:
-            if self.closed_loop:
+            if self.echo_mode:
+                for c in self.echoes:
+                    c.fire()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), max(0.0, deadline - time.monotonic()))
+            elif self.closed_loop:
                 now = _now()
                 for pair in self.pairs:
                     pair.refill(now)
@@ -325,7 +400,10 @@ class RelayWorker(WorkerBase):
             await asyncio.sleep(0.001)
 
     def progress(self) -> dict[str, Any]:
-        inflight = sum(p.sent - p.completed for p in self.pairs)
+        if self.echo_mode:
+            inflight = sum(c.inflight for c in self.echoes)
+        else:
+            inflight = sum(p.sent - p.completed for p in self.pairs)
         return {
             "sent": self.sent,
             "echoed": self.echoed,
@@ -353,6 +431,13 @@ class RelayWorker(WorkerBase):
 class RelaySpec(Spec):
     name = "relay"
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self._done: list[Outcome] = []
+        self._plan: Generator[Phase, None, None] | None = None
+        #: The open-loop capacity found by the probes (msgs/s), None if not searched.
+        self.capacity: float | None = None
+
     def accounts(self) -> int:
         return 2 * int(self.args.pairs)
 
@@ -368,37 +453,74 @@ class RelaySpec(Spec):
                 "window": self.args.window,
                 "nonce": self.args.nonce,
                 "concurrency": self.args.connect_concurrency,
+                **self.extra_plan(),
             }
             for share in split(pairs, procs)
         ]
+
+    def extra_plan(self) -> dict[str, Any]:
+        return {}
 
     def _cap(self) -> int | None:
         m = self.args.messages
         return None if m is None else math.ceil(m / self.args.procs)
 
+    def _open(self, name: str, total: float, duration: float) -> Phase:
+        return Phase(
+            name,
+            {"rate": total / self.args.procs, "cap": self._cap(), "total": total},
+            duration,
+        )
+
     def next_phase(self, done: list[Outcome]) -> Phase | None:
+        self._done = done
+        if self._plan is None:
+            self._plan = self.phases()
+        return next(self._plan, None)
+
+    def phases(self) -> Generator[Phase, None, None]:
+        """The phases in order; each ``yield`` returns after that phase ran (its
+        outcome is ``self._done[-1]``)."""
         rate = str(self.args.rate)
         d = float(self.args.duration)
-        if rate == "max":
-            return Phase("full", {"rate": None, "cap": self._cap()}, d) if not done else None
-        if rate == "half":
-            if not done:
-                return Phase("full", {"rate": None, "cap": self._cap()}, d)
-            if len(done) == 1:
-                full = done[0].summary.get("messages_per_s") or 0.0
-                if full <= 0:
-                    return None
-                half = full / 2
-                return Phase(
-                    "half", {"rate": half / self.args.procs, "cap": self._cap(), "total": half}, d
-                )
-            return None
-        if done:
-            return None
-        total = float(rate)
-        return Phase(
-            "fixed", {"rate": total / self.args.procs, "cap": self._cap(), "total": total}, d
-        )
+        if rate in ("max", "half"):
+            yield Phase("full", {"rate": None, "cap": self._cap()}, d)
+            full = float(self._done[-1].summary.get("messages_per_s") or 0.0)
+            if rate == "half" and full > 0:
+                capacity = yield from self.search_capacity(full)
+                if capacity > 0:
+                    yield self._open("half", capacity / 2, d)
+        else:
+            for total in _rates(rate):
+                yield self._open(f"fixed@{total:g}", total, d)
+        for total in _rates(self.args.fixed or ""):
+            yield self._open(f"fixed@{total:g}", total, d)
+
+    def search_capacity(self, full: float) -> Generator[Phase, None, float]:
+        """Open-loop probes for the highest rate with p99 delivery < CAPACITY_P99_MS:
+        up by 1.5x from a third of the closed-loop rate while it holds, then bisect
+        (geometrically) between the best rate that held and the lowest that did not,
+        until they are within 10% or ``--probes`` phases ran."""
+        best, worst = 0.0, math.inf
+        rate = max(50.0, full / 3)
+        for _ in range(int(self.args.probes)):
+            yield self._open(f"probe@{rate:.0f}", rate, float(self.args.probe_duration))
+            if sustained(self._done[-1]):
+                best = rate
+            else:
+                worst = rate
+            if worst == math.inf:
+                rate *= 1.5
+            elif best == 0.0:
+                rate = worst / 2
+                if rate < 50:
+                    break
+            elif worst / best <= 1.1:
+                break
+            else:
+                rate = math.sqrt(best * worst)
+        self.capacity = best
+        return best
 
     def complete(self, phase: Phase, progress: list[dict[str, Any]]) -> bool:
         return all(p.get("drained") for p in progress)
@@ -430,6 +552,7 @@ class RelaySpec(Spec):
             "acks_answered": out.total("acks"),
             "skipped": out.total("skipped"),
             "messages_per_s": round(per_s, 1),
+            "open_loop_capacity": self.capacity if out.phase.name == "half" else None,
             "unit": "msgs",
             "count": completed,
             "latency_ms": {
@@ -445,3 +568,60 @@ class RelaySpec(Spec):
             "every message reported delivered": completed == sent,
         }
         return s
+
+
+def _rates(text: str) -> list[float]:
+    return [float(r) for r in text.split(",") if r.strip()]
+
+
+def sustained(out: Outcome) -> bool:
+    """The open loop kept up: everything drained, nothing skipped, p99 < the bound."""
+    s = out.summary
+    p99 = (s.get("latency_ms", {}).get("delivery") or {}).get("p99_ms")
+    return (
+        out.complete
+        and not s.get("skipped")
+        and s.get("received") == s.get("sent")
+        and p99 is not None
+        and p99 < CAPACITY_P99_MS
+    )
+
+
+class BaselineSpec(RelaySpec):
+    """``baseline``: a bare picows echo server (``sovereign.bench.echo``) under the same
+    load generator, then the relay phases, in one run. ``args.echo_url`` and
+    ``args.echo_pid`` are set by the tool once it has spawned the echo server."""
+
+    name = "baseline"
+
+    def extra_plan(self) -> dict[str, Any]:
+        envelope = len(message_send_parts("0" * 26, self.args.size)[0]) + self.args.size + 10
+        return {"echo_url": self.args.echo_url, "envelope": envelope}
+
+    def phases(self) -> Generator[Phase, None, None]:
+        phase = Phase(
+            "echo", {"rate": None, "echo": True, "cap": self._cap()}, float(self.args.duration)
+        )
+        phase.pid = int(self.args.echo_pid)
+        yield phase
+        yield from super().phases()
+
+    def summarise(self, out: Outcome) -> dict[str, Any]:
+        if out.phase.name != "echo":
+            return super().summarise(out)
+        sent, received = out.total("sent"), out.total("received")
+        per_s = received / out.wall_s if out.wall_s > 0 else 0.0
+        return {
+            "connections": 2 * self.args.pairs,
+            "mode": "closed loop",
+            "window": self.args.window,
+            "server": "bare picows echo",
+            "sent": sent,
+            "received": received,
+            "messages_per_s": round(per_s, 1),
+            "unit": "msgs",
+            "count": received,
+            "latency_ms": {"echo": stats.summary(out.samples("delivery"))},
+            "headline_latency": "echo",
+            "checks": {"every frame echoed": sent == received},
+        }

@@ -1,0 +1,544 @@
+"""Instruction counts for fixed work: a regression guard that a noisy machine cannot fool.
+
+Wall-clock benchmarks drift on shared machines; the number of instructions a fixed
+piece of work executes does not (to well under 1%). ``make bench-instructions`` runs
+this module under ``valgrind --tool=callgrind`` once per workload and once with no
+workload, and reports the difference — the instructions of the workload alone, every
+thread included (the SQLite writer's commits too), start-up and set-up excluded:
+
+- ``send``: decode + dispatch + handle of 2,000 MESSAGE_SEND envelopes in a 1:1
+  conversation, one at a time (each its own group commit, as at everyday load): the
+  compiled dispatcher, the API handler, the delivery service, the event log, a real
+  SQLite file (WAL, ``synchronous=FULL``), the echo and the push to the peer;
+- ``send_batched``: 6,000 such sends dispatched 50 at a time (50 per commit, as under
+  load);
+- ``cycle``: 2,000 relay cycles, one at a time: A's MESSAGE_SEND (commit, echo, push to
+  B), then B's MESSAGE_ACK of it (cursor write, Ack, MESSAGE_DELIVERED to A) — the
+  everyday path of a 1:1 message; the ack envelope is built in the loop (~1% of it);
+- ``fanout``: 100,000 deliveries: messages into a group of 101 members, all live, one
+  commit each.
+
+The services are wired as ``server.App`` wires them (:class:`Rig`), minus the timed
+commit-gathering waits and the checkpointer thread (see :func:`run`), with
+:class:`MemoryOutbox` — a small in-memory :class:`~sovereign.services.ports.Outbox`
+that corks and fans out with the same compiled ``_fast.fanout`` functions as the real
+one, and counts bytes instead of writing to sockets.
+
+``python -m benchmarks.instructions --check FILE`` (from the repository root) compares
+with a stored baseline and exits 1 if a count rose by more than ``--tolerance`` (5%);
+``--update FILE`` writes the baseline. ``--workload NAME`` (used under valgrind) runs
+one workload; counts are per unit (per message, cycle or delivery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from sovereign import implementations
+from sovereign.codec import encode_envelope
+from sovereign.errors import REGISTRY
+from sovereign.protocol.types import MessageType as T
+from sovereign.services.session import Session
+from sovereign.v1 import sovereign_pb2 as pb
+
+_fan = implementations.load("fanout")
+
+#: Units of each workload: enough that each counts a few hundred million instructions,
+#: so set-up noise between runs (~0.2% of ~2.4 G: random ids shape the B-trees) stays
+#: near 1% of the difference.
+UNITS = {"send": 2000, "send_batched": 6000, "cycle": 2000, "fanout": 100_000}
+WORKLOADS = tuple(UNITS)
+BATCH = 50  # send_batched: sends per commit
+GROUP = 101  # fanout: members (100 deliveries per message)
+_ROOT = Path(__file__).resolve().parents[1]
+_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+class MemorySink:
+    """Stands in for an asyncio transport: counts what would be written."""
+
+    __slots__ = ("bytes", "writes")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.writes = 0
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.bytes += len(data)
+        self.writes += 1
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class MemoryLink:
+    """The transport's connection object, as the outbox and ``_fast.fanout`` see it."""
+
+    __slots__ = ("live", "out", "session")
+
+    def __init__(self) -> None:
+        self.live = False
+        self.out = MemorySink()
+        self.session: Session = None  # type: ignore[assignment]
+
+    def overflow(self) -> None:
+        self.live = False
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.live = False
+        self.session.state.closing(int(code))
+
+    def user_agent(self) -> str:
+        return "instructions"
+
+    def peer(self) -> str:
+        return "-"
+
+
+class MemoryOutbox:
+    """A minimal in-memory :class:`sovereign.services.ports.Outbox`."""
+
+    frame = staticmethod(_fan.ws_frame)
+    append_frame = staticmethod(_fan.append_ws_frame)
+
+    def __init__(self) -> None:
+        self.links: list[MemoryLink] = []
+        self.by_user: dict[str, list[MemoryLink]] = {}
+        self.corked: dict[MemoryLink, bytearray] | None = None
+
+    def session(self, conn_id: int, bucket: Any) -> Session:
+        link = MemoryLink()
+        s = link.session = Session(conn_id, link, self, bucket)
+        self.links.append(link)
+        return s
+
+    # -- one connection
+    def send_payload(self, s: Session, msg_type: int, request_id: str, payload: bytes) -> None:
+        envelope = encode_envelope(msg_type, request_id, payload)
+        if self.corked is not None:
+            buf = self.corked.get(s.link)
+            if buf is None:
+                buf = self.corked[s.link] = bytearray()
+            _fan.append_ws_frame(buf, envelope)
+        else:
+            s.link.out.write(_fan.ws_frame(envelope))
+
+    def send(self, s: Session, msg_type: int, request_id: str, message: Message) -> None:
+        self.send_payload(s, msg_type, request_id, message.SerializeToString())
+
+    def send_error(
+        self,
+        s: Session,
+        code: int,
+        request_id: str = "",
+        message: str = "",
+        retry_after_ms: int = 0,
+    ) -> None:
+        info = REGISTRY[code]
+        err = pb.Error(code=code, message=message or info.name, fatal=info.fatal)
+        self.send(s, T.ERROR, request_id, err)
+
+    def reject(self, s: Session, code: int, request_id: str, retry_after_ms: int) -> None:
+        self.send_error(s, code, request_id, "", retry_after_ms)
+
+    def close(self, s: Session, code: int, reason: str = "") -> None:
+        s.link.close(code, reason)
+
+    async def write_backlog(self, s: Session, data: bytes | bytearray) -> None:
+        if data:
+            s.link.out.write(bytes(data))
+
+    def go_live(self, s: Session) -> bool:
+        s.link.live = True
+        return True
+
+    # -- many connections
+    def publish(self, frame: bytes, user_ids: Iterable[str], exclude: Session | None) -> None:
+        ex = exclude.link if exclude is not None else None
+        if self.corked is None:
+            _fan.fanout(frame, self.by_user, user_ids, ex, 1 << 30)
+        else:
+            _fan.collect(frame, self.by_user, user_ids, ex, self.corked)
+
+    def publish_message(
+        self,
+        user_ids: Iterable[str],
+        msg_type: int,
+        message: Message,
+        exclude: Session | None = None,
+    ) -> None:
+        frame = _fan.ws_frame(encode_envelope(msg_type, "", message.SerializeToString()))
+        self.publish(frame, user_ids, exclude)
+
+    def cork(self) -> None:
+        if self.corked is None:
+            self.corked = {}
+
+    def uncork(self) -> None:
+        corked, self.corked = self.corked, None
+        if corked:
+            for link, buf in corked.items():
+                link.out.write(buf)
+
+    # -- registry
+    def attach(self, s: Session) -> Sequence[Session]:
+        links = self.by_user.setdefault(s.user_id, [])
+        links.append(s.link)
+        return [lk.session for lk in links]
+
+    def detach(self, s: Session) -> None:
+        links = self.by_user.get(s.user_id)
+        if links is not None and s.link in links:
+            links.remove(s.link)
+
+    def sessions(self, user_id: str) -> Sequence[Session]:
+        return [lk.session for lk in self.by_user.get(user_id, ())]
+
+    def live_sessions(self, user_id: str) -> Iterable[Session]:
+        return [lk.session for lk in self.by_user.get(user_id, ()) if lk.live]
+
+    def all_sessions(self) -> Iterable[Session]:
+        return [lk.session for lk in self.links]
+
+    def count(self) -> int:
+        return len(self.links)
+
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        return 0
+
+    def close_session_id(self, session_id: str, code: int, reason: str) -> int:
+        return 0
+
+
+class Rig:
+    """The services wired as ``server.App.__init__`` wires them, over a MemoryOutbox."""
+
+    def __init__(self, config: Any, storage: Any) -> None:
+        from sovereign.api import handler_table
+        from sovereign.clock import SYSTEM_CLOCK
+        from sovereign.protocol.types import PRE_AUTH_TYPES
+        from sovereign.services import Services
+        from sovereign.services.auth import AuthService
+        from sovereign.services.connections import ConnectionService
+        from sovereign.services.delivery import DeliveryService
+        from sovereign.services.ephemeral import EphemeralService
+        from sovereign.services.eventlog import EventLog
+        from sovereign.services.groups import GroupService
+        from sovereign.services.history import HistoryService
+        from sovereign.services.mls import MlsService
+        from sovereign.services.state import ConversationState
+        from sovereign.services.tasks import TaskRunner
+
+        clock = self.clock = SYSTEM_CLOCK
+        db = storage.db
+        self.storage = storage
+        self.config = config
+        self.outbox = outbox = MemoryOutbox()
+        self.tasks = tasks = TaskRunner(outbox)
+        # gather_s=0: see run() (nothing timed in the measured work).
+        self.eventlog = eventlog = EventLog(db, outbox.cork, outbox.uncork, gather_s=0.0)
+        state = ConversationState(db, storage.users)
+        self.auth = auth = AuthService(config, storage, clock)
+        conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
+        delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks)
+        ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
+        groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
+        history = HistoryService(config, db, state, outbox, clock)
+        mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
+        auth.device_hooks.append(delivery.device_created)
+        conns.ready_hooks.append(delivery.on_ready)
+        conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
+        delivery.after_sync.append(mls.on_sync_end)
+        delivery.went_live.append(ephemeral.on_live)
+        self.services = Services(
+            config=config,
+            outbox=outbox,
+            tasks=tasks,
+            state=state,
+            auth=auth,
+            connections=conns,
+            delivery=delivery,
+            groups=groups,
+            ephemeral=ephemeral,
+            history=history,
+            mls=mls,
+        )
+        self.dispatch_mod = implementations.load("dispatch")
+        self.dispatcher = self.dispatch_mod.Dispatcher(
+            handler_table(self.services),
+            [int(t) for t in PRE_AUTH_TYPES],
+            config.max_envelope_bytes,
+        )
+        self._conn_id = 0
+
+    async def connect(self, name: str) -> Session:
+        """A user with one device, authenticated, its (empty) backlog out, live."""
+        user = await self.auth.create_user(name)
+        session, _token = await self.auth.create_session(user.user_id, None, "instructions")
+        cfg = self.config
+        self._conn_id += 1
+        bucket = self.dispatch_mod.TokenBucket(
+            cfg.rate_limit_per_second, cfg.rate_limit_burst, self.clock.monotonic()
+        )
+        s = self.outbox.session(self._conn_id, bucket)
+        s.state.upgraded(self.clock.monotonic())
+        conns = self.services.connections
+        conns.authenticated(
+            s,
+            user_id=user.user_id,
+            username=user.username,
+            session_id=session.session_id,
+            device_id=session.device_id,
+            is_admin=False,
+        )
+        conns.ready(s)
+        return s
+
+    def dispatch(self, s: Session, envelope: bytes) -> None:
+        self.dispatcher.dispatch(s, s.bucket, memoryview(envelope), True, self.clock.monotonic())
+
+    async def settle(self) -> None:
+        """Until every commit, cursor write and background task has finished (waits on
+        events only: a polling loop would make the counts depend on timing)."""
+        delivery = self.services.delivery
+        for _ in range(3):
+            await self.tasks.drain(60.0)
+            await self.eventlog.wait_idle()
+            await delivery.writer.flush()
+
+    async def group(self, creator: Session, members: Sequence[Session], title: str) -> str:
+        before = set(self.services.state.convs)
+        req = pb.GroupCreate(title=title, member_ids=[m.user_id for m in members])
+        self.dispatch(creator, encode_envelope(T.GROUP_CREATE, "g", req.SerializeToString()))
+        await self.settle()
+        (conv_id,) = set(self.services.state.convs) - before
+        return conv_id
+
+
+def _send_envelopes(conv_id: str, n: int, prefix: str) -> list[bytes]:
+    payload = b"\xa5" * 200
+    return [
+        encode_envelope(
+            T.MESSAGE_SEND,
+            f"{prefix}{i}",
+            pb.MessageSend(
+                conversation_id=conv_id, encrypted_payload=payload, message_type="text"
+            ).SerializeToString(),
+        )
+        for i in range(n)
+    ]
+
+
+async def run(workload: str, scale: float = 1.0) -> dict[str, int]:
+    """Set everything up (the same for every workload), then run ``workload`` (or
+    nothing, for ``none``). Returns a few counters that say the work was done."""
+    import gc
+
+    from sovereign.config import load
+    from sovereign.server import tune_gc
+    from sovereign.storage import open_storage
+
+    tmp = tempfile.mkdtemp(prefix="sovereign-instr-")
+    try:
+        cfg = load(
+            None,
+            {
+                "data_dir": tmp,
+                "rate_limit_per_second": 1_000_000,
+                "rate_limit_burst": 1_000_000,
+                "max_group_members": 1000,
+            },
+            environ={},
+        )
+        # Nothing timed: no checkpointer thread (every 2 s of wall time) and no
+        # commit-gathering waits (they depend on how soon the next write comes): under
+        # valgrind's slowdown their effect would follow the run's duration, not the work.
+        # The writer's own checkpoint (by WAL size) depends only on the work.
+        storage = await open_storage(
+            cfg.sqlite_path, max_batch=cfg.group_commit_max_batch, checkpoint_s=0, lazy_ms=0
+        )
+        rig = Rig(cfg, storage)
+        await rig.auth.load_settings()
+        await rig.services.state.load()
+        await rig.services.delivery.load()
+        a = await rig.connect("alice")
+        b = await rig.connect("bob")
+        members = [await rig.connect(f"member{i:03d}") for i in range(GROUP - 1)]
+        await rig.settle()
+        pair = await rig.group(a, [b], "pair")
+        crowd = await rig.group(a, members, "crowd")
+        # Everything any workload sends, built whatever the workload (set-up, not work).
+        n = {w: max(1, int(u * scale)) for w, u in UNITS.items()}
+        sends = _send_envelopes(pair, n["send"], "s")
+        batched = _send_envelopes(pair, n["send_batched"], "b")
+        fan_sends = _send_envelopes(crowd, max(1, n["fanout"] // (GROUP - 1)), "f")
+        cycles = _send_envelopes(pair, n["cycle"], "c")
+        recent = rig.services.state.convs[pair].recent
+        tune_gc()
+        gc.collect()
+        out0 = sum(lk.out.bytes for lk in rig.outbox.links)
+
+        if workload == "send":
+            for env in sends:
+                rig.dispatch(a, env)
+                await rig.eventlog.wait_idle()
+        elif workload == "send_batched":
+            for i in range(0, len(batched), BATCH):
+                for env in batched[i : i + BATCH]:
+                    rig.dispatch(a, env)
+                await rig.eventlog.wait_idle()
+        elif workload == "cycle":
+            writer = rig.services.delivery.writer
+            for i, env in enumerate(cycles):
+                rig.dispatch(a, env)
+                await rig.eventlog.wait_idle()
+                ack = pb.MessageAck(message_id=recent[-1][1]).SerializeToString()
+                rig.dispatch(b, encode_envelope(T.MESSAGE_ACK, f"k{i}", ack))
+                await writer.flush()
+        elif workload == "fanout":
+            for env in fan_sends:
+                rig.dispatch(a, env)
+                await rig.eventlog.wait_idle()
+        elif workload != "none":
+            raise ValueError(f"unknown workload {workload!r}")
+        await rig.settle()
+        written = sum(lk.out.bytes for lk in rig.outbox.links) - out0
+        events = rig.eventlog.events_written
+        await storage.close()
+        return {"bytes_written": written, "events_written": events}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the valgrind driver -------------------------------------------------------------------
+
+
+def _valgrind_one(workload: str, scale: float) -> int:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "SOVEREIGN_REQUIRE_FAST": "1"}
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        "-m",
+        "benchmarks.instructions",
+        "--workload",
+        workload,
+        "--scale",
+        str(scale),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_ROOT)
+    m = _COLLECTED.search(p.stderr)
+    if p.returncode != 0 or m is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return int(m.group(1))
+
+
+def measure(workloads: Sequence[str], scale: float, jobs: int) -> dict[str, Any]:
+    names = ["none", *workloads]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        totals = dict(zip(names, pool.map(lambda w: _valgrind_one(w, scale), names), strict=True))
+    base = totals["none"]
+    counts = {}
+    for w in workloads:
+        n = max(1, int(UNITS[w] * scale))
+        if w == "fanout":
+            n = max(1, n // (GROUP - 1)) * (GROUP - 1)
+        counts[w] = {
+            "instructions": totals[w] - base,
+            "units": n,
+            "per_unit": round((totals[w] - base) / n),
+        }
+    return {
+        "counts": counts,
+        "setup_instructions": base,
+        "seconds": round(time.monotonic() - t0, 1),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "machine": platform.machine(),
+    }
+
+
+def compare(baseline: dict[str, Any], now: dict[str, Any], tolerance: float) -> list[str]:
+    """Lines describing each workload; those that rose past ``tolerance`` start with
+    'REGRESSION'."""
+    lines = []
+    for w, got in now["counts"].items():
+        was = baseline.get("counts", {}).get(w)
+        if was is None:
+            lines.append(f"  new        {w}: {got['per_unit']:,} instructions per unit")
+            continue
+        ratio = got["per_unit"] / was["per_unit"] if was["per_unit"] else float("inf")
+        tag = "REGRESSION" if ratio > 1 + tolerance else "ok        "
+        lines.append(
+            f"{tag} {w}: {got['per_unit']:,} instructions per unit "
+            f"(baseline {was['per_unit']:,}, {100 * (ratio - 1):+.1f}%)"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
+    p.add_argument(
+        "--workload", choices=("none", *WORKLOADS), help="run one workload (no valgrind)"
+    )
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every workload's units (default 1)"
+    )
+    p.add_argument("--check", metavar="FILE", help="compare with this baseline; exit 1 on a rise")
+    p.add_argument("--update", metavar="FILE", help="write the counts as the new baseline")
+    p.add_argument("--tolerance", type=float, default=0.05, help="allowed rise (default 0.05)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="valgrind runs at once")
+    args = p.parse_args(argv)
+    if args.workload is not None:
+        import uvloop
+
+        # No timed GIL hand-offs (every 5 ms by default, far more often under valgrind's
+        # slowdown): threads switch only where they block, so the counts repeat.
+        sys.setswitchinterval(30.0)
+        print(json.dumps(uvloop.run(run(args.workload, args.scale))))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("bench-instructions: valgrind is missing (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    now = measure(WORKLOADS, args.scale, args.jobs)
+    print(f"instruction counts (valgrind callgrind, {now['seconds']} s):")
+    if args.check:
+        baseline = json.loads(Path(args.check).read_text())
+        lines = compare(baseline, now, args.tolerance)
+        print("\n".join(lines))
+        if any(line.startswith("REGRESSION") for line in lines):
+            print(
+                f"bench-instructions: a count rose by more than {100 * args.tolerance:g}% "
+                f"against {args.check} (if intended, rerun with --update {args.check})",
+                file=sys.stderr,
+            )
+            return 1
+    else:
+        for w, got in now["counts"].items():
+            print(f"  {w}: {got['per_unit']:,} instructions per unit ({got['units']:,} units)")
+    if args.update:
+        Path(args.update).write_text(json.dumps(now, indent=2) + "\n")
+        print(f"wrote {args.update}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
