@@ -227,58 +227,22 @@ class MemoryOutbox:
 
 
 class Rig:
-    """The services wired as ``server.App.__init__`` wires them, over a MemoryOutbox."""
+    """The services as the server composes them (``build_services``), over a MemoryOutbox."""
 
     def __init__(self, config: Any, storage: Any) -> None:
         from sovereign.api import handler_table
         from sovereign.clock import SYSTEM_CLOCK
         from sovereign.protocol.types import PRE_AUTH_TYPES
-        from sovereign.services import Services
-        from sovereign.services.auth import AuthService
-        from sovereign.services.connections import ConnectionService
-        from sovereign.services.delivery import DeliveryService
-        from sovereign.services.ephemeral import EphemeralService
-        from sovereign.services.eventlog import EventLog
-        from sovereign.services.groups import GroupService
-        from sovereign.services.history import HistoryService
-        from sovereign.services.mls import MlsService
-        from sovereign.services.state import ConversationState
-        from sovereign.services.tasks import TaskRunner
+        from sovereign.services.compose import build_services
 
         clock = self.clock = SYSTEM_CLOCK
-        db = storage.db
         self.storage = storage
         self.config = config
         self.outbox = outbox = MemoryOutbox()
-        self.tasks = tasks = TaskRunner(outbox)
-        # gather_s=0: see run() (nothing timed in the measured work).
-        self.eventlog = eventlog = EventLog(db, outbox.cork, outbox.uncork, gather_s=0.0)
-        state = ConversationState(db, storage.users)
-        self.auth = auth = AuthService(config, storage, clock)
-        conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
-        delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks)
-        ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
-        groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
-        history = HistoryService(config, db, state, outbox, clock)
-        mls = MlsService(config, db, state, eventlog, outbox, clock, delivery)
-        auth.device_hooks.append(delivery.device_created)
-        conns.ready_hooks.append(delivery.on_ready)
-        conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
-        delivery.after_sync.append(mls.on_sync_end)
-        delivery.went_live.append(ephemeral.on_live)
-        self.services = Services(
-            config=config,
-            outbox=outbox,
-            tasks=tasks,
-            state=state,
-            auth=auth,
-            connections=conns,
-            delivery=delivery,
-            groups=groups,
-            ephemeral=ephemeral,
-            history=history,
-            mls=mls,
-        )
+        # gather_s=0 (the default): see run() (nothing timed in the measured work);
+        # no metrics counters, as with metrics = false.
+        self.services = svc = build_services(config, storage, outbox, clock)
+        self.tasks, self.eventlog, self.auth = svc.tasks, svc.eventlog, svc.auth
         self.dispatch_mod = implementations.load("dispatch")
         self.dispatcher = self.dispatch_mod.Dispatcher(
             handler_table(self.services),
