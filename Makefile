@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
 ARGS   ?=
 
-.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean
+.PHONY: install serve test test-fast lint typecheck bench bench-compare profile clean soak
 
 $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ load: $(STAMP)
 profile: $(STAMP)
 	@test -x $(BIN)/py-spy || { echo "py-spy is missing: it comes with the dev extras (make install)"; exit 1; }
 	$(BIN)/sovereign-bench $(SCENARIO) --profile $(PROFILE) $(ARGS)
+
+## soak: SOAK_CLIENTS clients x 1 msg/s with acks for SOAK_MINUTES against a spawned
+## server; RSS slope and fd counts on stdout and in .artifacts/soak.json
+SOAK_CLIENTS ?= 200
+SOAK_MINUTES ?= 5
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --clients $(SOAK_CLIENTS) --minutes $(SOAK_MINUTES) --out .artifacts/soak.json
 
 clean:
 	rm -rf build $(VENV) src/sovereign/_fast/*.c src/sovereign/_fast/*.so src/sovereign/v1/*_pb2.py*
