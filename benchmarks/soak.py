@@ -29,7 +29,7 @@ from picows import WSFrame
 
 from sovereign.bench.client import BenchClient, connect
 from sovereign.bench.server import SpawnedServer, provision_tokens, server_environment
-from sovereign.codec import decode_envelope, encode_envelope
+from sovereign.codec import decode_envelope
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 
