@@ -19,7 +19,6 @@ import ssl
 from collections.abc import Callable
 
 import orjson
-import picows
 
 from sovereign import __version__, implementations
 from sovereign.api import handler_table
@@ -42,7 +41,7 @@ from sovereign.services.state import ConversationState
 from sovereign.services.tasks import TaskRunner
 from sovereign.storage import Storage, open_storage
 from sovereign.transport.outbox import LocalOutbox
-from sovereign.transport.ws import Connection, make_listener_factory
+from sovereign.transport.ws import Connection, create_server
 
 log = logging.getLogger("sovereign.server")
 
@@ -149,6 +148,9 @@ class App:
         self.outbox.closed(conn)
         self.services.connections.closed(conn.session)
 
+    def protocol_error(self, s: Session, code: int, reason: str) -> None:
+        log.info("protocol error conn=%s close=%s: %s", s.conn_id, code, reason)
+
     def health_body(self) -> bytes:
         return orjson.dumps({"status": "ok", "version": __version__})
 
@@ -199,18 +201,13 @@ class App:
         cfg = self.config
         host, _, port = cfg.listen.rpartition(":")
         ssl_ctx = make_ssl_context(cfg)
-        self._server = await picows.ws_create_server(
-            make_listener_factory(self),
+        self._server = await create_server(
+            self,
             host.strip("[]"),
             int(port),
-            ssl=ssl_ctx,
+            ssl_context=ssl_ctx,
             max_frame_size=cfg.max_frame_bytes,
-            read_buffer_init_size=1024,
-            enable_auto_pong=False,  # we answer pings ourselves so they reset the idle clock
-            websocket_handshake_timeout=cfg.auth_timeout,
-            use_aiofastnet=False,
-            logger_name="transport",
-            reuse_address=True,
+            handshake_timeout=cfg.auth_timeout,
             backlog=4096,  # resume storms: the default 100 drops SYNs (measured)
         )
         loop = asyncio.get_running_loop()

@@ -108,6 +108,7 @@ __all__ = [
     "REPLY_PONG",
     "VERDICT_NAMES",
     "FrameAssembler",
+    "sendable_close_code",
 ]
 
 # Opcodes (RFC 6455 §5.2).
@@ -140,7 +141,7 @@ _FRAGMENTED: Final = 1  # a fragmented binary message is open (``_buffer``)
 _ENDED: Final = 2  # failed or closed: every frame is ignored
 
 
-def _sendable_close_code(code: int) -> bool:
+def sendable_close_code(code: int) -> bool:
     """A status code an endpoint may put in a CLOSE frame (RFC 6455 §7.4.1, §7.4.2).
 
     1012-1014 are IANA-registered since RFC 6455 (1013 is ours: a slow reader).
@@ -280,7 +281,7 @@ class FrameAssembler:
         else:
             body = bytes(payload)
             code = int.from_bytes(body[:2], "big")
-            if not _sendable_close_code(code):
+            if not sendable_close_code(code):
                 return self._fail(PROTOCOL_ERROR, "invalid close code")
             try:
                 body[2:].decode("utf-8")

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from picows import (
+    WSAutoPingStrategy,
     WSCloseCode,
     WSFrame,
     WSListener,
+    WSMsgType,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in the stub
 
 from sovereign.errors import CloseCode
 from sovereign.protocol import frames, upgrade
@@ -34,6 +38,14 @@ _DELIVER = frames.DELIVER
 _REPLY_PONG = frames.REPLY_PONG
 _FAIL = frames.FAIL
 _ECHO_CLOSE = frames.ECHO_CLOSE
+_CLOSE = WSMsgType.CLOSE
+
+#: SPEC §12.31, RFC 6455 §7.1.1: after its close frame the server keeps the socket
+#: until the peer's close frame, or this long once the close frame has left.
+CLOSE_TIMEOUT = 1.0
+#: A slow reader's close frame queues behind up to ``send_buffer_limit`` of backlog:
+#: the socket waits for it to drain at most this long, then is aborted.
+CLOSE_FLUSH_LIMIT = 10.0
 
 
 class ConnectionHandler(Protocol):
@@ -57,6 +69,7 @@ class ConnectionHandler(Protocol):
     def closed(self, conn: Connection) -> None: ...
     def connection_count(self) -> int: ...
     def health_body(self) -> bytes: ...
+    def protocol_error(self, s: Session, code: int, reason: str) -> None: ...
 
 
 class Connection(WSListener):
@@ -67,7 +80,17 @@ class Connection(WSListener):
     asyncio transport or None once closed; ``overflow()`` drops a slow reader.
     """
 
-    __slots__ = ("drained", "frames", "handler", "live", "out", "paused", "session", "transport")
+    __slots__ = (
+        "drained",
+        "frames",
+        "handler",
+        "linger",
+        "live",
+        "out",
+        "paused",
+        "session",
+        "transport",
+    )
 
     def __init__(self, handler: ConnectionHandler) -> None:
         self.handler = handler
@@ -79,11 +102,18 @@ class Connection(WSListener):
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.session: Session = None  # type: ignore[assignment]  # set on connect
+        self.linger: LingeringTransport | None = None
 
     # -- picows callbacks ---------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        out = self.out = transport.underlying_transport
+        lt = transport.underlying_transport
+        if isinstance(lt, LingeringTransport):
+            lt.conn = self
+            self.linger = lt
+            out = self.out = lt.raw
+        else:  # a picows server not built by create_server (never in production)
+            out = self.out = lt
         # pause_writing above half the send limit: a backlog writer waits there.
         limit = self.handler.send_buffer_limit
         out.set_write_buffer_limits(high=limit // 2, low=limit // 4)
@@ -99,11 +129,17 @@ class Connection(WSListener):
         s.state.closing(s.state.close_code or CloseCode.GOING_AWAY)
         self.frames.close()
         self._wake_writer()
+        if self.linger is not None:
+            self.linger.cancel()
         self.handler.closed(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         state = self.session.state
         if state.closed:
+            # Closing (RFC 6455 §7.1.1): application data is dropped; the peer's
+            # close frame completes the handshake and the TCP close follows at once.
+            if frame.msg_type == _CLOSE:
+                self._finish()
             return
         now = self.handler.monotonic()
         state.last_received = now  # SPEC §12.7: idle clock restarts on every frame
@@ -125,7 +161,7 @@ class Connection(WSListener):
             state.closing(fa.close_code)
             if not transport.is_close_frame_sent:
                 transport.send_close(WSCloseCode(fa.close_code))
-            transport.disconnect()
+            self._finish()  # the peer closed first: the server closes TCP now
         # PENDING, IGNORE (PONG included): nothing more to do.
 
     # -- flow control (asyncio write-buffer watermarks) ------------------------
@@ -151,21 +187,24 @@ class Connection(WSListener):
 
     # -- closing ----------------------------------------------------------------
     def overflow(self) -> None:
-        """A reader that does not keep up: drop it rather than buffer without bound.
+        """A reader that does not keep up: close it 1013 rather than buffer without bound.
 
         Its events stay in storage above its cursors and arrive on reconnect (SPEC §5).
-        The close frame would queue behind the backlog, so the socket is aborted.
+        Nothing more is queued for it; the close frame follows the backlog already in
+        the send buffer (bounded by ``send_buffer_limit``) and the socket is aborted if
+        that has not drained within ``CLOSE_FLUSH_LIMIT`` (SPEC §12.31).
         """
         s = self.session
-        if not s.state.closing(CloseCode.TRY_AGAIN_LATER):
+        if s.state.closed:
             return
-        self.live = False
-        self.frames.close()
         log.info("closing slow reader conn=%s user=%s", s.conn_id, s.user_id)
-        if self.transport is not None:
-            self.transport.disconnect(graceful=False)
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow reader")
 
     def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake (SPEC §12.31, RFC 6455 §7.1.1): send the close
+        frame, stop reading application data, keep the socket until the peer's close
+        frame or ``CLOSE_TIMEOUT``. Closing at once would make the kernel answer the
+        peer's unread input with a reset, and the peer would never see the code."""
         t = self.transport
         self.live = False
         if not self.session.state.closing(int(code)):
@@ -174,8 +213,32 @@ class Connection(WSListener):
         if t is None:
             return
         if not t.is_close_frame_sent:
+            if not frames.sendable_close_code(int(code)):
+                code = CloseCode.INTERNAL_ERROR  # never 1005/1006 or a reserved code on the wire
             t.send_close(WSCloseCode(code), reason.encode()[:120] if reason else None)
-        t.disconnect()
+        if self.linger is not None:
+            self.linger.linger()
+        else:
+            t.disconnect()
+
+    def parser_failed(self) -> None:
+        """picows failed the connection on a framing error of its own and sent its
+        close frame (SPEC §12.32: logged, rate-limited, no payload)."""
+        t = self.transport
+        code = 1002
+        if t is not None and t.close_handshake is not None and t.close_handshake.sent:
+            sent: Any = t.close_handshake.sent.code
+            code = int(getattr(sent, "value", sent))
+        self.session.state.closing(code)
+        self.live = False
+        self.frames.close()
+        self.handler.protocol_error(self.session, code, "framing error")
+
+    def _finish(self) -> None:
+        if self.linger is not None:
+            self.linger.finish()
+        elif self.transport is not None:
+            self.transport.disconnect()
 
     def user_agent(self) -> str:
         t = self.transport
@@ -231,3 +294,167 @@ def make_listener_factory(
         )
 
     return factory
+
+
+# -- the closing handshake under picows -------------------------------------------------
+
+
+class _Discard(asyncio.Protocol):
+    """Reads and drops a failed connection's input until EOF (or the linger timer).
+
+    picows cannot parse on after a framing error of its own (an unmasked frame, a bad
+    length, a frame over ``max_frame_size``): its buffer would only grow. The socket
+    still has to be read, or closing it answers the peer with a reset."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+
+class LingeringTransport:
+    """The asyncio transport as picows sees it; only ``close`` differs (SPEC §12.31).
+
+    picows closes a connection it failed itself (framing errors) 10 ms after its
+    close frame, through ``close()`` here; the server's own closes call
+    :meth:`linger`. Either way the socket stays open, its input read and dropped,
+    until the peer's close frame (:meth:`finish`), the peer's EOF, or ``CLOSE_TIMEOUT``
+    after the close frame left. Writes go straight to the real transport: the
+    bound methods are copied, so the hot path pays nothing for this object.
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_protocol",
+        "_timer",
+        "abort",
+        "conn",
+        "get_extra_info",
+        "get_write_buffer_size",
+        "is_closing",
+        "pause_reading",
+        "raw",
+        "resume_reading",
+        "set_write_buffer_limits",
+        "write",
+        "writelines",
+    )
+
+    def __init__(self, raw: Any, protocol: asyncio.BaseProtocol) -> None:
+        self.raw = raw
+        self._protocol = protocol
+        self.conn: Connection | None = None  # set once upgraded
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self.write = raw.write
+        self.writelines = raw.writelines
+        self.get_write_buffer_size = raw.get_write_buffer_size
+        self.get_extra_info = raw.get_extra_info
+        self.set_write_buffer_limits = raw.set_write_buffer_limits
+        self.is_closing = raw.is_closing
+        self.pause_reading = raw.pause_reading
+        self.resume_reading = raw.resume_reading
+        self.abort = raw.abort
+
+    def close(self) -> None:
+        """picows wants the socket closed: at once before the upgrade (an HTTP error,
+        the handshake timeout); after it, a framing error picows failed itself."""
+        conn = self.conn
+        if conn is None or self.raw.is_closing():
+            self.raw.close()
+            return
+        if not conn.session.state.closed:
+            conn.parser_failed()
+        self.raw.set_protocol(_Discard(self._protocol))
+        self.linger()
+
+    def linger(self) -> None:
+        if self._timer is None and not self.raw.is_closing():
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + CLOSE_FLUSH_LIMIT
+            self._timer = loop.call_later(CLOSE_TIMEOUT, self._expired)
+
+    def finish(self) -> None:
+        """The closing handshake is complete: close TCP (after the queued writes)."""
+        self.cancel()
+        self.raw.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        raw = self.raw
+        if raw.is_closing():
+            return
+        if raw.get_write_buffer_size():
+            # The close frame is still queued behind a backlog: wait for it to leave.
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._deadline:
+                self._timer = loop.call_later(CLOSE_TIMEOUT, self._expired)
+                return
+            raw.abort()
+            return
+        raw.close()
+
+
+class _Protocol(WSProtocol):  # type: ignore[misc]  # untyped (no stub)
+    """picows's protocol over a :class:`LingeringTransport`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(LingeringTransport(transport, self))
+
+
+async def create_server(
+    handler: ConnectionHandler,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    max_frame_size: int,
+    handshake_timeout: float,
+    backlog: int,
+) -> asyncio.Server:
+    """``picows.ws_create_server`` with the closing handshake of SPEC §12.31.
+
+    Builds picows's own protocol (its constructor as ``picows.api.ws_create_server``
+    calls it, picows 2.3) with the transport wrapped; every other option is the one
+    the server used before: we answer pings ourselves so they reset the idle clock.
+    """
+    factory = make_listener_factory(handler)
+    logger = logging.getLogger("picows.transport")
+
+    def protocol() -> _Protocol:
+        return _Protocol(
+            None,  # host+port: server side
+            None,  # ws_path
+            False,  # is_client_side
+            factory,
+            logger,
+            True,  # disconnect_on_exception
+            handshake_timeout,
+            False,  # enable_auto_ping
+            10.0,
+            10.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,  # unused without auto ping
+            False,  # enable_auto_pong
+            max_frame_size,
+            None,  # extra_headers
+            1024,  # read_buffer_init_size
+        )
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        protocol, host, port, ssl=ssl_context, reuse_address=True, backlog=backlog
+    )
