@@ -65,8 +65,11 @@ def install(table: dict[int, Handler], svc: Services) -> None:
 
     # AUTH_REQUEST{username} -> AUTH_CHALLENGE ; AUTH_REQUEST{session_token} -> AUTH_SUCCESS
     async def auth_request(s: Session, rid: str, req: pb.AuthRequest) -> None:
-        if req.session_token:
-            result = await auth.resume(req.session_token)
+        # SPEC §12.26: original clients resume with the token in ``username``
+        # (43 base64url characters; a username is at most 32).
+        token = req.session_token or (req.username if auth.is_token_shaped(req.username) else "")
+        if token:
+            result = await auth.resume(token)
             if become_ready(s, result):
                 send_success(s, rid, result)
             return

@@ -163,6 +163,10 @@ class AuthService:
         return AuthResult(user, session, token)
 
     # -- resume (SPEC §4, §12.9) -------------------------------------------------
+    @staticmethod
+    def is_token_shaped(value: str) -> bool:
+        return tokens.looks_like_token(value)
+
     async def resume(self, token: str) -> AuthResult:
         if not tokens.looks_like_token(token):
             raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
