@@ -210,6 +210,8 @@ class Connection(WSListener):
         if not self.session.state.closing(int(code)):
             return
         self.frames.close()
+        self.out = None  # nothing more is queued for it
+        self._wake_writer()  # a backlog writer waiting for the buffer to drain gives up
         if t is None:
             return
         if not t.is_close_frame_sent:

@@ -1,0 +1,109 @@
+"""Abuse limits over real sockets (SPEC §12.32, §12.31): one request cannot stall the
+others, per-IP authentication limits, bounded buffers before READY.
+
+Latency criteria here are behaviour, not benchmarks: a bystander's PING round trips
+while an attacker works the server, with margins for two shared, noisy cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+from sovereign.protocol.types import MessageType as T
+from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.flows import register
+from tests.helpers.server import RunningServer
+from tests.helpers.wsclient import WsClient
+
+ServerWith = Callable[..., AbstractAsyncContextManager[RunningServer]]
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+async def ping_rtts(c: WsClient, stop: asyncio.Event, limit: int = 2000) -> list[float]:
+    """PING/PONG round trips (seconds) until ``stop`` (or ``limit`` pings)."""
+    rtts: list[float] = []
+    while not stop.is_set() and len(rtts) < limit:
+        t0 = time.perf_counter()
+        await c.request(T.PING, pb.Ping(timestamp=1), T.PONG, timeout=10)
+        rtts.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.005)
+    return rtts
+
+
+async def during(attack: Awaitable[None], bystander: WsClient) -> list[float]:
+    stop = asyncio.Event()
+    pinger = asyncio.create_task(ping_rtts(bystander, stop))
+    await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(attack, 60)
+    finally:
+        stop.set()
+    return await pinger
+
+
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def short_id(n: int) -> str:
+    """A 3-character id (62**3 of them): 12,000 fit one 60 KB envelope, as in the probe."""
+    a = _ALPHABET
+    return a[n // 3844 % 62] + a[n // 62 % 62] + a[n % 62]
+
+
+def ack_of(n: int, offset: int = 0) -> pb.MessageAck:
+    return pb.MessageAck(message_ids=[short_id(offset + i) for i in range(n)])
+
+
+# -- MESSAGE_ACK (defect 1) -------------------------------------------------------------
+
+
+async def test_ack_with_more_than_1000_ids_is_3001(server: RunningServer) -> None:
+    c = await WsClient.connect(server.url)
+    await register(c, "acker")
+    code, err = await c.error(T.MESSAGE_ACK, ack_of(1001))
+    assert code == 3001 and not err.fatal
+    ok = await c.request(T.MESSAGE_ACK, ack_of(1000), T.ACK)
+    assert ok.count == 0  # unknown ids are ignored (§12.14)
+    # message_id counts toward the cap too
+    req = ack_of(1000)
+    req.message_id = "extra"
+    code, _ = await c.error(T.MESSAGE_ACK, req)
+    assert code == 3001
+
+
+async def test_ack_storm_does_not_stall_a_bystander(server: RunningServer) -> None:
+    """The probe: one 60 KB ack of 12,000 short ids held the loop for seconds. Acks at
+    and over the cap from four clients must leave a bystander's PING p99 < 20 ms."""
+    bystander = await WsClient.connect(server.url)
+    await register(bystander, "bystander")
+    attackers = []
+    for i in range(4):
+        c = await WsClient.connect(server.url)
+        await register(c, f"attacker{i}")
+        attackers.append(c)
+
+    answers: list[tuple[str, int]] = []
+
+    async def storm() -> None:
+        async def one(c: WsClient, i: int) -> None:
+            for round_ in range(6):
+                big = ack_of(12_000, (i * 6 + round_) * 12_000)  # 60 KB: 3001, cheaply
+                got = await c.response(c.send(T.MESSAGE_ACK, big), timeout=30)
+                answers.append(("over", got.message.code if got.type == T.ERROR else got.type))
+                capped = ack_of(1000, (i * 6 + round_) * 1000)  # at the cap: one query
+                got = await c.response(c.send(T.MESSAGE_ACK, capped), timeout=30)
+                answers.append(("cap", got.type))
+
+        await asyncio.gather(*(one(c, i) for i, c in enumerate(attackers)))
+
+    rtts = await during(storm(), bystander)
+    assert len(rtts) >= 10
+    assert p99(rtts) < 0.020, f"bystander PING p99 {p99(rtts) * 1000:.1f} ms during an ack storm"
+    assert sorted(set(answers)) == [("cap", T.ACK), ("over", 3001)]
