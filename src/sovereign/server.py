@@ -64,6 +64,8 @@ class App:
             auth_timeout=config.auth_timeout,
             idle_timeout=config.idle_timeout,
             max_auth_failures=config.max_auth_failures,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
         )
         db = storage.db
         # -- ports
@@ -114,6 +116,10 @@ class App:
     @property
     def max_frame_bytes(self) -> int:
         return self.config.max_frame_bytes
+
+    @property
+    def max_envelope_bytes(self) -> int:
+        return self.config.max_envelope_bytes
 
     @property
     def max_connections(self) -> int:
@@ -172,7 +178,9 @@ class App:
         connection; the granularity is a quarter of the shortest timeout, at most 1 s.
         """
         t = self.timeouts
-        interval = min(1.0, min(t.auth_timeout, t.idle_timeout) / 4)
+        interval = min(
+            1.0, min(t.auth_timeout, t.idle_timeout, t.ping_interval, t.ping_timeout) / 4
+        )
         next_purge = 0.0
         while True:
             await asyncio.sleep(interval)
@@ -182,6 +190,8 @@ class App:
                 if code is not None:
                     reason = "auth timeout" if code == CloseCode.AUTH_TIMEOUT else "idle"
                     self.outbox.close(s, code, reason)
+                elif s.state.ping_due(now, t):
+                    s.link.ping()  # SPEC §12.31: is the peer still there?
             if now >= next_purge:
                 next_purge = now + 60.0
                 await self.auth.purge_expired()
@@ -207,7 +217,7 @@ class App:
             int(port),
             ssl_context=ssl_ctx,
             max_frame_size=cfg.max_frame_bytes,
-            handshake_timeout=cfg.auth_timeout,
+            handshake_timeout=cfg.handshake_timeout,  # SPEC §12.31 (slowloris)
             backlog=4096,  # resume storms: the default 100 drops SYNs (measured)
         )
         loop = asyncio.get_running_loop()

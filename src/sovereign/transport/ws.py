@@ -54,6 +54,8 @@ class ConnectionHandler(Protocol):
     @property
     def max_frame_bytes(self) -> int: ...
     @property
+    def max_envelope_bytes(self) -> int: ...
+    @property
     def send_buffer_limit(self) -> int: ...
     @property
     def max_connections(self) -> int: ...
@@ -98,7 +100,8 @@ class Connection(WSListener):
         self.out: Any = None
         self.live = False
         # RFC 6455 rules and reassembly (sans-I/O, protocol/frames.py).
-        self.frames = frames.FrameAssembler(handler.max_frame_bytes)
+        # SPEC §12.31: before READY a fragmented message buffers max_envelope_bytes.
+        self.frames = frames.FrameAssembler(handler.max_frame_bytes, handler.max_envelope_bytes)
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.session: Session = None  # type: ignore[assignment]  # set on connect
@@ -222,6 +225,17 @@ class Connection(WSListener):
             self.linger.linger()
         else:
             t.disconnect()
+
+    def authenticated(self) -> None:
+        """READY: a fragmented message may now reach ``max_frame_bytes`` (an oversized
+        Envelope is then the non-fatal 3003, SPEC §1)."""
+        self.frames.set_fragment_limit(self.frames.max_message_bytes)
+
+    def ping(self) -> None:
+        """A WebSocket ping (SPEC §12.31); any frame back restarts the idle clock."""
+        t = self.transport
+        if t is not None and not self.session.state.closed:
+            t.send_ping()
 
     def parser_failed(self) -> None:
         """picows failed the connection on a framing error of its own and sent its
