@@ -76,6 +76,7 @@ class LocalOutbox:
     def attach(self, s: Session) -> Sequence[Session]:
         conns = self._by_user.setdefault(s.user_id, [])
         conns.append(s.link)
+        s.link.authenticated()
         return [c.session for c in conns]
 
     def detach(self, s: Session) -> None:
