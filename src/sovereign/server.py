@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 import ssl
@@ -60,6 +61,9 @@ class App:
         self.started_at = clock.now_s()
         self.accepting = True
         self.allowed_origins = frozenset(config.origins_allowed)
+        self.trusted_proxies = tuple(
+            ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies
+        )
         self.timeouts = Timeouts(
             auth_timeout=config.auth_timeout,
             idle_timeout=config.idle_timeout,

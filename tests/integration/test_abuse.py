@@ -107,3 +107,62 @@ async def test_ack_storm_does_not_stall_a_bystander(server: RunningServer) -> No
     assert len(rtts) >= 10
     assert p99(rtts) < 0.020, f"bystander PING p99 {p99(rtts) * 1000:.1f} ms during an ack storm"
     assert sorted(set(answers)) == [("cap", T.ACK), ("over", 3001)]
+
+
+# -- per-IP authentication limits (defect 7) ---------------------------------------------
+
+
+async def test_auth_attempts_are_limited_per_source_ip(server_with: ServerWith) -> None:
+    async with server_with(
+        auth_rate_per_minute=6.0, auth_rate_burst=3, register_rate_per_hour=1_000
+    ) as srv:
+        codes = []
+        for _ in range(4):  # one connection per attempt: the limit is per IP, not socket
+            c = await WsClient.connect(srv.url)
+            code, err = await c.error(T.AUTH_REQUEST, pb.AuthRequest(session_token="A" * 43))
+            codes.append((code, err))
+            await c.close()
+        assert [code for code, _ in codes] == [1001, 1001, 1001, 3004]
+        limited = codes[-1][1]
+        assert not limited.fatal and 1_000 <= limited.retry_after_ms <= 10_001
+
+
+async def test_registrations_are_limited_per_source_ip(server_with: ServerWith) -> None:
+    async with server_with(
+        auth_rate_per_minute=1_000.0, auth_rate_burst=1_000, register_rate_per_hour=2
+    ) as srv:
+        c = await WsClient.connect(srv.url)
+        for name in ("r1", "r2"):
+            await c.request(
+                T.AUTH_REGISTER_REQUEST,
+                pb.AuthRegisterRequest(username=name),
+                T.AUTH_REGISTER_CHALLENGE,
+            )
+        code, err = await c.error(T.AUTH_REGISTER_REQUEST, pb.AuthRegisterRequest(username="r3"))
+        assert code == 3004 and err.retry_after_ms > 0
+        # logins are not registrations: still allowed from that address
+        code, _ = await c.error(T.AUTH_REQUEST, pb.AuthRequest(username="nobody"))
+        assert code == 1001
+
+
+async def test_forwarded_for_counts_only_behind_a_trusted_proxy(server_with: ServerWith) -> None:
+    async def attempts(srv: RunningServer, forwarded: list[str]) -> list[int]:
+        out = []
+        for ip in forwarded:
+            c = await WsClient.connect(srv.url, headers={"X-Forwarded-For": ip})
+            code, _ = await c.error(T.AUTH_REQUEST, pb.AuthRequest(session_token="A" * 43))
+            out.append(code)
+            await c.close()
+        return out
+
+    limits = {"auth_rate_per_minute": 1.0, "auth_rate_burst": 1}
+    async with server_with(trusted_proxies=["127.0.0.0/8"], **limits) as srv:
+        # behind the proxy each client has its own bucket; a spoofed hop to the left
+        # of the proxy's entry does not help the second client
+        assert await attempts(srv, ["203.0.113.1", "203.0.113.2", "198.51.100.9, 203.0.113.2"]) == [
+            1001,
+            1001,
+            3004,
+        ]
+    async with server_with(**limits) as srv:  # no trusted proxy: the header is ignored
+        assert await attempts(srv, ["203.0.113.1", "203.0.113.2"]) == [1001, 3004]

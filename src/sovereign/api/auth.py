@@ -49,8 +49,14 @@ def install(table: dict[int, Handler], svc: Services) -> None:
             is_admin=result.user.is_admin,
         )
 
-    def step(cls: type[M], work: Callable[[Session, str, M], Coroutine[Any, Any, None]]) -> Handler:
-        """One ceremony step: parse, refuse once READY, run ``work`` guarded."""
+    def step(
+        cls: type[M],
+        work: Callable[[Session, str, M], Coroutine[Any, Any, None]],
+        limited: bool = False,
+        register: bool = False,
+    ) -> Handler:
+        """One ceremony step: parse, refuse once READY, apply the per-IP limits of
+        SPEC §12.32 to the first step of a ceremony, run ``work`` guarded."""
 
         def handler(s: Session, _t: int, rid: str, payload: memoryview) -> None:
             msg = parse(outbox, s, cls, payload, rid)
@@ -59,6 +65,24 @@ def install(table: dict[int, Handler], svc: Services) -> None:
             if s.ready:
                 outbox.send_error(s, ErrorCode.MALFORMED_MESSAGE, rid, "already authenticated")
                 return
+            if limited:
+                ip = s.link.source_ip()
+                wait_ms = auth.rate_limit(ip, register)
+                if wait_ms:
+                    log.info(
+                        "auth rate limit conn=%s ip=%s %s",
+                        s.conn_id,
+                        ip,
+                        "register" if register else "auth",
+                    )
+                    outbox.send_error(
+                        s,
+                        ErrorCode.RATE_LIMITED,
+                        rid,
+                        "too many attempts from this address",
+                        wait_ms,
+                    )
+                    return
             tasks.spawn(s, rid, guarded(s, rid, work(s, rid, msg)))
 
         return handler
@@ -137,7 +161,9 @@ def install(table: dict[int, Handler], svc: Services) -> None:
         )
         conns.ready(s)
 
-    table[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request)
+    table[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request, limited=True)
     table[T.AUTH_RESPONSE] = step(pb.AuthResponse, auth_response)
-    table[T.AUTH_REGISTER_REQUEST] = step(pb.AuthRegisterRequest, register_request)
+    table[T.AUTH_REGISTER_REQUEST] = step(
+        pb.AuthRegisterRequest, register_request, limited=True, register=True
+    )
     table[T.AUTH_REGISTER_RESPONSE] = step(pb.AuthRegisterResponse, register_response)

@@ -30,6 +30,10 @@ LOAD_ENV: dict[str, str] = {
     "SOVEREIGN_MAX_CONNECTIONS": "1000000",
     "SOVEREIGN_MAX_CONNECTIONS_PER_USER": "1000",
     "SOVEREIGN_IDLE_TIMEOUT": "3600",
+    # every load client comes from loopback: the per-IP auth limits would throttle it
+    "SOVEREIGN_AUTH_RATE_PER_MINUTE": "1000000000",
+    "SOVEREIGN_AUTH_RATE_BURST": "1000000000",
+    "SOVEREIGN_REGISTER_RATE_PER_HOUR": "1000000000",
     "SOVEREIGN_LOG_FORMAT": "text",
     "SOVEREIGN_LOG_LEVEL": "info",
 }

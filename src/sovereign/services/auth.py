@@ -21,6 +21,7 @@ from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.services import tokens
+from sovereign.services.limits import PerIpLimiter
 from sovereign.storage import ChallengeRow, Purpose, SessionRow, Storage, UserRow
 from sovereign.storage.database import Conn
 from sovereign.storage.errors import CredentialExists, UsernameTaken
@@ -59,9 +60,24 @@ class AuthService:
         self.clock = clock
         # Called with (device_id, user_id) after a new session (device) is stored.
         self.device_hooks: list[Callable[[str, str], Awaitable[None]]] = []
+        # SPEC §12.32: per source IP, attempts (AUTH_REQUEST, AUTH_REGISTER_REQUEST) and
+        # registrations.
+        self.attempts = PerIpLimiter(config.auth_rate_per_minute / 60.0, config.auth_rate_burst)
+        self.registrations = PerIpLimiter(
+            config.register_rate_per_hour / 3600.0, config.register_rate_per_hour
+        )
         self.rp = wa.RelyingParty(
             rp_id=config.rp_id, rp_name=config.rp_name, origins=tuple(config.rp_origins)
         )
+
+    def rate_limit(self, ip: str, register: bool) -> int:
+        """Milliseconds the caller must wait before this attempt from ``ip`` (0: go on).
+        A refused attempt spends nothing of the other bucket."""
+        now = self.clock.monotonic()
+        wait = self.attempts.take(ip, now)
+        if not wait and register:
+            wait = self.registrations.take(ip, now)
+        return int(wait * 1000) + 1 if wait else 0
 
     # -- settings ------------------------------------------------------------
     async def load_settings(self) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Protocol
 
 from picows import (
@@ -55,6 +56,8 @@ class ConnectionHandler(Protocol):
     def max_frame_bytes(self) -> int: ...
     @property
     def max_envelope_bytes(self) -> int: ...
+    @property
+    def trusted_proxies(self) -> tuple[IPv4Network | IPv6Network, ...]: ...
     @property
     def send_buffer_limit(self) -> int: ...
     @property
@@ -259,6 +262,19 @@ class Connection(WSListener):
     def user_agent(self) -> str:
         t = self.transport
         return (t.request.headers.get("User-Agent", "") if t is not None else "")[:200]
+
+    def source_ip(self) -> str:
+        """The client's IP for the per-IP limits (SPEC §12.32): the socket's peer, or
+        behind a trusted proxy the address it names in X-Forwarded-For."""
+        t = self.transport
+        if t is None:
+            return "-"
+        info = t.underlying_transport.get_extra_info("peername")
+        peer_ip = str(info[0]) if info else "-"
+        trusted = self.handler.trusted_proxies
+        if not trusted:
+            return peer_ip
+        return upgrade.client_ip(peer_ip, t.request.headers.getall("X-Forwarded-For", []), trusted)
 
     def peer(self) -> str:
         t = self.transport
