@@ -260,6 +260,10 @@ class App:
         deadline = self.monotonic() + 2.0
         while self.outbox.count() and self.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        # Work started meanwhile (coalesced writes) gets a moment; whatever still runs
+        # is stopped before storage closes, never left to fail on it (defect 9).
+        await self.tasks.drain(0.5)
+        await self.tasks.cancel_all()
         await self.storage.close()
         self._stopped.set()
 

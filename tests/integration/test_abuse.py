@@ -8,14 +8,20 @@ while an attacker works the server, with margins for two shared, noisy cores.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import pytest
 
 from sovereign.protocol.types import MessageType as T
+from sovereign.server import create_app
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.flows import register
 from tests.helpers.server import RunningServer
+from tests.helpers.server import test_config as make_config
 from tests.helpers.wsclient import WsClient
 
 ServerWith = Callable[..., AbstractAsyncContextManager[RunningServer]]
@@ -166,3 +172,57 @@ async def test_forwarded_for_counts_only_behind_a_trusted_proxy(server_with: Ser
         ]
     async with server_with(**limits) as srv:  # no trusted proxy: the header is ignored
         assert await attempts(srv, ["203.0.113.1", "203.0.113.2"]) == [1001, 3004]
+
+
+# -- shutdown under in-flight work (defect 9) --------------------------------------------
+
+
+async def test_shutdown_does_not_close_storage_under_in_flight_acks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC §4: shutdown finishes or stops in-flight work before storage closes. The
+    probe saw DatabaseClosed in _ack_slow; a zero drain timeout forces the race."""
+    cfg = make_config(tmp_path / "data")
+    app = await create_app(cfg)
+    await app.start()
+    url = f"ws://127.0.0.1:{app.port}/ws"
+    clients = []
+    for i in range(4):
+        c = await WsClient.connect(url)
+        await register(c, f"acker{i}")
+        clients.append(c)
+    caplog.set_level(logging.INFO)
+    for n in range(50):
+        for i, c in enumerate(clients):
+            c.send(T.MESSAGE_ACK, ack_of(1000, (n * 4 + i) * 1000 % 200_000))
+    await asyncio.sleep(0.01)  # the acks are in flight (storage reads)
+    await app.shutdown(timeout=0.0)
+    text = caplog.text
+    assert "DatabaseClosed" not in text and "request failed" not in text, text[-2000:]
+    for c in clients:
+        assert await c.closed(5) == 4006
+
+
+async def test_shutdown_stops_work_that_outlives_the_drain_before_storage_closes(
+    tmp_path: Path,
+) -> None:
+    """A request task still running when the drain times out must not touch storage
+    after it closed (the probe's DatabaseClosed): it finishes or is cancelled first."""
+    app = await create_app(make_config(tmp_path / "data"))
+    await app.start()
+    touched: list[str] = []
+
+    async def late_reader() -> None:
+        await asyncio.sleep(0.5)  # outlives the drain below
+        try:
+            await app.storage.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
+            touched.append("read after shutdown began")
+        except Exception as exc:
+            touched.append(type(exc).__name__)
+            raise
+
+    app.tasks.background(late_reader())
+    await app.shutdown(timeout=0.05)
+    await asyncio.sleep(0.6)
+    assert "DatabaseClosed" not in touched, touched
+    assert app.tasks.pending == 0
