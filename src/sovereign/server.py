@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import orjson
 
-from sovereign import __version__, implementations
+from sovereign import __version__, implementations, logs
 from sovereign.api import handler_table
 from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.config import Config, ConfigError
@@ -45,6 +45,7 @@ from sovereign.transport.outbox import LocalOutbox
 from sovereign.transport.ws import Connection, create_server
 
 log = logging.getLogger("sovereign.server")
+abuse = logging.getLogger(logs.ABUSE_LOGGER)
 
 MAINTENANCE_INTERVAL = 3600.0  # retention and idempotency-window purges
 
@@ -57,6 +58,7 @@ class App:
         self.config = config
         self.storage = storage
         self.clock = clock
+        logs.limit_abuse_log()  # SPEC §12.32: a flood of bad clients cannot fill the disk
         self.monotonic: Callable[[], float] = clock.monotonic
         self.started_at = clock.now_s()
         self.accepting = True
@@ -159,7 +161,9 @@ class App:
         self.services.connections.closed(conn.session)
 
     def protocol_error(self, s: Session, code: int, reason: str) -> None:
-        log.info("protocol error conn=%s close=%s: %s", s.conn_id, code, reason)
+        abuse.info(
+            "protocol error conn=%s ip=%s close=%s: %s", s.conn_id, s.link.source_ip(), code, reason
+        )
 
     def health_body(self) -> bytes:
         return orjson.dumps({"status": "ok", "version": __version__})

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from sovereign import logs
 from sovereign.protocol.types import MessageType as T
 from sovereign.server import create_app
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers import rawws
 from tests.helpers.flows import register
 from tests.helpers.server import RunningServer
 from tests.helpers.server import test_config as make_config
@@ -226,3 +228,54 @@ async def test_shutdown_stops_work_that_outlives_the_drain_before_storage_closes
     await asyncio.sleep(0.6)
     assert "DatabaseClosed" not in touched, touched
     assert app.tasks.pending == 0
+
+
+# -- logging of protocol errors and auth failures (defect 8) -----------------------------
+
+
+async def test_protocol_errors_and_auth_failures_are_logged_rate_limited(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=logs.ABUSE_LOGGER)
+    flt = logs.limit_abuse_log()
+    flt.tokens, flt.suppressed = flt.burst, 0
+    acct_client = await WsClient.connect(server.url)
+    token = (await register(acct_client, "logged")).token
+    await acct_client.close()
+    caplog.clear()
+    # one of each: our frame rules, picows's framing rules, the dispatcher, auth
+    kinds = [
+        rawws.frame(rawws.OP_TEXT, b"x"),
+        rawws.frame(rawws.OP_CONT, b"x"),
+        rawws.frame(rawws.OP_BINARY, b"x", mask=False),
+        rawws.frame(rawws.OP_BINARY, pb.Envelope(type=T.MESSAGE_SEND).SerializeToString()),
+    ]
+    for data in kinds:
+        ws = await rawws.RawWs.open(server.app.port)
+        ws.send(data)
+        await ws.ending()
+        await ws.close()
+    c = await WsClient.connect(server.url)
+    await c.error(T.AUTH_REQUEST, pb.AuthRequest(session_token="B" * 43))
+    await c.close()
+    text = caplog.text
+    assert "close=1003" in text and "close=1002" in text and "error=1006" in text
+    assert "auth failure" in text and "error=1001" in text
+    assert token not in text and "B" * 43 not in text  # never a token (SPEC §11)
+    # a flood is cut to the filter's rate, with a count of what was dropped
+    caplog.clear()
+    t0 = time.monotonic()
+    for _ in range(150):
+        ws = await rawws.RawWs.open(server.app.port)
+        ws.send(rawws.frame(rawws.OP_TEXT, b"x"))
+        await ws.ending()
+        await ws.close()
+    elapsed = time.monotonic() - t0
+    lines = [r for r in caplog.records if r.name == logs.ABUSE_LOGGER]
+    assert len(lines) <= flt.burst + flt.per_second * elapsed + 1, (len(lines), elapsed)
+    await asyncio.sleep(0.3)
+    ws = await rawws.RawWs.open(server.app.port)
+    ws.send(rawws.frame(rawws.OP_TEXT, b"x"))
+    await ws.ending()
+    await ws.close()
+    assert "similar suppressed" in caplog.records[-1].getMessage()

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sovereign.services import Services
 
 log = logging.getLogger("sovereign.api.auth")
+#: SPEC §12.32: auth failures and limit hits, rate-limited; never a token or a name.
+abuse = logging.getLogger("sovereign.abuse")
 M = TypeVar("M", bound=Message)
 
 
@@ -35,6 +37,9 @@ def install(table: dict[int, Handler], svc: Services) -> None:
         except SovereignError as exc:
             if exc.code not in AUTH_ERROR_CODES:
                 raise
+            abuse.info(
+                "auth failure conn=%s ip=%s error=%s", s.conn_id, s.link.source_ip(), exc.code
+            )
             outbox.send_error(s, exc.code, rid, exc.message)  # fatal ones close too
             if not exc.fatal and s.state.auth_failed(limits):
                 outbox.close(s, CloseCode.AUTH_FAILED, "too many failed attempts")
@@ -69,7 +74,7 @@ def install(table: dict[int, Handler], svc: Services) -> None:
                 ip = s.link.source_ip()
                 wait_ms = auth.rate_limit(ip, register)
                 if wait_ms:
-                    log.info(
+                    abuse.info(
                         "auth rate limit conn=%s ip=%s %s",
                         s.conn_id,
                         ip,

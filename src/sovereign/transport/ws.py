@@ -162,6 +162,7 @@ class Connection(WSListener):
         elif verdict == _REPLY_PONG:
             transport.send_pong(fa.pong_payload)
         elif verdict == _FAIL:
+            self.handler.protocol_error(self.session, fa.close_code, fa.close_reason)
             self.close(fa.close_code, fa.close_reason)
         elif verdict == _ECHO_CLOSE:
             state.closing(fa.close_code)
