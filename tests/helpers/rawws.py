@@ -13,6 +13,7 @@ import base64
 import contextlib
 import os
 import struct
+import time
 from dataclasses import dataclass
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -59,6 +60,7 @@ class Ending:
     frames: list[tuple[int, bytes]]  # every frame before it (opcode, payload)
     eof: bool  # the socket then ended with EOF (False: reset or still open)
     reset: bool
+    code_at: float = 0.0  # time.perf_counter() when the close frame was read
 
 
 class RawWs:
@@ -117,9 +119,11 @@ class RawWs:
         payload = await asyncio.wait_for(r.readexactly(n), timeout)
         return head[0] & 0x0F, payload
 
-    async def ending(self, timeout: float = 5.0, *, answer: bool = True) -> Ending:
+    async def ending(
+        self, timeout: float = 5.0, *, answer: bool = True, wait_eof: bool = True
+    ) -> Ending:
         """Read until the server's close frame, answer it (unless ``answer`` is False),
-        then wait for the end of the socket."""
+        then wait for the end of the socket (unless ``wait_eof`` is False)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         frames: list[tuple[int, bytes]] = []
@@ -129,6 +133,7 @@ class RawWs:
                 op, payload = await self.read_frame(max(0.01, deadline - loop.time()))
                 if op == OP_CLOSE:
                     code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+                    code_at = time.perf_counter()
                     break
                 frames.append((op, payload))
         except asyncio.IncompleteReadError:
@@ -139,6 +144,8 @@ class RawWs:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 self.writer.write(close_frame(code if code not in (1005, 1006) else 1000))
         eof = reset = False
+        if not wait_eof:
+            return Ending(code, frames, eof=False, reset=False, code_at=code_at)
         try:
             await asyncio.wait_for(self.reader.read(), max(0.01, deadline - loop.time()))
             eof = True
@@ -146,7 +153,7 @@ class RawWs:
             reset = True
         except TimeoutError:
             pass
-        return Ending(code, frames, eof=eof, reset=reset)
+        return Ending(code, frames, eof=eof, reset=reset, code_at=code_at)
 
     async def close(self) -> None:
         self.writer.close()
