@@ -58,7 +58,7 @@ async def slowloris(srv: RunningServer, count: int, deadline: float) -> None:
         await c.request(T.AUTH_REQUEST, pb.AuthRequest(session_token=token), T.AUTH_SUCCESS)
         latencies.append(time.perf_counter() - start)
         await c.close()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     times = await asyncio.gather(*closing)
     for _, w in socks:
         w.close()
