@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
 ARGS   ?=
 
-.PHONY: install serve test test-fast lint typecheck bench bench-compare bench-instructions bench-instructions-update profile clean web
+.PHONY: install serve test test-slow test-fast lint typecheck bench bench-compare bench-instructions bench-instructions-update profile clean web soak
 
 $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ serve: $(STAMP)
 ## runs on uvloop and again on the stdlib event loop (SOVEREIGN_TEST_LOOP=both)
 TEST_LOOP ?= both
 test: $(STAMP) interop web-deps lint typecheck
-	SOVEREIGN_TEST_LOOP=$(TEST_LOOP) $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
+	SOVEREIGN_TEST_LOOP=$(TEST_LOOP) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(ARGS)
+
+## test-slow: the long matrix runs (storms of 1,000 per kind, 1,000 slowloris sockets,
+## 10,000 garbage envelopes), on uvloop
+test-slow: $(STAMP)
+	SOVEREIGN_TEST_LOOP=uvloop $(BIN)/python -m pytest -q -p no:cacheprovider -m slow $(ARGS)
 
 test-fast: $(STAMP) interop web-deps
 	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
@@ -70,6 +76,22 @@ load: $(STAMP)
 profile: $(STAMP)
 	@test -x $(BIN)/py-spy || { echo "py-spy is missing: it comes with the dev extras (make install)"; exit 1; }
 	$(BIN)/sovereign-bench $(SCENARIO) --profile $(PROFILE) $(ARGS)
+
+## fuzz: atheris over tests/fuzz/fuzz_protocol.py (frames, envelope, dispatch, payloads,
+## MLS reader) for FUZZ_SECONDS (default 600 = 10 minutes; CI runs 30 s: `make test`
+## ends with it); corpus and any crash input under .artifacts/fuzz/
+FUZZ_SECONDS ?= 600
+.PHONY: fuzz
+fuzz: $(STAMP)
+	@mkdir -p .artifacts/fuzz/corpus
+	$(BIN)/python -m tests.fuzz.fuzz_protocol .artifacts/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.artifacts/fuzz/ -print_final_stats=1
+
+## soak: SOAK_CLIENTS clients x 1 msg/s with acks for SOAK_MINUTES against a spawned
+## server; RSS slope and fd counts on stdout and in .artifacts/soak.json
+SOAK_CLIENTS ?= 200
+SOAK_MINUTES ?= 5
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --clients $(SOAK_CLIENTS) --minutes $(SOAK_MINUTES) --out .artifacts/soak.json
 
 clean:
 	rm -rf build $(VENV) src/sovereign/_fast/*.c src/sovereign/_fast/*.so src/sovereign/v1/*_pb2.py*

@@ -14,6 +14,7 @@ settings view shows it, SPEC §12.23).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 import types
@@ -66,6 +67,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_connections_per_user: int = 5
     auth_timeout: float = 10.0
     idle_timeout: float = 90.0
+    # liveness and abuse (SPEC §12.31, §12.32)
+    handshake_timeout: float = 5.0  # the HTTP upgrade must complete within this
+    ping_interval: float = 30.0  # server ping after this long without a client frame
+    ping_timeout: float = 15.0  # ... and close 4008 when nothing arrives this long after
+    auth_rate_per_minute: float = 30.0  # AUTH_REQUEST + AUTH_REGISTER_REQUEST per source IP
+    auth_rate_burst: int = 10
+    register_rate_per_hour: int = 10  # AUTH_REGISTER_REQUEST per source IP
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)  # IPs or CIDRs
     challenge_timeout: float = 60.0
     max_auth_failures: int = 5
     session_timeout_hours: int = 720
@@ -100,6 +109,12 @@ _POSITIVE = {
     "max_connections_per_user",
     "auth_timeout",
     "idle_timeout",
+    "handshake_timeout",
+    "ping_interval",
+    "ping_timeout",
+    "auth_rate_per_minute",
+    "auth_rate_burst",
+    "register_rate_per_hour",
     "challenge_timeout",
     "session_timeout_hours",
     "max_group_members",
@@ -202,6 +217,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"rp_origins: {origin!r} is not an http(s) origin")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("tls_cert: tls_cert and tls_key must be set together")
+    for proxy in cfg.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"trusted_proxies: {proxy!r} is not an IP address or CIDR network"
+            ) from None
     if cfg.max_connections_per_user > cfg.max_connections:
         raise ConfigError("max_connections_per_user: must not exceed max_connections")
     return cfg

@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
 import ssl
 from collections.abc import Callable
 
 import orjson
-import picows
 
-from sovereign import __version__, implementations
+from sovereign import __version__, implementations, logs
 from sovereign.admin.http import AdminContext, AdminListener
 from sovereign.admin.metrics import Sources
 from sovereign.admin.timeseries import MinuteSeries
@@ -41,9 +41,10 @@ from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage, open_storage
 from sovereign.transport.outbox import LocalOutbox
 from sovereign.transport.webclient import load_site
-from sovereign.transport.ws import Connection, make_listener_factory
+from sovereign.transport.ws import Connection, create_server
 
 log = logging.getLogger("sovereign.server")
+abuse = logging.getLogger(logs.ABUSE_LOGGER)
 
 MAINTENANCE_INTERVAL = 3600.0  # retention and idempotency-window purges
 
@@ -62,18 +63,24 @@ class App:
         self.config = config
         self.storage = storage
         self.clock = clock
+        logs.limit_abuse_log()  # SPEC §12.32: a flood of bad clients cannot fill the disk
         self.monotonic: Callable[[], float] = clock.monotonic
         self.started_at = clock.now_s()
         self.accepting = True
         self.allowed_origins = frozenset(config.origins_allowed)
-        # Read by the transport on every connection: plain attributes, not properties.
+        # Read by the transport on every connection: plain attributes, not properties
+        # (neither is a runtime setting; max_connections is, see the property below).
         self.max_frame_bytes = config.max_frame_bytes
-        self.max_connections = config.max_connections
         self.send_buffer_limit = config.send_buffer_limit
+        self.trusted_proxies = tuple(
+            ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies
+        )
         self.timeouts = Timeouts(
             auth_timeout=config.auth_timeout,
             idle_timeout=config.idle_timeout,
             max_auth_failures=config.max_auth_failures,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
         )
         # -- counters for /metrics: plain ints read at scrape time (SPEC §12.25)
         self.stats = stats = ServerStats() if config.metrics else None
@@ -130,6 +137,14 @@ class App:
         self._stopped = asyncio.Event()
 
     # -- transport callbacks (ConnectionHandler) --------------------------------------
+    @property
+    def max_connections(self) -> int:
+        return self.config.max_connections  # an admin may change it at runtime (§12.23)
+
+    @property
+    def max_envelope_bytes(self) -> int:
+        return self.config.max_envelope_bytes
+
     def connection_count(self) -> int:
         return self.outbox.count()
 
@@ -178,6 +193,11 @@ class App:
         self.outbox.closed(conn)
         self.services.connections.closed(conn.session)
 
+    def protocol_error(self, s: Session, code: int, reason: str) -> None:
+        abuse.info(
+            "protocol error conn=%s ip=%s close=%s: %s", s.conn_id, s.link.source_ip(), code, reason
+        )
+
     def health_body(self) -> bytes:
         return orjson.dumps({"status": "ok", "version": __version__})
 
@@ -199,7 +219,9 @@ class App:
         connection; the granularity is a quarter of the shortest timeout, at most 1 s.
         """
         t = self.timeouts
-        interval = min(1.0, min(t.auth_timeout, t.idle_timeout) / 4)
+        interval = min(
+            1.0, min(t.auth_timeout, t.idle_timeout, t.ping_interval, t.ping_timeout) / 4
+        )
         next_purge = 0.0
         while True:
             await asyncio.sleep(interval)
@@ -209,6 +231,8 @@ class App:
                 if code is not None:
                     reason = "auth timeout" if code == CloseCode.AUTH_TIMEOUT else "idle"
                     self.outbox.close(s, code, reason)
+                elif s.state.ping_due(now, t):
+                    s.link.ping()  # SPEC §12.31: is the peer still there?
             if now >= next_purge:
                 next_purge = now + 60.0
                 await self.auth.purge_expired()
@@ -228,18 +252,13 @@ class App:
         cfg = self.config
         host, _, port = cfg.listen.rpartition(":")
         ssl_ctx = make_ssl_context(cfg)
-        self._server = await picows.ws_create_server(
-            make_listener_factory(self),
+        self._server = await create_server(
+            self,
             host.strip("[]"),
             int(port),
-            ssl=ssl_ctx,
+            ssl_context=ssl_ctx,
             max_frame_size=cfg.max_frame_bytes,
-            read_buffer_init_size=1024,
-            enable_auto_pong=False,  # we answer pings ourselves so they reset the idle clock
-            websocket_handshake_timeout=cfg.auth_timeout,
-            use_aiofastnet=False,
-            logger_name="transport",
-            reuse_address=True,
+            handshake_timeout=cfg.handshake_timeout,  # SPEC §12.31 (slowloris)
             backlog=4096,  # resume storms: the default 100 drops SYNs (measured)
         )
         loop = asyncio.get_running_loop()
@@ -362,6 +381,10 @@ class App:
         deadline = self.monotonic() + 2.0
         while self.outbox.count() and self.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        # Work started meanwhile (coalesced writes) gets a moment; whatever still runs
+        # is stopped before storage closes, never left to fail on it (defect 9).
+        await self.tasks.drain(0.5)
+        await self.tasks.cancel_all()
         if self.admin_listener is not None:
             await self.admin_listener.stop()
         await self.storage.close()

@@ -37,6 +37,11 @@ def test_config_sources(data_dir: Path, **overrides: Any) -> tuple[Config, dict[
         # Tests fire requests back to back; the rate-limit test sets its own values.
         "rate_limit_per_second": 10_000.0,
         "rate_limit_burst": 10_000,
+        # Every test client comes from 127.0.0.1: the per-IP auth limits (SPEC §12.32)
+        # are raised likewise; tests/integration/test_abuse.py sets its own.
+        "auth_rate_per_minute": 1_000_000.0,
+        "auth_rate_burst": 1_000_000,
+        "register_rate_per_hour": 1_000_000,
         # No MLS_KEY_PACKAGE_LOW after every sync; the KeyPackage tests set their own.
         "min_key_packages": 0,
     }

@@ -56,6 +56,9 @@ class FakeLink:
     def peer(self) -> str:
         return "fake:0"
 
+    def source_ip(self) -> str:
+        return "192.0.2.1"  # TEST-NET-1: never a real peer
+
 
 class Harness:
     def __init__(self, config: Config, storage: Storage, clock: FakeClock) -> None:

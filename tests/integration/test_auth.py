@@ -448,3 +448,20 @@ async def test_per_user_cap_closes_oldest_4003(server_with: ServerWith) -> None:
         for c in conns[1:]:
             assert await c.request(T.PING, pb.Ping(timestamp=1), T.PONG) == pb.Pong(timestamp=1)
             await c.close()
+
+
+# -- original clients (SPEC §12.26, defect 10) -------------------------------------------
+
+
+async def test_original_client_resumes_with_the_token_in_username(server: RunningServer) -> None:
+    acct = await registered(server)
+    c = await WsClient.connect(server.url)
+    ok = await c.request(T.AUTH_REQUEST, pb.AuthRequest(username=acct.token), T.AUTH_SUCCESS)
+    assert ok.user_id == acct.user_id and ok.session_token == acct.token
+    await c.until_sync()
+    # a well-formed token that is not a session: AuthError 1001, like any resume
+    c2 = await WsClient.connect(server.url)
+    code, _ = await c2.error(T.AUTH_REQUEST, pb.AuthRequest(username="B" * 43))
+    assert code == 1001
+    await c.close()
+    await c2.close()

@@ -594,12 +594,17 @@ async def test_slow_reader_is_dropped_and_keeps_its_events(server_with: ServerWi
         b.transport.underlying_transport.pause_reading()  # bob stops reading
         body = b"z" * 60_000
         sent = 0
+        bob_id = w.accounts["bob"].user_id
+
+        def dropped() -> bool:
+            return all(s.closed for s in srv.app.outbox.sessions(bob_id))
+
         for _ in range(400):  # ~24 MB: far past the kernel buffers and the 64 KiB limit
             await send(a, conv, body)
             sent += 1
-            if not srv.app.outbox.sessions(w.accounts["bob"].user_id):
+            if dropped():
                 break
-        assert not srv.app.outbox.sessions(w.accounts["bob"].user_id), "slow reader kept"
+        assert dropped(), "slow reader kept"
         # Server memory did not grow without bound, and nothing was lost: a fresh
         # connection of bob's device gets every message above its cursor.
         b2 = await device(srv, w.accounts["bob"], sync=False)
@@ -607,8 +612,9 @@ async def test_slow_reader_is_dropped_and_keeps_its_events(server_with: ServerWi
         msgs = [e for e in backlog if e.type == T.MESSAGE_RECEIVE]
         assert len(msgs) == sent and done.delivered == sent + 1
         await b2.close()
+        # SPEC §12.31: the close frame (1013) follows what was already queued for it.
         b.transport.underlying_transport.resume_reading()
-        await b.closed(10)
+        assert await b.closed(10) == 1013
 
 
 async def test_idempotent_retry_wins_over_a_later_removal(server: RunningServer) -> None:

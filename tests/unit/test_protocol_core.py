@@ -167,3 +167,26 @@ def test_upgrade_routes() -> None:
 def test_parse_subprotocols_handles_lists_and_repeats() -> None:
     assert upgrade.parse_subprotocols(["a, b", "sovereign.v1"]) == ["a", "b", "sovereign.v1"]
     assert upgrade.parse_subprotocols([]) == []
+
+
+def test_ping_after_ping_interval_then_4008_after_ping_timeout() -> None:
+    """SPEC §12.31: one ping per quiet spell; silence ping_timeout after it closes 4008;
+    any frame in between (a pong) starts over."""
+    limits = Timeouts(
+        auth_timeout=10.0,
+        idle_timeout=90.0,
+        max_auth_failures=5,
+        ping_interval=30.0,
+        ping_timeout=15.0,
+    )
+    s = ConnectionState()
+    s.upgraded(0.0)
+    s.authenticated()
+    assert not s.ping_due(29.9, limits)
+    assert s.ping_due(30.0, limits)
+    assert not s.ping_due(31.0, limits)  # already pinged, waiting
+    assert s.expired(44.9, limits) is None
+    assert s.expired(45.0, limits) == CloseCode.IDLE_TIMEOUT  # dead peer: gone at 45 s
+    s.frame_received(40.0)  # the pong came in time
+    assert s.expired(45.0, limits) is None
+    assert not s.ping_due(69.9, limits) and s.ping_due(70.0, limits)

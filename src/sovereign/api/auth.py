@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sovereign.services import Services
 
 log = logging.getLogger("sovereign.api.auth")
+#: SPEC §12.32: auth failures and limit hits, rate-limited; never a token or a name.
+abuse = logging.getLogger("sovereign.abuse")
 M = TypeVar("M", bound=Message)
 
 
@@ -35,6 +37,9 @@ def install(table: dict[int, Handler], svc: Services) -> None:
         except SovereignError as exc:
             if exc.code not in AUTH_ERROR_CODES:
                 raise
+            abuse.info(
+                "auth failure conn=%s ip=%s error=%s", s.conn_id, s.link.source_ip(), exc.code
+            )
             outbox.send_error(s, exc.code, rid, exc.message)  # fatal ones close too
             if not exc.fatal and s.state.auth_failed(limits):
                 outbox.close(s, CloseCode.AUTH_FAILED, "too many failed attempts")
@@ -49,8 +54,14 @@ def install(table: dict[int, Handler], svc: Services) -> None:
             is_admin=result.user.is_admin,
         )
 
-    def step(cls: type[M], work: Callable[[Session, str, M], Coroutine[Any, Any, None]]) -> Handler:
-        """One ceremony step: parse, refuse once READY, run ``work`` guarded."""
+    def step(
+        cls: type[M],
+        work: Callable[[Session, str, M], Coroutine[Any, Any, None]],
+        limited: bool = False,
+        register: bool = False,
+    ) -> Handler:
+        """One ceremony step: parse, refuse once READY, apply the per-IP limits of
+        SPEC §12.32 to the first step of a ceremony, run ``work`` guarded."""
 
         def handler(s: Session, _t: int, rid: str, payload: memoryview) -> None:
             msg = parse(outbox, s, cls, payload, rid)
@@ -59,14 +70,35 @@ def install(table: dict[int, Handler], svc: Services) -> None:
             if s.ready:
                 outbox.send_error(s, ErrorCode.MALFORMED_MESSAGE, rid, "already authenticated")
                 return
+            if limited:
+                ip = s.link.source_ip()
+                wait_ms = auth.rate_limit(ip, register)
+                if wait_ms:
+                    abuse.info(
+                        "auth rate limit conn=%s ip=%s %s",
+                        s.conn_id,
+                        ip,
+                        "register" if register else "auth",
+                    )
+                    outbox.send_error(
+                        s,
+                        ErrorCode.RATE_LIMITED,
+                        rid,
+                        "too many attempts from this address",
+                        wait_ms,
+                    )
+                    return
             tasks.spawn(s, rid, guarded(s, rid, work(s, rid, msg)))
 
         return handler
 
     # AUTH_REQUEST{username} -> AUTH_CHALLENGE ; AUTH_REQUEST{session_token} -> AUTH_SUCCESS
     async def auth_request(s: Session, rid: str, req: pb.AuthRequest) -> None:
-        if req.session_token:
-            result = await auth.resume(req.session_token)
+        # SPEC §12.26: original clients resume with the token in ``username``
+        # (43 base64url characters; a username is at most 32).
+        token = req.session_token or (req.username if auth.is_token_shaped(req.username) else "")
+        if token:
+            result = await auth.resume(token)
             if become_ready(s, result):
                 send_success(s, rid, result)
             return
@@ -134,7 +166,9 @@ def install(table: dict[int, Handler], svc: Services) -> None:
         )
         conns.ready(s)
 
-    table[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request)
+    table[T.AUTH_REQUEST] = step(pb.AuthRequest, auth_request, limited=True)
     table[T.AUTH_RESPONSE] = step(pb.AuthResponse, auth_response)
-    table[T.AUTH_REGISTER_REQUEST] = step(pb.AuthRegisterRequest, register_request)
+    table[T.AUTH_REGISTER_REQUEST] = step(
+        pb.AuthRegisterRequest, register_request, limited=True, register=True
+    )
     table[T.AUTH_REGISTER_RESPONSE] = step(pb.AuthRegisterResponse, register_response)

@@ -34,6 +34,10 @@ LOAD_ENV: dict[str, str] = {
     # Its own free port: the default 127.0.0.1:8081 may be taken (another server, a
     # parallel run). METRICS=false via --server-env measures the cost of counting.
     "SOVEREIGN_ADMIN_LISTEN": "127.0.0.1:0",
+    # every load client comes from loopback: the per-IP auth limits would throttle it
+    "SOVEREIGN_AUTH_RATE_PER_MINUTE": "1000000000",
+    "SOVEREIGN_AUTH_RATE_BURST": "1000000000",
+    "SOVEREIGN_REGISTER_RATE_PER_HOUR": "1000000000",
     "SOVEREIGN_LOG_FORMAT": "text",
     "SOVEREIGN_LOG_LEVEL": "info",
 }

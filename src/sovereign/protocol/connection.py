@@ -17,6 +17,10 @@ Rules (each cites SPEC):
   with 4008; every received frame restarts that clock (§12.7).
 * Before READY only the pre-auth types are accepted; anything else is a fatal
   1006 and close 4007 (§4, §12.7). The check itself lives in the dispatcher.
+* Liveness (§12.31): after ``ping_interval`` without a received frame the server
+  sends a WebSocket ping (once); when nothing arrives within ``ping_timeout`` after
+  it the connection is closed with 4008, so a dead peer goes within
+  ``ping_interval + ping_timeout`` (45 s by default) instead of ``idle_timeout``.
 * Up to ``max_auth_failures`` failed attempts are answered with a non-fatal
   AuthError; the next failure is fatal and closes 4002 (§4).
 * CLOSED is terminal: every later event is ignored.
@@ -42,6 +46,8 @@ class Timeouts:
     auth_timeout: float
     idle_timeout: float
     max_auth_failures: int
+    ping_interval: float = 30.0
+    ping_timeout: float = 15.0
 
 
 # Allowed transitions: a table, not scattered ifs.
@@ -60,7 +66,14 @@ class InvalidTransition(RuntimeError):
 class ConnectionState:
     """Per-connection protocol state. Small on purpose: one exists per socket."""
 
-    __slots__ = ("auth_failures", "close_code", "last_received", "opened_at", "phase")
+    __slots__ = (
+        "auth_failures",
+        "close_code",
+        "last_received",
+        "opened_at",
+        "phase",
+        "ping_sent_at",
+    )
 
     def __init__(self) -> None:
         self.phase = Phase.CONNECTING
@@ -68,6 +81,7 @@ class ConnectionState:
         self.last_received = 0.0
         self.auth_failures = 0
         self.close_code: int | None = None
+        self.ping_sent_at = 0.0  # the last server ping, if after ``last_received``
 
     # -- transitions --------------------------------------------------------
     def _move(self, to: Phase) -> None:
@@ -112,8 +126,21 @@ class ConnectionState:
         """The close code a timer owes this connection at ``now``, if any."""
         if self.phase is Phase.AUTHENTICATING and now - self.opened_at >= limits.auth_timeout:
             return CloseCode.AUTH_TIMEOUT
-        if self.phase in (Phase.AUTHENTICATING, Phase.READY) and (
-            now - self.last_received >= limits.idle_timeout
-        ):
-            return CloseCode.IDLE_TIMEOUT
+        if self.phase in (Phase.AUTHENTICATING, Phase.READY):
+            if now - self.last_received >= limits.idle_timeout:
+                return CloseCode.IDLE_TIMEOUT
+            pinged = self.ping_sent_at
+            if pinged > self.last_received and now - pinged >= limits.ping_timeout:
+                return CloseCode.IDLE_TIMEOUT  # §12.31: no answer to the server's ping
         return None
+
+    def ping_due(self, now: float, limits: Timeouts) -> bool:
+        """True when the server owes this connection a ping now (records it as sent)."""
+        if self.phase not in (Phase.AUTHENTICATING, Phase.READY):
+            return False
+        if self.ping_sent_at > self.last_received:
+            return False  # one ping per quiet spell: waiting for anything from the peer
+        if now - self.last_received < limits.ping_interval:
+            return False
+        self.ping_sent_at = now
+        return True

@@ -16,10 +16,13 @@ Rules, in the order they are applied (the first that matches wins):
 5. BINARY larger than ``max_message_bytes`` -> ``FAIL`` 1009 (SPEC §1).
 6. BINARY with FIN -> ``DELIVER`` the payload itself: zero-copy, and as borrowed as
    the payload the shell passed in. This is the hot path.
-7. BINARY without FIN -> copy it into the reassembly buffer, ``PENDING`` (§5.4).
+7. BINARY without FIN -> copy it into the reassembly buffer, ``PENDING`` (§5.4); over
+   ``fragment_limit`` -> ``FAIL`` 1009 (below, rule 9).
 8. CONTINUATION with no message open -> ``FAIL`` 1002 (§5.4).
-9. CONTINUATION that would take the message past ``max_message_bytes`` -> ``FAIL``
+9. CONTINUATION that would take the message past ``fragment_limit`` -> ``FAIL``
    1009, checked *before* copying: the buffer never holds more than the limit (SPEC §1).
+   The limit is ``max_message_bytes`` unless lowered: before READY the server holds
+   at most ``max_envelope_bytes`` for a fragmented message (SPEC §12.31).
 10. CONTINUATION -> append; with FIN ``DELIVER`` the reassembled message, else
     ``PENDING``.
 11. A control frame (CLOSE, PING, PONG) without FIN or with more than 125 bytes of
@@ -108,6 +111,7 @@ __all__ = [
     "REPLY_PONG",
     "VERDICT_NAMES",
     "FrameAssembler",
+    "sendable_close_code",
 ]
 
 # Opcodes (RFC 6455 §5.2).
@@ -140,7 +144,7 @@ _FRAGMENTED: Final = 1  # a fragmented binary message is open (``_buffer``)
 _ENDED: Final = 2  # failed or closed: every frame is ignored
 
 
-def _sendable_close_code(code: int) -> bool:
+def sendable_close_code(code: int) -> bool:
     """A status code an endpoint may put in a CLOSE frame (RFC 6455 §7.4.1, §7.4.2).
 
     1012-1014 are IANA-registered since RFC 6455 (1013 is ours: a slow reader).
@@ -157,6 +161,7 @@ class FrameAssembler:
 
     __slots__ = (
         "_buffer",
+        "_fragmax",
         "_max",
         "_state",
         "close_code",
@@ -165,11 +170,14 @@ class FrameAssembler:
         "pong_payload",
     )
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, fragment_limit: int | None = None) -> None:
         limit = operator.index(max_message_bytes)
         if limit < 0:
             raise ValueError("max_message_bytes must be >= 0")
         self._max = limit
+        self._fragmax = limit
+        if fragment_limit is not None:
+            self.set_fragment_limit(fragment_limit)
         self._state = _IDLE
         self._buffer: bytearray | None = None
         self.message = _NO_MESSAGE
@@ -180,6 +188,17 @@ class FrameAssembler:
     @property
     def max_message_bytes(self) -> int:
         return self._max
+
+    @property
+    def fragment_limit(self) -> int:
+        return self._fragmax
+
+    def set_fragment_limit(self, limit: int) -> None:
+        """Cap what a fragmented message may buffer (never above ``max_message_bytes``)."""
+        limit = operator.index(limit)
+        if limit < 0:
+            raise ValueError("fragment_limit must be >= 0")
+        self._fragmax = min(limit, self._max)
 
     @property
     def buffered(self) -> int:
@@ -235,6 +254,8 @@ class FrameAssembler:
             if payload_size > self._max:  # 5
                 return self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             # 6 is the hot path above: FIN is clear here.
+            if payload_size > self._fragmax:  # 7, 9
+                return self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             self._buffer = bytearray(payload)  # 7
             self._state = _FRAGMENTED
             return PENDING
@@ -242,7 +263,7 @@ class FrameAssembler:
             buffer = self._buffer
             if buffer is None:  # 8
                 return self._fail(PROTOCOL_ERROR, "continuation without a message")
-            if len(buffer) + payload_size > self._max:  # 9
+            if len(buffer) + payload_size > self._fragmax:  # 9
                 return self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
             buffer += payload  # 10
             if not fin:
@@ -280,7 +301,7 @@ class FrameAssembler:
         else:
             body = bytes(payload)
             code = int.from_bytes(body[:2], "big")
-            if not _sendable_close_code(code):
+            if not sendable_close_code(code):
                 return self._fail(PROTOCOL_ERROR, "invalid close code")
             try:
                 body[2:].decode("utf-8")

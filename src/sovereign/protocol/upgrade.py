@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address
 
 SUBPROTOCOL = "sovereign.v1"
 
@@ -58,3 +59,30 @@ def decide(
     if active_connections >= max_connections:
         return UpgradeDecision(503, reason="server at connection limit")
     return UpgradeDecision(101, subprotocol=subprotocol)
+
+
+def client_ip(
+    peer_ip: str,
+    forwarded_for: Collection[str],
+    trusted: Collection[IPv4Network | IPv6Network],
+) -> str:
+    """The source IP the per-IP limits count (SPEC §12.32).
+
+    The socket's peer, unless that peer is a trusted reverse proxy: then the
+    ``X-Forwarded-For`` chain is read from the right, skipping trusted proxies, and
+    the first address that is not one is the client. A malformed entry ends the walk
+    at the last trusted hop (a client cannot forge its way past a proxy that appends).
+    """
+    if not trusted or not forwarded_for:
+        return peer_ip
+    hops = [p.strip() for value in forwarded_for for p in value.split(",") if p.strip()]
+    current = peer_ip
+    for hop in [peer_ip, *reversed(hops)]:
+        try:
+            addr = ip_address(hop)
+        except ValueError:
+            return current
+        current = str(addr)
+        if not any(addr in net for net in trusted):
+            return current
+    return current

@@ -21,6 +21,7 @@ from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.services import tokens
+from sovereign.services.limits import PerIpLimiter
 from sovereign.storage import ChallengeRow, Purpose, SessionRow, Storage, UserRow
 from sovereign.storage.database import Conn
 from sovereign.storage.errors import CredentialExists, UsernameTaken
@@ -65,11 +66,26 @@ class AuthService:
         self.clock = clock
         # Called with (device_id, user_id) after a new session (device) is stored.
         self.device_hooks: list[Callable[[str, str], Awaitable[None]]] = []
+        # SPEC §12.32: per source IP, attempts (AUTH_REQUEST, AUTH_REGISTER_REQUEST) and
+        # registrations.
+        self.attempts = PerIpLimiter(config.auth_rate_per_minute / 60.0, config.auth_rate_burst)
+        self.registrations = PerIpLimiter(
+            config.register_rate_per_hour / 3600.0, config.register_rate_per_hour
+        )
         self.rp = wa.RelyingParty(
             rp_id=config.rp_id,
             rp_name=config.rp_name,
             origins=origins if origins is not None else tuple(config.rp_origins),
         )
+
+    def rate_limit(self, ip: str, register: bool) -> int:
+        """Milliseconds the caller must wait before this attempt from ``ip`` (0: go on).
+        A refused attempt spends nothing of the other bucket."""
+        now = self.clock.monotonic()
+        wait = self.attempts.take(ip, now)
+        if not wait and register:
+            wait = self.registrations.take(ip, now)
+        return int(wait * 1000) + 1 if wait else 0
 
     # -- settings ------------------------------------------------------------
     async def load_settings(self) -> None:
@@ -171,6 +187,10 @@ class AuthService:
         return AuthResult(user, session, token)
 
     # -- resume (SPEC §4, §12.9) -------------------------------------------------
+    @staticmethod
+    def is_token_shaped(value: str) -> bool:
+        return tokens.looks_like_token(value)
+
     async def resume(self, token: str) -> AuthResult:
         if not tokens.looks_like_token(token):
             raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")

@@ -44,6 +44,8 @@ IDEMPOTENCY_US = 24 * 3600 * 1_000_000
 IDEMPOTENCY_MEMORY = 500_000
 SYNC_PAGE = 500
 SYNC_CHUNK_BYTES = 64 * 1024
+#: SPEC §12.32: ids in one MESSAGE_ACK (message_id and message_ids together).
+MAX_ACK_IDS = 1000
 
 
 class DeliveryWriter:
@@ -493,10 +495,14 @@ class DeliveryService:
     def ack(self, s: Session, rid: str, req: pb.MessageAck) -> None:
         """MESSAGE_ACK. Fast path with everything in memory: no task, no disk read; the
         response follows the coalesced cursor write (DeliveryWriter.after)."""
-        ids: list[str] = []
-        for i in (req.message_id, *req.message_ids):
-            if i and i not in ids:
-                ids.append(i)
+        count = len(req.message_ids) + (1 if req.message_id else 0)
+        if count > MAX_ACK_IDS:
+            # SPEC §12.32: the work of one request is bounded.
+            raise SovereignError(
+                ErrorCode.MALFORMED_MESSAGE, f"MESSAGE_ACK carries more than {MAX_ACK_IDS} ids"
+            )
+        # Order kept, duplicates dropped: a dict, not a list scan (was quadratic).
+        ids = list(dict.fromkeys(i for i in (req.message_id, *req.message_ids) if i))
         state = self.state
         dev = state.devices.get(s.device_id)
         index, delivered, user_id = state.event_index, state.delivered, s.user_id
@@ -508,24 +514,31 @@ class DeliveryService:
         self._ack_apply(s, rid, dev, ids, {})
 
     async def _ack_slow(self, s: Session, rid: str, ids: list[str]) -> None:
-        """Load what the fast path lacks (older events, welcomes, delivered positions)."""
+        """Load what the fast path lacks (older events, welcomes, delivered positions):
+        every unknown id in one storage read, then one read per conversation whose
+        delivered position is not in memory."""
         dev = await self.device(s)
         state = self.state
+        index = state.event_index
+        unknown = [i for i in ids if i not in index]
         owners: dict[str, str | None] = {}
-        for event_id in ids:
-            info = state.event_index.get(event_id)
-            if info is None:
-                info = await self.db.read(partial(sql.event_by_id_txn, event_id=event_id))
-            if info is None:
-                owners[event_id] = await self.db.read(
-                    partial(sql.welcome_owner_txn, event_id=event_id)
-                )
-                continue
-            state.index_put(event_id, info)
-            conv = state.convs.get(info[0])
+        if unknown:
+            found, welcome_owners = await self.db.read(
+                partial(sql.ack_lookup_txn, event_ids=unknown)
+            )
+            for event_id, info in found.items():
+                state.index_put(event_id, info)
+            owners.update(welcome_owners)
+        else:
+            found = {}
+        conv_ids = {
+            info[0] for info in (index.get(i) or found.get(i) for i in ids) if info is not None
+        }
+        for conv_id in conv_ids:
+            conv = state.convs.get(conv_id)
             if conv is not None:
                 await self.delivered_position(conv, s.user_id)
-        self._ack_apply(s, rid, dev, ids, owners)
+        self._ack_apply(s, rid, dev, ids, owners, found)
 
     def _ack_apply(
         self,
@@ -534,6 +547,7 @@ class DeliveryService:
         dev: Device,
         ids: list[str],
         welcome_owners: dict[str, str | None],
+        loaded: dict[str, tuple[str, int, int, str]] | None = None,
     ) -> None:
         user_id = s.user_id
         writer = self.writer
@@ -542,7 +556,8 @@ class DeliveryService:
         moved = 0
         touched: dict[str, int] = {}
         for event_id in ids:
-            info = index.get(event_id)
+            # ``loaded``: looked up for this ack (the bounded index may have let go).
+            info = index.get(event_id) or (loaded.get(event_id) if loaded else None)
             if info is None:
                 key = (dev.device_id, event_id)
                 if welcome_owners.get(event_id) == user_id and key not in writer.welcome_acks:

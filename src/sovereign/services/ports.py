@@ -88,7 +88,8 @@ class Outbox(Protocol):
 
     # -- registry -----------------------------------------------------------------
     def attach(self, s: Session) -> Sequence[Session]:
-        """Index a READY session under its user; returns that user's sessions, oldest
+        """Index a READY session under its user (and lift the pre-READY reassembly cap,
+        SPEC §12.31); returns that user's sessions, oldest
         first (the caller enforces the per-user cap)."""
         ...
 

@@ -55,3 +55,15 @@ class TaskRunner:
                 log.warning("shutdown: %d tasks still running", len(self._tasks))
                 return
             await asyncio.wait(list(self._tasks), timeout=left)
+
+    async def cancel_all(self) -> None:
+        """Cancel what is still running and wait for it to unwind: called last at
+        shutdown, so that nothing touches storage after it closes (SPEC §4). A
+        cancelled request was never answered: its client retries, nothing is lost."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        log.warning("shutdown: cancelling %d unfinished tasks", len(tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

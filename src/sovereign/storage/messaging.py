@@ -338,6 +338,33 @@ def event_by_id_txn(conn: Conn, event_id: str) -> tuple[str, int, int, str] | No
     return None if row is None else (row[0], int(row[1]), int(row[2]), row[3])
 
 
+def ack_lookup_txn(
+    conn: Conn, event_ids: list[str]
+) -> tuple[dict[str, tuple[str, int, int, str]], dict[str, str]]:
+    """For the ids of one MESSAGE_ACK, in one transaction (SPEC §12.32: no per-id round
+    trip): the conversation events among them as (conversation_id, seq, type,
+    sender_id), and the welcomes among the rest as their recipient user."""
+    events: dict[str, tuple[str, int, int, str]] = {}
+    owners: dict[str, str] = {}
+    for i in range(0, len(event_ids), 500):
+        chunk = event_ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+            "SELECT event_id, conversation_id, seq, type, sender_id FROM events"
+            f" WHERE event_id IN ({marks})",
+            chunk,
+        ):
+            events[row[0]] = (row[1], int(row[2]), int(row[3]), row[4])
+        rest = [e for e in chunk if e not in events]
+        if rest:
+            marks = ",".join("?" * len(rest))
+            for row in conn.execute(
+                f"SELECT event_id, user_id FROM welcomes WHERE event_id IN ({marks})", rest
+            ):
+                owners[row[0]] = str(row[1])
+    return events, owners
+
+
 def event_payload_txn(conn: Conn, event_id: str) -> tuple[str, int, bytes] | None:
     row = conn.execute(
         "SELECT conversation_id, type, payload FROM events WHERE event_id = ?", (event_id,)

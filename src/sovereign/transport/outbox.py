@@ -33,6 +33,8 @@ from sovereign.transport.ws import Connection
 from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.outbox")
+#: SPEC §12.32: refusals and fatal errors, rate-limited by the composition root.
+abuse = logging.getLogger("sovereign.abuse")
 
 _BINARY = WSMsgType.BINARY
 _fan = implementations.load("fanout")
@@ -80,6 +82,7 @@ class LocalOutbox:
     def attach(self, s: Session) -> Sequence[Session]:
         conns = self._by_user.setdefault(s.user_id, [])
         conns.append(s.link)
+        s.link.authenticated()
         return [c.session for c in conns]
 
     def detach(self, s: Session) -> None:
@@ -153,6 +156,7 @@ class LocalOutbox:
 
     def reject(self, s: Session, code: int, request_id: str, retry_after_ms: int) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
+        abuse.info("refused conn=%s user=%s error=%s", s.conn_id, s.user_id or "-", code)
         self.send_error(s, code, request_id, _REJECT_TEXT.get(code, ""), retry_after_ms)
 
     def close(self, s: Session, code: int, reason: str = "") -> None:

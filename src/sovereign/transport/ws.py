@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from picows import (
+    WSAutoPingStrategy,
     WSCloseCode,
     WSFrame,
     WSListener,
+    WSMsgType,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in the stub
 
 from sovereign.errors import CloseCode
 from sovereign.protocol import frames, static, upgrade
@@ -39,6 +44,14 @@ _ECHO_CLOSE = frames.ECHO_CLOSE
 # What a finished upgrade's request and response keep: nothing (see on_ws_connected);
 # read-only, so the one shared instance cannot be changed through any of them.
 _NO_HEADERS: Any = MappingProxyType({})  # stands in for picows' CIMultiDict
+_CLOSE = WSMsgType.CLOSE
+
+#: SPEC §12.31, RFC 6455 §7.1.1: after its close frame the server keeps the socket
+#: until the peer's close frame, or this long once the close frame has left.
+CLOSE_TIMEOUT = 1.0
+#: A slow reader's close frame queues behind up to ``send_buffer_limit`` of backlog:
+#: the socket waits for it to drain at most this long, then is aborted.
+CLOSE_FLUSH_LIMIT = 10.0
 
 
 class ConnectionHandler(Protocol):
@@ -46,6 +59,10 @@ class ConnectionHandler(Protocol):
 
     @property
     def max_frame_bytes(self) -> int: ...
+    @property
+    def max_envelope_bytes(self) -> int: ...
+    @property
+    def trusted_proxies(self) -> tuple[IPv4Network | IPv6Network, ...]: ...
     @property
     def send_buffer_limit(self) -> int: ...
     @property
@@ -64,6 +81,7 @@ class ConnectionHandler(Protocol):
     def health_body(self) -> bytes: ...
     @property
     def static_site(self) -> static.StaticSite | None: ...
+    def protocol_error(self, s: Session, code: int, reason: str) -> None: ...
 
 
 class Connection(WSListener):
@@ -77,8 +95,10 @@ class Connection(WSListener):
     __slots__ = (
         "agent",
         "drained",
+        "forwarded",
         "frames",
         "handler",
+        "linger",
         "live",
         "out",
         "paused",
@@ -92,26 +112,40 @@ class Connection(WSListener):
         self.out: Any = None
         self.live = False
         # RFC 6455 rules and reassembly (sans-I/O, protocol/frames.py).
-        self.frames = frames.FrameAssembler(handler.max_frame_bytes)
+        # SPEC §12.31: before READY a fragmented message buffers max_envelope_bytes.
+        self.frames = frames.FrameAssembler(handler.max_frame_bytes, handler.max_envelope_bytes)
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.session: Session = None  # type: ignore[assignment]  # set on connect
         self.agent = ""
+        # X-Forwarded-For as the upgrade carried it, kept only behind trusted proxies
+        # (the per-IP limits read it after the headers are dropped, SPEC §12.32).
+        self.forwarded: list[str] | None = None
+        self.linger: LingeringTransport | None = None
 
     # -- picows callbacks ---------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         # picows keeps the upgrade request and response on the transport for the whole
         # connection: ~2.5 KB of header strings per idle connection (tracemalloc).
-        # Only the User-Agent is used later (session records); keep it, drop the rest.
+        # Only the User-Agent is used later (session records), and X-Forwarded-For
+        # behind a trusted proxy; keep those, drop the rest.
         req, resp = transport.request, transport.response
         if req is not None:
             self.agent = sys.intern(str(req.headers.get("User-Agent", ""))[:200])
+            if self.handler.trusted_proxies:
+                self.forwarded = list(req.headers.getall("X-Forwarded-For", []))
             req.headers = _NO_HEADERS
         if resp is not None:
             resp.headers = _NO_HEADERS
             resp.body = None
-        out = self.out = transport.underlying_transport
+        lt = transport.underlying_transport
+        if isinstance(lt, LingeringTransport):
+            lt.conn = self
+            self.linger = lt
+            out = self.out = lt.raw
+        else:  # a picows server not built by create_server (never in production)
+            out = self.out = lt
         # pause_writing above half the send limit: a backlog writer waits there.
         limit = self.handler.send_buffer_limit
         out.set_write_buffer_limits(high=limit // 2, low=limit // 4)
@@ -127,11 +161,17 @@ class Connection(WSListener):
         s.state.closing(s.state.close_code or CloseCode.GOING_AWAY)
         self.frames.close()
         self._wake_writer()
+        if self.linger is not None:
+            self.linger.cancel()
         self.handler.closed(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         state = self.session.state
         if state.closed:
+            # Closing (RFC 6455 §7.1.1): application data is dropped; the peer's
+            # close frame completes the handshake and the TCP close follows at once.
+            if frame.msg_type == _CLOSE:
+                self._finish()
             return
         now = self.handler.monotonic()
         state.last_received = now  # SPEC §12.7: idle clock restarts on every frame
@@ -148,12 +188,13 @@ class Connection(WSListener):
         elif verdict == _REPLY_PONG:
             transport.send_pong(fa.pong_payload)
         elif verdict == _FAIL:
+            self.handler.protocol_error(self.session, fa.close_code, fa.close_reason)
             self.close(fa.close_code, fa.close_reason)
         elif verdict == _ECHO_CLOSE:
             state.closing(fa.close_code)
             if not transport.is_close_frame_sent:
                 transport.send_close(WSCloseCode(fa.close_code))
-            transport.disconnect()
+            self._finish()  # the peer closed first: the server closes TCP now
         # PENDING, IGNORE (PONG included): nothing more to do.
 
     # -- flow control (asyncio write-buffer watermarks) ------------------------
@@ -179,34 +220,87 @@ class Connection(WSListener):
 
     # -- closing ----------------------------------------------------------------
     def overflow(self) -> None:
-        """A reader that does not keep up: drop it rather than buffer without bound.
+        """A reader that does not keep up: close it 1013 rather than buffer without bound.
 
         Its events stay in storage above its cursors and arrive on reconnect (SPEC §5).
-        The close frame would queue behind the backlog, so the socket is aborted.
+        Nothing more is queued for it; the close frame follows the backlog already in
+        the send buffer (bounded by ``send_buffer_limit``) and the socket is aborted if
+        that has not drained within ``CLOSE_FLUSH_LIMIT`` (SPEC §12.31).
         """
         s = self.session
-        if not s.state.closing(CloseCode.TRY_AGAIN_LATER):
+        if s.state.closed:
             return
-        self.live = False
-        self.frames.close()
         log.info("closing slow reader conn=%s user=%s", s.conn_id, s.user_id)
-        if self.transport is not None:
-            self.transport.disconnect(graceful=False)
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow reader")
 
     def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake (SPEC §12.31, RFC 6455 §7.1.1): send the close
+        frame, stop reading application data, keep the socket until the peer's close
+        frame or ``CLOSE_TIMEOUT``. Closing at once would make the kernel answer the
+        peer's unread input with a reset, and the peer would never see the code."""
         t = self.transport
         self.live = False
         if not self.session.state.closing(int(code)):
             return
         self.frames.close()
+        self.out = None  # nothing more is queued for it
+        self._wake_writer()  # a backlog writer waiting for the buffer to drain gives up
         if t is None:
             return
         if not t.is_close_frame_sent:
+            if not frames.sendable_close_code(int(code)):
+                code = CloseCode.INTERNAL_ERROR  # never 1005/1006 or a reserved code on the wire
             t.send_close(WSCloseCode(code), reason.encode()[:120] if reason else None)
-        t.disconnect()
+        if self.linger is not None:
+            self.linger.linger()
+        else:
+            t.disconnect()
+
+    def authenticated(self) -> None:
+        """READY: a fragmented message may now reach ``max_frame_bytes`` (an oversized
+        Envelope is then the non-fatal 3003, SPEC §1)."""
+        self.frames.set_fragment_limit(self.frames.max_message_bytes)
+
+    def ping(self) -> None:
+        """A WebSocket ping (SPEC §12.31); any frame back restarts the idle clock."""
+        t = self.transport
+        if t is not None and not self.session.state.closed:
+            t.send_ping()
+
+    def parser_failed(self) -> None:
+        """picows failed the connection on a framing error of its own and sent its
+        close frame (SPEC §12.32: logged, rate-limited, no payload)."""
+        t = self.transport
+        code = 1002
+        if t is not None and t.close_handshake is not None and t.close_handshake.sent:
+            sent: Any = t.close_handshake.sent.code
+            code = int(getattr(sent, "value", sent))
+        self.session.state.closing(code)
+        self.live = False
+        self.frames.close()
+        self.handler.protocol_error(self.session, code, "framing error")
+
+    def _finish(self) -> None:
+        if self.linger is not None:
+            self.linger.finish()
+        elif self.transport is not None:
+            self.transport.disconnect()
 
     def user_agent(self) -> str:
         return self.agent
+
+    def source_ip(self) -> str:
+        """The client's IP for the per-IP limits (SPEC §12.32): the socket's peer, or
+        behind a trusted proxy the address it names in X-Forwarded-For."""
+        t = self.transport
+        if t is None:
+            return "-"
+        info = t.underlying_transport.get_extra_info("peername")
+        peer_ip = str(info[0]) if info else "-"
+        trusted = self.handler.trusted_proxies
+        if not trusted:
+            return peer_ip
+        return upgrade.client_ip(peer_ip, self.forwarded or [], trusted)
 
     def peer(self) -> str:
         t = self.transport
@@ -273,3 +367,167 @@ def serve_static(site: static.StaticSite, method: str, path: str) -> WSUpgradeRe
     else:
         response = WSUpgradeResponse.create_error_response(answer.status, answer.reason.encode())
     return WSUpgradeResponseWithListener(response, None)
+
+
+# -- the closing handshake under picows -------------------------------------------------
+
+
+class _Discard(asyncio.Protocol):
+    """Reads and drops a failed connection's input until EOF (or the linger timer).
+
+    picows cannot parse on after a framing error of its own (an unmasked frame, a bad
+    length, a frame over ``max_frame_size``): its buffer would only grow. The socket
+    still has to be read, or closing it answers the peer with a reset."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+
+class LingeringTransport:
+    """The asyncio transport as picows sees it; only ``close`` differs (SPEC §12.31).
+
+    picows closes a connection it failed itself (framing errors) 10 ms after its
+    close frame, through ``close()`` here; the server's own closes call
+    :meth:`linger`. Either way the socket stays open, its input read and dropped,
+    until the peer's close frame (:meth:`finish`), the peer's EOF, or ``CLOSE_TIMEOUT``
+    after the close frame left. Writes go straight to the real transport: the
+    bound methods are copied, so the hot path pays nothing for this object.
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_protocol",
+        "_timer",
+        "abort",
+        "conn",
+        "get_extra_info",
+        "get_write_buffer_size",
+        "is_closing",
+        "pause_reading",
+        "raw",
+        "resume_reading",
+        "set_write_buffer_limits",
+        "write",
+        "writelines",
+    )
+
+    def __init__(self, raw: Any, protocol: asyncio.BaseProtocol) -> None:
+        self.raw = raw
+        self._protocol = protocol
+        self.conn: Connection | None = None  # set once upgraded
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self.write = raw.write
+        self.writelines = raw.writelines
+        self.get_write_buffer_size = raw.get_write_buffer_size
+        self.get_extra_info = raw.get_extra_info
+        self.set_write_buffer_limits = raw.set_write_buffer_limits
+        self.is_closing = raw.is_closing
+        self.pause_reading = raw.pause_reading
+        self.resume_reading = raw.resume_reading
+        self.abort = raw.abort
+
+    def close(self) -> None:
+        """picows wants the socket closed: at once before the upgrade (an HTTP error,
+        the handshake timeout); after it, a framing error picows failed itself."""
+        conn = self.conn
+        if conn is None or self.raw.is_closing():
+            self.raw.close()
+            return
+        if not conn.session.state.closed:
+            conn.parser_failed()
+        self.raw.set_protocol(_Discard(self._protocol))
+        self.linger()
+
+    def linger(self) -> None:
+        if self._timer is None and not self.raw.is_closing():
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + CLOSE_FLUSH_LIMIT
+            self._timer = loop.call_later(CLOSE_TIMEOUT, self._expired)
+
+    def finish(self) -> None:
+        """The closing handshake is complete: close TCP (after the queued writes)."""
+        self.cancel()
+        self.raw.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        raw = self.raw
+        if raw.is_closing():
+            return
+        if raw.get_write_buffer_size():
+            # The close frame is still queued behind a backlog: wait for it to leave.
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._deadline:
+                self._timer = loop.call_later(CLOSE_TIMEOUT, self._expired)
+                return
+            raw.abort()
+            return
+        raw.close()
+
+
+class _Protocol(WSProtocol):  # type: ignore[misc]  # untyped (no stub)
+    """picows's protocol over a :class:`LingeringTransport`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(LingeringTransport(transport, self))
+
+
+async def create_server(
+    handler: ConnectionHandler,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    max_frame_size: int,
+    handshake_timeout: float,
+    backlog: int,
+) -> asyncio.Server:
+    """``picows.ws_create_server`` with the closing handshake of SPEC §12.31.
+
+    Builds picows's own protocol (its constructor as ``picows.api.ws_create_server``
+    calls it, picows 2.3) with the transport wrapped; every other option is the one
+    the server used before: we answer pings ourselves so they reset the idle clock.
+    """
+    factory = make_listener_factory(handler)
+    logger = logging.getLogger("picows.transport")
+
+    def protocol() -> _Protocol:
+        return _Protocol(
+            None,  # host+port: server side
+            None,  # ws_path
+            False,  # is_client_side
+            factory,
+            logger,
+            True,  # disconnect_on_exception
+            handshake_timeout,
+            False,  # enable_auto_ping
+            10.0,
+            10.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,  # unused without auto ping
+            False,  # enable_auto_pong
+            max_frame_size,
+            None,  # extra_headers
+            1024,  # read_buffer_init_size
+        )
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        protocol, host, port, ssl=ssl_context, reuse_address=True, backlog=backlog
+    )

@@ -566,3 +566,32 @@ async def test_drives_a_real_picows_connection(ending: str) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- the pre-READY fragment limit (SPEC §12.31) -------------------------------------------
+
+
+def test_fragment_limit_caps_reassembly_but_not_unfragmented_frames() -> None:
+    fa = frames.FrameAssembler(1000, fragment_limit=100)
+    big = memoryview(b"x" * 500)
+    # an unfragmented frame is checked against the message limit only (the dispatcher
+    # refuses an oversized Envelope itself)
+    assert fa.receive(frames.OP_BINARY, True, False, big, 500) == frames.DELIVER
+    assert fa.receive(frames.OP_BINARY, False, False, memoryview(b"y" * 60), 60) == frames.PENDING
+    verdict = fa.receive(frames.OP_CONTINUATION, True, False, memoryview(b"z" * 41), 41)
+    assert verdict == frames.FAIL and fa.close_code == 1009 and fa.buffered == 0
+
+
+def test_first_fragment_over_the_limit_fails_before_copying() -> None:
+    fa = frames.FrameAssembler(1000, fragment_limit=100)
+    verdict = fa.receive(frames.OP_BINARY, False, False, memoryview(b"y" * 101), 101)
+    assert verdict == frames.FAIL and fa.close_code == 1009 and fa.buffered == 0
+
+
+def test_raising_the_fragment_limit_at_ready_never_passes_the_message_limit() -> None:
+    fa = frames.FrameAssembler(1000, fragment_limit=100)
+    fa.set_fragment_limit(10_000)
+    assert fa.fragment_limit == 1000
+    assert fa.receive(frames.OP_BINARY, False, False, memoryview(b"y" * 600), 600) == frames.PENDING
+    verdict = fa.receive(frames.OP_CONTINUATION, True, False, memoryview(b"z" * 400), 400)
+    assert verdict == frames.DELIVER and len(fa.message) == 1000
