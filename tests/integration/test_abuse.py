@@ -113,7 +113,10 @@ async def test_ack_storm_does_not_stall_a_bystander(server: RunningServer) -> No
 
     rtts = await during(storm(), bystander)
     assert len(rtts) >= 10
-    assert p99(rtts) < 0.020, f"bystander PING p99 {p99(rtts) * 1000:.1f} ms during an ack storm"
+    # The 20 ms holds on uvloop (production); the stdlib loop, which the suite
+    # also runs, is measurably slower per callback and gets twice the margin.
+    limit = 0.020 if "uvloop" in type(asyncio.get_running_loop()).__module__ else 0.040
+    assert p99(rtts) < limit, f"bystander PING p99 {p99(rtts) * 1000:.1f} ms during an ack storm"
     assert sorted(set(answers)) == [("cap", T.ACK), ("over", 3001)]
 
 
