@@ -9,7 +9,9 @@ A service receives exactly what it uses, chosen from:
 - ``outbox``   — :class:`Outbox` below: every frame to a client goes through it;
 - ``clock``    — :class:`sovereign.clock.Clock` (monotonic + wall, injected);
 - ``tasks``    — :class:`Tasks` below (request tasks with exactly one response,
-  background work awaited at shutdown).
+  background work awaited at shutdown);
+- ``bus``      — :class:`Bus` below: cluster notifications between nodes (SPEC §12.27);
+  :class:`NullBus` on a single node.
 
 The outbox is an interface so the transport can change under the services: today
 ``sovereign.transport.outbox.LocalOutbox`` writes to this process's sockets; a
@@ -19,7 +21,7 @@ changing. Services never import ``sovereign.transport``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 from google.protobuf.message import Message
@@ -113,3 +115,64 @@ class Tasks(Protocol):
         ...
 
     def background(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
+class Bus(Protocol):
+    """Notifications between the nodes of a cluster (SPEC §12.27). Never the store.
+
+    Delivery is best effort and at most once: a notification published while the link
+    is down, or dropped by it, is simply lost. That is safe because every durable fact
+    is in the database first (a node publishes only after COMMIT), and because after
+    every (re)connection the bus calls ``on_resync``: the services then catch their
+    live connections up from the database by seq. A node never receives its own
+    notifications. Payloads are opaque bytes owned by the services.
+    """
+
+    #: This process's id in the cluster (unique per process start).
+    node_id: str
+
+    def publish(self, payload: bytes) -> None:
+        """Queue ``payload`` for every other node; never blocks, never raises."""
+        ...
+
+    def set_handlers(
+        self,
+        on_message: Callable[[bytes], None],
+        on_resync: Callable[[], Awaitable[None]],
+    ) -> None:
+        """``on_message(payload)`` runs on the event loop for each notification from
+        another node; ``on_resync()`` after each (re)connection (not before the first
+        ``start`` returns: the caller loads state itself then)."""
+        ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class NullBus:
+    """The single-node bus: there is no other node to tell."""
+
+    node_id = "single"
+
+    def publish(self, payload: bytes) -> None:
+        return None
+
+    def set_handlers(
+        self,
+        on_message: Callable[[bytes], None],
+        on_resync: Callable[[], Awaitable[None]],
+    ) -> None:
+        return None
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
