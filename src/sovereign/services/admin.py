@@ -299,38 +299,16 @@ class AdminService:
         user_handle: bytes,
         user_agent: str,
     ) -> tuple[UserRow, str]:
-        """Verify an assertion (origin, rpId, challenge, flags, sign count: WebAuthn
-        §7.2 in ``sovereign.auth.webauthn``) and open an admin session."""
-        challenge = wa.extract_challenge(client_data_json)
-        if challenge is None:
-            raise SovereignError(ErrorCode.CHALLENGE_FAILED, "client data has no challenge")
-        now = self.clock.now_us()
-        if await self.storage.challenges.consume(challenge, "admin_login", now) is None:
-            raise SovereignError(ErrorCode.CHALLENGE_FAILED, "unknown, used or expired challenge")
-        cred = await self.storage.credentials.get(credential_id)
-        user = await self.storage.users.get_by_id(cred.user_id) if cred is not None else None
-        if cred is None or user is None:
-            raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown passkey")
-        try:
-            count = wa.verify_authentication(
-                self.auth.rp,
-                challenge=challenge,
-                credential_id=credential_id,
-                authenticator_data=authenticator_data,
-                client_data_json=client_data_json,
-                signature=signature,
-                user_handle=user_handle or None,
-                credential_public_key=cred.public_key,
-                stored_sign_count=cred.sign_count,
-                expected_user_handle=user.user_id.encode(),
-            )
-        except wa.WebAuthnError as exc:
-            log.info("admin sign-in rejected for user %s: %s", user.user_id, exc.reason)
-            raise SovereignError(
-                ErrorCode.CHALLENGE_FAILED, f"passkey rejected: {exc.reason}"
-            ) from None
-        if not await self.storage.credentials.update_sign_count(credential_id, count, now):
-            raise SovereignError(ErrorCode.CHALLENGE_FAILED, "passkey rejected: sign count")
+        """Verify an assertion (``AuthService.verify_assertion``: the same checks as a
+        WebSocket login) and open an admin session."""
+        user = await self.auth.verify_assertion(
+            "admin_login",
+            credential_id=credential_id,
+            authenticator_data=authenticator_data,
+            client_data_json=client_data_json,
+            signature=signature,
+            user_handle=user_handle,
+        )
         if not user.enabled or not user.is_admin:
             raise SovereignError(ErrorCode.NOT_ADMIN, "server admins only")
         token = await self._admin_session(user.user_id, credential_id, user_agent)

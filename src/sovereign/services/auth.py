@@ -140,19 +140,26 @@ class AuthService:
         )
         return challenge, options
 
-    async def login_finish(
+    async def verify_assertion(
         self,
+        purpose: Purpose,
         *,
         credential_id: bytes,
         authenticator_data: bytes,
         client_data_json: bytes,
         signature: bytes,
         user_handle: bytes,
-        user_agent: str = "",
-    ) -> AuthResult:
-        challenge, pending, now = await self._consume_challenge(client_data_json, "login")
+    ) -> UserRow:
+        """A passkey assertion, checked once for every sign-in path (the WebSocket login
+        and the admin panel's): the challenge is consumed first (single use), then the
+        credential, WebAuthn §7.2 (origin, rpId, challenge, flags, signature, user
+        handle: ``sovereign.auth.webauthn``) and the sign count, stored atomically. A
+        challenge issued for one user (a login by username) only accepts that user's
+        passkeys; a discoverable one (the panel) accepts any. Returns the user, who may
+        still be disabled: the caller decides what a disabled user gets."""
+        challenge, pending, now = await self._consume_challenge(client_data_json, purpose)
         cred = await self.storage.credentials.get(credential_id)
-        if cred is None or cred.user_id != pending.user_id:
+        if cred is None or (pending.user_id is not None and cred.user_id != pending.user_id):
             raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown credential")
         user = await self.storage.users.get_by_id(cred.user_id)
         if user is None:
@@ -171,7 +178,7 @@ class AuthService:
                 expected_user_handle=user.user_id.encode(),
             )
         except wa.WebAuthnError as exc:
-            log.info("login assertion rejected for user %s: %s", user.user_id, exc.reason)
+            log.info("%s assertion rejected for user %s: %s", purpose, user.user_id, exc.reason)
             raise SovereignError(
                 ErrorCode.CHALLENGE_FAILED, f"assertion rejected: {exc.reason}"
             ) from None
@@ -180,6 +187,26 @@ class AuthService:
             raise SovereignError(
                 ErrorCode.CHALLENGE_FAILED, "assertion rejected: sign count regression"
             )
+        return user
+
+    async def login_finish(
+        self,
+        *,
+        credential_id: bytes,
+        authenticator_data: bytes,
+        client_data_json: bytes,
+        signature: bytes,
+        user_handle: bytes,
+        user_agent: str = "",
+    ) -> AuthResult:
+        user = await self.verify_assertion(
+            "login",
+            credential_id=credential_id,
+            authenticator_data=authenticator_data,
+            client_data_json=client_data_json,
+            signature=signature,
+            user_handle=user_handle,
+        )
         if not user.enabled:
             raise SovereignError(ErrorCode.ACCOUNT_DISABLED, "account disabled")
         session, token = await self.create_session(user.user_id, credential_id, user_agent)
