@@ -55,6 +55,7 @@ from sovereign.codec import encode_envelope
 from sovereign.errors import REGISTRY
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
+from sovereign.transport.outbox import Corking
 from sovereign.v1 import sovereign_pb2 as pb
 
 _fan = implementations.load("fanout")
@@ -111,7 +112,7 @@ class MemoryLink:
         return "-"
 
 
-class MemoryOutbox:
+class MemoryOutbox(Corking[MemoryLink]):
     """A minimal in-memory :class:`sovereign.services.ports.Outbox`."""
 
     frame = staticmethod(_fan.ws_frame)
@@ -120,7 +121,6 @@ class MemoryOutbox:
     def __init__(self) -> None:
         self.links: list[MemoryLink] = []
         self.by_user: dict[str, list[MemoryLink]] = {}
-        self.corked: dict[MemoryLink, bytearray] | None = None
 
     def session(self, conn_id: int, bucket: Any) -> Session:
         link = MemoryLink()
@@ -131,10 +131,10 @@ class MemoryOutbox:
     # -- one connection
     def send_payload(self, s: Session, msg_type: int, request_id: str, payload: bytes) -> None:
         envelope = encode_envelope(msg_type, request_id, payload)
-        if self.corked is not None:
-            buf = self.corked.get(s.link)
+        if self._corked is not None:
+            buf = self._corked.get(s.link)
             if buf is None:
-                buf = self.corked[s.link] = bytearray()
+                buf = self._corked[s.link] = bytearray()
             _fan.append_ws_frame(buf, envelope)
         else:
             s.link.out.write(_fan.ws_frame(envelope))
@@ -171,30 +171,13 @@ class MemoryOutbox:
     # -- many connections
     def publish(self, frame: bytes, user_ids: Iterable[str], exclude: Session | None) -> None:
         ex = exclude.link if exclude is not None else None
-        if self.corked is None:
+        if self._corked is None:
             _fan.fanout(frame, self.by_user, user_ids, ex, 1 << 30)
         else:
-            _fan.collect(frame, self.by_user, user_ids, ex, self.corked)
+            _fan.collect(frame, self.by_user, user_ids, ex, self._corked)
 
-    def publish_message(
-        self,
-        user_ids: Iterable[str],
-        msg_type: int,
-        message: Message,
-        exclude: Session | None = None,
-    ) -> None:
-        frame = _fan.ws_frame(encode_envelope(msg_type, "", message.SerializeToString()))
-        self.publish(frame, user_ids, exclude)
-
-    def cork(self) -> None:
-        if self.corked is None:
-            self.corked = {}
-
-    def uncork(self) -> None:
-        corked, self.corked = self.corked, None
-        if corked:
-            for link, buf in corked.items():
-                link.out.write(buf)
+    def _flush(self, link: MemoryLink, data: bytearray) -> None:
+        link.out.write(data)
 
     # -- registry
     def attach(self, s: Session) -> Sequence[Session]:

@@ -32,6 +32,7 @@ from sovereign.errors import REGISTRY, CloseCode
 from sovereign.protocol.types import MessageType
 from sovereign.services.session import Session
 from sovereign.transport import fanout
+from sovereign.transport.outbox import Corking
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.frames import parse_frames
 
@@ -115,7 +116,7 @@ def decode(envelope: bytes) -> Sent:
     return Sent(MessageType(msg_type), rid, cls.FromString(bytes(payload)))
 
 
-class FakeOutbox:
+class FakeOutbox(Corking[Session]):
     """:class:`sovereign.services.ports.Outbox` in memory (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -242,24 +243,8 @@ class FakeOutbox:
                 else:
                     self._write(s, "publish", frame)
 
-    def publish_message(
-        self,
-        user_ids: Iterable[str],
-        msg_type: int,
-        message: Message,
-        exclude: Session | None = None,
-    ) -> None:
-        frame = self.frame(encode_envelope(msg_type, "", message.SerializeToString()))
-        self.publish(frame, user_ids, exclude)
-
-    def cork(self) -> None:
-        if self._corked is None:
-            self._corked = {}
-
-    def uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        for s, buf in (corked or {}).items():
-            self._write(s, "flush", bytes(buf))
+    def _flush(self, s: Session, data: bytearray) -> None:
+        self._write(s, "flush", bytes(data))
 
     # -- registry ---------------------------------------------------------------------
     def attach(self, s: Session) -> Sequence[Session]:

@@ -118,74 +118,79 @@ class Auth:
 
     async def register(self, username: str, display_name: str, invite_code: str) -> Device:
         authenticator = self._require_authenticator()
-        async with self._lock:
-            self._check_can_authenticate()
-            conn = await self._session.open()
-            try:
-                challenge = await self._step(
-                    conn,
-                    T.AUTH_REGISTER_REQUEST,
-                    pb.AuthRegisterRequest(
-                        username=username, display_name=display_name, invite_code=invite_code
-                    ),
-                    T.AUTH_REGISTER_CHALLENGE,
-                    pb.AuthRegisterChallenge,
+
+        async def steps(conn: Connection) -> None:
+            challenge = await self._step(
+                conn,
+                T.AUTH_REGISTER_REQUEST,
+                pb.AuthRegisterRequest(
+                    username=username, display_name=display_name, invite_code=invite_code
+                ),
+                T.AUTH_REGISTER_CHALLENGE,
+                pb.AuthRegisterChallenge,
+            )
+            att: RegistrationResponse = await _maybe_await(
+                authenticator.create(
+                    bytes(challenge.credential_creation_options), self._settings.origin
                 )
-                att: RegistrationResponse = await _maybe_await(
-                    authenticator.create(
-                        bytes(challenge.credential_creation_options), self._settings.origin
-                    )
-                )
-                await self._step(
-                    conn,
-                    T.AUTH_REGISTER_RESPONSE,
-                    pb.AuthRegisterResponse(
-                        credential_id=att["credential_id"],
-                        authenticator_data=att["authenticator_data"],
-                        client_data_json=att["client_data_json"],
-                        attestation_object=att["attestation_object"],
-                    ),
-                    T.AUTH_REGISTER_SUCCESS,
-                    pb.AuthRegisterSuccess,
-                    username=username,
-                    display_name=display_name or username,
-                )
-            except BaseException:
-                self._session.abandon(conn)
-                raise
-        return self._device()
+            )
+            await self._step(
+                conn,
+                T.AUTH_REGISTER_RESPONSE,
+                pb.AuthRegisterResponse(
+                    credential_id=att["credential_id"],
+                    authenticator_data=att["authenticator_data"],
+                    client_data_json=att["client_data_json"],
+                    attestation_object=att["attestation_object"],
+                ),
+                T.AUTH_REGISTER_SUCCESS,
+                pb.AuthRegisterSuccess,
+                username=username,
+                display_name=display_name or username,
+            )
+
+        return await self._ceremony(steps)
 
     async def login(self, username: str) -> Device:
         authenticator = self._require_authenticator()
+
+        async def steps(conn: Connection) -> None:
+            challenge = await self._step(
+                conn,
+                T.AUTH_REQUEST,
+                pb.AuthRequest(username=username),
+                T.AUTH_CHALLENGE,
+                pb.AuthChallenge,
+            )
+            assertion: AssertionResponse = await _maybe_await(
+                authenticator.get(
+                    bytes(challenge.credential_request_options), self._settings.origin
+                )
+            )
+            await self._step(
+                conn,
+                T.AUTH_RESPONSE,
+                pb.AuthResponse(
+                    credential_id=assertion["credential_id"],
+                    authenticator_data=assertion["authenticator_data"],
+                    client_data_json=assertion["client_data_json"],
+                    signature=assertion["signature"],
+                    user_handle=assertion["user_handle"] or b"",
+                ),
+                T.AUTH_SUCCESS,
+                pb.AuthSuccess,
+            )
+
+        return await self._ceremony(steps)
+
+    async def _ceremony(self, steps: Callable[[Connection], Awaitable[None]]) -> Device:
+        """A passkey ceremony on a fresh connection, one at a time; on any failure the
+        connection is abandoned (closed) and the error raised."""
         async with self._lock:
             self._check_can_authenticate()
             conn = await self._session.open()
             try:
-                challenge = await self._step(
-                    conn,
-                    T.AUTH_REQUEST,
-                    pb.AuthRequest(username=username),
-                    T.AUTH_CHALLENGE,
-                    pb.AuthChallenge,
-                )
-                assertion: AssertionResponse = await _maybe_await(
-                    authenticator.get(
-                        bytes(challenge.credential_request_options), self._settings.origin
-                    )
-                )
-                await self._step(
-                    conn,
-                    T.AUTH_RESPONSE,
-                    pb.AuthResponse(
-                        credential_id=assertion["credential_id"],
-                        authenticator_data=assertion["authenticator_data"],
-                        client_data_json=assertion["client_data_json"],
-                        signature=assertion["signature"],
-                        user_handle=assertion["user_handle"] or b"",
-                    ),
-                    T.AUTH_SUCCESS,
-                    pb.AuthSuccess,
-                )
+                await steps(conn)
             except BaseException:
                 self._session.abandon(conn)
                 raise

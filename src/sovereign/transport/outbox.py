@@ -18,7 +18,8 @@ process's picows connections. It owns
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 from picows import WSMsgType
@@ -49,7 +50,46 @@ _REJECT_TEXT: dict[int, str] = {
 }
 
 
-class LocalOutbox:
+K = TypeVar("K")
+
+
+class Corking(Generic[K]):
+    """What every outbox shares, whatever it writes to (this process's sockets, a test's
+    lists, a benchmark's buffers): encode-once ephemeral pushes, and corking — while
+    corked, frames collect per target (``K``: a connection, a session) and leave at
+    :meth:`uncork` as one :meth:`_flush` each, in the order they were written."""
+
+    frame: Callable[[bytes], bytes]
+    _corked: dict[K, bytearray] | None = None
+
+    def publish(self, frame: bytes, user_ids: Iterable[str], exclude: Session | None) -> None:
+        raise NotImplementedError
+
+    def _flush(self, target: K, data: bytearray) -> None:
+        raise NotImplementedError
+
+    def publish_message(
+        self,
+        user_ids: Iterable[str],
+        msg_type: int,
+        message: Message,
+        exclude: Session | None = None,
+    ) -> None:
+        frame = self.frame(encode_envelope(msg_type, "", message.SerializeToString()))
+        self.publish(frame, user_ids, exclude)
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = {}
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked:
+            for target, buf in corked.items():
+                self._flush(target, buf)  # not mutated after: no copy
+
+
+class LocalOutbox(Corking[Connection]):
     frame = staticmethod(_fan.ws_frame)
     append_frame = staticmethod(_append_ws_frame)
 
@@ -197,25 +237,8 @@ class LocalOutbox:
             out = stats.envelopes_out
             out[t] = out.get(t, 0) + n
 
-    def publish_message(
-        self,
-        user_ids: Iterable[str],
-        msg_type: int,
-        message: Message,
-        exclude: Session | None = None,
-    ) -> None:
-        frame = _fan.ws_frame(encode_envelope(msg_type, "", message.SerializeToString()))
-        self.publish(frame, user_ids, exclude)
-
-    def cork(self) -> None:
-        if self._corked is None:
-            self._corked = {}
-
-    def uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if corked:
-            for conn, buf in corked.items():
-                self._write(conn, buf)  # not mutated after: no copy
+    def _flush(self, conn: Connection, data: bytearray) -> None:
+        self._write(conn, data)
 
     def _write(self, conn: Connection, data: bytes | bytearray) -> bool:
         """The write-with-limit rule (SPEC §5): over the limit, drop the slow reader."""
