@@ -18,7 +18,9 @@ from sovereign.storage import Database, Storage, open_storage
 from sovereign.storage.postgres import PostgresDatabase
 from tests.helpers import pg
 
-ENGINES = ["sqlite", "postgres"]
+# Under SOVEREIGN_TEST_STORAGE=postgres (make test-postgres) only PostgreSQL: the
+# main pass already ran both.
+ENGINES = ["postgres"] if pg.STORAGE == "postgres" else ["sqlite", "postgres"]
 
 
 @pytest.fixture(params=ENGINES)
