@@ -192,6 +192,11 @@ def server_env(data_dir: Path | str) -> dict[str, str]:
     return {"SOVEREIGN_STORAGE": "postgres", "SOVEREIGN_POSTGRES_DSN": database_for(data_dir)}
 
 
+def sqlite_only(why: str) -> pytest.MarkDecorator:
+    """Skip under SOVEREIGN_TEST_STORAGE=postgres: the test is about SQLite's files."""
+    return pytest.mark.skipif(STORAGE == "postgres", reason=f"SQLite-specific: {why}")
+
+
 def drop_test_databases() -> None:
     while _by_data_dir:
         _, (name, _) = _by_data_dir.popitem()

@@ -184,6 +184,7 @@ class ServerProcess:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args else None
+    data_dir = data_dir or (env or {}).get("SOVEREIGN_DATA_DIR")
     storage_env = pg.server_env(data_dir) if data_dir else {}
     return subprocess.run(
         [sys.executable, "-m", "sovereign", *args],
