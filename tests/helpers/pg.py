@@ -118,7 +118,10 @@ def drop_database(name: str) -> None:
 
 
 async def truncate_all(dsn: str) -> None:
-    """Empty every table but schema_version (fast isolation between tests)."""
+    """Empty every table but schema_version (fast isolation between tests).
+
+    DELETE, not TRUNCATE: on tables this small TRUNCATE's new files and fsyncs cost
+    ~900 ms per test here, DELETE a few ms (every foreign key cascades or nulls)."""
     conn = await asyncpg.connect(dsn)
     try:
         tables = [
@@ -128,10 +131,16 @@ async def truncate_all(dsn: str) -> None:
                 " AND tablename <> 'schema_version'"
             )
         ]
-        if tables:
-            await conn.execute(
-                "TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"
+        sequences = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()"
             )
+        ]
+        script = ["SET synchronous_commit TO off", "BEGIN"]
+        script += [f'DELETE FROM "{t}"' for t in tables]
+        script += [f'ALTER SEQUENCE "{q}" RESTART' for q in sequences]
+        await conn.execute("; ".join([*script, "COMMIT"]))
     finally:
         await conn.close()
 

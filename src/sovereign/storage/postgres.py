@@ -33,6 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -402,8 +403,6 @@ class PostgresDatabase(Database):
         return db
 
     def _startup(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         conn = PgConnection(self.dsn)
         self._wconn = conn
         version = conn.raw.get_server_version()
