@@ -201,6 +201,30 @@ def server_env(data_dir: Path | str) -> dict[str, str]:
     return {"SOVEREIGN_STORAGE": "postgres", "SOVEREIGN_POSTGRES_DSN": database_for(data_dir)}
 
 
+def stored_bytes(dsn: str) -> bytes:
+    """Every value of every table, raw (bytea as its bytes): for "no plaintext is
+    stored" checks, PostgreSQL's counterpart of reading the SQLite files."""
+
+    async def dump() -> bytes:
+        conn = await asyncpg.connect(dsn)
+        out = bytearray()
+        try:
+            for (table,) in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            ):
+                for row in await conn.fetch(f'SELECT * FROM "{table}"'):
+                    for v in row.values():
+                        if isinstance(v, bytes):
+                            out += v
+                        elif v is not None:
+                            out += str(v).encode()
+        finally:
+            await conn.close()
+        return bytes(out)
+
+    return run_sync(dump())
+
+
 def sqlite_only(why: str) -> pytest.MarkDecorator:
     """Skip under SOVEREIGN_TEST_STORAGE=postgres: the test is about SQLite's files."""
     return pytest.mark.skipif(STORAGE == "postgres", reason=f"SQLite-specific: {why}")
