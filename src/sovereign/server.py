@@ -425,7 +425,11 @@ def tune_gc() -> None:
 
 async def create_app(config: Config, sources: dict[str, str] | None = None) -> App:
     implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
-    storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
+    storage = await open_storage(
+        config.sqlite_path,
+        postgres_dsn=config.storage_dsn,
+        max_batch=config.group_commit_max_batch,
+    )
     try:
         app = App(config, storage, sources=sources)
         await app.auth.load_settings()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import pg
+
 CHILD = textwrap.dedent(
     """
     import asyncio, json, shutil, subprocess, sys, time
@@ -57,6 +59,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pg.sqlite_only("the server runs in a private network namespace: no PostgreSQL there")
 def test_dead_peer_is_dropped_by_server_pings(tmp_path: Path) -> None:
     unshare = shutil.which("unshare")
     if unshare is None or shutil.which("ip") is None:

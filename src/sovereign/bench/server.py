@@ -59,13 +59,16 @@ async def provision_tokens(
     prefix: str,
     progress: Callable[[str], None] | None = None,
     chunk: int = 500,
+    postgres_dsn: str = "",
 ) -> list[Account]:
-    """Create ``count`` users, each with one session (device) and its token."""
+    """Create ``count`` users, each with one session (device) and its token (in the
+    PostgreSQL database at ``postgres_dsn`` if given, else in the data dir's SQLite)."""
     from sovereign.config import load
     from sovereign.server import create_app
 
     Path(data_dir).mkdir(parents=True, exist_ok=True)
-    cfg = load(None, {"data_dir": data_dir}, environ={})
+    storage = {"storage": "postgres", "postgres_dsn": postgres_dsn} if postgres_dsn else {}
+    cfg = load(None, {"data_dir": data_dir, **storage}, environ={})
     app = await create_app(cfg)
     out: list[Account] = []
     t0 = time.monotonic()
