@@ -21,7 +21,7 @@ from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers import mls
 from tests.helpers.bus import HubBus
 from tests.helpers.fakes import FakeClock, Sent
-from tests.helpers.services import Harness, Login, Pair, cluster_pair
+from tests.helpers.services import Harness, Login, Pair, cluster_pair, harness
 
 
 @pytest.fixture
@@ -388,3 +388,79 @@ async def test_the_loser_of_a_cross_node_invite_race_gets_already_member(pair: P
     for h in p.nodes:
         assert h.conv(conv).members[carol.user_id].joined_seq == 3
     _ = asyncio  # keep the import for future use
+
+
+async def test_a_welcome_reaches_the_other_node_live_and_after_a_lost_notification(
+    pair: Pair,
+) -> None:
+    p = pair
+    alice, bob, a1, b1, conv = await two_users(p)
+    p.b.outbox.take(b1)
+    w = pb.MLSWelcome(conversation_id=conv, recipient_id=bob.user_id, welcome_data=mls.welcome())
+    ok = await call(p, p.a, a1, T.MLS_WELCOME, w)
+    assert ok.type == T.ACK, ok
+    first = of_type(p.b.outbox.take(b1), T.MLS_WELCOME_RECEIVE)
+    assert len(first) == 1
+    bus_b = p.b.cluster.bus if p.b.cluster else None
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    ok = await call(p, p.a, a1, T.MLS_WELCOME, w)
+    assert of_type(p.b.outbox.take(b1), T.MLS_WELCOME_RECEIVE) == []
+    await bus_b.reconnect()
+    await p.settle()
+    again = of_type(p.b.outbox.take(b1), T.MLS_WELCOME_RECEIVE)
+    # only the one whose notification was lost, not the first a second time
+    assert [x.msg.event_id for x in again] != [first[0].msg.event_id] and len(again) == 1
+
+
+async def test_a_lost_last_notification_is_found_by_the_head_check(pair: Pair) -> None:
+    p = pair
+    alice, bob, a1, b1, conv = await two_users(p)
+    p.b.outbox.take(b1)
+    bus_a = p.a.cluster.bus if p.a.cluster else None
+    assert isinstance(bus_a, HubBus)
+    bus_a.disconnect()
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"nobody hears"))
+    bus_a._connected = True
+    assert p.b.outbox.take(b1) == []
+    assert p.b.cluster is not None
+    await p.b.cluster.catch_up()  # what the node does every HEAD_CHECK_S
+    await p.settle()
+    assert seqs(p.b.outbox.take(b1)) == [3]
+
+
+async def test_a_database_used_single_node_gets_exact_heads_when_it_joins_a_cluster(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    async with harness(data) as h:
+        alice = await h.register("alice")
+        a1 = await h.connect(alice)
+        conv = await h.create_group(a1)
+        for _ in range(3):
+            await h.send(a1, conv)
+        floor = await h.db.read(
+            lambda c: c.execute(
+                "SELECT last_seq FROM conversations WHERE conversation_id = ?", (conv,)
+            ).fetchone()[0]
+        )
+        assert floor == 0  # single-node: the head is the newest event, not this column
+    async with cluster_pair(data) as p:
+        last = await p.a.db.read(
+            lambda c: c.execute(
+                "SELECT last_seq FROM conversations WHERE conversation_id = ?", (conv,)
+            ).fetchone()[0]
+        )
+        assert last == 4
+        a1 = await p.b.connect(alice)
+        echo = await call(p, p.b, a1, T.MESSAGE_SEND, send_req(conv))
+        assert echo.msg.seq == 5
+
+
+async def test_profile_changes_and_key_package_low_reach_the_other_node(pair: Pair) -> None:
+    p = pair
+    alice, bob, a1, b1, conv = await two_users(p)
+    assert await p.b.state.profile(alice.user_id) == ("alice", "alice")
+    ok = await call(p, p.a, a1, T.PROFILE_UPDATE, pb.ProfileUpdate(display_name="Alice A."))
+    assert ok.type == T.ACK
+    assert await p.b.state.profile(alice.user_id) == ("alice", "Alice A.")
