@@ -433,7 +433,11 @@ async def create_app(
 ) -> App:
     """``bus``: this process's cluster bus (SPEC §12.27); None or a NullBus: one node."""
     implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
-    storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
+    storage = await open_storage(
+        config.sqlite_path,
+        postgres_dsn=config.storage_dsn,
+        max_batch=config.group_commit_max_batch,
+    )
     try:
         app = App(config, storage, sources=sources, bus=bus)
         await app.auth.load_settings()

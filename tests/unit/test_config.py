@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.config import ConfigError, dump_toml, load, load_with_sources
+from sovereign.config import Config, ConfigError, dump_toml, load, load_with_sources
 
 
 def test_defaults_match_spec_section_9() -> None:
@@ -91,12 +91,6 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 # -- keys of features this version does not have yet ----------------------------------
 
 NOT_YET = [
-    (
-        "storage",
-        "postgres",
-        'storage: "postgres" is not available yet in this version; use "sqlite"',
-    ),
-    ("postgres_dsn", "postgresql://db/sovereign", "postgres_dsn: PostgreSQL storage is not"),
     ("redis_url", "redis://localhost:6379/0", "redis_url: cluster mode (Redis) is not"),
 ]
 
@@ -117,6 +111,30 @@ def test_unavailable_features_are_refused_by_name(
             load(None, {key: value}, environ={})
     msg = str(info.value)
     assert msg.startswith(message) and "not available yet" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("source", ["file", "environment", "override"])
+def test_postgres_storage_needs_a_dsn_and_a_dsn_needs_postgres(tmp_path: Path, source: str) -> None:
+    def attempt(values: dict[str, str]) -> Config:
+        f = tmp_path / "c.toml"
+        f.write_text("".join(f'{k} = "{v}"\n' for k, v in values.items()))
+        if source == "file":
+            return load(f, {}, environ={})
+        if source == "environment":
+            return load(None, {}, environ={"SOVEREIGN_" + k.upper(): v for k, v in values.items()})
+        return load(None, dict(values), environ={})
+
+    dsn = "postgresql://sovereign@127.0.0.1:5432/sovereign"
+    c = attempt({"storage": "postgres", "postgres_dsn": dsn})
+    assert (c.storage, c.postgres_dsn, c.storage_dsn) == ("postgres", dsn, dsn)
+    for values, start in (
+        ({"storage": "postgres"}, "postgres_dsn: required with storage"),
+        ({"postgres_dsn": dsn}, 'postgres_dsn: only used with storage = "postgres"'),
+    ):
+        with pytest.raises(ConfigError) as info:
+            attempt(values)
+        assert str(info.value).startswith(start) and "\n" not in str(info.value)
+    assert load(None, {}, environ={}).storage_dsn == ""
 
 
 def test_unavailable_features_unset_or_at_default_are_accepted(tmp_path: Path) -> None:
