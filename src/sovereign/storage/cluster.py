@@ -177,7 +177,14 @@ def advance_epoch_txn(
 
 
 def member_state_txn(conn: Conn, conversation_id: str, user_id: str) -> tuple[bool, str]:
-    """(currently a member, role) of ``user_id`` in the database."""
+    """(currently a member, role) of ``user_id`` in the database, read under the
+    conversation row's lock: a no-op UPDATE takes it first, so a concurrent membership
+    change on another node has committed (and is seen: PostgreSQL's READ COMMITTED
+    reads each statement's snapshot) or waits for this one."""
+    conn.execute(
+        "UPDATE conversations SET last_seq = last_seq WHERE conversation_id = ?",
+        (conversation_id,),
+    )
     row = conn.execute(
         "SELECT role, left_seq FROM members WHERE conversation_id = ? AND user_id = ?",
         (conversation_id, user_id),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +18,29 @@ from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
-from tests.helpers import mls
+from tests.helpers import mls, pg
 from tests.helpers.bus import HubBus
 from tests.helpers.fakes import FakeClock, Sent
 from tests.helpers.services import Harness, Login, Pair, cluster_pair, harness
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test on both engines: "" is SQLite (one file, two writer connections), else
+    a throwaway PostgreSQL database (where the two nodes' transactions truly overlap)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    name, url = pg.create_database()
+    try:
+        yield url
+    finally:
+        pg.drop_database(name)
+
+
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
-    async with cluster_pair(tmp_path / "data") as p:
+async def pair(tmp_path: Path, dsn: str) -> AsyncIterator[Pair]:
+    async with cluster_pair(tmp_path / "data", postgres_dsn=dsn) as p:
         yield p
 
 
@@ -185,11 +199,11 @@ async def test_two_commits_at_one_epoch_from_two_nodes_one_wins_one_gets_5004(
 
 
 async def test_key_package_claims_raced_from_two_nodes_hand_each_package_out_once(
-    tmp_path: Path,
+    tmp_path: Path, dsn: str
 ) -> None:
     # Real time: the packages' lifetimes are checked against the (injected) clock.
     clock = FakeClock(wall_us=time.time_ns() // 1000)
-    async with cluster_pair(tmp_path / "data", clock) as p:
+    async with cluster_pair(tmp_path / "data", clock, postgres_dsn=dsn) as p:
         await _key_package_race(p)
 
 
@@ -257,8 +271,10 @@ def a2_login_session(p: Pair, s: Session) -> str:
     return s.session_id
 
 
-async def test_the_per_user_cap_counts_connections_on_every_node(tmp_path: Path) -> None:
-    async with cluster_pair(tmp_path / "data", max_connections_per_user=2) as p:
+async def test_the_per_user_cap_counts_connections_on_every_node(
+    tmp_path: Path, dsn: str
+) -> None:
+    async with cluster_pair(tmp_path / "data", postgres_dsn=dsn, max_connections_per_user=2) as p:
         alice = await p.a.register("alice")
         first = await p.a.connect(alice)
         p.a.clock.advance(1)
