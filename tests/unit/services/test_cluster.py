@@ -7,7 +7,6 @@ writer connections, serialised by SQLite's lock as two processes would be).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -271,9 +270,7 @@ def a2_login_session(p: Pair, s: Session) -> str:
     return s.session_id
 
 
-async def test_the_per_user_cap_counts_connections_on_every_node(
-    tmp_path: Path, dsn: str
-) -> None:
+async def test_the_per_user_cap_counts_connections_on_every_node(tmp_path: Path, dsn: str) -> None:
     async with cluster_pair(tmp_path / "data", postgres_dsn=dsn, max_connections_per_user=2) as p:
         alice = await p.a.register("alice")
         first = await p.a.connect(alice)
@@ -388,7 +385,6 @@ async def test_membership_changes_on_one_node_apply_on_the_other(pair: Pair) -> 
 async def test_the_loser_of_a_cross_node_invite_race_gets_already_member(pair: Pair) -> None:
     p = pair
     alice, _bob, a1, _b1, conv = await two_users(p)
-    # make bob an admin too? Only admins invite: use alice on both nodes.
     a2 = await p.b.connect(await p.a.another_device(alice))
     carol = await p.a.register("carol")
     inv = pb.GroupInvite(conversation_id=conv, user_id=carol.user_id)
@@ -403,14 +399,13 @@ async def test_the_loser_of_a_cross_node_invite_race_gets_already_member(pair: P
     assert await stored_seqs(p.a, conv) == [1, 2, 3]
     for h in p.nodes:
         assert h.conv(conv).members[carol.user_id].joined_seq == 3
-    _ = asyncio  # keep the import for future use
 
 
 async def test_a_welcome_reaches_the_other_node_live_and_after_a_lost_notification(
     pair: Pair,
 ) -> None:
     p = pair
-    alice, bob, a1, b1, conv = await two_users(p)
+    _alice, bob, a1, b1, conv = await two_users(p)
     p.b.outbox.take(b1)
     w = pb.MLSWelcome(conversation_id=conv, recipient_id=bob.user_id, welcome_data=mls.welcome())
     ok = await call(p, p.a, a1, T.MLS_WELCOME, w)
@@ -431,7 +426,7 @@ async def test_a_welcome_reaches_the_other_node_live_and_after_a_lost_notificati
 
 async def test_a_lost_last_notification_is_found_by_the_head_check(pair: Pair) -> None:
     p = pair
-    alice, bob, a1, b1, conv = await two_users(p)
+    _alice, _bob, a1, b1, conv = await two_users(p)
     p.b.outbox.take(b1)
     bus_a = p.a.cluster.bus if p.a.cluster else None
     assert isinstance(bus_a, HubBus)
@@ -473,9 +468,9 @@ async def test_a_database_used_single_node_gets_exact_heads_when_it_joins_a_clus
         assert echo.msg.seq == 5
 
 
-async def test_profile_changes_and_key_package_low_reach_the_other_node(pair: Pair) -> None:
+async def test_a_profile_change_reaches_the_other_nodes_cache(pair: Pair) -> None:
     p = pair
-    alice, bob, a1, b1, conv = await two_users(p)
+    alice, _bob, a1, _b1, _conv = await two_users(p)
     assert await p.b.state.profile(alice.user_id) == ("alice", "alice")
     ok = await call(p, p.a, a1, T.PROFILE_UPDATE, pb.ProfileUpdate(display_name="Alice A."))
     assert ok.type == T.ACK
