@@ -461,11 +461,15 @@ class ClusterEventLog(EventLog):
                 except Exception:
                     log.exception("conflict answer failed")
             self.conflicted(op)
+        latency = self.latency
+        now = self.now_us() if latency is not None and self.now_us is not None else 0
         for op in done:
             for ev in op.events:
                 conv = ev.conv
                 if ev.seq > conv.last_seq:
                     conv.last_seq, conv.last_ts_us = ev.seq, ev.ts_us
+                if latency is not None:
+                    latency.observe(max(0, now - ev.ts_us) / 1e6)
         self.cork()
         try:
             self.committed(done)
