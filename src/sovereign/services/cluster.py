@@ -259,14 +259,14 @@ class ClusterService:
         last_check = loop.time()
         while not self._stopped:
             await asyncio.sleep(BEAT_S)
-            self._send(BeatNote())
-            self._expire(loop.time())
-            if loop.time() - last_check >= HEAD_CHECK_S:
-                last_check = loop.time()
-                try:
+            try:
+                self._send(BeatNote())
+                self._expire(loop.time())
+                if loop.time() - last_check >= HEAD_CHECK_S:
+                    last_check = loop.time()
                     await self.catch_up()
-                except Exception:
-                    log.exception("head check failed")
+            except Exception:
+                log.exception("cluster beat failed")
 
     def _expire(self, now: float) -> None:
         for node, peer in list(self.peers.items()):
@@ -792,12 +792,14 @@ class ClusterService:
                 delivery.push_welcome(s.user_id, frame, event_id)
 
     async def catch_up(self) -> None:
-        """Every known conversation whose database head is past this node's, and
-        every conversation of a connected user this node does not know, are read
-        from the database by seq and delivered in order."""
+        """Every conversation of a user connected here whose database head is past
+        this node's (known or not yet known to this node) is read from the database by
+        seq and delivered in order."""
         local_users = sorted(
             {s.user_id for s in self.outbox.all_sessions() if s.user_id and not s.closed}
         )
+        if not local_users:
+            return  # nobody here to deliver to; notifications still repair holes
         heads, theirs = await self.db.read(partial(csql.heads_txn, users=local_users))
         state = self.state
         for conv_id, head in heads.items():

@@ -62,21 +62,20 @@ def mls_txn(
 
 
 def heads_txn(conn: Conn, users: list[str]) -> tuple[dict[str, int], set[str]]:
-    """Every conversation's exact head (cluster mode keeps ``last_seq`` exact), and the
-    conversations ``users`` are or were members of."""
-    heads = {
-        str(r[0]): int(r[1])
-        for r in conn.execute("SELECT conversation_id, last_seq FROM conversations")
-    }
-    theirs: set[str] = set()
+    """The exact head (cluster mode keeps ``last_seq`` exact) of every conversation
+    ``users`` are or were members of, and the set of those conversations."""
+    heads: dict[str, int] = {}
     for i in range(0, len(users), 500):
         chunk = users[i : i + 500]
         marks = ",".join("?" * len(chunk))
         for r in conn.execute(
-            f"SELECT DISTINCT conversation_id FROM members WHERE user_id IN ({marks})", chunk
+            "SELECT DISTINCT c.conversation_id, c.last_seq FROM conversations c"
+            " JOIN members m ON m.conversation_id = c.conversation_id"
+            f" WHERE m.user_id IN ({marks})",
+            chunk,
         ):
-            theirs.add(str(r[0]))
-    return heads, theirs
+            heads[str(r[0])] = int(r[1])
+    return heads, set(heads)
 
 
 def closed_txn(conn: Conn, users: list[str], sessions: list[str]) -> tuple[list[str], list[str]]:
