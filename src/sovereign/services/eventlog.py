@@ -409,7 +409,19 @@ class ClusterEventLog(EventLog):
         super().submit(op)
 
     async def _write(self, batch: list[Op]) -> None:
+        # Every conversation row of the batch is locked first, in one global order:
+        # otherwise two nodes' batches could take two rows (or a row and a request
+        # key) in opposite orders and deadlock on PostgreSQL. One op alone takes its
+        # locks in the one order it has.
+        locks = (
+            sorted({op.events[0].conv.conversation_id for op in batch if op.events})
+            if len(batch) > 1
+            else []
+        )
+
         def txn(conn: Conn) -> list[object]:
+            for conv_id in locks:
+                csql.lock_conversation_txn(conn, conv_id)
             verdicts: list[object] = []
             for op in batch:
                 if op.guard is not None:

@@ -121,6 +121,15 @@ def allocate_seqs_txn(conn: Conn, conversation_id: str, n: int) -> tuple[int, in
     return int(row[0]) - n, int(row[1])
 
 
+def lock_conversation_txn(conn: Conn, conversation_id: str) -> None:
+    """Take the conversation row's lock until COMMIT (PostgreSQL; SQLite's writer lock
+    already covers the database). A no-op UPDATE: portable, unlike FOR UPDATE."""
+    conn.execute(
+        "UPDATE conversations SET last_seq = last_seq WHERE conversation_id = ?",
+        (conversation_id,),
+    )
+
+
 def set_last_ts_txn(conn: Conn, conversation_id: str, ts_us: int) -> None:
     conn.execute(
         "UPDATE conversations SET last_ts_us = ? WHERE conversation_id = ?",
@@ -180,10 +189,7 @@ def member_state_txn(conn: Conn, conversation_id: str, user_id: str) -> tuple[bo
     conversation row's lock: a no-op UPDATE takes it first, so a concurrent membership
     change on another node has committed (and is seen: PostgreSQL's READ COMMITTED
     reads each statement's snapshot) or waits for this one."""
-    conn.execute(
-        "UPDATE conversations SET last_seq = last_seq WHERE conversation_id = ?",
-        (conversation_id,),
-    )
+    lock_conversation_txn(conn, conversation_id)
     row = conn.execute(
         "SELECT role, left_seq FROM members WHERE conversation_id = ? AND user_id = ?",
         (conversation_id, user_id),
