@@ -475,3 +475,31 @@ async def test_a_profile_change_reaches_the_other_nodes_cache(pair: Pair) -> Non
     ok = await call(p, p.a, a1, T.PROFILE_UPDATE, pb.ProfileUpdate(display_name="Alice A."))
     assert ok.type == T.ACK
     assert await p.b.state.profile(alice.user_id) == ("alice", "Alice A.")
+
+
+async def test_batches_over_several_conversations_from_both_nodes_all_commit(
+    pair: Pair,
+) -> None:
+    """Each node's batches hold ops of two conversations in opposite orders: on
+    PostgreSQL the rows are locked in one order, so no batch dies in a deadlock."""
+    p = pair
+    alice, _bob, a1, b1, conv1 = await two_users(p)
+    conv2 = (
+        await call(
+            p, p.b, b1, T.GROUP_CREATE, pb.GroupCreate(title="h", member_ids=[alice.user_id])
+        )
+    ).msg.conversation_id
+    n = 15
+    for i in range(n):
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv1), f"a1-{i}")
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv2), f"a2-{i}")
+        p.b.request(b1, T.MESSAGE_SEND, send_req(conv2), f"b2-{i}")
+        p.b.request(b1, T.MESSAGE_SEND, send_req(conv1), f"b1-{i}")
+    await p.settle()
+    answers = [p.a.outbox.response(a1, f"a{c}-{i}") for c in (1, 2) for i in range(n)]
+    answers += [p.b.outbox.response(b1, f"b{c}-{i}") for c in (1, 2) for i in range(n)]
+    assert all(x.type == T.MESSAGE_RECEIVE for x in answers), [
+        x for x in answers if x.type != T.MESSAGE_RECEIVE
+    ]
+    assert await stored_seqs(p.a, conv1) == list(range(1, 2 * n + 3))
+    assert await stored_seqs(p.a, conv2) == list(range(1, 2 * n + 3))
