@@ -503,3 +503,21 @@ async def test_batches_over_several_conversations_from_both_nodes_all_commit(
     ]
     assert await stored_seqs(p.a, conv1) == list(range(1, 2 * n + 3))
     assert await stored_seqs(p.a, conv2) == list(range(1, 2 * n + 3))
+
+
+async def test_key_package_low_reaches_the_device_on_the_other_node(
+    tmp_path: Path, dsn: str
+) -> None:
+    clock = FakeClock(wall_us=time.time_ns() // 1000)
+    async with cluster_pair(tmp_path / "data", clock, postgres_dsn=dsn, min_key_packages=2) as p:
+        alice, bob, a1, b1, _conv = await two_users(p)
+        up = pb.MLSKeyPackageUpload(key_packages=[mls.key_package(bob.user_id) for _ in range(2)])
+        assert (await call(p, p.b, b1, T.MLS_KEY_PACKAGE_UPLOAD, up)).type == T.ACK
+        p.b.outbox.take(b1)
+        got = await call(
+            p, p.a, a1, T.MLS_KEY_PACKAGE_FETCH, pb.MLSKeyPackageFetch(user_id=bob.user_id)
+        )
+        assert got.type == T.MLS_KEY_PACKAGE_RESPONSE
+        low = of_type(p.b.outbox.take(b1), T.MLS_KEY_PACKAGE_LOW)
+        assert [(x.msg.remaining, x.msg.minimum) for x in low] == [(1, 2)]
+        assert alice.user_id  # the fetch came from node a
