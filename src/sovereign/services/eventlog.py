@@ -190,7 +190,8 @@ class Op:
         # statement and decides against the database, not memory, whether it may
         # proceed: it returns None, or a value handed to ``conflict`` after the COMMIT
         # (the op is then skipped and undone, the rest of its batch commits).
-        self.before: list[Callable[[Conn], None]] = []
+        # (None, not a list: nothing allocated per op on a single node)
+        self.before: list[Callable[[Conn], None]] | None = None
         self.guard: Callable[[Conn], object] | None = None
         self.conflict: Callable[[object], None] | None = None
         # (user_id, request_id, event_id, ts_us) of an idempotent MESSAGE_SEND
@@ -429,8 +430,9 @@ class ClusterEventLog(EventLog):
                     if verdict is not None:
                         verdicts.append(verdict)
                         continue
-                for fn in op.before:
-                    fn(conn)
+                if op.before:
+                    for fn in op.before:
+                        fn(conn)
                 if op.events:
                     allocate_txn(conn, op.events)
                 for fn in op.txns:
