@@ -36,6 +36,7 @@ from sovereign.services.admin import SETTINGS, AdminService
 from sovereign.services.auth import AuthService
 from sovereign.services.compose import build_services
 from sovereign.services.eventlog import EVENT_GATHER_S
+from sovereign.services.ports import Bus
 from sovereign.services.session import Session
 from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage, open_storage
@@ -59,6 +60,7 @@ class App:
         storage: Storage,
         clock: Clock = SYSTEM_CLOCK,
         sources: dict[str, str] | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -95,6 +97,7 @@ class App:
             stats=stats,
             mls_stats=mls_stats,
             gather_s=EVENT_GATHER_S,
+            bus=bus,  # cluster mode when not a NullBus (SPEC §12.27)
         )
         self.tasks = svc.tasks
         self.auth = svc.auth
@@ -377,6 +380,8 @@ class App:
         self.outbox.close_all(CloseCode.SERVER_SHUTDOWN, "server shutdown")
         await self.tasks.drain(timeout)  # in-flight requests finish before storage closes
         await self.services.delivery.stop()  # every queued event and ack reaches storage
+        if self.services.cluster is not None:
+            await self.services.cluster.stop()  # after the last commit was announced
         # Give transports a moment to flush their close frames.
         deadline = self.monotonic() + 2.0
         while self.outbox.count() and self.monotonic() < deadline:
@@ -423,7 +428,10 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1_000)
 
 
-async def create_app(config: Config, sources: dict[str, str] | None = None) -> App:
+async def create_app(
+    config: Config, sources: dict[str, str] | None = None, bus: Bus | None = None
+) -> App:
+    """``bus``: this process's cluster bus (SPEC §12.27); None or a NullBus: one node."""
     implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
     storage = await open_storage(
         config.sqlite_path,
@@ -431,11 +439,13 @@ async def create_app(config: Config, sources: dict[str, str] | None = None) -> A
         max_batch=config.group_commit_max_batch,
     )
     try:
-        app = App(config, storage, sources=sources)
+        app = App(config, storage, sources=sources, bus=bus)
         await app.auth.load_settings()
         await app.admin.load_settings()  # stored settings win over file, env, flags
         await app.services.state.load()
         await app.services.delivery.load()
+        if app.services.cluster is not None:
+            await app.services.cluster.load()  # exact heads, then join the bus
     except BaseException:
         await storage.close()
         raise

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sovereign.config import Config
     from sovereign.services.auth import AuthService
+    from sovereign.services.cluster import ClusterService
     from sovereign.services.connections import ConnectionService
     from sovereign.services.delivery import DeliveryService
     from sovereign.services.directory import DirectoryService
@@ -42,3 +43,5 @@ class Services:
     history: HistoryService
     mls: MlsService
     directory: DirectoryService
+    #: cluster mode only (SPEC §12.27); None on a single node
+    cluster: ClusterService | None = None
