@@ -11,6 +11,8 @@ entry and the structure's ceiling at its cap.
 - ``idempotency recent tier``: :class:`~sovereign.services.idempotency.SendRequests`'s
   ``recent`` (key -> event id), capped at ``RECENT_MAX``;
 - ``idempotency filters``: its Bloom filters, a fixed size whatever the entries;
+- ``conversation recent window``: each conversation's last ``RECENT_EVENTS`` events
+  (for MESSAGE_DELIVERED), bounded per conversation, so by busy conversations;
 - ``event index``: :meth:`~sovereign.services.state.ConversationState.index_put`'s
   ``OrderedDict`` (event id -> (conversation, seq, type, sender)), before and after
   its cap changed.
@@ -26,11 +28,12 @@ import gc
 import json
 import tracemalloc
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from sovereign.services import idempotency as idem
 from sovereign.services import state as state_mod
+from sovereign.services.eventlog import RECENT_EVENTS
 from sovereign.services.ids import new_ulid
 
 USERS = 200
@@ -130,6 +133,25 @@ def run(n: int, uuids: bool) -> dict[str, dict[str, float]]:
     results["event index: event id -> (conv, seq, type, sender)"]["cap_now"] = (
         state_mod.EVENT_INDEX_MAX
     )
+    del kept
+
+    def conv_recent() -> object:
+        # eventlog.Conv.recent: (seq, event id, type, sender) of a conversation's newest
+        # RECENT_EVENTS committed events, per conversation that had traffic.
+        windows = [deque(maxlen=RECENT_EVENTS) for _ in range(CONVS)]
+        for i, ((user, _rid, eid, _ts, _conv), seq) in enumerate(zip(rows, seqs, strict=True)):
+            windows[i % CONVS].append((seq + 0, "".join(eid), 1, user))
+        return windows
+
+    nbytes, kept = _measure(conv_recent)
+    full = min(n, CONVS * RECENT_EVENTS)
+    results["conversation recent window (per conversation)"] = {
+        "entries": full,
+        "bytes": nbytes,
+        "bytes_per_entry": round(nbytes / full, 1),
+        "cap_per_conversation": RECENT_EVENTS,
+        "mb_per_busy_conversation": round(nbytes / full * RECENT_EVENTS / 1e6, 3),
+    }
     del kept
     return results
 

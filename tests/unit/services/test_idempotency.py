@@ -240,20 +240,22 @@ async def test_retry_racing_its_uncommitted_original_on_the_storage_path(
     saturate(h)  # every key goes through storage
     held = await hold_writer(h, gate)
     # The original and its retry both read storage (nothing there); the first to come
-    # back queues the send, the second finds it pending and joins it.
-    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"original"), "race")
-    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"retry"), "race")
-    for _ in range(200):
-        if h.delivery.requests.pending:
+    # back (either: two reader threads) queues the send, the other finds it pending
+    # and joins it.
+    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"one"), "race")
+    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"two"), "race")
+    for _ in range(2000):  # both reads are done once no request task is left
+        if h.tasks.pending == 0:
             break
         await asyncio.sleep(0.005)
-    assert (w.alice.user_id, "race") in h.delivery.requests.pending
+    assert list(h.delivery.requests.pending) == [(w.alice.user_id, "race")]
+    assert h.delivery.requests.storage_checks == 2
     gate.release()
     await held
     await h.settle()
     first, second = h.outbox.take(w.a1)
     assert first.request_id == second.request_id == "race" and first.msg == second.msg
-    assert (first.msg.seq, first.msg.encrypted_payload) == (3, b"original")
+    assert first.msg.seq == 3 and first.msg.encrypted_payload in (b"one", b"two")
     assert [f.msg.seq for f in h.outbox.take(w.b1)] == [3]
     assert await h.stored_seqs(w.conv) == [1, 2, 3]
 
