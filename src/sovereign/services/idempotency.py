@@ -48,7 +48,7 @@ IDEMPOTENCY_US = 24 * 3600 * 1_000_000
 RECENT_MAX = 10_000
 #: Bits per period's Bloom filter (a power of two): 2^24 bits = 2 MiB. With K = 3, a
 #: period (12 h) of 500,000 new keys gives ~0.06% false positives per array, 2,000,000
-#: gives ~2.6%; each false positive is one indexed read, never a wrong answer.
+#: gives ~2.7%; each false positive is one indexed read, never a wrong answer.
 FILTER_BITS = 1 << 24
 #: Send time covered by one filter; the window needs IDEMPOTENCY_US / PERIOD_US + 1.
 PERIOD_US = 12 * 3600 * 1_000_000
