@@ -31,6 +31,7 @@ from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.eventlog import Conv, Event, EventLog, Op
+from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
 from sovereign.services.session import Session, SyncState
 from sovereign.services.state import ConversationState, Device
@@ -41,8 +42,6 @@ from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.delivery")
 
-IDEMPOTENCY_US = 24 * 3600 * 1_000_000
-IDEMPOTENCY_MEMORY = 500_000
 SYNC_PAGE = 500
 SYNC_CHUNK_BYTES = 64 * 1024
 #: SPEC §12.32: ids in one MESSAGE_ACK (message_id and message_ids together).
@@ -167,10 +166,8 @@ class DeliveryService:
         self.clock = clock
         self.tasks = tasks
         self.writer = DeliveryWriter(db, outbox, tasks, clock)
-        self.idempotent: dict[tuple[str, str], tuple[int, str] | Op] = {}
-        # True when the idempotency window is larger than what memory holds: then a
-        # request_id not found in memory is also looked up in storage.
-        self.idempotency_partial = False
+        #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
+        self.requests = SendRequests()
         self.syncing: set[Session] = set()
         #: Awaited at the end of a connection's offline sync, after presence (SPEC §4):
         #: the MLS service's MLS_KEY_PACKAGE_LOW.
@@ -179,13 +176,21 @@ class DeliveryService:
         self.went_live: list[Callable[[Session], None]] = []
 
     async def load(self) -> None:
+        """The idempotency filters from the stored keys of the window (keys only, in
+        pages: memory stays bounded however many there are)."""
         since = self.clock.now_us() - IDEMPOTENCY_US
-        rows = await self.db.read(
-            lambda c: sql.recent_send_requests_txn(c, since, IDEMPOTENCY_MEMORY + 1)
-        )
-        self.idempotency_partial = len(rows) > IDEMPOTENCY_MEMORY
-        for user_id, request_id, event_id, created in rows[:IDEMPOTENCY_MEMORY]:
-            self.idempotent[(user_id, request_id)] = (created, event_id)
+        after: tuple[str, str] | None = None
+        total = 0
+        while True:
+            rows = await self.db.read(
+                partial(sql.send_request_keys_txn, since_us=since, after=after, limit=LOAD_PAGE)
+            )
+            self.requests.load_page(rows)
+            total += len(rows)
+            if len(rows) < LOAD_PAGE:
+                break
+            after = (rows[-1][0], rows[-1][1])
+        log.info("loaded %d idempotency keys", total)
 
     async def stop(self) -> None:
         await self.eventlog.wait_idle()
@@ -231,19 +236,23 @@ class DeliveryService:
         echo even if the sender has since left the conversation (docs/decisions.md)."""
         user_id = s.user_id
         if rid:
-            prior = self.idempotent.get((user_id, rid))
-            if isinstance(prior, Op):  # the original is still committing: answer with it
-                self._join_pending(s, rid, prior)
+            key = (user_id, rid)
+            requests = self.requests
+            pending = requests.pending.get(key)
+            if pending is not None:  # the original is still committing: answer with it
+                self._join_pending(s, rid, pending)
                 return
-            if prior is not None:
-                self.tasks.spawn(s, rid, self._replay_send(s, rid, prior[1]))
+            event_id = requests.known(key, self.clock.now_us())
+            if event_id is not None:
+                self.tasks.spawn(s, rid, self._replay_send(s, rid, event_id))
                 return
         conv = self.state.conv_for_member(req.conversation_id, user_id)
         if len(req.encrypted_payload) > self.config.max_message_size_bytes:
             raise SovereignError(
                 ErrorCode.MESSAGE_TOO_LARGE, "encrypted_payload exceeds max_message_size_bytes"
             )
-        if rid and self.idempotency_partial:
+        if rid and self.requests.maybe_stored((user_id, rid)):
+            # Older than the recent tier (or a filter false positive): one storage read.
             self.tasks.spawn(s, rid, self._send_checked(s, rid, req, conv))
             return
         self._send_now(s, rid, req, conv)
@@ -284,13 +293,34 @@ class DeliveryService:
             )
 
     async def _send_checked(self, s: Session, rid: str, req: pb.MessageSend, conv: Conv) -> None:
-        """A request_id not in memory may still be in storage (from before a restart)."""
+        """A request_id not in memory may be in storage: one indexed read (the key and
+        its event's payload). The original may also commit during the read: ``watch``
+        catches it even if the recent tier has already let it go."""
+        key = (s.user_id, rid)
+        requests = self.requests
         since = self.clock.now_us() - IDEMPOTENCY_US
-        event_id = await self.db.read(lambda c: sql.send_request_txn(c, s.user_id, rid, since))
-        if event_id is not None:
-            await self._replay_send(s, rid, event_id)
+        requests.watch(key)
+        try:
+            found = await self.db.read(
+                partial(
+                    sql.send_request_event_txn,
+                    user_id=s.user_id,
+                    request_id=rid,
+                    since_us=since,
+                )
+            )
+        finally:
+            committed = requests.unwatch(key)
+        if found is not None:
+            if found[1] is None:
+                raise SovereignError(ErrorCode.INTERNAL_ERROR, "original message no longer stored")
+            self.outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, found[1])
             return
-        if self.idempotent.get((s.user_id, rid)) is not None:  # raced with a duplicate
+        if committed is not None:  # the original committed while we read
+            await self._replay_send(s, rid, committed)
+            return
+        if key in requests.pending or requests.known(key, self.clock.now_us()) is not None:
+            # Raced with a duplicate that is now committing or committed: answer with it.
             self.send_message(s, rid, req)
             return
         self._send_now(s, rid, req, self.state.conv_for_member(conv.conversation_id, s.user_id))
@@ -315,11 +345,11 @@ class DeliveryService:
             message_type=req.message_type,
             seq=ev.seq,
         ).SerializeToString()
-        idempotent = self.idempotent
+        requests = self.requests
         if rid:
             key = (user_id, rid)
-            idempotent[key] = op
-            op.on_undo(lambda: idempotent.pop(key, None))
+            requests.begin(key, op, ev.ts_us)
+            op.on_undo(lambda: requests.undo(key))
             if self.eventlog.clustered:
                 # The database decides (another node may hold the same request_id).
                 since = ev.ts_us - IDEMPOTENCY_US
@@ -333,7 +363,7 @@ class DeliveryService:
 
         def finish() -> None:
             if rid:
-                idempotent[(user_id, rid)] = (ev.ts_us, ev.event_id)
+                requests.committed((user_id, rid), ev.event_id)
             self.state.index(ev)
             outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, ev.payload)  # the echo = response
             self.publish(ev, s)
@@ -341,16 +371,8 @@ class DeliveryService:
         self.submit(s, rid, op, finish, "could not store the message")
 
     def purge_idempotency(self) -> None:
-        """Forget request_ids older than the 24 h window; bound what memory holds."""
-        since = self.clock.now_us() - IDEMPOTENCY_US
-        for key, value in list(self.idempotent.items()):
-            if isinstance(value, tuple) and value[0] < since:
-                del self.idempotent[key]
-        if len(self.idempotent) > IDEMPOTENCY_MEMORY:
-            self.idempotency_partial = True
-            for key in list(self.idempotent)[: len(self.idempotent) - IDEMPOTENCY_MEMORY]:
-                if isinstance(self.idempotent[key], tuple):
-                    del self.idempotent[key]
+        """Forget request_ids older than the 24 h window (filters and recent keys)."""
+        self.requests.purge(self.clock.now_us())
 
     async def purge_stored_idempotency(self) -> None:
         since = self.clock.now_us() - IDEMPOTENCY_US

@@ -25,7 +25,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sovereign.state")
 
-EVENT_INDEX_MAX = 200_000
+#: Recent events whose acks need no storage read (~0.3 KB each: ~6 MB at the cap). Acks
+#: of older events are resolved in one query per MESSAGE_ACK (DeliveryService._ack_slow).
+#: Was 200,000 (~60 MB, filled after ~17 min at 200 msgs/s, so RSS kept rising for that
+#: long); acks almost always name an event seconds old (docs/performance.md).
+EVENT_INDEX_MAX = 20_000
 PRESENCE_RANK = {"offline": 0, "away": 1, "online": 2}
 
 

@@ -401,27 +401,43 @@ def pending_welcomes_txn(
     ]
 
 
-def recent_send_requests_txn(
-    conn: Conn, since_us: int, limit: int
-) -> list[tuple[str, str, str, int]]:
-    """(user_id, request_id, event_id, created_at_us), newest first."""
-    return [
-        (r[0], r[1], r[2], int(r[3]))
-        for r in conn.execute(
-            "SELECT user_id, request_id, event_id, created_at_us FROM send_requests"
-            " WHERE created_at_us >= ? ORDER BY created_at_us DESC LIMIT ?",
+def send_request_keys_txn(
+    conn: Conn, since_us: int, after: tuple[str, str] | None, limit: int
+) -> list[tuple[str, str, int]]:
+    """(user_id, request_id, created_at_us) of idempotency keys newer than ``since_us``,
+    in primary-key order after ``after``: a page of the start-up load (keyset paging
+    on the primary key: no sort, no extra index)."""
+    if after is None:
+        cur = conn.execute(
+            "SELECT user_id, request_id, created_at_us FROM send_requests"
+            " WHERE created_at_us >= ? ORDER BY user_id, request_id LIMIT ?",
             (since_us, limit),
         )
-    ]
+    else:
+        cur = conn.execute(
+            "SELECT user_id, request_id, created_at_us FROM send_requests"
+            " WHERE (user_id, request_id) > (?, ?) AND created_at_us >= ?"
+            " ORDER BY user_id, request_id LIMIT ?",
+            (after[0], after[1], since_us, limit),
+        )
+    return [(str(r[0]), str(r[1]), int(r[2])) for r in cur]
 
 
-def send_request_txn(conn: Conn, user_id: str, request_id: str, since_us: int) -> str | None:
+def send_request_event_txn(
+    conn: Conn, user_id: str, request_id: str, since_us: int
+) -> tuple[str, bytes | None] | None:
+    """The stored send with this idempotency key within the window, in one indexed
+    read: (event id, its MessageReceive payload, None if retention removed the event),
+    or None if the key is not stored."""
     row = conn.execute(
-        "SELECT event_id FROM send_requests WHERE user_id = ? AND request_id = ?"
-        " AND created_at_us >= ?",
+        "SELECT r.event_id, e.payload FROM send_requests r"
+        " LEFT JOIN events e ON e.event_id = r.event_id"
+        " WHERE r.user_id = ? AND r.request_id = ? AND r.created_at_us >= ?",
         (user_id, request_id, since_us),
     ).fetchone()
-    return None if row is None else str(row[0])
+    if row is None:
+        return None
+    return str(row[0]), None if row[1] is None else bytes(row[1])
 
 
 # -- retention ------------------------------------------------------------------------

@@ -257,7 +257,7 @@ async def test_failed_commit_is_undone_the_seq_is_not_burned_and_the_sender_gets
         )
     conv = h.conv(w.conv)
     assert (conv.last_seq, conv.committed_seq) == (2, 2)
-    assert (w.alice.user_id, "doomed") not in h.delivery.idempotent
+    assert (w.alice.user_id, "doomed") not in h.delivery.requests.pending
     await h.refuse_events(False)
     # The retry is a new send (the request_id was not spent) and takes seq 3 (not burned).
     h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv), "doomed")

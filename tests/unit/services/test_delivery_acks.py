@@ -3,7 +3,12 @@ ignored ids, Ack.count, and one MESSAGE_DELIVERED per sender per recipient user.
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from sovereign.protocol.types import MessageType as T
+from sovereign.services import state as state_mod
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.services import Harness, World
 
@@ -134,3 +139,33 @@ async def test_delivered_names_the_new_position_when_a_recipient_acks_in_steps(
     ]
     await h.ack(w.b1, m1.message_id, m2.message_id)  # nothing new passed: no DELIVERED
     assert h.outbox.take(w.a1) == []
+
+
+async def test_ack_of_an_event_the_bounded_index_let_go_is_resolved_from_storage(
+    h: Harness, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recent-event index keeps the newest EVENT_INDEX_MAX ids; an ack naming an
+    older one is resolved in one storage read and moves the cursor all the same."""
+    monkeypatch.setattr(state_mod, "EVENT_INDEX_MAX", 3)
+    w = world
+    m = [await h.send(w.a1, w.conv) for _ in range(5)]  # seqs 3..7
+    index = h.state.event_index
+    assert list(index) == [x.message_id for x in m[2:]]  # the oldest went first
+    reads = 0
+    real = h.db.read
+
+    async def read(fn: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(fn)
+
+    h.db.read = read  # type: ignore[method-assign]
+    ack = await h.ack(w.b1, m[0].message_id, m[1].message_id)
+    assert (ack.type, ack.msg.count) == (T.ACK, 2)
+    assert reads == 1  # both unknown ids in one query (the delivered position is known)
+    assert await stored_cursor(h, w.bob.device_id, w.conv) == 4
+    assert len(index) == 3  # what the slow path looked up went in, bounded still
+    before = reads
+    ack = await h.ack(w.b1, m[4].message_id)  # the newest: from memory, no read
+    assert (ack.msg.count, reads) == (1, before)
+    assert await stored_cursor(h, w.bob.device_id, w.conv) == 7

@@ -1,0 +1,206 @@
+"""Idempotent MESSAGE_SEND keys in bounded memory (SPEC §5: a MESSAGE_SEND repeated by
+the same user with the same request_id within 24 h returns the original MESSAGE_RECEIVE
+and stores nothing).
+
+Theory of operation
+-------------------
+The durable record is the ``send_requests`` table: (user_id, request_id) -> event id,
+written in the same transaction as the event. Memory only has to answer one question
+fast, for every send: *could this key already be stored?* Almost always the answer is
+"certainly not" (a new message), and that must cost no storage read. Three tiers:
+
+1. ``pending``: keys whose original is still in the event log's queue, not committed
+   (so not in storage either). A retry joins the original and gets its echo. Never
+   evicted; bounded by the queue (one entry per uncommitted send).
+2. ``recent``: the newest :data:`RECENT_MAX` committed keys -> event id (oldest out).
+   A retry of a recent send (the usual case: the client lost the echo and resent at
+   once) is answered without a storage read for the key.
+3. A Bloom filter of every key used within the window, one bit array of
+   :data:`FILTER_BITS` bits per :data:`PERIOD_US` (12 h) of send time, at most
+   ``IDEMPOTENCY_US / PERIOD_US + 1`` = 3 arrays. A filter has no false negatives: a
+   key it has not seen was certainly not used in the window, so the send goes ahead
+   with no read. A key it may have seen (an older retry, or a false positive) costs
+   ONE indexed storage read (``send_requests`` primary key, joined to the event).
+
+Memory is therefore fixed: 3 x FILTER_BITS / 8 bytes for the filters (6 MiB), plus
+RECENT_MAX small entries (~0.2 KB each, ~2 MB), whatever the traffic. What traffic
+changes is the filter's false-positive rate, so the share of new sends that pay one
+read (see docs/performance.md, "Memory bounds"). A restart rebuilds the filters from
+``send_requests`` (keys only, in primary-key pages).
+
+A storage read runs while other sends go on. If the original commits during that
+read, the read may not see it and the recent tier may already have let it go again
+(under heavy traffic); :meth:`SendRequests.watch` records the event id of a watched
+key committed meanwhile, so the check still finds the original (never a duplicate).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sovereign.services.eventlog import Op
+
+#: SPEC §5: the idempotency window.
+IDEMPOTENCY_US = 24 * 3600 * 1_000_000
+#: Committed keys kept with their event id (tier 2). ~0.2 KB each.
+RECENT_MAX = 10_000
+#: Bits per period's Bloom filter (a power of two): 2^24 bits = 2 MiB. With K = 3, a
+#: period (12 h) of 500,000 new keys gives ~0.06% false positives per array, 2,000,000
+#: gives ~2.7%; each false positive is one indexed read, never a wrong answer.
+FILTER_BITS = 1 << 24
+#: Send time covered by one filter; the window needs IDEMPOTENCY_US / PERIOD_US + 1.
+PERIOD_US = 12 * 3600 * 1_000_000
+#: Start-up: keys read from storage per page.
+LOAD_PAGE = 5000
+
+Key = tuple[str, str]  # (user_id, request_id)
+
+
+def ulid_ms(event_id: str) -> int:
+    """The millisecond time in a ULID's first 10 characters (Crockford base32)."""
+    return int(event_id[:10].translate(_TO_BASE32), 32)
+
+
+# Crockford's alphabet -> int(..., 32)'s digits 0-9a-v (ULIDs have no I, L, O, U).
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")
+
+
+class SendRequests:
+    """The idempotency keys of MESSAGE_SEND: ``pending``, ``recent`` and the filters."""
+
+    def __init__(
+        self,
+        recent_max: int = RECENT_MAX,
+        filter_bits: int = FILTER_BITS,
+        window_us: int = IDEMPOTENCY_US,
+        period_us: int = PERIOD_US,
+    ) -> None:
+        if filter_bits < 8 or filter_bits & (filter_bits - 1):
+            raise ValueError("filter_bits must be a power of two >= 8")
+        if recent_max < 0 or period_us <= 0 or window_us <= 0:
+            raise ValueError("bad idempotency sizes")
+        self.recent_max = recent_max
+        self.window_us = window_us
+        self.period_us = period_us
+        self.pending: dict[Key, Op] = {}
+        self.recent: OrderedDict[Key, str] = OrderedDict()
+        self._mask = filter_bits - 1
+        self._bytes = filter_bits // 8
+        self._periods: dict[int, bytearray] = {}  # period number -> filter bits
+        self._watching: dict[Key, int] = {}  # key -> storage checks in flight
+        self._committed: dict[Key, str] = {}  # watched keys committed meanwhile
+        #: Counters for /metrics-style reporting and tests.
+        self.storage_checks = 0
+
+    # -- the hot path -------------------------------------------------------------------
+    def known(self, key: Key, now_us: int) -> str | None:
+        """The event id of a recent committed send with this key, or None."""
+        event_id = self.recent.get(key)
+        if event_id is not None and ulid_ms(event_id) * 1000 < now_us - self.window_us:
+            return None  # past the window (not purged yet): a new message
+        return event_id
+
+    def maybe_stored(self, key: Key) -> bool:
+        """False when ``key`` was certainly not used in the window (no storage read
+        needed); True when it may have been (look it up in storage)."""
+        h = hash(key)
+        mask = self._mask
+        i1 = h & mask
+        step = (h >> 32) | 1
+        i2 = (i1 + step) & mask
+        i3 = (i2 + step) & mask
+        for bits in self._periods.values():
+            if (
+                bits[i1 >> 3] >> (i1 & 7) & 1
+                and bits[i2 >> 3] >> (i2 & 7) & 1
+                and bits[i3 >> 3] >> (i3 & 7) & 1
+            ):
+                return True
+        return False
+
+    def add(self, key: Key, ts_us: int) -> None:
+        """Put ``key`` (a send at ``ts_us``) in the filter of its period."""
+        p = ts_us // self.period_us
+        bits = self._periods.get(p)
+        if bits is None:
+            bits = self._period(p)
+        h = hash(key)
+        mask = self._mask
+        i = h & mask
+        step = (h >> 32) | 1
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (i + step) & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (i + step) & mask
+        bits[i >> 3] |= 1 << (i & 7)
+
+    def begin(self, key: Key, op: Op, ts_us: int) -> None:
+        """A new send with ``key`` is queued for commit (``op``)."""
+        self.pending[key] = op
+        self.add(key, ts_us)
+
+    def undo(self, key: Key) -> None:
+        """Its commit failed: the key was not spent (its filter bits stay: harmless)."""
+        self.pending.pop(key, None)
+
+    def committed(self, key: Key, event_id: str) -> None:
+        """Its commit succeeded: remember the event id among the recent keys."""
+        self.pending.pop(key, None)
+        recent = self.recent
+        recent[key] = event_id
+        if len(recent) > self.recent_max:
+            recent.popitem(last=False)
+        if self._watching and key in self._watching:
+            self._committed[key] = event_id
+
+    # -- storage checks -----------------------------------------------------------------
+    def watch(self, key: Key) -> None:
+        """A storage read for ``key`` starts: note a commit of it until :meth:`unwatch`."""
+        self.storage_checks += 1
+        self._watching[key] = self._watching.get(key, 0) + 1
+
+    def unwatch(self, key: Key) -> str | None:
+        """The read is over: the event id if ``key`` was committed meanwhile."""
+        n = self._watching[key] - 1
+        if n:
+            self._watching[key] = n
+            return self._committed.get(key)
+        del self._watching[key]
+        return self._committed.pop(key, None)
+
+    # -- the filters --------------------------------------------------------------------
+    def _period(self, p: int) -> bytearray:
+        periods = self._periods
+        if periods and p < min(periods):
+            # The clock stepped back past the oldest filter kept: the oldest one covers
+            # it (a key must never be missing from every filter while in the window).
+            return periods[min(periods)]
+        bits = periods[p] = bytearray(self._bytes)
+        return bits
+
+    def purge(self, now_us: int) -> None:
+        """Forget what is past the window: whole filters, and old recent keys."""
+        since = now_us - self.window_us
+        oldest = since // self.period_us  # the period holding the window's start
+        for p in [p for p in self._periods if p < oldest]:
+            del self._periods[p]
+        recent = self.recent
+        since_ms = since // 1000
+        while recent:
+            key, event_id = next(iter(recent.items()))
+            if ulid_ms(event_id) >= since_ms:
+                break
+            del recent[key]
+
+    @property
+    def filter_bytes(self) -> int:
+        return self._bytes * len(self._periods)
+
+    def load_page(self, rows: list[tuple[str, str, int]]) -> None:
+        """Start-up: (user_id, request_id, created_at_us) of stored keys."""
+        add = self.add
+        for user_id, request_id, created in rows:
+            add((user_id, request_id), created)
