@@ -6,7 +6,7 @@ file (TOML) > default. Every key is validated at start-up; a bad value raises
 List-valued environment keys are comma-separated (SPEC §12.21).
 
 Keys for features this version does not have yet (``storage = "postgres"``,
-``postgres_dsn``, ``redis_url``) are accepted by the parser but refused by
+``postgres_dsn``) are accepted by the parser but refused by
 :func:`validate`: a setting that silently does nothing is worse than a clear error.
 :func:`load_with_sources` also says where each value came from (the admin API's
 settings view shows it, SPEC §12.23).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 import types
 from collections.abc import Mapping
@@ -53,10 +54,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # policy
     registration: Registration = "open"
     mls_validation: MlsValidation = "strict"
-    # storage ("postgres", postgres_dsn and redis_url are not available yet: refused)
+    # storage ("postgres" and postgres_dsn are not available yet: refused)
     storage: StorageBackend = "sqlite"
     postgres_dsn: str = ""
-    redis_url: str = ""
+    redis_url: str = ""  # cluster mode (SPEC §12.27): needs storage = "postgres"
+    cluster_name: str = "sovereign"  # the Redis channel's name: one per cluster
     # limits (SPEC §9)
     max_envelope_bytes: int = 65_536
     max_frame_bytes: int = 1_048_576
@@ -129,7 +131,6 @@ _NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
 #: ``dump_toml`` leaves them out, so ``sovereign setup`` never writes them.
 _NOT_YET = {
     "postgres_dsn": "PostgreSQL storage is not available yet in this version; leave it unset",
-    "redis_url": "cluster mode (Redis) is not available yet in this version; leave it unset",
 }
 
 
@@ -208,6 +209,7 @@ def validate(cfg: Config) -> Config:
     for key, why in _NOT_YET.items():
         if getattr(cfg, key):
             raise ConfigError(f"{key}: {why}")
+    _check_cluster(cfg)
     if cfg.max_envelope_bytes > cfg.max_frame_bytes:
         raise ConfigError("max_envelope_bytes: must not exceed max_frame_bytes")
     if not cfg.rp_origins:
@@ -227,6 +229,29 @@ def validate(cfg: Config) -> Config:
     if cfg.max_connections_per_user > cfg.max_connections:
         raise ConfigError("max_connections_per_user: must not exceed max_connections")
     return cfg
+
+
+#: Cluster keys ``sovereign setup`` leaves out: its wizard sets up a single node.
+_CLUSTER_KEYS = {"redis_url", "cluster_name"}
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_cluster(cfg: Config) -> None:
+    """SPEC §12.27: Redis carries notifications between nodes that share PostgreSQL;
+    with SQLite there is one process and nothing to notify."""
+    if cfg.redis_url:
+        if cfg.storage != "postgres":
+            raise ConfigError(
+                f'redis_url: cluster mode needs storage = "postgres" (storage is '
+                f'"{cfg.storage}", which serves one process); leave redis_url unset'
+            )
+        if not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis_url: expected a redis://, rediss:// or unix:// URL")
+    if not _CLUSTER_NAME.fullmatch(cfg.cluster_name):
+        raise ConfigError(
+            f"cluster_name: {cfg.cluster_name!r} is not valid; expected 1-64 letters, "
+            "digits, '_', '.' or '-'"
+        )
 
 
 def _convert(data: Mapping[str, Any], where: str) -> Config:
@@ -298,7 +323,7 @@ def dump_toml(cfg: Config) -> str:
     """Render a config as TOML (used by ``sovereign setup``)."""
     lines = []
     for key, value in msgspec.structs.asdict(cfg).items():
-        if value is None or key in _NOT_YET:
+        if value is None or key in _NOT_YET or key in _CLUSTER_KEYS:
             continue
         if isinstance(value, bool):
             rendered = "true" if value else "false"

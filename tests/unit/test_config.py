@@ -97,7 +97,6 @@ NOT_YET = [
         'storage: "postgres" is not available yet in this version; use "sqlite"',
     ),
     ("postgres_dsn", "postgresql://db/sovereign", "postgres_dsn: PostgreSQL storage is not"),
-    ("redis_url", "redis://localhost:6379/0", "redis_url: cluster mode (Redis) is not"),
 ]
 
 
@@ -126,10 +125,36 @@ def test_unavailable_features_unset_or_at_default_are_accepted(tmp_path: Path) -
     assert load(f, {"postgres_dsn": None}, environ=env).storage == "sqlite"
 
 
+@pytest.mark.parametrize("source", ["file", "environment", "override"])
+def test_redis_url_with_sqlite_is_refused_in_one_line(tmp_path: Path, source: str) -> None:
+    # SPEC §12.27: Redis links nodes that share PostgreSQL; SQLite serves one process.
+    url = "redis://localhost:6379/0"
+    f = tmp_path / "c.toml"
+    f.write_text(f'redis_url = "{url}"\n')
+    with pytest.raises(ConfigError) as info:
+        if source == "file":
+            load(f, {}, environ={})
+        elif source == "environment":
+            load(None, {}, environ={"SOVEREIGN_REDIS_URL": url})
+        else:
+            load(None, {"redis_url": url}, environ={})
+    msg = str(info.value)
+    assert msg.startswith('redis_url: cluster mode needs storage = "postgres"')
+    assert "\n" not in msg and url not in msg  # a URL may hold a password
+
+
+def test_cluster_name_is_validated() -> None:
+    assert load(None, {}, environ={}).cluster_name == "sovereign"
+    assert load(None, {"cluster_name": "eu-1.prod"}, environ={}).cluster_name == "eu-1.prod"
+    for bad in ("", "has space", "x" * 65, "a:b"):
+        with pytest.raises(ConfigError, match=r"^cluster_name: "):
+            load(None, {"cluster_name": bad}, environ={})
+
+
 def test_setup_writes_no_unavailable_keys() -> None:
     text = dump_toml(load(None, {}, environ={}))
     assert 'storage = "sqlite"' in text
-    for key in ("postgres_dsn", "redis_url"):
+    for key in ("postgres_dsn", "redis_url", "cluster_name"):
         assert key not in text
     assert 'admin_listen = "127.0.0.1:8081"' in text
 

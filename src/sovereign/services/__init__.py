@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sovereign.services.groups import GroupService
     from sovereign.services.history import HistoryService
     from sovereign.services.mls import MlsService
-    from sovereign.services.ports import Outbox
+    from sovereign.services.ports import Bus, Outbox
     from sovereign.services.state import ConversationState
     from sovereign.services.tasks import TaskRunner
 
@@ -42,3 +42,4 @@ class Services:
     history: HistoryService
     mls: MlsService
     directory: DirectoryService
+    bus: Bus  # cluster notifications (SPEC §12.27); NullBus on a single node

@@ -18,7 +18,7 @@ from sovereign.services.eventlog import EventLog
 from sovereign.services.groups import GroupService
 from sovereign.services.history import HistoryService
 from sovereign.services.mls import MlsService
-from sovereign.services.ports import Outbox
+from sovereign.services.ports import Bus, NullBus, Outbox
 from sovereign.services.state import ConversationState
 from sovereign.services.tasks import TaskRunner
 from sovereign.stats import MlsStats, ServerStats
@@ -34,10 +34,12 @@ def build_services(
     stats: ServerStats | None = None,
     mls_stats: MlsStats | None = None,
     gather_s: float = 0.0,
+    bus: Bus | None = None,
 ) -> Services:
     """``stats`` (None: metrics off) and ``mls_stats`` are the counters the admin
     listener reads (SPEC §12.24, §12.25); ``gather_s`` is how long an event batch in a
-    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0)."""
+    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0);
+    ``bus`` carries notifications to the cluster's other nodes (None: a single node)."""
     db = storage.db
     tasks = TaskRunner(outbox)
     eventlog = EventLog(
@@ -80,4 +82,5 @@ def build_services(
         history=history,
         mls=mls,
         directory=directory,
+        bus=bus if bus is not None else NullBus(),
     )
