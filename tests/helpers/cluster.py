@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -468,3 +469,38 @@ def cluster(tmp: Path, nodes: int = 2, **kw: Any) -> Iterator[Cluster]:
 async def to_thread_kill(node: Node) -> None:
     """SIGKILL a node without blocking the event loop the test clients run on."""
     await asyncio.get_running_loop().run_in_executor(None, node.kill)
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: str
+    username: str
+    token: str
+
+
+async def provision(c: Cluster, count: int, prefix: str) -> list[Account]:
+    """``count`` users with one session (device) each, written straight into the
+    cluster's database (as ``sovereign user create --print-token`` does), in chunks."""
+    from sovereign.config import load
+    from sovereign.server import create_app
+    from sovereign.services.ports import NullBus
+
+    env = {k: v for k, v in c.node_env().items() if k.startswith("SOVEREIGN_")}
+    cfg = load(None, {"data_dir": str(c.tmp / "provision")}, environ=env)
+    (c.tmp / "provision").mkdir(parents=True, exist_ok=True)
+    app = await create_app(cfg, bus=NullBus())
+
+    async def one(i: int) -> Account:
+        user = await app.auth.create_user(f"{prefix}{i:05d}")
+        _session, token = await app.auth.create_session(user.user_id, None, "test")
+        return Account(user.user_id, user.username, token)
+
+    out: list[Account] = []
+    try:
+        for start in range(0, count, 200):
+            out.extend(
+                await asyncio.gather(*(one(i) for i in range(start, min(count, start + 200))))
+            )
+    finally:
+        await app.storage.close()
+    return out

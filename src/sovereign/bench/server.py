@@ -59,13 +59,16 @@ async def provision_tokens(
     prefix: str,
     progress: Callable[[str], None] | None = None,
     chunk: int = 500,
+    environ: Mapping[str, str] | None = None,
 ) -> list[Account]:
-    """Create ``count`` users, each with one session (device) and its token."""
+    """Create ``count`` users, each with one session (device) and its token.
+    ``environ``: ``SOVEREIGN_*`` settings naming the storage (PostgreSQL in cluster
+    mode); without ``redis_url`` among them, so no bus is started for this."""
     from sovereign.config import load
     from sovereign.server import create_app
 
     Path(data_dir).mkdir(parents=True, exist_ok=True)
-    cfg = load(None, {"data_dir": data_dir}, environ={})
+    cfg = load(None, {"data_dir": data_dir}, environ=dict(environ or {}))
     app = await create_app(cfg)
     out: list[Account] = []
     t0 = time.monotonic()
