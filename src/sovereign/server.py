@@ -102,7 +102,7 @@ class App:
             gather_s=EVENT_GATHER_S,
             bus=bus,
         )
-        self.bus = svc.bus
+        self.bus: Bus = bus if bus is not None else NullBus()
         self.tasks = svc.tasks
         self.auth = svc.auth
         self.eventlog = svc.eventlog
@@ -405,7 +405,12 @@ class App:
         # is stopped before storage closes, never left to fail on it (defect 9).
         await self.tasks.drain(0.5)
         await self.tasks.cancel_all()
-        await self.bus.close()  # after the last publish: every commit above was announced
+        # After the last publish: every commit above was announced. The cluster service
+        # owns the bus (it started it); a bus without one is closed here.
+        if self.services.cluster is not None:
+            await self.services.cluster.stop()
+        else:
+            await self.bus.close()
         if self.admin_listener is not None:
             await self.admin_listener.stop()
         await self.storage.close()
@@ -472,13 +477,14 @@ async def create_app(
     bus = make_bus(config) if bus is None else bus
     try:
         app = App(config, storage, sources=sources, bus=bus)
-        # Subscribed before the state is loaded (services.ports.Bus: on_resync follows
-        # only REconnections), so nothing committed after the load goes unheard.
-        await bus.start()
         await app.auth.load_settings()
         await app.admin.load_settings()  # stored settings win over file, env, flags
         await app.services.state.load()
         await app.services.delivery.load()
+        if app.services.cluster is not None:
+            # Cluster mode (SPEC §12.27): exact heads, then the bus starts (the cluster
+            # service owns its lifecycle; on_resync follows each reconnection).
+            await app.services.cluster.load()
     except BaseException:
         await bus.close()
         await storage.close()

@@ -28,9 +28,11 @@ from sovereign.protocol.types import MessageType as T
 from sovereign.services import ids
 from sovereign.services.compose import build_services
 from sovereign.services.eventlog import Conv
+from sovereign.services.ports import Bus
 from sovereign.services.session import Session
 from sovereign.storage import Storage, open_storage
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers.bus import Hub
 from tests.helpers.fakes import FakeClock, FakeOutbox, Hold, Sent
 
 SETTLE_TIMEOUT = 10.0  # a guard against a hung test, not a wait for time to pass
@@ -61,13 +63,16 @@ class FakeLink:
 
 
 class Harness:
-    def __init__(self, config: Config, storage: Storage, clock: FakeClock) -> None:
+    def __init__(
+        self, config: Config, storage: Storage, clock: FakeClock, bus: Bus | None = None
+    ) -> None:
         self.config = config
         self.storage = storage
         self.clock = clock
         self.db = storage.db
         self.outbox = FakeOutbox()
-        svc = self.services = build_services(config, storage, self.outbox, clock)
+        svc = self.services = build_services(config, storage, self.outbox, clock, bus=bus)
+        self.cluster = svc.cluster
         self.tasks, self.eventlog, self.state = svc.tasks, svc.eventlog, svc.state
         self.auth, self.conns, self.delivery = svc.auth, svc.connections, svc.delivery
         self.ephemeral, self.groups, self.mls = svc.ephemeral, svc.groups, svc.mls
@@ -80,10 +85,14 @@ class Harness:
         await self.auth.load_settings()
         await self.state.load()
         await self.delivery.load()
+        if self.cluster is not None:
+            await self.cluster.load()
 
     async def close(self) -> None:
         """The end of ``App.shutdown``: requests finish, queued writes land, then storage."""
         await self.settle()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.delivery.stop()
         await self.storage.close()
 
@@ -143,6 +152,14 @@ class Harness:
 
     def rid(self) -> str:
         return f"r{next(self._rids)}"
+
+    def cluster_work(self) -> tuple[int, int, int]:
+        """Counters that move while a cluster node still catches up."""
+        c = self.cluster
+        if c is None:
+            return (0, 0, 0)
+        pending = sum(len(f.pending) for f in c.feeds.values())
+        return (c.repaired_events, c.remote_events, pending)
 
     def hold_reads(self) -> Hold:
         """Storage reads wait until released (then pass through to the real reader):
@@ -272,3 +289,72 @@ async def build_world(h: Harness) -> World:
     for s in (a1, b1, c1):
         h.outbox.take(s)
     return World(alice, bob, carol, a1, b1, c1, conv)
+
+
+# -- two nodes of a cluster (SPEC §12.27) ------------------------------------------------
+
+
+class Pair:
+    """Two cluster nodes: each its own services, outbox and database connections (its
+    own writer thread, as another process would have) over ONE database file, and an
+    in-process bus between them (``tests/helpers/bus.py``). Users and devices are the
+    database's, so a login made through either node works on both."""
+
+    def __init__(self, a: Harness, b: Harness, hub: Hub) -> None:
+        self.a, self.b, self.hub = a, b, hub
+
+    @property
+    def nodes(self) -> tuple[Harness, Harness]:
+        return self.a, self.b
+
+    async def settle(self) -> None:
+        """Until neither node has work left and no notification is in flight."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_TIMEOUT
+        while True:
+            before = (self.hub.delivered, self.a.cluster_work(), self.b.cluster_work())
+            await self.a.settle()
+            await self.b.settle()
+            await self.hub.settle()
+            await self.a.settle()
+            await self.b.settle()
+            after = (self.hub.delivered, self.a.cluster_work(), self.b.cluster_work())
+            if before == after and not self.a.tasks.pending and not self.b.tasks.pending:
+                return
+            assert loop.time() < deadline, "the cluster did not settle"
+
+
+@asynccontextmanager
+async def cluster_pair(
+    data_dir: Path, clock: FakeClock | None = None, **overrides: Any
+) -> AsyncIterator[Pair]:
+    """Two nodes over one SQLite file (``min_key_packages`` 0 unless overridden).
+    SQLite serialises the two writers (BEGIN IMMEDIATE): the races these tests make
+    are real between two connections, but never concurrent inside one commit."""
+    settings: dict[str, Any] = {"min_key_packages": 0, **overrides}
+    id_state = list(ids._state)
+    clock = clock or FakeClock()
+    config = validate(Config(data_dir=str(data_dir), **settings))
+    hub = Hub()
+    nodes: list[Harness] = []
+    try:
+        for _ in range(2):
+            storage = await open_storage(
+                config.sqlite_path, max_batch=config.group_commit_max_batch
+            )
+            try:
+                h = Harness(config, storage, clock, bus=hub.bus())
+                await h.load()
+            except BaseException:
+                await storage.close()
+                raise
+            nodes.append(h)
+        pair = Pair(nodes[0], nodes[1], hub)
+        await pair.settle()
+        yield pair
+    finally:
+        try:
+            for h in reversed(nodes):
+                await h.close()
+        finally:
+            ids._state[:] = id_state

@@ -145,6 +145,8 @@ class RedisBus:
         A Redis that is down at start-up does not stop the node: it serves its own
         clients, and the first connection made later counts as a reconnection (rule 5).
         """
+        if self._run_task is not None or self._closing:
+            return  # started already (or closed): one link per bus
         loop = asyncio.get_running_loop()
         first_ok = False
         try:

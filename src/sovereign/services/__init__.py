@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sovereign.config import Config
     from sovereign.services.auth import AuthService
+    from sovereign.services.cluster import ClusterService
     from sovereign.services.connections import ConnectionService
     from sovereign.services.delivery import DeliveryService
     from sovereign.services.directory import DirectoryService
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from sovereign.services.groups import GroupService
     from sovereign.services.history import HistoryService
     from sovereign.services.mls import MlsService
-    from sovereign.services.ports import Bus, Outbox
+    from sovereign.services.ports import Outbox
     from sovereign.services.state import ConversationState
     from sovereign.services.tasks import TaskRunner
 
@@ -42,4 +43,5 @@ class Services:
     history: HistoryService
     mls: MlsService
     directory: DirectoryService
-    bus: Bus  # cluster notifications (SPEC §12.27); NullBus on a single node
+    #: cluster mode only (SPEC §12.27); None on a single node
+    cluster: ClusterService | None = None

@@ -10,15 +10,16 @@ from sovereign.clock import Clock
 from sovereign.config import Config
 from sovereign.services import Services
 from sovereign.services.auth import AuthService
+from sovereign.services.cluster import ClusterService
 from sovereign.services.connections import ConnectionService
 from sovereign.services.delivery import DeliveryService
 from sovereign.services.directory import DirectoryService
 from sovereign.services.ephemeral import EphemeralService
-from sovereign.services.eventlog import EventLog
+from sovereign.services.eventlog import ClusterEventLog, EventLog
 from sovereign.services.groups import GroupService
 from sovereign.services.history import HistoryService
 from sovereign.services.mls import MlsService
-from sovereign.services.ports import Bus, NullBus, Outbox
+from sovereign.services.ports import Bus, NullBus, NullPeers, Outbox, Peers
 from sovereign.services.state import ConversationState
 from sovereign.services.tasks import TaskRunner
 from sovereign.stats import MlsStats, ServerStats
@@ -38,11 +39,16 @@ def build_services(
 ) -> Services:
     """``stats`` (None: metrics off) and ``mls_stats`` are the counters the admin
     listener reads (SPEC §12.24, §12.25); ``gather_s`` is how long an event batch in a
-    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0);
-    ``bus`` carries notifications to the cluster's other nodes (None: a single node)."""
+    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0).
+
+    ``bus``: cluster mode (SPEC §12.27) when it is not a :class:`NullBus` — seqs and
+    conflicts are decided in the database (ClusterEventLog) and the services tell the
+    other nodes through ``ClusterService``. A single node keeps the in-memory path."""
     db = storage.db
     tasks = TaskRunner(outbox)
-    eventlog = EventLog(
+    clustered = bus is not None and not isinstance(bus, NullBus)
+    log_cls = ClusterEventLog if clustered else EventLog
+    eventlog = log_cls(
         db,
         outbox.cork,
         outbox.uncork,
@@ -51,10 +57,18 @@ def build_services(
         now_us=clock.now_us,
     )
     state = ConversationState(db, storage.users)
+    cluster: ClusterService | None = None
+    peers: Peers = NullPeers()
+    if clustered:
+        assert bus is not None and isinstance(eventlog, ClusterEventLog)
+        cluster = ClusterService(db, state, eventlog, outbox, clock, tasks, bus)
+        eventlog.committed = cluster.committed
+        eventlog.conflicted = cluster.conflicted
+        peers = cluster
     auth = AuthService(config, storage, clock)
-    conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock)
-    delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks)
-    ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer)
+    conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock, peers)
+    delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks, peers)
+    ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer, peers)
     groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
     history = HistoryService(config, db, state, outbox, clock)
     mls = MlsService(config, db, state, eventlog, outbox, clock, delivery, mls_stats)
@@ -68,6 +82,11 @@ def build_services(
     delivery.after_sync.append(mls.on_sync_end)
     delivery.went_live.append(ephemeral.on_live)
     mls.first_upload.append(directory.device_announced)  # DEVICE_ADDED (SPEC §12.29)
+    if cluster is not None:
+        # Another node's events fan out here; its presence and connections re-aggregate.
+        cluster.bind(delivery)
+        cluster.presence_hooks.append(ephemeral.presence_changed)
+        cluster.cap_hooks.append(conns.enforce_cap)
     return Services(
         config=config,
         outbox=outbox,
@@ -82,5 +101,5 @@ def build_services(
         history=history,
         mls=mls,
         directory=directory,
-        bus=bus if bus is not None else NullBus(),
+        cluster=cluster,
     )

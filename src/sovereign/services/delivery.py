@@ -31,9 +31,10 @@ from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.eventlog import Conv, Event, EventLog, Op
-from sovereign.services.ports import Outbox, Tasks
+from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
 from sovereign.services.session import Session, SyncState
 from sovereign.services.state import ConversationState, Device
+from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Database
 from sovereign.v1 import sovereign_pb2 as pb
@@ -153,11 +154,15 @@ class DeliveryService:
         outbox: Outbox,
         clock: Clock,
         tasks: Tasks,
+        peers: Peers | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.state = state
         self.eventlog = eventlog
+        #: Cluster mode (SPEC §12.27): welcomes, MESSAGE_DELIVERED and delivered
+        #: positions reach the other nodes.
+        self.peers: Peers = peers if peers is not None else NullPeers()
         self.outbox = outbox
         self.clock = clock
         self.tasks = tasks
@@ -208,9 +213,14 @@ class DeliveryService:
                 if s is not exclude and s.user_id in ev.recipients and s.sync is not None:
                     s.sync.buffer.append((conv_id, ev.seq, "", frame))
 
-    def push_welcome(self, recipient: str, frame: bytes, event_id: str) -> None:
-        """A stored welcome to the recipient's live connections, or after its backlog."""
+    def push_welcome(
+        self, recipient: str, frame: bytes, event_id: str, payload: bytes | None = None
+    ) -> None:
+        """A stored welcome to the recipient's live connections, or after its backlog;
+        with ``payload``, to its connections on the other nodes of a cluster too."""
         self.outbox.publish(frame, (recipient,), None)
+        if payload is not None and self.peers.clustered:
+            self.peers.welcome(recipient, event_id, payload)
         for s in self.syncing:
             if s.user_id == recipient and s.sync is not None:
                 s.sync.buffer.append(("", 0, event_id, frame))
@@ -254,6 +264,24 @@ class DeliveryService:
             outbox.send_error(s, ErrorCode.DATABASE_ERROR, rid, "could not store the message")
 
         prior.finish, prior.fail = finish_both, fail_both
+        prev_conflict = prior.conflict
+        if prev_conflict is not None:
+
+            def conflict_both(verdict: object) -> None:
+                prev_conflict(verdict)
+                self._answer_original(s, rid, verdict)
+
+            prior.conflict = conflict_both
+
+    def _answer_original(self, s: Session, rid: str, verdict: object) -> None:
+        """Cluster mode: the database said another node stored this request first;
+        answer with that original event (never a second one, never 9002)."""
+        if isinstance(verdict, bytes) and verdict:
+            self.outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, verdict)
+        else:
+            self.outbox.send_error(
+                s, ErrorCode.INTERNAL_ERROR, rid, "original message no longer stored"
+            )
 
     async def _send_checked(self, s: Session, rid: str, req: pb.MessageSend, conv: Conv) -> None:
         """A request_id not in memory may still be in storage (from before a restart)."""
@@ -291,8 +319,16 @@ class DeliveryService:
         if rid:
             key = (user_id, rid)
             idempotent[key] = op
-            op.send_request = (user_id, rid, ev.event_id, ev.ts_us)
             op.on_undo(lambda: idempotent.pop(key, None))
+            if self.eventlog.clustered:
+                # The database decides (another node may hold the same request_id).
+                since = ev.ts_us - IDEMPOTENCY_US
+                op.guard = lambda c: csql.claim_send_request_txn(
+                    c, user_id, rid, ev.event_id, ev.ts_us, since
+                )
+                op.conflict = lambda verdict: self._answer_original(s, rid, verdict)
+            else:
+                op.send_request = (user_id, rid, ev.event_id, ev.ts_us)
         outbox = self.outbox
 
         def finish() -> None:
@@ -599,7 +635,7 @@ class DeliveryService:
                 )
                 return
             for sender, msg in delivered_msgs:
-                outbox.publish_message((sender,), T.MESSAGE_DELIVERED, msg)
+                self._delivered(sender, msg)
             if rid:
                 outbox.send(s, T.ACK, rid, pb.Ack(count=moved))
 
@@ -630,6 +666,8 @@ class DeliveryService:
             return []
         delivered[key] = seq
         self.writer.delivery[key] = seq
+        if self.peers.clustered:
+            self.peers.position(0, key[0], user_id, seq)
         recent = conv.recent
         if not recent or recent[0][0] > pos + 1:
             # Older than the in-memory window: look the senders up in storage.
@@ -660,7 +698,14 @@ class DeliveryService:
         msgs = _delivered_msgs(conv, user_id, seq, last_by_sender)
         await self.writer.flush()
         for sender, msg in msgs:
-            self.outbox.publish_message((sender,), T.MESSAGE_DELIVERED, msg)
+            self._delivered(sender, msg)
+
+    def _delivered(self, sender: str, msg: pb.MessageDelivered) -> None:
+        """MESSAGE_DELIVERED to the sender's connections, on every node (§12.14)."""
+        self.outbox.publish_message((sender,), T.MESSAGE_DELIVERED, msg)
+        if self.peers.clustered:
+            env = encode_envelope(T.MESSAGE_DELIVERED, "", msg.SerializeToString())
+            self.peers.push((sender,), env)
 
 
 def _delivered_msgs(

@@ -25,6 +25,7 @@ import unicodedata
 from functools import partial
 
 from sovereign.clock import Clock
+from sovereign.codec import encode_envelope
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.auth import USERNAME_RE
@@ -133,6 +134,7 @@ class DirectoryService:
         name = check_display_name(req.display_name)
         user = await self.users.set_display_name(s.user_id, name)
         self.state.set_profile(user.user_id, user.username, user.display_name)
+        self.connections.peers.forget_profile(user.user_id)  # other nodes' caches
         if rid:
             self.outbox.send(s, T.ACK, rid, pb.Ack(count=1))
 
@@ -141,6 +143,8 @@ class DirectoryService:
         """``s``'s device uploaded KeyPackages for the first time (SPEC §12.29)."""
         users = self.state.contacts(s.user_id)
         users.add(s.user_id)
-        self.outbox.publish_message(
-            users, T.DEVICE_ADDED, pb.DeviceAdded(user_id=s.user_id, device_id=s.device_id), s
-        )
+        added = pb.DeviceAdded(user_id=s.user_id, device_id=s.device_id)
+        self.outbox.publish_message(users, T.DEVICE_ADDED, added, s)
+        peers = self.connections.peers
+        if peers.clustered:  # the users' connections on the other nodes (SPEC §12.27)
+            peers.push(users, encode_envelope(T.DEVICE_ADDED, "", added.SerializeToString()))

@@ -7,11 +7,14 @@ best effort to the live connections of the users concerned.
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 from sovereign.clock import Clock
+from sovereign.codec import encode_envelope
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.delivery import DeliveryWriter
-from sovereign.services.ports import Outbox
+from sovereign.services.ports import NullPeers, Outbox, Peers
 from sovereign.services.session import Session
 from sovereign.services.state import PRESENCE_RANK, ConversationState
 from sovereign.storage import messaging as sql
@@ -29,12 +32,21 @@ class EphemeralService:
         outbox: Outbox,
         clock: Clock,
         writer: DeliveryWriter,
+        peers: Peers | None = None,
     ) -> None:
         self.db = db
         self.state = state
         self.outbox = outbox
         self.clock = clock
         self.writer = writer
+        # Cluster mode (SPEC §12.27): signals reach the users' connections on every
+        # node; presence aggregates this node's connections with the other nodes'.
+        self.peers: Peers = peers if peers is not None else NullPeers()
+
+    def _push(self, user_ids: tuple[str, ...], msg_type: int, message: Message) -> None:
+        """To the other nodes' live connections of ``user_ids`` (cluster mode)."""
+        if self.peers.clustered and user_ids:
+            self.peers.push(user_ids, encode_envelope(msg_type, "", message.SerializeToString()))
 
     # -- read receipts ------------------------------------------------------------------
     async def mark_read(self, s: Session, rid: str, req: pb.ReadMarker) -> None:
@@ -51,14 +63,13 @@ class EphemeralService:
             marks[key] = seq
             self.writer.read_markers[key] = seq
             await self.writer.flush()
-            self.outbox.publish_message(
-                conv.recipients,
-                T.MESSAGE_READ_RECEIPT,
-                pb.ReadReceipt(
-                    conversation_id=conv.conversation_id, user_id=s.user_id, up_to_seq=seq
-                ),
-                exclude=s,
+            receipt = pb.ReadReceipt(
+                conversation_id=conv.conversation_id, user_id=s.user_id, up_to_seq=seq
             )
+            self.outbox.publish_message(conv.recipients, T.MESSAGE_READ_RECEIPT, receipt, exclude=s)
+            if self.peers.clustered:
+                self._push(conv.recipients, T.MESSAGE_READ_RECEIPT, receipt)
+                self.peers.position(1, conv.conversation_id, s.user_id, seq)
         if rid:
             self.outbox.send(s, T.ACK, rid, pb.Ack(count=1 if moved else 0))
 
@@ -78,13 +89,11 @@ class EphemeralService:
             marks.pop(conv.conversation_id, None)
         if forward:
             others = tuple(u for u in conv.recipients if u != s.user_id)
-            self.outbox.publish_message(
-                others,
-                T.TYPING_NOTIFY,
-                pb.TypingNotify(
-                    conversation_id=conv.conversation_id, user_id=s.user_id, typing=req.typing
-                ),
+            note = pb.TypingNotify(
+                conversation_id=conv.conversation_id, user_id=s.user_id, typing=req.typing
             )
+            self.outbox.publish_message(others, T.TYPING_NOTIFY, note)
+            self._push(others, T.TYPING_NOTIFY, note)
         if rid:
             self.outbox.send(s, T.ACK, rid, pb.Ack(count=1 if forward else 0))
 
@@ -113,6 +122,14 @@ class EphemeralService:
         for other in self.outbox.live_sessions(user_id):
             if PRESENCE_RANK[other.presence] > PRESENCE_RANK[best]:
                 best = other.presence
+        peers = self.peers
+        if peers.clustered:
+            # Each node announces its own aggregate and notifies only its own
+            # connections: every node computes the same cluster-wide aggregate.
+            peers.presence(user_id, best)
+            remote = peers.remote_presence(user_id)
+            if PRESENCE_RANK[remote] > PRESENCE_RANK[best]:
+                best = remote
         presence = self.state.presence
         if presence.get(user_id, "offline") == best:
             return

@@ -24,11 +24,15 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
+from sovereign.protocol.types import MessageType as T
 from sovereign.services.ids import new_ulid
 from sovereign.stats import Histogram
+from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn, Database
+from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.eventlog")
 
@@ -41,6 +45,11 @@ STREAM_S = 0.002
 #: 17.0 -> 14.1 KB per message; p99 send -> delivery gains up to ~1-2 ms (libuv timers
 #: have millisecond resolution).
 EVENT_GATHER_S = 0.001
+#: Cluster mode: the joined (or left) seq of a membership change still committing on
+#: this node, until the database assigns the real one (services/cluster.py). Higher
+#: than any real seq, so another node's events before it never reach a member too
+#: early, and still reach a leaving one (SPEC §12.13).
+PENDING_SEQ = 1 << 62
 
 
 class Member:
@@ -162,10 +171,28 @@ class Event:
 class Op:
     """One request's change: events, extra SQL, memory undo, and post-commit effects."""
 
-    __slots__ = ("events", "fail", "finish", "send_request", "txns", "undos")
+    __slots__ = (
+        "before",
+        "conflict",
+        "events",
+        "fail",
+        "finish",
+        "guard",
+        "send_request",
+        "txns",
+        "undos",
+    )
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        # Cluster mode only (ClusterEventLog): ``before`` runs ahead of the seq
+        # allocation (it creates the conversations row); ``guard`` is the op's first
+        # statement and decides against the database, not memory, whether it may
+        # proceed: it returns None, or a value handed to ``conflict`` after the COMMIT
+        # (the op is then skipped and undone, the rest of its batch commits).
+        self.before: list[Callable[[Conn], None]] = []
+        self.guard: Callable[[Conn], object] | None = None
+        self.conflict: Callable[[object], None] | None = None
         # (user_id, request_id, event_id, ts_us) of an idempotent MESSAGE_SEND
         self.send_request: tuple[str, str, str, int] | None = None
         self.txns: list[Callable[[Conn], None]] = []
@@ -193,6 +220,9 @@ class Op:
 
 
 class EventLog:
+    #: False: seqs come from memory (one process owns the database); see ClusterEventLog.
+    clustered = False
+
     def __init__(
         self,
         db: Database,
@@ -261,6 +291,8 @@ class EventLog:
         for op in batch:
             for ev in op.events:
                 rows.append(ev.row())
+            if op.before:
+                txns.extend(op.before)
             if op.txns:
                 txns.extend(op.txns)
             if op.send_request is not None:
@@ -315,6 +347,139 @@ class EventLog:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+#: Event payload classes whose ``seq`` and ``server_timestamp`` the database assigns in
+#: cluster mode (ClusterEventLog re-renders a payload built with a provisional seq).
+RENDERED: dict[int, type[Any]] = {
+    T.MESSAGE_RECEIVE: pb.MessageReceive,
+    T.GROUP_MEMBER_ADDED: pb.GroupMemberAdded,
+    T.GROUP_MEMBER_REMOVED: pb.GroupMemberRemoved,
+    T.MLS_COMMIT_BROADCAST: pb.MLSCommitBroadcast,
+}
+
+
+def allocate_txn(conn: Conn, events: list[Event]) -> None:
+    """Cluster mode (SPEC §12.27): the seqs of ``events`` (one conversation) come from
+    the database in the transaction that stores them. The UPDATE takes the
+    conversation row's lock, so writers of one conversation on different nodes are
+    serialised until COMMIT and the seq stays dense and unique; timestamps stay
+    strictly increasing per conversation. Runs on the writer: it rewrites each event's
+    seq, timestamp and payload in place (nothing on the loop reads an event between
+    submit and its op's finish or fail)."""
+    conv_id = events[0].conv.conversation_id
+    seq, prev_ts = csql.allocate_seqs_txn(conn, conv_id, len(events))
+    for ev in events:
+        seq += 1
+        ts = ev.ts_us if ev.ts_us > prev_ts else prev_ts + 1
+        if seq != ev.seq or ts != ev.ts_us:
+            ev.seq, ev.ts_us = seq, ts
+            cls = RENDERED.get(ev.type)
+            if cls is not None:
+                msg = cls.FromString(ev.payload)
+                msg.seq = seq
+                msg.server_timestamp = ts
+                ev.payload = msg.SerializeToString()
+        prev_ts = ts
+    csql.set_last_ts_txn(conn, conv_id, prev_ts)
+
+
+class ClusterEventLog(EventLog):
+    """The event log of a cluster node (SPEC §12.27): same group commit, but seqs are
+    allocated in the database (:func:`allocate_txn`), every op may carry a ``guard``
+    decided by the database, and what happens after COMMIT is handed to ``committed``
+    (the cluster service: ordered local fan-out and the notification to other nodes)
+    instead of running ``op.finish`` directly."""
+
+    clustered = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: set by compose: (ops that committed) -> ordered effects + bus notification
+        self.committed: Callable[[list[Op]], None] = _finish_all
+        #: set by compose: an op lost to the database's verdict (memory was stale)
+        self.conflicted: Callable[[Op], None] = lambda op: None
+        #: event_id -> op, from submit until its op finished or failed (the resync
+        #: path must not deliver a local event before its own op does)
+        self.inflight: dict[str, Op] = {}
+
+    def submit(self, op: Op) -> None:
+        for ev in op.events:
+            self.inflight[ev.event_id] = op
+        super().submit(op)
+
+    async def _write(self, batch: list[Op]) -> None:
+        def txn(conn: Conn) -> list[object]:
+            verdicts: list[object] = []
+            for op in batch:
+                if op.guard is not None:
+                    verdict = op.guard(conn)
+                    if verdict is not None:
+                        verdicts.append(verdict)
+                        continue
+                for fn in op.before:
+                    fn(conn)
+                if op.events:
+                    allocate_txn(conn, op.events)
+                for fn in op.txns:
+                    fn(conn)
+                if op.events:
+                    sql.insert_events_txn(conn, [ev.row() for ev in op.events])
+                if op.send_request is not None:
+                    sql.insert_send_requests_txn(conn, [op.send_request])
+                verdicts.append(None)
+            return verdicts
+
+        inflight = self.inflight
+        try:
+            verdicts = await self.db.write(txn)
+        except Exception as exc:
+            log.error("event batch of %d ops failed: %s", len(batch), exc)
+            for op in reversed(batch):
+                for undo in reversed(op.undos):
+                    undo()
+            for op in batch:
+                for ev in op.events:
+                    inflight.pop(ev.event_id, None)
+                if op.fail is not None:
+                    op.fail(exc)
+            return
+        self.batches += 1
+        done: list[Op] = []
+        for op, verdict in zip(batch, verdicts, strict=True):
+            if verdict is None:
+                done.append(op)
+                self.events_written += len(op.events)
+                continue
+            for ev in op.events:
+                inflight.pop(ev.event_id, None)
+            for undo in reversed(op.undos):
+                undo()
+            if op.conflict is not None:
+                try:
+                    op.conflict(verdict)
+                except Exception:
+                    log.exception("conflict answer failed")
+            self.conflicted(op)
+        for op in done:
+            for ev in op.events:
+                conv = ev.conv
+                if ev.seq > conv.last_seq:
+                    conv.last_seq, conv.last_ts_us = ev.seq, ev.ts_us
+        self.cork()
+        try:
+            self.committed(done)
+        finally:
+            self.uncork()
+        for op in done:
+            for ev in op.events:
+                inflight.pop(ev.event_id, None)
+
+
+def _finish_all(batch: list[Op]) -> None:
+    for op in batch:
+        if op.finish is not None:
+            op.finish()
 
 
 def load_state(

@@ -16,11 +16,12 @@ from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.delivery import DeliveryService
-from sovereign.services.eventlog import Conv, Event, EventLog, Member, Op
+from sovereign.services.eventlog import PENDING_SEQ, Conv, Event, EventLog, Member, Op
 from sovereign.services.ids import new_ulid
 from sovereign.services.ports import Outbox
 from sovereign.services.session import Session
 from sovereign.services.state import ConversationState, Device
+from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn
 from sovereign.v1 import sovereign_pb2 as pb
@@ -80,7 +81,7 @@ class GroupService:
         rec = sql.ConversationRecord(conv.conversation_id, conv.title, creator, now)
         op = Op()
         state.convs[conv.conversation_id] = conv
-        op.txns.append(lambda c: sql.insert_conversation_txn(c, rec))
+        op.before.append(lambda c: sql.insert_conversation_txn(c, rec))
         op.on_undo(lambda: state.convs.pop(conv.conversation_id, None))
         before = {m.user_id: state.contacts(m.user_id) for m in members}
         events = [self._add_member(op, conv, m.user_id, creator, m.role) for m in members]
@@ -105,7 +106,8 @@ class GroupService:
         delivered position start together, in the same transaction."""
         state = self.state
         ev = op.allocate(conv, T.GROUP_MEMBER_ADDED, added_by, self.clock.now_us())
-        member = Member(user_id, role, ev.seq, ev.ts_us)
+        clustered = self.eventlog.clustered
+        member = Member(user_id, role, PENDING_SEQ if clustered else ev.seq, ev.ts_us)
         former = conv.former.pop(user_id, None)
         conv.members[user_id] = member
         conv.membership_changed()
@@ -120,11 +122,12 @@ class GroupService:
             seq=ev.seq,
             server_timestamp=ev.ts_us,
         ).SerializeToString()
-        conv_id, seq, ts = conv.conversation_id, ev.seq, ev.ts_us
+        conv_id, seq = conv.conversation_id, ev.seq
 
         def txn(c: Conn) -> None:
-            sql.upsert_member_txn(c, conv_id, user_id, role, seq, ts)
-            sql.start_join_cursors_txn(c, conv_id, user_id, seq - 1)
+            # ev.seq, not seq: in cluster mode the database assigns it in this transaction.
+            sql.upsert_member_txn(c, conv_id, user_id, role, ev.seq, ev.ts_us)
+            sql.start_join_cursors_txn(c, conv_id, user_id, ev.seq - 1)
 
         op.txns.append(txn)
         # Connected devices of the user start at seq - 1 in memory too.
@@ -163,7 +166,7 @@ class GroupService:
         ev = op.allocate(conv, T.GROUP_MEMBER_REMOVED, removed_by, self.clock.now_us())
         member = conv.members.pop(user_id)
         old_role, old_left = member.role, member.left_seq
-        member.left_seq = ev.seq
+        member.left_seq = PENDING_SEQ if self.eventlog.clustered else ev.seq
         member.role = "member"
         conv.former[user_id] = member
         conv.membership_changed()
@@ -181,8 +184,8 @@ class GroupService:
             seq=ev.seq,
             server_timestamp=ev.ts_us,
         ).SerializeToString()
-        conv_id, seq = conv.conversation_id, ev.seq
-        op.txns.append(lambda c: sql.mark_member_left_txn(c, conv_id, user_id, seq))
+        conv_id = conv.conversation_id
+        op.txns.append(lambda c: sql.mark_member_left_txn(c, conv_id, user_id, ev.seq))
 
         def undo() -> None:
             conv.former.pop(user_id, None)
@@ -248,6 +251,7 @@ class GroupService:
         op = Op()
         before = {u: self.state.contacts(u) for u in (*conv.recipients, req.user_id)}
         ev = self._add_member(op, conv, req.user_id, s.user_id, "member")
+        self._guard(s, rid, op, conv.conversation_id, req.user_id, want_member=False)
         self._membership_op(s, rid, op, [ev], before)
 
     def remove(self, s: Session, rid: str, req: pb.GroupRemove) -> None:
@@ -258,6 +262,7 @@ class GroupService:
             raise SovereignError(ErrorCode.NOT_MEMBER, "not a member")
         op = Op()
         ev = self._remove_member(op, conv, req.user_id, s.user_id)
+        self._guard(s, rid, op, conv.conversation_id, req.user_id, want_member=True)
         self._membership_op(s, rid, op, [ev])
 
     def leave(self, s: Session, rid: str, req: pb.GroupLeave) -> None:
@@ -265,7 +270,29 @@ class GroupService:
         op = Op()
         ev = self._remove_member(op, conv, s.user_id, s.user_id)
         self._promote_if_no_admin(op, conv)
+        self._guard(s, rid, op, conv.conversation_id, s.user_id, want_member=True)
         self._membership_op(s, rid, op, [ev])
+
+    def _guard(
+        self, s: Session, rid: str, op: Op, conv_id: str, user_id: str, *, want_member: bool
+    ) -> None:
+        """Cluster mode: membership as the database has it decides (another node may
+        have changed it since this node's memory); memory only fast-failed."""
+        if not self.eventlog.clustered:
+            return
+
+        def guard(c: Conn) -> object:
+            member, _role = csql.member_state_txn(c, conv_id, user_id)
+            if member == want_member:
+                return None
+            return ErrorCode.NOT_MEMBER if want_member else ErrorCode.ALREADY_MEMBER
+
+        def conflict(code: object) -> None:
+            assert isinstance(code, ErrorCode)
+            text = "not a member" if code == ErrorCode.NOT_MEMBER else "already a member"
+            self.outbox.send_error(s, code, rid, text)
+
+        op.guard, op.conflict = guard, conflict
 
     async def remove_user_everywhere(self, user_id: str) -> None:
         """Admin deletion: remove the user from every group (members get REMOVED)."""

@@ -38,9 +38,10 @@ from sovereign.services.ports import Outbox
 from sovereign.services.session import Session
 from sovereign.services.state import ConversationState
 from sovereign.stats import MlsStats
+from sovereign.storage import cluster as csql
 from sovereign.storage import keypackages as kpsql
 from sovereign.storage import messaging as sql
-from sovereign.storage.database import Database
+from sovereign.storage.database import Conn, Database
 from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.mls")
@@ -173,10 +174,15 @@ class MlsService:
                 self._send_low(f.device_id, f.remaining)
 
     def _send_low(self, device_id: str, remaining: int) -> None:
+        msg = pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages)
+        peers = self.delivery.peers
+        if peers.clustered:  # the device may be connected to another node
+            peers.push_device(
+                device_id, encode_envelope(T.MLS_KEY_PACKAGE_LOW, "", msg.SerializeToString())
+            )
         dev = self.state.devices.get(device_id)
         if dev is None:
             return
-        msg = pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages)
         for s in list(dev.sessions):
             self.outbox.send(s, T.MLS_KEY_PACKAGE_LOW, "", msg)
 
@@ -204,9 +210,9 @@ class MlsService:
 
     def _add_welcome(
         self, op: Op, conv: Conv, sender_id: str, w: pb.MLSWelcome
-    ) -> tuple[str, str, bytes]:
+    ) -> tuple[str, str, bytes, bytes]:
         """Store one welcome (one event per recipient user, §12.15) in ``op``; returns
-        (recipient, event_id, frame) for the push after the commit."""
+        (recipient, event_id, frame, payload) for the push after the commit."""
         now = self.clock.now_us()
         event_id = new_ulid(now // 1000)
         payload = pb.MLSWelcomeReceive(
@@ -223,16 +229,16 @@ class MlsService:
             )
         )
         frame = self.outbox.frame(encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
-        return recipient, event_id, frame
+        return recipient, event_id, frame, payload
 
     def welcome(self, s: Session, rid: str, req: pb.MLSWelcome) -> None:
         conv = self.state.conv_for_member(req.conversation_id, s.user_id)
         self._check_welcome(conv, req)
         op = Op()
-        recipient, event_id, frame = self._add_welcome(op, conv, s.user_id, req)
+        recipient, event_id, frame, payload = self._add_welcome(op, conv, s.user_id, req)
 
         def finish() -> None:
-            self.delivery.push_welcome(recipient, frame, event_id)
+            self.delivery.push_welcome(recipient, frame, event_id, payload)
             if rid:
                 self.outbox.send(s, T.ACK, rid, pb.Ack(count=1))
 
@@ -302,17 +308,38 @@ class MlsService:
 
         op.on_undo(undo)
         conv_id, gid, gi_epoch = conv.conversation_id, info.group_id, conv.group_info_epoch
-        op.txns.append(
-            lambda c: sql.update_mls_txn(c, conv_id, gid, new_epoch, group_info, gi_epoch)
-        )
+        if self.eventlog.clustered:
+            # One winner per epoch across nodes (SPEC §12.27): the database moves the
+            # epoch only if it is still the one this commit was made in.
+            old_epoch = new_epoch - 1
+
+            def guard(c: Conn) -> object:
+                if csql.advance_epoch_txn(c, conv_id, old_epoch, gid, group_info, gi_epoch):
+                    return None
+                return ErrorCode.EPOCH_MISMATCH
+
+            def conflict(_verdict: object) -> None:
+                self.stats.refused(conv_id, self.clock.now_s())
+                self.outbox.send_error(
+                    s,
+                    ErrorCode.EPOCH_MISMATCH,
+                    rid,
+                    f"commit for epoch {old_epoch}, another commit won that epoch",
+                )
+
+            op.guard, op.conflict = guard, conflict
+        else:
+            op.txns.append(
+                lambda c: sql.update_mls_txn(c, conv_id, gid, new_epoch, group_info, gi_epoch)
+            )
         welcomes = [self._add_welcome(op, conv, s.user_id, w) for w in req.welcomes]
 
         def finish() -> None:
             self.state.index(ev)
             self.outbox.send_payload(s, T.MLS_COMMIT_BROADCAST, rid, ev.payload)  # echo, §12.1
             self.delivery.publish(ev, s)
-            for recipient, event_id, frame in welcomes:
-                self.delivery.push_welcome(recipient, frame, event_id)
+            for recipient, event_id, frame, payload in welcomes:
+                self.delivery.push_welcome(recipient, frame, event_id, payload)
 
         self.delivery.submit(s, rid, op, finish, "could not store the commit")
 

@@ -176,3 +176,98 @@ class NullBus:
 
     async def close(self) -> None:
         return None
+
+
+class Peers(Protocol):
+    """What a service tells the other nodes of a cluster (SPEC §12.27), beside doing the
+    same for this node's connections. ``sovereign.services.cluster.ClusterService``
+    implements it over a :class:`Bus`; :class:`NullPeers` on a single node.
+
+    Only ephemeral signals and invalidations go this way: committed conversation
+    events reach other nodes through the cluster service's ordered event feed.
+    """
+
+    #: False on a single node: callers may skip building what they would send.
+    clustered: bool
+    #: This node's id (the bus's).
+    node_id: str
+
+    def push(self, user_ids: Iterable[str], envelope: bytes) -> None:
+        """``envelope`` to the live connections of ``user_ids`` on the other nodes."""
+        ...
+
+    def push_device(self, device_id: str, envelope: bytes) -> None:
+        """``envelope`` to the connections of one device on the other nodes."""
+        ...
+
+    def welcome(self, user_id: str, event_id: str, payload: bytes) -> None:
+        """A stored MLS welcome for ``user_id``'s connections on the other nodes."""
+        ...
+
+    def close_user(self, user_id: str, code: int, reason: str) -> None: ...
+    def close_session(self, session_id: str, code: int, reason: str) -> None: ...
+
+    def position(self, kind: int, conversation_id: str, user_id: str, seq: int) -> None:
+        """A delivered (kind 0) or read (kind 1) position moved to ``seq``: other
+        nodes raise their cached copy."""
+        ...
+
+    def presence(self, user_id: str, status: str) -> None:
+        """This node's aggregate status of ``user_id`` changed."""
+        ...
+
+    def remote_presence(self, user_id: str) -> str:
+        """The best status of ``user_id`` on the other nodes ("offline" if none)."""
+        ...
+
+    def remote_connections(self, user_id: str) -> list[tuple[int, str]]:
+        """(ready time µs, node id) of ``user_id``'s connections on other nodes."""
+        ...
+
+    def connections_changed(self, user_id: str) -> None:
+        """This node's READY connections of ``user_id`` changed (the per-user cap)."""
+        ...
+
+    def forget_profile(self, user_id: str) -> None:
+        """``user_id``'s profile changed: other nodes drop their cached copy."""
+        ...
+
+
+class NullPeers:
+    """A single node has no peers."""
+
+    clustered = False
+    node_id = "single"
+
+    def push(self, user_ids: Iterable[str], envelope: bytes) -> None:
+        return None
+
+    def push_device(self, device_id: str, envelope: bytes) -> None:
+        return None
+
+    def welcome(self, user_id: str, event_id: str, payload: bytes) -> None:
+        return None
+
+    def close_user(self, user_id: str, code: int, reason: str) -> None:
+        return None
+
+    def close_session(self, session_id: str, code: int, reason: str) -> None:
+        return None
+
+    def position(self, kind: int, conversation_id: str, user_id: str, seq: int) -> None:
+        return None
+
+    def presence(self, user_id: str, status: str) -> None:
+        return None
+
+    def remote_presence(self, user_id: str) -> str:
+        return "offline"
+
+    def remote_connections(self, user_id: str) -> list[tuple[int, str]]:
+        return []
+
+    def connections_changed(self, user_id: str) -> None:
+        return None
+
+    def forget_profile(self, user_id: str) -> None:
+        return None

@@ -54,6 +54,7 @@ class Session:
         "outbox",
         "presence",
         "ready_at",
+        "ready_at_us",
         "session_id",
         "state",
         "sync",
@@ -75,6 +76,7 @@ class Session:
         self.device_id = ""
         self.is_admin = False
         self.ready_at = 0.0
+        self.ready_at_us = 0  # wall clock: orders a user's connections across nodes
         self.sync: SyncState | None = None  # set while the offline backlog streams
         self.presence = "online"  # this connection's PRESENCE_UPDATE status
         self.typing_marks: dict[str, float] | None = None  # conversation -> last TYPING

@@ -15,7 +15,10 @@ from tests.helpers.services import Harness
 def wiring(svc: Services, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """For each service: which port or service each attribute and hook is."""
     known: dict[int, str] = {id(v): k for k, v in extra.items()}
-    known.update({id(getattr(svc, f)): f for f in svc.__dataclass_fields__})
+    # (an absent service, e.g. ``cluster`` on a single node, is None: not a port)
+    known.update(
+        {id(getattr(svc, f)): f for f in svc.__dataclass_fields__ if getattr(svc, f) is not None}
+    )
     known[id(svc.delivery.writer)] = "delivery.writer"
     known[id(svc.delivery.eventlog)] = "eventlog"
 

@@ -1,0 +1,390 @@
+"""Cluster mode (SPEC §12.27): two nodes — each its own services, outbox and database
+connections — over one database, with the in-process bus of ``tests/helpers/bus.py``.
+
+Everything but the bus transport is real: the services, the event log, SQLite (two
+writer connections, serialised by SQLite's lock as two processes would be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sovereign.errors import CloseCode, ErrorCode
+from sovereign.protocol.types import MessageType as T
+from sovereign.services.session import Session
+from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers import mls
+from tests.helpers.bus import HubBus
+from tests.helpers.fakes import FakeClock, Sent
+from tests.helpers.services import Harness, Login, Pair, cluster_pair
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    async with cluster_pair(tmp_path / "data") as p:
+        yield p
+
+
+def send_req(conv_id: str, payload: bytes = b"ciphertext") -> pb.MessageSend:
+    return pb.MessageSend(conversation_id=conv_id, encrypted_payload=payload)
+
+
+def of_type(frames: list[Sent], t: T) -> list[Sent]:
+    return [f for f in frames if f.type == t]
+
+
+def seqs(frames: list[Sent]) -> list[int]:
+    return [f.msg.seq for f in frames if f.type == T.MESSAGE_RECEIVE]
+
+
+async def call(p: Pair, h: Harness, s: Session, t: T, msg: object, rid: str = "") -> Sent:
+    rid = rid or h.rid()
+    h.request(s, t, msg, rid)  # type: ignore[arg-type]
+    await p.settle()
+    return h.outbox.response(s, rid)
+
+
+async def two_users(p: Pair) -> tuple[Login, Login, Session, Session, str]:
+    """alice on node a, bob on node b, sharing a conversation alice created on a."""
+    alice = await p.a.register("alice")
+    bob = await p.a.register("bob")
+    a1 = await p.a.connect(alice)
+    b1 = await p.b.connect(bob)
+    created = await call(
+        p, p.a, a1, T.GROUP_CREATE, pb.GroupCreate(title="g", member_ids=[bob.user_id])
+    )
+    assert created.type == T.GROUP_CREATED, created
+    conv = created.msg.conversation_id
+    await p.settle()
+    return alice, bob, a1, b1, conv
+
+
+async def stored_seqs(h: Harness, conv: str) -> list[int]:
+    return await h.stored_seqs(conv)
+
+
+# -- conversing across nodes ----------------------------------------------------------
+
+
+async def test_a_group_created_on_one_node_reaches_a_member_on_the_other(pair: Pair) -> None:
+    p = pair
+    _alice, bob, a1, b1, conv = await two_users(p)
+    got = p.b.outbox.take(b1)
+    added = of_type(got, T.GROUP_MEMBER_ADDED)
+    # SPEC §12.2, §12.13: bob sees events from his own GROUP_MEMBER_ADDED on (seq 2;
+    # alice's, seq 1, is before it), as on a single node.
+    assert [(f.msg.user_id, f.msg.seq) for f in added] == [(bob.user_id, 2)]
+    assert [f.msg.seq for f in of_type(p.a.outbox.take(a1), T.GROUP_MEMBER_ADDED)] == [1, 2]
+    assert bob.user_id in p.b.conv(conv).members  # node b learned the conversation
+
+
+async def test_two_nodes_converse_in_order_and_the_echo_is_the_response(pair: Pair) -> None:
+    p = pair
+    _alice, _bob, a1, b1, conv = await two_users(p)
+    p.a.outbox.take(a1)
+    p.b.outbox.take(b1)
+    echo = await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"hi bob"))
+    assert echo.type == T.MESSAGE_RECEIVE and echo.msg.seq == 3
+    got = p.b.outbox.take(b1)
+    assert [(f.msg.seq, f.msg.encrypted_payload) for f in got] == [(3, b"hi bob")]
+    echo = await call(p, p.b, b1, T.MESSAGE_SEND, send_req(conv, b"hi alice"))
+    assert echo.msg.seq == 4
+    got = p.a.outbox.take(a1)
+    assert [f.msg.seq for f in got if f.request_id == ""] == [4]
+    assert await stored_seqs(p.a, conv) == [1, 2, 3, 4]
+
+
+async def test_concurrent_sends_from_both_nodes_get_dense_unique_seqs_in_order_everywhere(
+    pair: Pair,
+) -> None:
+    p = pair
+    alice, _bob, a1, b1, conv = await two_users(p)
+    a2 = await p.b.connect(await p.a.another_device(alice))  # alice also on node b
+    for s, h in ((a1, p.a), (b1, p.b), (a2, p.b)):
+        h.outbox.take(s)
+    n = 40
+    for i in range(n):  # interleaved, without waiting: both event logs batch
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv, b"a%d" % i), f"a{i}")
+        p.b.request(b1, T.MESSAGE_SEND, send_req(conv, b"b%d" % i), f"b{i}")
+    await p.settle()
+    assert await stored_seqs(p.a, conv) == list(range(1, 2 * n + 3))
+    # Every connection saw every seq exactly once, in ascending order (its own sends as
+    # responses, the rest pushed).
+    for s, h in ((a1, p.a), (b1, p.b), (a2, p.b)):
+        got = seqs(h.outbox.take(s))
+        assert got == list(range(3, 2 * n + 3)), (s, got)
+    # The payload says the seq the database assigned.
+    row = await p.a.db.read(
+        lambda c: c.execute(
+            "SELECT seq, payload FROM events WHERE conversation_id = ? AND seq = 40", (conv,)
+        ).fetchone()
+    )
+    assert pb.MessageReceive.FromString(row[1]).seq == 40
+    # The exact head is in the conversations row (cluster mode).
+    last = await p.a.db.read(
+        lambda c: c.execute(
+            "SELECT last_seq FROM conversations WHERE conversation_id = ?", (conv,)
+        ).fetchone()[0]
+    )
+    assert last == 2 * n + 2
+
+
+async def test_idempotent_retry_raced_on_the_other_node_answers_the_original(
+    pair: Pair,
+) -> None:
+    p = pair
+    alice, _bob, a1, b1, conv = await two_users(p)
+    a2 = await p.b.connect(await p.a.another_device(alice))
+    p.a.outbox.take(a1)
+    p.b.outbox.take(a2)
+    # The same request_id from two devices of one user, on two nodes, at once.
+    p.a.request(a1, T.MESSAGE_SEND, send_req(conv, b"once"), "same-rid")
+    p.b.request(a2, T.MESSAGE_SEND, send_req(conv, b"once"), "same-rid")
+    await p.settle()
+    first = p.a.outbox.response(a1, "same-rid")
+    second = p.b.outbox.response(a2, "same-rid")
+    assert first.type == second.type == T.MESSAGE_RECEIVE, (first, second)
+    assert first.msg.message_id == second.msg.message_id
+    assert first.msg.seq == second.msg.seq == 3
+    assert await stored_seqs(p.a, conv) == [1, 2, 3]  # stored once
+    # bob got it once.
+    assert seqs(p.b.outbox.take(b1)) == [3]
+
+
+async def test_two_commits_at_one_epoch_from_two_nodes_one_wins_one_gets_5004(
+    pair: Pair,
+) -> None:
+    p = pair
+    _alice, _bob, a1, b1, conv = await two_users(p)
+    gid = b"g" * 16
+    p.a.request(
+        a1, T.MLS_COMMIT, pb.MLSCommit(conversation_id=conv, commit_data=mls.commit(gid, 0)), "ca"
+    )
+    p.b.request(
+        b1, T.MLS_COMMIT, pb.MLSCommit(conversation_id=conv, commit_data=mls.commit(gid, 0)), "cb"
+    )
+    await p.settle()
+    ra = p.a.outbox.response(a1, "ca")
+    rb = p.b.outbox.response(b1, "cb")
+    kinds = sorted([ra.type, rb.type])
+    assert kinds == sorted([T.MLS_COMMIT_BROADCAST, T.ERROR]), (ra, rb)
+    loser = ra if ra.type == T.ERROR else rb
+    assert loser.msg.code == ErrorCode.EPOCH_MISMATCH
+    assert await stored_seqs(p.a, conv) == [1, 2, 3]
+    # Both nodes now know epoch 1: the next commit at epoch 1 works from either.
+    assert p.a.conv(conv).epoch == 1 and p.b.conv(conv).epoch == 1
+    ok = await call(
+        p, p.b, b1, T.MLS_COMMIT, pb.MLSCommit(conversation_id=conv, commit_data=mls.commit(gid, 1))
+    )
+    assert ok.type == T.MLS_COMMIT_BROADCAST and ok.msg.epoch == 1
+
+
+async def test_key_package_claims_raced_from_two_nodes_hand_each_package_out_once(
+    tmp_path: Path,
+) -> None:
+    # Real time: the packages' lifetimes are checked against the (injected) clock.
+    clock = FakeClock(wall_us=time.time_ns() // 1000)
+    async with cluster_pair(tmp_path / "data", clock) as p:
+        await _key_package_race(p)
+
+
+async def _key_package_race(p: Pair) -> None:
+    _alice, bob, a1, b1, _conv = await two_users(p)
+    up = pb.MLSKeyPackageUpload(key_packages=[mls.key_package(bob.user_id) for _ in range(3)])
+    stored = await call(p, p.b, b1, T.MLS_KEY_PACKAGE_UPLOAD, up)
+    assert stored.type == T.ACK and stored.msg.count == 3, stored
+    carol = await p.a.register("carol")
+    c1 = await p.b.connect(carol)
+    fetch = pb.MLSKeyPackageFetch(user_id=bob.user_id)
+    for i in range(2):
+        p.a.request(a1, T.MLS_KEY_PACKAGE_FETCH, fetch, f"fa{i}")
+        p.b.request(c1, T.MLS_KEY_PACKAGE_FETCH, fetch, f"fc{i}")
+    await p.settle()
+    got = [p.a.outbox.response(a1, f"fa{i}") for i in range(2)]
+    got += [p.b.outbox.response(c1, f"fc{i}") for i in range(2)]
+    handed = [g.msg.key_package_data for g in got if g.type == T.MLS_KEY_PACKAGE_RESPONSE]
+    assert len(handed) == 3 and len(set(handed)) == 3, got
+    assert [g.msg.code for g in got if g.type == T.ERROR] == [ErrorCode.NO_KEY_PACKAGE_AVAILABLE]
+
+
+# -- live signals and closes across nodes -----------------------------------------------
+
+
+async def test_typing_receipts_presence_and_delivered_reach_the_other_node(pair: Pair) -> None:
+    p = pair
+    alice, bob, a1, b1, conv = await two_users(p)
+    p.a.outbox.take(a1)
+    p.b.outbox.take(b1)
+    await call(p, p.a, a1, T.TYPING, pb.Typing(conversation_id=conv, typing=True))
+    assert [f.msg.user_id for f in of_type(p.b.outbox.take(b1), T.TYPING_NOTIFY)] == [alice.user_id]
+    echo = await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv))
+    p.b.outbox.take(b1)
+    await call(p, p.b, b1, T.MESSAGE_ACK, pb.MessageAck(message_ids=[echo.msg.message_id]))
+    delivered = of_type(p.a.outbox.take(a1), T.MESSAGE_DELIVERED)
+    assert [(d.msg.delivered_to, d.msg.up_to_seq) for d in delivered] == [(bob.user_id, 3)]
+    await call(p, p.b, b1, T.MESSAGE_READ, pb.ReadMarker(conversation_id=conv, up_to_seq=3))
+    receipts = of_type(p.a.outbox.take(a1), T.MESSAGE_READ_RECEIPT)
+    assert [(r.msg.user_id, r.msg.up_to_seq) for r in receipts] == [(bob.user_id, 3)]
+    await call(p, p.b, b1, T.PRESENCE_UPDATE, pb.PresenceUpdate(status="away"))
+    pres = of_type(p.a.outbox.take(a1), T.PRESENCE_NOTIFY)
+    assert [(x.msg.user_id, x.msg.status) for x in pres] == [(bob.user_id, "away")]
+    # bob's last connection (on node b) goes: node a's alice hears "offline".
+    p.b.disconnect(b1)
+    await p.settle()
+    pres = of_type(p.a.outbox.take(a1), T.PRESENCE_NOTIFY)
+    assert [(x.msg.user_id, x.msg.status) for x in pres] == [(bob.user_id, "offline")]
+
+
+async def test_disable_and_revoke_close_sockets_on_the_other_node(pair: Pair) -> None:
+    p = pair
+    alice, bob, a1, b1, _conv = await two_users(p)
+    a2 = await p.b.connect(await p.a.another_device(alice))
+    await p.a.conns.revoke_session(a2_login_session(p, a2))
+    await p.settle()
+    assert [(c[0], c[1]) for c in p.b.outbox.closes] == [(a2, CloseCode.SESSION_INVALID)]
+    await p.a.conns.set_user_enabled(bob.user_id, False)
+    await p.settle()
+    assert (b1, CloseCode.ACCOUNT_DISABLED) in [(c[0], c[1]) for c in p.b.outbox.closes]
+    assert a1 not in [c[0] for c in p.a.outbox.closes]
+
+
+def a2_login_session(p: Pair, s: Session) -> str:
+    return s.session_id
+
+
+async def test_the_per_user_cap_counts_connections_on_every_node(tmp_path: Path) -> None:
+    async with cluster_pair(tmp_path / "data", max_connections_per_user=2) as p:
+        alice = await p.a.register("alice")
+        first = await p.a.connect(alice)
+        p.a.clock.advance(1)
+        second = await p.b.connect(await p.a.another_device(alice))
+        await p.settle()
+        assert p.a.outbox.closes == [] and p.b.outbox.closes == []
+        p.a.clock.advance(1)
+        third = await p.b.connect(alice)
+        await p.settle()
+        # Three across the cluster, cap 2: the oldest (on node a) is closed by node a.
+        assert [(c[0], c[1]) for c in p.a.outbox.closes] == [
+            (first, CloseCode.TOO_MANY_CONNECTIONS)
+        ]
+        assert p.b.outbox.closes == []
+        assert not second.closed and not third.closed
+
+
+# -- losing the bus ------------------------------------------------------------------------
+
+
+async def test_a_node_that_lost_the_bus_catches_up_in_order_after_reconnecting(
+    pair: Pair,
+) -> None:
+    p = pair
+    _alice, _bob, a1, b1, conv = await two_users(p)
+    p.b.outbox.take(b1)
+    bus_b = p.b.cluster.bus if p.b.cluster else None
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    for i in range(5):
+        await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"m%d" % i))
+    assert p.b.outbox.take(b1) == []  # nothing reached node b
+    dropped = p.hub.dropped
+    assert dropped >= 5
+    await bus_b.reconnect()
+    await p.settle()
+    assert seqs(p.b.outbox.take(b1)) == [3, 4, 5, 6, 7]
+    # and live again afterwards, without duplicates
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"after"))
+    assert seqs(p.b.outbox.take(b1)) == [8]
+
+
+async def test_a_lost_notification_is_repaired_from_the_database_when_the_next_arrives(
+    pair: Pair,
+) -> None:
+    p = pair
+    _alice, _bob, a1, b1, conv = await two_users(p)
+    p.b.outbox.take(b1)
+    bus_a = p.a.cluster.bus if p.a.cluster else None
+    assert isinstance(bus_a, HubBus)
+    bus_a.disconnect()  # node a's notifications for seqs 3 and 4 are lost
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"lost-1"))
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"lost-2"))
+    bus_a._connected = True  # back without a resync on node a: b must notice the hole
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"seen"))
+    await p.settle()
+    got = p.b.outbox.take(b1)
+    assert [(f.msg.seq, f.msg.encrypted_payload) for f in got] == [
+        (3, b"lost-1"),
+        (4, b"lost-2"),
+        (5, b"seen"),
+    ]
+    assert p.b.cluster is not None and p.b.cluster.repaired_events == 2
+
+
+async def test_offline_sync_on_one_node_then_live_events_from_the_other_without_gaps(
+    pair: Pair,
+) -> None:
+    p = pair
+    _alice, bob, a1, b1, conv = await two_users(p)
+    p.b.disconnect(b1)
+    for i in range(3):
+        await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"x%d" % i))
+    b2 = p.b.open()
+    p.b.authenticate(b2, bob)
+    await p.settle()
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"live"))
+    got = seqs(p.b.outbox.take(b2))
+    # bob's cursor is at his GROUP_MEMBER_ADDED - 1: the backlog (2 is that event, not
+    # a message) and then the live one from node a, no gap, no duplicate.
+    assert got == [3, 4, 5, 6], got
+
+
+async def test_membership_changes_on_one_node_apply_on_the_other(pair: Pair) -> None:
+    p = pair
+    _alice, bob, a1, b1, conv = await two_users(p)
+    carol = await p.a.register("carol")
+    c1 = await p.b.connect(carol)
+    ok = await call(
+        p, p.a, a1, T.GROUP_INVITE, pb.GroupInvite(conversation_id=conv, user_id=carol.user_id)
+    )
+    assert ok.type == T.ACK, ok
+    assert carol.user_id in p.b.conv(conv).members
+    assert p.b.conv(conv).members[carol.user_id].joined_seq == 3
+    assert [f.msg.seq for f in of_type(p.b.outbox.take(c1), T.GROUP_MEMBER_ADDED)] == [3]
+    # carol sends through node b: a member there.
+    echo = await call(p, p.b, c1, T.MESSAGE_SEND, send_req(conv, b"hello all"))
+    assert echo.msg.seq == 4
+    # bob leaves on node b: alice (node a) sees the removal and bob is gone there.
+    left = await call(p, p.b, b1, T.GROUP_LEAVE, pb.GroupLeave(conversation_id=conv))
+    assert left.type == T.ACK
+    assert bob.user_id not in p.a.conv(conv).members
+    assert p.a.conv(conv).former[bob.user_id].left_seq == 5
+    # Inviting carol again from node b (stale or not) is refused by the database.
+    again = await call(
+        p, p.b, b1, T.GROUP_INVITE, pb.GroupInvite(conversation_id=conv, user_id=carol.user_id)
+    )
+    assert again.type == T.ERROR
+
+
+async def test_the_loser_of_a_cross_node_invite_race_gets_already_member(pair: Pair) -> None:
+    p = pair
+    alice, _bob, a1, _b1, conv = await two_users(p)
+    # make bob an admin too? Only admins invite: use alice on both nodes.
+    a2 = await p.b.connect(await p.a.another_device(alice))
+    carol = await p.a.register("carol")
+    inv = pb.GroupInvite(conversation_id=conv, user_id=carol.user_id)
+    p.a.request(a1, T.GROUP_INVITE, inv, "i1")
+    p.b.request(a2, T.GROUP_INVITE, inv, "i2")
+    await p.settle()
+    r1 = p.a.outbox.response(a1, "i1")
+    r2 = p.b.outbox.response(a2, "i2")
+    assert sorted([r1.type, r2.type]) == sorted([T.ACK, T.ERROR]), (r1, r2)
+    loser = r1 if r1.type == T.ERROR else r2
+    assert loser.msg.code == ErrorCode.ALREADY_MEMBER
+    assert await stored_seqs(p.a, conv) == [1, 2, 3]
+    for h in p.nodes:
+        assert h.conv(conv).members[carol.user_id].joined_seq == 3
+    _ = asyncio  # keep the import for future use
