@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import re
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -417,3 +420,36 @@ async def test_postgres_restart_gives_errors_not_hangs_and_recovers(tmp_path: Pa
             print(f"\npostgres restart: errors while down {alice.errors}, recovered")
         finally:
             await close_all([alice, bob])
+
+
+# -- serve --workers N on PostgreSQL ----------------------------------------------------------
+async def test_workers_share_one_port_and_converse(tmp_path: Path) -> None:
+    with cluster(tmp_path, nodes=0) as c:
+        node = c.add_node(workers=2)
+        pids = set(re.findall(r"worker \d started \(pid (\d+)\)", node.output()))
+        assert len(pids) == 2, node.output()
+        ms = await members(c, 12, "w")
+        for m in ms:
+            await m.connect(node)  # one port; the kernel spreads them over the workers
+        try:
+            conv = await create_group(ms[0], ms[1:])
+            echoes = [await m.send(conv, b"hi") for m in ms[:3]]
+            keys = {(conv, int(e.seq)) for e in echoes if e is not None}
+            assert len(keys) == 3
+            missing = await asyncio.gather(*(m.wait_seen(keys, 5.0) for m in ms))
+            assert not any(missing)
+            # A killed worker is restarted by the supervisor; its clients come back.
+            os.kill(int(sorted(pids)[0]), signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while "restarting" not in node.output() or node.output().count("listening on") < 3:
+                assert time.monotonic() < deadline, node.output()
+                await asyncio.sleep(0.1)
+            for m in ms:
+                if not m.up:
+                    await m.connect(node)
+            e = await ms[0].send(conv, b"after")
+            assert e is not None
+            missing = await asyncio.gather(*(m.wait_seen({(conv, int(e.seq))}, 5.0) for m in ms))
+            assert not any(missing)
+        finally:
+            await close_all(ms)

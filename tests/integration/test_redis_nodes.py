@@ -143,3 +143,20 @@ async def test_redis_restart_during_traffic_loses_nothing(
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_metrics_show_the_bus(nodes: list[App]) -> None:
+    import urllib.request
+
+    listener = nodes[0].admin_listener
+    assert listener is not None
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{listener.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    await asyncio.sleep(0.3)
+    text = await asyncio.get_running_loop().run_in_executor(None, scrape)
+    assert "sovereign_cluster_bus_connected 1.0" in text
+    assert 'sovereign_cluster_bus_messages_total{outcome="published"}' in text
+    assert "sovereign_cluster_bus_reconnects_total 0.0" in text
