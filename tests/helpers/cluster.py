@@ -310,7 +310,7 @@ class Node:
         self.workers = workers
         self.proc: subprocess.Popen[str] | None = None
         self.lines: deque[str] = deque(maxlen=400)
-        self._listening = threading.Event()
+        self.starts = 0
         self._reader: threading.Thread | None = None
 
     @property
@@ -319,7 +319,8 @@ class Node:
 
     def start(self, timeout: float = 30.0) -> Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._listening.clear()
+        self.lines.clear()  # a restart: "listening" must come from this process
+        self.starts += 1
         cmd = [
             sys.executable,
             "-m",
