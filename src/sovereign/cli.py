@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="replace the database with a backup (server stopped)")
     _common(restore)
     restore.add_argument("path", help="a file written by `sovereign backup`")
+    mig = sub.add_parser(
+        "migrate-to-postgres",
+        help="copy a SQLite data directory into an empty PostgreSQL database (server stopped)",
+    )
+    _common(mig)
+    mig.add_argument(
+        "--postgres-dsn",
+        metavar="DSN",
+        required=True,
+        help="the target, e.g. postgresql://sovereign@127.0.0.1:5432/sovereign",
+    )
     return parser
 
 
@@ -483,7 +494,7 @@ def _admin_api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
         )
 
     async def mint() -> tuple[str, str]:
-        storage = await open_storage(cfg.sqlite_path)
+        storage = await open_storage(cfg.sqlite_path, postgres_dsn=cfg.storage_dsn)
         try:
             admins = [u for u in await storage.users.list(limit=100) if u.is_admin and u.enabled]
             if not admins:
@@ -503,7 +514,7 @@ def _admin_api(cfg: Config, method: str, path: str, body: Any = None) -> Any:
             await storage.close()
 
     async def revoke(session_id: str) -> None:
-        storage = await open_storage(cfg.sqlite_path)
+        storage = await open_storage(cfg.sqlite_path, postgres_dsn=cfg.storage_dsn)
         try:
             await storage.sessions.revoke(session_id, int(time.time() * 1_000_000))
         finally:
@@ -688,6 +699,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from sovereign.storage import StorageError
 
     cfg = _config(args)
+    if cfg.storage == "postgres":
+        return _err(_pg_howto("backup"))
     dest = Path(args.path).resolve()
     if dest.exists():
         return _err(f"{dest} already exists; choose a new path")
@@ -731,6 +744,12 @@ def _progress(what: str) -> _Progress:
     return _Progress(what)
 
 
+def _pg_howto(command: str) -> str:
+    from sovereign.storage.postgres import BACKUP_HOWTO
+
+    return f"sovereign {command} works on SQLite data directories only. " + BACKUP_HOWTO
+
+
 def _sidecars(db: Path) -> list[Path]:
     return [Path(str(db) + suffix) for suffix in ("-wal", "-shm", "-journal")]
 
@@ -759,6 +778,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from sovereign.storage import StorageError, open_storage
 
     cfg = _config(args)
+    if cfg.storage == "postgres":
+        return _err(_pg_howto("restore"))
     src = Path(args.path)
     db = cfg.sqlite_path
     if server_running(cfg):
@@ -818,6 +839,37 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_to_postgres(args: argparse.Namespace) -> int:
+    from sovereign.storage.migrate import MigrateError, copy_to_postgres
+
+    cfg = _config(args)
+    if server_running(cfg):
+        return _err(
+            f"a server is running on {cfg.data_dir} (it holds {_lock_path(cfg)}); stop it "
+            "first: writes made during the copy would be lost"
+        )
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    async def work() -> int:
+        try:
+            copied = await copy_to_postgres(cfg.sqlite_path, args.postgres_dsn, say)
+        except MigrateError as exc:
+            return _err(f"migrate-to-postgres: {exc}")
+        total = sum(copied.values())
+        print(f"done: {total} rows in {len(copied)} tables copied and verified.")
+        print(
+            "Now set, in sovereign.toml (or SOVEREIGN_STORAGE / SOVEREIGN_POSTGRES_DSN):\n"
+            '  storage = "postgres"\n'
+            '  postgres_dsn = "<the DSN you passed>"\n'
+            f"and start the server. {cfg.sqlite_path} is left as it was: keep it as a backup."
+        )
+        return 0
+
+    return _run(work())
+
+
 def _ask(prompt: str, default: str, assume_yes: bool) -> str:
     if assume_yes or not sys.stdin.isatty():
         return default
@@ -874,7 +926,11 @@ def cmd_setup(args: argparse.Namespace) -> int:
     print(f"wrote {target} (rp_id {cfg.rp_id}, registration {cfg.registration})")
 
     async def init_db() -> int:
-        storage = await open_storage(cfg.sqlite_path, max_batch=cfg.group_commit_max_batch)
+        storage = await open_storage(
+            cfg.sqlite_path,
+            postgres_dsn=cfg.storage_dsn,
+            max_batch=cfg.group_commit_max_batch,
+        )
         await storage.close()
         return 0
 
@@ -903,6 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("invite", "create"): cmd_invite_create,
         ("backup", None): cmd_backup,
         ("restore", None): cmd_restore,
+        ("migrate-to-postgres", None): cmd_migrate_to_postgres,
     }
     action = (
         getattr(args, "user_command", None)

@@ -5,9 +5,9 @@ file (TOML) > default. Every key is validated at start-up; a bad value raises
 :class:`ConfigError` whose message is one line naming the key and what is allowed.
 List-valued environment keys are comma-separated (SPEC §12.21).
 
-Keys for features this version does not have yet (``storage = "postgres"``,
-``postgres_dsn``) are accepted by the parser but refused by
-:func:`validate`: a setting that silently does nothing is worse than a clear error.
+``storage = "postgres"`` needs ``postgres_dsn`` (and a DSN needs that storage);
+``redis_url`` (cluster mode) needs ``storage = "postgres"``. A setting that silently does
+nothing is worse than a clear error: :func:`validate` refuses such combinations.
 :func:`load_with_sources` also says where each value came from (the admin API's
 settings view shows it, SPEC §12.23).
 """
@@ -54,7 +54,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # policy
     registration: Registration = "open"
     mls_validation: MlsValidation = "strict"
-    # storage ("postgres" and postgres_dsn are not available yet: refused)
+    # storage: "sqlite" (under data_dir) or "postgres" (postgres_dsn)
     storage: StorageBackend = "sqlite"
     postgres_dsn: str = ""
     redis_url: str = ""  # cluster mode (SPEC §12.27): needs storage = "postgres"
@@ -100,6 +100,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def sqlite_path(self) -> Path:
         return Path(self.data_dir) / "sovereign.db"
 
+    @property
+    def storage_dsn(self) -> str:
+        """The PostgreSQL DSN when PostgreSQL is the storage, else "" (SQLite)."""
+        return self.postgres_dsn if self.storage == "postgres" else ""
+
 
 _POSITIVE = {
     "max_envelope_bytes",
@@ -126,12 +131,6 @@ _POSITIVE = {
     "group_commit_max_batch",
 }
 _NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
-
-#: Keys of features not in this version: key -> why a non-empty value is refused.
-#: ``dump_toml`` leaves them out, so ``sovereign setup`` never writes them.
-_NOT_YET = {
-    "postgres_dsn": "PostgreSQL storage is not available yet in this version; leave it unset",
-}
 
 
 def _hints() -> dict[str, Any]:
@@ -202,13 +201,13 @@ def validate(cfg: Config) -> Config:
     _parse_hostport("listen", cfg.listen)
     if cfg.admin_listen:
         _parse_hostport("admin_listen", cfg.admin_listen)
-    if cfg.storage != "sqlite":
+    if cfg.storage == "postgres" and not cfg.postgres_dsn:
         raise ConfigError(
-            f'storage: "{cfg.storage}" is not available yet in this version; use "sqlite"'
+            'postgres_dsn: required with storage = "postgres"'
+            " (e.g. postgresql://sovereign@127.0.0.1:5432/sovereign)"
         )
-    for key, why in _NOT_YET.items():
-        if getattr(cfg, key):
-            raise ConfigError(f"{key}: {why}")
+    if cfg.storage == "sqlite" and cfg.postgres_dsn:
+        raise ConfigError('postgres_dsn: only used with storage = "postgres"; set that too')
     _check_cluster(cfg)
     if cfg.max_envelope_bytes > cfg.max_frame_bytes:
         raise ConfigError("max_envelope_bytes: must not exceed max_frame_bytes")
@@ -323,7 +322,9 @@ def dump_toml(cfg: Config) -> str:
     """Render a config as TOML (used by ``sovereign setup``)."""
     lines = []
     for key, value in msgspec.structs.asdict(cfg).items():
-        if value is None or key in _NOT_YET or key in _CLUSTER_KEYS:
+        if value is None or key in _CLUSTER_KEYS:
+            continue
+        if key == "postgres_dsn" and not value:
             continue
         if isinstance(value, bool):
             rendered = "true" if value else "false"

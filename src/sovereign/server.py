@@ -459,7 +459,11 @@ def make_bus(config: Config) -> Bus:
 async def open_configured_storage(config: Config) -> Storage:
     """The configured database, migrated (``serve --workers`` calls this once in the
     supervisor before any worker starts, so migrations never run concurrently)."""
-    return await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
+    return await open_storage(
+        config.sqlite_path,
+        postgres_dsn=config.storage_dsn,
+        max_batch=config.group_commit_max_batch,
+    )
 
 
 async def migrate(config: Config) -> None:

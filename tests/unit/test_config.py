@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.config import ConfigError, dump_toml, load, load_with_sources
+from sovereign.config import Config, ConfigError, dump_toml, load, load_with_sources
 
 
 def test_defaults_match_spec_section_9() -> None:
@@ -88,34 +88,31 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert load(f, {}, environ={}) == c
 
 
-# -- keys of features this version does not have yet ----------------------------------
-
-NOT_YET = [
-    (
-        "storage",
-        "postgres",
-        'storage: "postgres" is not available yet in this version; use "sqlite"',
-    ),
-    ("postgres_dsn", "postgresql://db/sovereign", "postgres_dsn: PostgreSQL storage is not"),
-]
+# -- storage and cluster keys ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("key", "value", "message"), NOT_YET)
 @pytest.mark.parametrize("source", ["file", "environment", "override"])
-def test_unavailable_features_are_refused_by_name(
-    tmp_path: Path, source: str, key: str, value: str, message: str
-) -> None:
-    f = tmp_path / "c.toml"
-    f.write_text(f'{key} = "{value}"\n')
-    with pytest.raises(ConfigError) as info:
+def test_postgres_storage_needs_a_dsn_and_a_dsn_needs_postgres(tmp_path: Path, source: str) -> None:
+    def attempt(values: dict[str, str]) -> Config:
+        f = tmp_path / "c.toml"
+        f.write_text("".join(f'{k} = "{v}"\n' for k, v in values.items()))
         if source == "file":
-            load(f, {}, environ={})
-        elif source == "environment":
-            load(None, {}, environ={"SOVEREIGN_" + key.upper(): value})
-        else:  # what a command-line flag passes
-            load(None, {key: value}, environ={})
-    msg = str(info.value)
-    assert msg.startswith(message) and "not available yet" in msg and "\n" not in msg
+            return load(f, {}, environ={})
+        if source == "environment":
+            return load(None, {}, environ={"SOVEREIGN_" + k.upper(): v for k, v in values.items()})
+        return load(None, dict(values), environ={})
+
+    dsn = "postgresql://sovereign@127.0.0.1:5432/sovereign"
+    c = attempt({"storage": "postgres", "postgres_dsn": dsn})
+    assert (c.storage, c.postgres_dsn, c.storage_dsn) == ("postgres", dsn, dsn)
+    for values, start in (
+        ({"storage": "postgres"}, "postgres_dsn: required with storage"),
+        ({"postgres_dsn": dsn}, 'postgres_dsn: only used with storage = "postgres"'),
+    ):
+        with pytest.raises(ConfigError) as info:
+            attempt(values)
+        assert str(info.value).startswith(start) and "\n" not in str(info.value)
+    assert load(None, {}, environ={}).storage_dsn == ""
 
 
 def test_unavailable_features_unset_or_at_default_are_accepted(tmp_path: Path) -> None:
@@ -141,6 +138,20 @@ def test_redis_url_with_sqlite_is_refused_in_one_line(tmp_path: Path, source: st
     msg = str(info.value)
     assert msg.startswith('redis_url: cluster mode needs storage = "postgres"')
     assert "\n" not in msg and url not in msg  # a URL may hold a password
+
+
+def test_redis_url_with_postgres_is_accepted() -> None:
+    dsn = "postgresql://sovereign@127.0.0.1:5432/sovereign"
+    env = {
+        "SOVEREIGN_STORAGE": "postgres",
+        "SOVEREIGN_POSTGRES_DSN": dsn,
+        "SOVEREIGN_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "SOVEREIGN_CLUSTER_NAME": "eu-1",
+    }
+    c = load(None, {}, environ=env)
+    assert (c.redis_url, c.cluster_name) == ("redis://127.0.0.1:6379/0", "eu-1")
+    with pytest.raises(ConfigError, match=r"^redis_url: expected a redis://"):
+        load(None, {}, environ={**env, "SOVEREIGN_REDIS_URL": "http://x"})
 
 
 def test_cluster_name_is_validated() -> None:

@@ -1,6 +1,8 @@
 """Storage: all SQL lives here (Synapse-style layering, SPEC §11).
 
-``Database`` is SQLite with one group-committing writer thread and read-only readers.
+``Database`` is one group-committing writer thread and read-only readers, on SQLite
+(``SqliteDatabase``, the default) or PostgreSQL (``storage.postgres.PostgresDatabase``);
+:func:`open_storage` picks the engine.
 Each store owns the SQL of one table family. Every write also exists as a ``*_txn``
 function taking a connection, so a service can compose several writes into ONE
 ``Database.write`` call (one transaction, all or nothing), e.g.::
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from sovereign.storage.challenges import ChallengeRow, ChallengeStore, Purpose
 from sovereign.storage.credentials import CredentialRow, CredentialStore
-from sovereign.storage.database import Conn, Database, DatabaseStats
+from sovereign.storage.database import Conn, Database, DatabaseStats, SqliteDatabase
 from sovereign.storage.errors import (
     AlreadyExists,
     CredentialExists,
@@ -60,6 +62,7 @@ __all__ = [
     "SessionRow",
     "SessionStore",
     "SettingsStore",
+    "SqliteDatabase",
     "Storage",
     "StorageError",
     "UserRow",
@@ -135,14 +138,23 @@ CHECKPOINT_S = 2.0
 async def open_storage(
     path: str | Path,
     *,
+    postgres_dsn: str = "",
     max_batch: int = 512,
     readers: int = 2,
     busy_timeout_ms: int = 5000,
     lazy_ms: float = CURSOR_LAZY_MS,
     checkpoint_s: float = CHECKPOINT_S,
 ) -> Storage:
-    """Open (creating and migrating as needed) the SQLite database at ``path``."""
-    db = await Database.open(
+    """Open (creating and migrating as needed) the database: PostgreSQL at
+    ``postgres_dsn`` if one is given, else the SQLite database at ``path``."""
+    if postgres_dsn:
+        from sovereign.storage.postgres import PostgresDatabase
+
+        pg = await PostgresDatabase.connect(
+            postgres_dsn, max_batch=max_batch, readers=readers, lazy_ms=lazy_ms
+        )
+        return Storage(pg)
+    db = await SqliteDatabase.open(
         path,
         max_batch=max_batch,
         readers=readers,

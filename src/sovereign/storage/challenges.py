@@ -13,7 +13,10 @@ import msgspec
 
 from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage.database import Conn, Database
-from sovereign.storage.engines import ENGINE
+from sovereign.storage.engines import (
+    INTEGRITY_ERRORS,
+    is_unique_violation,
+)
 from sovereign.storage.errors import AlreadyExists
 
 Purpose = Literal["register", "login", "admin_login"]
@@ -79,8 +82,8 @@ def put_challenge_txn(
                 expires_at_us,
             ),
         )
-    except sqlite3.IntegrityError as exc:
-        if ENGINE.is_unique_violation(exc):
+    except INTEGRITY_ERRORS as exc:
+        if is_unique_violation(exc):
             raise AlreadyExists("challenge") from exc
         raise
 

@@ -9,7 +9,11 @@ import msgspec
 
 from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage.database import Conn, Database
-from sovereign.storage.engines import ENGINE
+from sovereign.storage.engines import (
+    INTEGRITY_ERRORS,
+    is_foreign_key_violation,
+    is_unique_violation,
+)
 from sovereign.storage.errors import CredentialExists, NotFound
 
 
@@ -71,10 +75,10 @@ def add_credential_txn(
                 now_us,
             ),
         ).fetchone()
-    except sqlite3.IntegrityError as exc:
-        if ENGINE.is_unique_violation(exc):
+    except INTEGRITY_ERRORS as exc:
+        if is_unique_violation(exc):
             raise CredentialExists(credential_id.hex()) from exc
-        if ENGINE.is_foreign_key_violation(exc):
+        if is_foreign_key_violation(exc):
             raise NotFound(f"user {user_id}") from exc
         raise
     return _credential(r)

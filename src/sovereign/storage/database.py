@@ -110,44 +110,40 @@ _QueueItem: TypeAlias = "tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]
 
 
 class Database:
-    """The SQLite database: a single group-committing writer plus read-only readers."""
+    """Group commit on one writer thread plus a pool of reader threads, for any engine.
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        max_batch: int,
-        readers: int,
-        busy_timeout_ms: int,
-        migrations: Traversable,
-        engine: SqliteEngine = ENGINE,
-        lazy_ms: float = 0.0,
-        checkpoint_s: float = 0.0,
-    ) -> None:
-        # Use Database.open(); the constructor only records settings.
+    An engine subclass provides the connections (``_startup``), how a batch's
+    durability is set (``_set_durable``), what runs before the connections close
+    (``_before_close``) and which exceptions are the driver's (``_db_errors``: they
+    reach callers as DatabaseError). The writer and reader connections speak the
+    ``sqlite3`` connection API (PostgreSQL through an adapter), so the batch loop
+    below, the SAVEPOINT per write included, is the same for every engine."""
+
+    #: The engine's name ("sqlite", "postgres").
+    engine_name: str = ""
+    #: The driver's exceptions: mapped to DatabaseError.
+    _db_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    #: What a reader runs to start its one read transaction (a consistent snapshot).
+    _READ_BEGIN = "BEGIN"
+
+    def __init__(self, *, max_batch: int, readers: int, lazy_ms: float = 0.0) -> None:
+        # Use open(); the constructor only records settings.
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be >= 1")
-        self.path = path
         self._lazy_s = max(0.0, lazy_ms) / 1000
         self._last_durable = -1e9  # monotonic start of the last batch with a durable write
-        self._checkpoint_s = max(0.0, checkpoint_s)
-        self._checkpointer: threading.Thread | None = None
-        self._checkpoint_stop = threading.Event()
-        self.engine = engine
         self.max_batch = max_batch
         self._n_readers = readers
-        self._busy_timeout_ms = busy_timeout_ms
-        self._migrations = migrations
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
-        self._sync_full = True  # the writer connection's current synchronous mode
+        self._sync_full = True  # the writer connection's current durability
         self._closed = True  # until open() finishes
         self._dead = False  # the writer thread has shut down
         self._lock = threading.Lock()
         self._closing: asyncio.Future[None] | None = None
         self._writer: threading.Thread | None = None
-        self._wconn: sqlite3.Connection | None = None
-        self._rconns: list[sqlite3.Connection] = []
-        self._rfree: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._wconn: Any = None
+        self._rconns: list[Any] = []
+        self._rfree: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._rpool: ThreadPoolExecutor | None = None
         self.schema_version = 0
         # metrics
@@ -172,44 +168,37 @@ class Database:
         lazy_ms: float = 0.0,
         checkpoint_s: float = 0.0,
     ) -> Database:
-        """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
-
-        ``lazy_ms``: how long a batch of only non-durable writes waits for a durable
-        write to join it (see the module docstring); 0 commits it at once.
-        ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
-        checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT."""
-        p = Path(path)
-        if str(path) == ":memory:":
-            raise ValueError("Database needs a file: readers and the writer share it")
-        ENGINE.check_version()
-        mig = migrations if migrations is not None else default_migrations()
-        db = cls(
-            p,
+        """The SQLite database at ``path`` (the default engine): see
+        :meth:`SqliteDatabase.open`. PostgreSQL: ``PostgresDatabase.connect``."""
+        return await SqliteDatabase.open(
+            path,
             max_batch=max_batch,
             readers=readers,
             busy_timeout_ms=busy_timeout_ms,
-            migrations=mig,
+            migrations=migrations,
             lazy_ms=lazy_ms,
             checkpoint_s=checkpoint_s,
         )
+
+    async def _start(self) -> None:
+        """Start the writer thread; returns once it has opened and migrated."""
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Daemon: a process that exits without close() must not hang on this thread;
-        # WAL makes an unclean exit as safe as a crash.
+        # WAL makes an unclean exit as safe as a crash (PostgreSQL rolls back).
         writer = threading.Thread(
-            target=db._writer_main, args=(started,), name="sovereign-db-writer", daemon=True
+            target=self._writer_main, args=(started,), name="sovereign-db-writer", daemon=True
         )
         writer.start()
         try:
             await asyncio.shield(started)
         except asyncio.CancelledError:
             # Cancelled mid-open: close it once it has opened, so nothing leaks.
-            task = asyncio.get_running_loop().create_task(db._close_after_open(started, writer))
+            task = asyncio.get_running_loop().create_task(self._close_after_open(started, writer))
             _BACKGROUND.add(task)
             task.add_done_callback(_BACKGROUND.discard)
             raise
-        db._writer = writer
-        db._closed = False
-        return db
+        self._writer = writer
+        self._closed = False
 
     async def _close_after_open(
         self, started: asyncio.Future[None], writer: threading.Thread
@@ -274,20 +263,6 @@ class Database:
         """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
         return await self._on_reader(fn, True)
 
-    async def backup(
-        self, dest: str | Path, progress: Callable[[int, int], None] | None = None
-    ) -> None:
-        """Write a consistent copy of the database to ``dest`` (SPEC §11 ``backup``).
-
-        Uses SQLite's online backup API on a reader in one step, i.e. from one WAL
-        snapshot, so writers keep going. The copy is written beside ``dest`` and
-        renamed into place, so ``dest`` is either absent or complete.
-        """
-        target = Path(dest)
-        if target.resolve() == self.path.resolve():
-            raise ValueError("backup destination is the live database")
-        await self._on_reader(lambda conn: _backup_to(conn, target, progress), False)
-
     @property
     def writer_alive(self) -> bool:
         """The writer thread is running and taking writes (``/readyz``, SPEC §12.25)."""
@@ -315,14 +290,6 @@ class Database:
     def largest_batch(self) -> int:
         return self._largest
 
-    def size_bytes(self) -> int:
-        """Database plus WAL size on disk (admin ``info``, SPEC §10)."""
-        total = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(f"{self.path}{suffix}").st_size
-        return total
-
     # -- readers ----------------------------------------------------------------
     async def _on_reader(self, fn: Callable[[Conn], T], snapshot: bool) -> T:
         if self._closed or self._rpool is None:
@@ -339,15 +306,15 @@ class Database:
         conn = self._rfree.get()
         try:
             if snapshot:
-                conn.execute("BEGIN")
+                conn.execute(self._READ_BEGIN)
             return fn(conn)
-        except sqlite3.Error as exc:
+        except self._db_errors as exc:
             raise _db_error("read failed", exc) from exc
         finally:
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
+                except self._db_errors:
                     log.exception("reader rollback failed")
             self._rfree.put(conn)
 
@@ -369,48 +336,6 @@ class Database:
             log.exception("storage writer crashed")
         finally:
             self._shutdown(stop)
-
-    def _startup(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
-        self._wconn = conn
-        self.engine.configure_writer(conn, self._busy_timeout_ms)
-        self.schema_version = apply_migrations(
-            conn, load_migrations(self._migrations, self.engine.name)
-        )
-        uri = self.path.resolve().as_uri() + "?mode=ro"
-        for _ in range(self._n_readers):
-            r = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            self._rconns.append(r)
-            self.engine.configure_reader(r, self._busy_timeout_ms)
-            self._rfree.put(r)
-        self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
-        if self._checkpoint_s > 0:
-            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_WAL_BYTES // page}")
-            cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            cconn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            cconn.execute("PRAGMA synchronous = FULL")  # fsync the database after copying
-            self._checkpointer = threading.Thread(
-                target=self._checkpoint_main,
-                args=(cconn,),
-                name="sovereign-db-checkpoint",
-                daemon=True,
-            )
-            self._checkpointer.start()
-
-    def _checkpoint_main(self, conn: sqlite3.Connection) -> None:
-        """PASSIVE checkpoints every ``checkpoint_s``: never waits for the writer or a
-        reader, copies what it can; the writer restarts the WAL from the top once a
-        checkpoint has caught up."""
-        try:
-            while not self._checkpoint_stop.wait(self._checkpoint_s):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    log.warning("WAL checkpoint failed: %s", exc)
-        finally:
-            conn.close()
 
     def _serve(self) -> _Stop:
         q = self._queue
@@ -470,7 +395,7 @@ class Database:
         if durable:
             self._last_durable = time.monotonic()
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
-            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._set_durable(conn, durable)
             self._sync_full = durable
         outcomes: list[_Outcome] = []
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
@@ -481,7 +406,7 @@ class Database:
                 if not conn.in_transaction:
                     try:
                         conn.execute("BEGIN IMMEDIATE")
-                    except sqlite3.Error as exc:
+                    except self._db_errors as exc:
                         # Without a transaction nothing left in this batch can run.
                         outcomes += [
                             (f, _db_error("BEGIN failed", exc), None) for _, f, _ in batch[i:]
@@ -492,9 +417,11 @@ class Database:
                     result = fn(conn)
                     conn.execute("RELEASE batch_item")
                 except Exception as exc:
-                    err = _db_error("write failed", exc) if isinstance(exc, sqlite3.Error) else exc
+                    err = (
+                        _db_error("write failed", exc) if isinstance(exc, self._db_errors) else exc
+                    )
                     outcomes.append((fut, err, None))
-                    if not _rollback_item(conn):
+                    if not self._rollback_item(conn):
                         # SQLite rolled back the whole transaction (e.g. SQLITE_FULL): the
                         # earlier writes of this batch went with it.
                         outcomes += [
@@ -507,14 +434,14 @@ class Database:
                 try:
                     conn.execute("COMMIT")
                     committed = True
-                except sqlite3.Error as exc:
-                    _rollback_all(conn)
+                except self._db_errors as exc:
+                    self._rollback_all(conn)
                     outcomes += [(f, _db_error("COMMIT failed", exc), None) for f, _ in pending]
                 else:
                     outcomes += [(f, None, r) for f, r in pending]
                 pending.clear()
         except BaseException as exc:  # a bug here must never leave a caller waiting
-            _rollback_all(conn)
+            self._rollback_all(conn)
             seen = {id(o[0]) for o in outcomes}
             outcomes += [
                 (f, _db_error("writer failed", exc), None) for _, f, _ in batch if id(f) not in seen
@@ -550,16 +477,7 @@ class Database:
         _post(leftovers)
         if self._rpool is not None:
             self._rpool.shutdown(wait=True)  # in-flight reads finish first
-        if self._checkpointer is not None:
-            self._checkpoint_stop.set()
-            self._checkpointer.join()
-        conn = self._wconn
-        if conn is not None:
-            try:
-                # Fold the WAL back so the closed database is one self-contained file.
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                log.exception("WAL checkpoint at close failed")
+        self._before_close()
         self._close_connections()
         _post([(s.fut, None, None) for s in stops])
 
@@ -571,6 +489,188 @@ class Database:
             self._wconn.close()
             self._wconn = None
 
+    def _rollback_item(self, conn: Any) -> bool:
+        """Undo one write's SAVEPOINT; False if the enclosing transaction is gone."""
+        if not conn.in_transaction:
+            return False
+        try:
+            conn.execute("ROLLBACK TO batch_item")
+            conn.execute("RELEASE batch_item")
+            return True
+        except self._db_errors:
+            self._rollback_all(conn)
+            return False
+
+    def _rollback_all(self, conn: Any) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except self._db_errors:
+                log.exception("ROLLBACK failed")
+
+    # -- engine hooks ---------------------------------------------------------------
+    def _startup(self) -> None:
+        """On the writer thread: connect, migrate, open the readers and their pool."""
+        raise NotImplementedError
+
+    def _set_durable(self, conn: Any, durable: bool) -> None:
+        """Outside a transaction: make the next commits durable (fsync) or not."""
+        raise NotImplementedError
+
+    def _before_close(self) -> None:
+        """On the writer thread, after the last batch, before the connections close."""
+
+    def size_bytes(self) -> int:
+        """The database's size in bytes (admin ``info``, SPEC §10)."""
+        raise NotImplementedError
+
+    async def backup(
+        self, dest: str | Path, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """A consistent copy of the database in one file (SQLite only)."""
+        raise NotImplementedError
+
+
+class SqliteDatabase(Database):
+    """The SQLite database: a single group-committing writer plus read-only readers."""
+
+    engine_name = "sqlite"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_batch: int,
+        readers: int,
+        busy_timeout_ms: int,
+        migrations: Traversable,
+        engine: SqliteEngine = ENGINE,
+        lazy_ms: float = 0.0,
+        checkpoint_s: float = 0.0,
+    ) -> None:
+        super().__init__(max_batch=max_batch, readers=readers, lazy_ms=lazy_ms)
+        self.path = path
+        self._checkpoint_s = max(0.0, checkpoint_s)
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
+        self.engine = engine
+        self._busy_timeout_ms = busy_timeout_ms
+        self._migrations = migrations
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        max_batch: int = 512,
+        readers: int = 2,
+        busy_timeout_ms: int = 5000,
+        migrations: Traversable | Path | None = None,
+        lazy_ms: float = 0.0,
+        checkpoint_s: float = 0.0,
+    ) -> SqliteDatabase:
+        """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
+
+        ``lazy_ms``: how long a batch of only non-durable writes waits for a durable
+        write to join it (see the module docstring); 0 commits it at once.
+        ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
+        checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT."""
+        p = Path(path)
+        if str(path) == ":memory:":
+            raise ValueError("Database needs a file: readers and the writer share it")
+        ENGINE.check_version()
+        mig = migrations if migrations is not None else default_migrations()
+        db = cls(
+            p,
+            max_batch=max_batch,
+            readers=readers,
+            busy_timeout_ms=busy_timeout_ms,
+            migrations=mig,
+            lazy_ms=lazy_ms,
+            checkpoint_s=checkpoint_s,
+        )
+        await db._start()
+        return db
+
+    async def backup(
+        self, dest: str | Path, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Write a consistent copy of the database to ``dest`` (SPEC §11 ``backup``).
+
+        Uses SQLite's online backup API on a reader in one step, i.e. from one WAL
+        snapshot, so writers keep going. The copy is written beside ``dest`` and
+        renamed into place, so ``dest`` is either absent or complete.
+        """
+        target = Path(dest)
+        if target.resolve() == self.path.resolve():
+            raise ValueError("backup destination is the live database")
+        await self._on_reader(lambda conn: _backup_to(conn, target, progress), False)
+
+    def size_bytes(self) -> int:
+        """Database plus WAL size on disk (admin ``info``, SPEC §10)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def _startup(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
+        self._wconn = conn
+        self.engine.configure_writer(conn, self._busy_timeout_ms)
+        self.schema_version = apply_migrations(
+            conn, load_migrations(self._migrations, self.engine.name)
+        )
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        for _ in range(self._n_readers):
+            r = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self._rconns.append(r)
+            self.engine.configure_reader(r, self._busy_timeout_ms)
+            self._rfree.put(r)
+        self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
+        if self._checkpoint_s > 0:
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_WAL_BYTES // page}")
+            cconn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            cconn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            cconn.execute("PRAGMA synchronous = FULL")  # fsync the database after copying
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_main,
+                args=(cconn,),
+                name="sovereign-db-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer.start()
+
+    def _checkpoint_main(self, conn: sqlite3.Connection) -> None:
+        """PASSIVE checkpoints every ``checkpoint_s``: never waits for the writer or a
+        reader, copies what it can; the writer restarts the WAL from the top once a
+        checkpoint has caught up."""
+        try:
+            while not self._checkpoint_stop.wait(self._checkpoint_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def _set_durable(self, conn: Any, durable: bool) -> None:
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+
+    def _before_close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            self._checkpointer.join()
+        conn = self._wconn
+        if conn is not None:
+            try:
+                # Fold the WAL back so the closed database is one self-contained file.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                log.exception("WAL checkpoint at close failed")
+
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -579,27 +679,6 @@ def _db_error(what: str, exc: BaseException) -> DatabaseError:
     err = DatabaseError(f"{what}: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
-
-
-def _rollback_item(conn: sqlite3.Connection) -> bool:
-    """Undo one write's SAVEPOINT; False if the enclosing transaction is gone."""
-    if not conn.in_transaction:
-        return False
-    try:
-        conn.execute("ROLLBACK TO batch_item")
-        conn.execute("RELEASE batch_item")
-        return True
-    except sqlite3.Error:
-        _rollback_all(conn)
-        return False
-
-
-def _rollback_all(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            log.exception("ROLLBACK failed")
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
@@ -765,7 +844,9 @@ def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> i
                 log.info("applied migration %04d_%s", m.version, m.name)
             conn.execute("COMMIT")
         except Exception as exc:
-            _rollback_all(conn)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             if isinstance(exc, MigrationError):
                 raise
             raise MigrationError(f"migration {m.version:04d}_{m.name} failed: {exc}") from exc

@@ -18,29 +18,33 @@ What cannot be written once lives here, and nothing else should branch on the en
   ``COLLATE NOCASE`` are SQLite's), so the shipped migrations are ``*.sqlite.sql`` and a
   PostgreSQL engine brings its own ``*.postgres.sql`` of the same numbers and names;
 - SQL fragments with no common spelling, e.g. :meth:`SqliteEngine.greatest`. A store
-  splices them into module-level statement constants built once at import, so no query
-  is formatted per call. Why a fragment rather than the portable ``CASE WHEN a > b THEN
-  a ELSE b END``: the CASE repeats each operand, so ``max(purged_seq, ?)`` would bind its
-  parameter twice, and every statement using it reads worse; both engines have a native
-  two-argument maximum (SQLite's scalar ``max``, PostgreSQL's ``GREATEST``). Because the
-  fragments are spliced at import, :data:`ENGINE` is chosen before the store modules are
-  imported; a process serving two engines at once would need a statement table per
-  engine.
+  builds such a statement once at import with :func:`per_engine`, which returns
+  SQLite's text (the stores' module constants stay plain strings: SQLite's hot path
+  pays nothing) and records every other engine's text under it; the PostgreSQL
+  connection adapter looks its variant up once per distinct statement, when it
+  prepares it. So one process can serve both engines (the tests run both in one
+  pytest), and nothing formats a query per call. Why a fragment rather than the
+  portable ``CASE WHEN a > b THEN a ELSE b END``: the CASE repeats each operand, so
+  ``max(purged_seq, ?)`` would bind its parameter twice, and every statement using it
+  reads worse; both engines have a native two-argument maximum (SQLite's scalar
+  ``max``, PostgreSQL's ``GREATEST``).
 
 Parameters stay SQLite's ``?`` and the stores keep the ``sqlite3`` connection API
-(``execute``, ``executemany``, ``fetchone``, ``rowcount``) for now. A PostgreSQL engine
-adds a sibling class and a connection adapter that rewrites ``?`` to ``$1, $2, …`` once
-per distinct statement (cached; asyncpg prepares statements anyway), passes Python
-booleans as 0/1 if the driver refuses them for integer columns, and recognises asyncpg's
-``UniqueViolationError`` / ``ForeignKeyViolationError`` in ``is_unique_violation`` /
-``is_foreign_key_violation``. The statement text itself is never rewritten per engine
-beyond that placeholder translation.
+(``execute``, ``executemany``, ``fetchone``, ``rowcount``). The PostgreSQL engine's
+connection adapter (``storage/postgres.py``) rewrites ``?`` to ``$1, $2, …`` once per
+distinct statement (cached with the prepared statement) and raises asyncpg's errors,
+which :func:`is_unique_violation` / :func:`is_foreign_key_violation` recognise like
+SQLite's (a store catches :data:`INTEGRITY_ERRORS`). The statement text itself is never
+rewritten per engine beyond that placeholder translation.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import asyncpg
 
 from sovereign.storage.errors import StorageError
 
@@ -104,6 +108,13 @@ class SqliteEngine:
         return f"max({a}, {b})"
 
     @staticmethod
+    def skip_locked() -> str:
+        """Appended to a ``SELECT … FOR UPDATE`` sub-select that picks a row to consume
+        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so concurrent transactions from other
+        processes never pick the same row). SQLite has one writer: nothing to skip."""
+        return ""
+
+    @staticmethod
     def is_unique_violation(exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError) and getattr(exc, "sqlite_errorname", "") in (
             "SQLITE_CONSTRAINT_UNIQUE",
@@ -118,5 +129,76 @@ class SqliteEngine:
         )
 
 
-#: The engine the ``_txn`` functions consult (they receive only a connection).
-ENGINE: Final = SqliteEngine()
+class PostgresEngine:
+    name: Final = "postgres"
+    # ON CONFLICT, RETURNING, SKIP LOCKED: 9.5; we test on 15.
+    min_version: Final = (12, 0)
+
+    @staticmethod
+    def greatest(a: str, b: str) -> str:
+        return f"GREATEST({a}, {b})"
+
+    @staticmethod
+    def skip_locked() -> str:
+        return " FOR UPDATE SKIP LOCKED"
+
+
+class Engine(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def greatest(self, a: str, b: str) -> str: ...
+
+    def skip_locked(self) -> str: ...
+
+
+SQLITE: Final = SqliteEngine()
+POSTGRES: Final = PostgresEngine()
+#: Kept for callers that only ever meant SQLite (its version check, its pragmas).
+ENGINE: Final = SQLITE
+
+#: What a store catches around an INSERT that may hit a constraint, on any engine.
+INTEGRITY_ERRORS: Final = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
+
+#: SQLite's text of a statement -> {engine name: that engine's text}, for statements
+#: whose text differs per engine (see :func:`per_engine`).
+_VARIANTS: dict[str, dict[str, str]] = {}
+
+
+def per_engine(build: Callable[[Engine], str]) -> str:
+    """Build a statement for every engine once (at import); returns SQLite's text.
+
+    Other engines' texts are recorded under SQLite's and found by :func:`variant`
+    when that engine's adapter first prepares the statement."""
+    text = build(SQLITE)
+    for eng in (POSTGRES,):
+        other = build(eng)
+        if other != text:
+            _VARIANTS.setdefault(text, {})[eng.name] = other
+    return text
+
+
+def variant(sql: str, engine: str) -> str:
+    """``engine``'s text of a statement the stores wrote (SQLite's text)."""
+    v = _VARIANTS.get(sql)
+    return sql if v is None else v.get(engine, sql)
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.UniqueViolationError) or SqliteEngine.is_unique_violation(exc)
+
+
+def is_foreign_key_violation(exc: BaseException) -> bool:
+    return isinstance(
+        exc, asyncpg.ForeignKeyViolationError
+    ) or SqliteEngine.is_foreign_key_violation(exc)
+
+
+def violated_constraint(exc: BaseException) -> str:
+    """Which constraint, as ``table.column`` (SQLite) or the constraint name
+    (PostgreSQL: ``users_pkey``, ``users_username_key_key``); "" if unknown."""
+    name = getattr(exc, "constraint_name", None)
+    if isinstance(name, str):
+        return name
+    msg = str(exc)
+    return msg.split(":", 1)[1].strip() if ":" in msg else ""

@@ -16,7 +16,11 @@ import msgspec
 from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage._util import clamp_page
 from sovereign.storage.database import Conn, Database
-from sovereign.storage.engines import ENGINE
+from sovereign.storage.engines import (
+    INTEGRITY_ERRORS,
+    is_foreign_key_violation,
+    is_unique_violation,
+)
 from sovereign.storage.errors import AlreadyExists, NotFound
 
 
@@ -69,10 +73,10 @@ def create_invite_txn(
             f" is_bootstrap) VALUES (?, ?, ?, ?, ?) RETURNING {_COLS}",
             (code_hash, created_by, now_us, expires_at_us, is_bootstrap),
         ).fetchone()
-    except sqlite3.IntegrityError as exc:
-        if ENGINE.is_unique_violation(exc):
+    except INTEGRITY_ERRORS as exc:
+        if is_unique_violation(exc):
             raise AlreadyExists("invite") from exc
-        if ENGINE.is_foreign_key_violation(exc):
+        if is_foreign_key_violation(exc):
             raise NotFound(f"user {created_by}") from exc
         raise
     return _invite(r)
@@ -97,8 +101,8 @@ def consume_invite_txn(
         sql += " AND is_bootstrap = 1"
     try:
         cur = conn.execute(sql, (user_id, now_us, code_hash, now_us))
-    except sqlite3.IntegrityError as exc:
-        if ENGINE.is_foreign_key_violation(exc):
+    except INTEGRITY_ERRORS as exc:
+        if is_foreign_key_violation(exc):
             raise NotFound(f"user {user_id}") from exc
         raise
     return cur.rowcount == 1

@@ -1,7 +1,10 @@
 """SQL for per-device KeyPackage pools (SPEC §7, §12.6, §12.17, §12.22).
 
-Uploads and fetches run in the single writer thread, so a fetch's "oldest package of
-each device, consumed" is atomic even under concurrent fetches.
+A fetch consumes "the oldest ordinary package of each device" with one conditional
+``DELETE … RETURNING`` whose sub-select skips rows another transaction has locked
+(PostgreSQL ``FOR UPDATE SKIP LOCKED``, an engine fragment): several server processes
+writing one PostgreSQL database never hand the same package to two fetches. On SQLite
+the single writer thread makes it atomic anyway.
 """
 
 from __future__ import annotations
@@ -11,6 +14,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sovereign.storage.database import Conn
+from sovereign.storage.engines import per_engine
+
+# The oldest ordinary package of a device, consumed in one statement (see above).
+_CONSUME_OLDEST = per_engine(
+    lambda e: (
+        "DELETE FROM key_packages WHERE kp_id = (SELECT kp_id FROM key_packages"
+        " WHERE device_id = ? AND last_resort = 0 ORDER BY kp_id LIMIT 1"
+        + e.skip_locked()
+        + ") RETURNING data"
+    )
+)
 
 
 class PoolFull(Exception):
@@ -102,15 +116,10 @@ def fetch_txn(conn: Conn, user_id: str) -> list[FetchedPackage]:
         )
     ]
     for device_id in devices:
-        row = conn.execute(
-            "SELECT kp_id, data FROM key_packages WHERE device_id = ? AND last_resort = 0"
-            " ORDER BY kp_id LIMIT 1",
-            (device_id,),
-        ).fetchone()
+        row = conn.execute(_CONSUME_OLDEST, (device_id,)).fetchone()
         if row is not None:
-            conn.execute("DELETE FROM key_packages WHERE kp_id = ?", (row[0],))
             out.append(
-                FetchedPackage(device_id, bytes(row[1]), ordinary_count_txn(conn, device_id), False)
+                FetchedPackage(device_id, bytes(row[0]), ordinary_count_txn(conn, device_id), False)
             )
             continue
         row = conn.execute(

@@ -11,37 +11,45 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sovereign.storage.database import Conn
-from sovereign.storage.engines import ENGINE
+from sovereign.storage.engines import per_engine
 
 # Delivery state only moves forward: an upsert keeps the larger of the stored and the
-# new position. Built once here (``greatest`` is engine SQL, see engines.py).
-_SAVE_CURSOR = (
-    "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
-    " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = "
-    + ENGINE.greatest("cursors.acked_seq", "excluded.acked_seq")
+# new position. Built once here, per engine (``greatest`` is engine SQL, see engines.py).
+_SAVE_CURSOR = per_engine(
+    lambda e: (
+        "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = "
+        + e.greatest("cursors.acked_seq", "excluded.acked_seq")
+    )
 )
-_SAVE_DELIVERY = (
-    "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
-    " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
-    + ENGINE.greatest("delivery.up_to_seq", "excluded.up_to_seq")
+_SAVE_DELIVERY = per_engine(
+    lambda e: (
+        "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
+        + e.greatest("delivery.up_to_seq", "excluded.up_to_seq")
+    )
 )
-_SAVE_READ_MARKER = (
-    "INSERT INTO read_markers (conversation_id, user_id, up_to_seq, updated_at_us)"
-    " VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
-    + ENGINE.greatest("read_markers.up_to_seq", "excluded.up_to_seq")
-    + ", updated_at_us = excluded.updated_at_us"
+_SAVE_READ_MARKER = per_engine(
+    lambda e: (
+        "INSERT INTO read_markers (conversation_id, user_id, up_to_seq, updated_at_us)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
+        + e.greatest("read_markers.up_to_seq", "excluded.up_to_seq")
+        + ", updated_at_us = excluded.updated_at_us"
+    )
 )
 # Retention also records the head it removed: once a conversation's newest events are
 # gone, the conversations row is where its last seq and timestamp survive (see
 # load_conversations_txn).
-_RAISE_PURGED_SEQ = (
-    "UPDATE conversations SET purged_seq = "
-    + ENGINE.greatest("purged_seq", "?")
-    + ", last_seq = "
-    + ENGINE.greatest("last_seq", "?")
-    + ", last_ts_us = "
-    + ENGINE.greatest("last_ts_us", "?")
-    + " WHERE conversation_id = ?"
+_RAISE_PURGED_SEQ = per_engine(
+    lambda e: (
+        "UPDATE conversations SET purged_seq = "
+        + e.greatest("purged_seq", "?")
+        + ", last_seq = "
+        + e.greatest("last_seq", "?")
+        + ", last_ts_us = "
+        + e.greatest("last_ts_us", "?")
+        + " WHERE conversation_id = ?"
+    )
 )
 
 

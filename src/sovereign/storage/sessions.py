@@ -16,7 +16,11 @@ import msgspec
 from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage._util import clamp_page
 from sovereign.storage.database import Conn, Database
-from sovereign.storage.engines import ENGINE
+from sovereign.storage.engines import (
+    INTEGRITY_ERRORS,
+    is_foreign_key_violation,
+    is_unique_violation,
+)
 from sovereign.storage.errors import AlreadyExists, NotFound
 
 #: Longer user agents are cut: the column is for display, not forensics.
@@ -100,10 +104,10 @@ def create_session_txn(
                 kind,
             ),
         ).fetchone()
-    except sqlite3.IntegrityError as exc:
-        if ENGINE.is_foreign_key_violation(exc):
+    except INTEGRITY_ERRORS as exc:
+        if is_foreign_key_violation(exc):
             raise NotFound(f"user {user_id} or its credential") from exc
-        if ENGINE.is_unique_violation(exc):  # same token hash twice: a caller bug
+        if is_unique_violation(exc):  # same token hash twice: a caller bug
             raise AlreadyExists("session token") from exc
         raise
     return _session(r)

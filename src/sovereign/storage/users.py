@@ -17,7 +17,7 @@ from ulid import ULID
 from sovereign.clock import SYSTEM_CLOCK
 from sovereign.storage._util import clamp_page, like_pattern
 from sovereign.storage.database import Conn, Database
-from sovereign.storage.engines import ENGINE
+from sovereign.storage.engines import INTEGRITY_ERRORS, is_unique_violation, violated_constraint
 from sovereign.storage.errors import NotFound, UsernameTaken
 
 
@@ -73,8 +73,13 @@ def create_user_txn(
             f" enabled, created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {_COLS}",
             (uid, username, username_key(username), display_name, is_admin, enabled, now_us),
         ).fetchone()
-    except sqlite3.IntegrityError as exc:
-        if ENGINE.is_unique_violation(exc) and "users.user_id" not in str(exc):
+    except INTEGRITY_ERRORS as exc:
+        # A user_id collision is a caller bug, not a taken name (PostgreSQL names the
+        # primary key's constraint users_pkey).
+        if is_unique_violation(exc) and violated_constraint(exc) not in (
+            "users.user_id",
+            "users_pkey",
+        ):
             raise UsernameTaken(username) from exc
         raise
     return _user(row)

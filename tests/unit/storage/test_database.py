@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from sovereign.storage import Database, DatabaseClosed, DatabaseError, MigrationError
@@ -36,6 +37,7 @@ def _keys(conn: sqlite3.Connection) -> list[str]:
 # -- opening, pragmas, migrations ------------------------------------------------------
 
 
+@pytest.mark.usefixtures("sqlite_only")
 async def test_open_creates_parent_dir_and_sets_pragmas(db: Database, db_path: Path) -> None:
     assert db_path.exists()
 
@@ -262,12 +264,13 @@ async def test_failing_write_rolls_back_only_itself(db: Database, gate: Gate) ->
     assert res[0] == "a" and res[2] == "b" and res[4] == "c"
     assert isinstance(res[1], RuntimeError)  # the fn's own exception, unchanged
     assert isinstance(res[3], DatabaseError)  # sqlite3 errors arrive typed
-    assert isinstance(res[3].__cause__, sqlite3.OperationalError)
+    assert isinstance(res[3].__cause__, (sqlite3.OperationalError, asyncpg.UndefinedTableError))
     assert await db.read(_keys) == ["a", "b", "c"]
     assert db.stats().batches_committed == 2
     assert db.stats().writes_failed == 2
 
 
+@pytest.mark.usefixtures("sqlite_only")  # PostgreSQL: no deferrable constraint to trip
 async def test_failed_commit_fails_every_write_in_the_batch(db: Database, gate: Gate) -> None:
     def deferred_violation(conn: sqlite3.Connection) -> str:
         # Deferred FK checks run at COMMIT: the whole batch's COMMIT fails.
@@ -444,6 +447,7 @@ async def test_concurrent_close_calls(db_path: Path) -> None:
     assert db.closed
 
 
+@pytest.mark.usefixtures("sqlite_only")
 async def test_backup_is_consistent_and_openable(db: Database, tmp_path: Path) -> None:
     await asyncio.gather(*(db.write(_insert(f"k{i:03d}")) for i in range(100)))
 
@@ -476,6 +480,7 @@ async def test_backup_is_consistent_and_openable(db: Database, tmp_path: Path) -
         await copy.close()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 async def test_backup_refuses_live_path(db: Database, db_path: Path) -> None:
     with pytest.raises(ValueError):
         await db.backup(db_path)
@@ -526,9 +531,12 @@ async def test_cancelled_open_leaks_nothing(db_path: Path) -> None:
 
 
 async def test_non_durable_batches_commit_without_fsync_and_durable_ones_with(
-    db: Database, gate: Gate
+    db: Database, gate: Gate, engine: str
 ) -> None:
     def mode(conn: sqlite3.Connection) -> int:
+        if engine == "postgres":  # synchronous_commit off / on, as NORMAL / FULL
+            on = conn.execute("SELECT current_setting('synchronous_commit')").fetchone()[0]
+            return {"off": 1, "on": 2}[on]
         return int(conn.execute("PRAGMA synchronous").fetchone()[0])
 
     assert await db.write(mode, durable=False) == 1  # NORMAL

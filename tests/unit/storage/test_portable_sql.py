@@ -10,9 +10,11 @@ Three checks keep it so:
    schema (what they do is covered by the stores' own tests).
 
 The store modules are every module of ``sovereign.storage`` except ``engines`` (where
-dialects may differ) and ``database`` (the SQLite connection layer: pragmas, the
-writer's transactions, backup, the migration runner). Migrations shared by every engine
-(``NNNN_name.sql``, no engine suffix) get the same scan.
+dialects may differ), ``database`` (the SQLite connection layer: pragmas, the
+writer's transactions, backup, the migration runner), ``postgres`` (PostgreSQL's) and
+``migrate`` (the SQLite -> PostgreSQL copy, which reads each engine's catalogue).
+Migrations shared by every engine (``NNNN_name.sql``, no engine suffix) get the same
+scan. Every store statement is also prepared on PostgreSQL (``test_postgres.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from sovereign.storage.database import (
     load_migrations,
 )
 
-NOT_STORES = {"engines", "database"}
+NOT_STORES = {"engines", "database", "postgres", "migrate"}
 STORE_MODULES = sorted(
     m.name
     for m in pkgutil.iter_modules(sovereign.storage.__path__)
