@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,12 +59,15 @@ class Member:
     _unacked: list[str] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def record(self, m: pb.MessageReceive) -> None:
+    def record(self, m: Any) -> None:
+        """Any conversation event (a message, a membership change): it holds a seq."""
         key = (m.conversation_id, int(m.seq))
-        old = self.seen.setdefault(key, m.message_id)
-        if old != m.message_id:
-            self.reuse.append((key, old, m.message_id))
-        self._unacked.append(m.message_id)
+        ident = getattr(m, "message_id", "") or getattr(m, "event_id", "")
+        old = self.seen.setdefault(key, ident)
+        if old != ident:
+            self.reuse.append((key, old, ident))
+        if getattr(m, "message_id", ""):
+            self._unacked.append(m.message_id)
         self.arrived.set()
 
     async def connect(self, node: Node, timeout: float = 10.0) -> None:
@@ -75,7 +79,7 @@ class Member:
             if got.type == T.SYNC_COMPLETE:
                 assert not got.message.truncated_conversation_ids
                 break
-            if got.type == T.MESSAGE_RECEIVE:
+            if _is_event(got):
                 self.record(got.message)
         self.client, self.node = c, node
         self._pump = asyncio.create_task(self._read(c))
@@ -90,7 +94,7 @@ class Member:
                 fut = self._pending.pop(got.request_id, None) if got.request_id else None
                 if fut is not None and not fut.done():
                     fut.set_result(got)
-                elif got.type == T.MESSAGE_RECEIVE and not got.request_id:
+                elif _is_event(got) and not got.request_id:
                     self.record(got.message)
                     if len(self._unacked) >= 50:
                         ids, self._unacked = self._unacked, []
@@ -168,6 +172,12 @@ class Member:
             self.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.arrived.wait(), min(0.2, deadline - time.monotonic()))
+
+
+def _is_event(got: Received) -> bool:
+    """A conversation event: it carries the conversation's seq (SPEC §5)."""
+    m = got.message
+    return bool(getattr(m, "conversation_id", "")) and int(getattr(m, "seq", 0) or 0) > 0
 
 
 async def members(c: Cluster, count: int, prefix: str) -> list[Member]:
