@@ -189,7 +189,7 @@ async def create_group(owner: Member, others: list[Member], title: str = "g") ->
     got = await owner.request(
         T.GROUP_CREATE,
         pb.GroupCreate(title=title, member_ids=[m.user_id for m in others]),
-        timeout=60,
+        timeout=300,  # 1,000 members: ~500,000 GROUP_MEMBER_ADDED pushes on a 2-core box
     )
     assert got.type == T.GROUP_CREATED, got
     return str(got.message.conversation_id)
