@@ -201,10 +201,16 @@ class PostgresDatabase:
         return self
 
     def drop(self) -> None:
-        # WITH (FORCE): a SIGKILLed node's backends may still be closing.
-        _psql(
-            "postgres", f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)', self.host, self.port
-        )
+        # WITH (FORCE): a SIGKILLed node's backends may still be closing; retried, as a
+        # busy server can take a while to end many backends.
+        sql = f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'
+        for _ in range(3):
+            try:
+                if _psql("postgres", sql, self.host, self.port).returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
 
     def __enter__(self) -> PostgresDatabase:
         return self.create()
