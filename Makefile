@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 SOURCES = pyproject.toml setup.py $(wildcard proto/sovereign/v1/*.proto) $(wildcard src/sovereign/_fast/*.pyx) $(wildcard src/sovereign/_fast/*.pxd)
 ARGS   ?=
 
-.PHONY: install serve test test-slow test-fast lint typecheck bench bench-compare bench-instructions bench-instructions-update profile clean web soak
+.PHONY: install serve test test-postgres test-slow test-fast lint typecheck bench bench-compare bench-instructions bench-instructions-update profile clean web soak
 
 $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ TEST_LOOP ?= both
 test: $(STAMP) interop web-deps lint typecheck
 	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30
 	SOVEREIGN_TEST_LOOP=$(TEST_LOOP) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(ARGS)
+	$(MAKE) --no-print-directory test-postgres
+
+## test-postgres: the storage tests and the integration suite with every test server on
+## a throwaway PostgreSQL database (local server, 127.0.0.1:5432, user postgres), uvloop
+test-postgres: $(STAMP)
+	SOVEREIGN_TEST_LOOP=uvloop SOVEREIGN_TEST_STORAGE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit/storage tests/integration $(PG_ARGS)
 
 ## test-slow: the long matrix runs (storms of 1,000 per kind, 1,000 slowloris sockets,
 ## 10,000 garbage envelopes), on uvloop

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests.helpers import pg
 from tests.helpers.gate import Gate
 from tests.helpers.server import RunningServer, running_server
 
@@ -31,6 +32,13 @@ def pytest_asyncio_loop_factories(
     if choice == "both":
         return dict(_LOOPS)
     return {choice: _LOOPS[choice]}
+
+
+@pytest.fixture(autouse=pg.STORAGE == "postgres")
+def _drop_pg_databases() -> Iterator[None]:
+    """SOVEREIGN_TEST_STORAGE=postgres: drop the databases this test's servers used."""
+    yield
+    pg.drop_test_databases()
 
 
 @pytest.fixture

@@ -406,7 +406,7 @@ async def _with_app(cfg: Config, fn: Callable[[Any], Coroutine[Any, Any, int]]) 
     from sovereign.server import create_app
 
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-    fresh = not cfg.sqlite_path.exists()
+    fresh = cfg.storage == "sqlite" and not cfg.sqlite_path.exists()
     app = await create_app(cfg)
     if fresh:
         # Said on stderr so a mistyped --data-dir is noticed and stdout stays parseable.

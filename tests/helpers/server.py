@@ -1,5 +1,7 @@
 """Start the real server for tests: in-process on 127.0.0.1:0 (same event loop), or
-as a subprocess (for signals, crashes and the CLI). Real SQLite files in tmp dirs."""
+as a subprocess (for signals, crashes and the CLI). Real SQLite files in tmp dirs, or
+with ``SOVEREIGN_TEST_STORAGE=postgres`` a throwaway PostgreSQL database per data dir
+(tests/helpers/pg.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from sovereign.config import Config, load_with_sources
 from sovereign.server import App, create_app
+from tests.helpers import pg
 
 ORIGIN = "http://localhost:8080"
 
@@ -45,6 +48,9 @@ def test_config_sources(data_dir: Path, **overrides: Any) -> tuple[Config, dict[
         # No MLS_KEY_PACKAGE_LOW after every sync; the KeyPackage tests set their own.
         "min_key_packages": 0,
     }
+    if pg.STORAGE == "postgres":
+        base["storage"] = "postgres"
+        base["postgres_dsn"] = pg.database_for(data_dir)
     base.update(overrides)
     return load_with_sources(None, base, environ={})
 
@@ -87,7 +93,7 @@ class ServerProcess:
         self, data_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None
     ) -> None:
         self.data_dir = data_dir
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, **pg.server_env(data_dir), **(env or {})}
         self.args = args or []
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
@@ -177,10 +183,13 @@ class ServerProcess:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args else None
+    data_dir = data_dir or (env or {}).get("SOVEREIGN_DATA_DIR")
+    storage_env = pg.server_env(data_dir) if data_dir else {}
     return subprocess.run(
         [sys.executable, "-m", "sovereign", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **storage_env, **(env or {})},
         timeout=60,
     )

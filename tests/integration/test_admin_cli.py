@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers import pg
 from tests.helpers.flows import register, resume
 from tests.helpers.wsclient import WsClient
 from tests.integration.test_cli import cli, serving
@@ -90,6 +91,7 @@ async def test_commands_reach_the_running_server_for_live_effects(tmp_path: Path
         assert r.out.count(" admin ") == 1, r
 
 
+@pg.sqlite_only("sovereign backup/restore copy SQLite files")
 async def test_one_server_per_data_dir_and_no_restore_under_it(tmp_path: Path) -> None:
     d = tmp_path / "data"
     backup = tmp_path / "b.db"

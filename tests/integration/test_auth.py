@@ -13,6 +13,7 @@ from sovereign.client.authenticator import SoftwareAuthenticator
 from sovereign.clock import SYSTEM_CLOCK
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers import pg
 from tests.helpers.flows import (
     Account,
     assertion_response,
@@ -367,6 +368,7 @@ async def test_resume_returns_same_token_and_slides_expiry(server: RunningServer
     await c2.close()
 
 
+@pg.sqlite_only("reads the database file and its WAL byte for byte")
 async def test_only_token_digest_is_stored(server: RunningServer) -> None:
     acct = await registered(server)
     raw = server.config.sqlite_path.read_bytes()

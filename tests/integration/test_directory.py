@@ -5,8 +5,8 @@ passkey ceremonies, real SQLite files, really signed KeyPackages."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
+from typing import Any
 
 from sovereign.client import Client, DeviceAdded, MessageType, SovereignClientError
 from sovereign.client.authenticator import SoftwareAuthenticator
@@ -40,8 +40,11 @@ async def device_list(c: WsClient) -> list[pb.Device]:
     return list(got.devices)
 
 
-def db(srv: RunningServer) -> sqlite3.Connection:
-    return sqlite3.connect(srv.config.sqlite_path)
+async def query(
+    srv: RunningServer, sql: str, params: tuple[Any, ...] = ()
+) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` read through the server's own storage (any engine)."""
+    return await srv.app.storage.db.read(lambda c: [tuple(r) for r in c.execute(sql, params)])
 
 
 # -- USER_LOOKUP ----------------------------------------------------------------------
@@ -138,9 +141,7 @@ async def test_revoke_device_closes_it_4004_and_deletes_its_key_packages(
     c = await WsClient.connect(server.url)
     code, _ = await c.error(T.AUTH_REQUEST, pb.AuthRequest(session_token=ok2.session_token))
     assert code == 1005
-    with db(server) as conn:
-        rows = conn.execute("SELECT data FROM key_packages WHERE device_id = ?", (victim,))
-        assert rows.fetchall() == []
+    assert await query(server, "SELECT data FROM key_packages WHERE device_id = ?", (victim,)) == []
     # ...so a fetch hands out only the remaining device's package.
     r = await cl["bob"].request(
         T.MLS_KEY_PACKAGE_FETCH,
@@ -165,9 +166,8 @@ async def test_revoke_foreign_or_unknown_device_is_4006_and_changes_nothing(
     # alice's device is untouched and still connected.
     await cl["alice"].request(T.PING, pb.Ping(timestamp=1), T.PONG)
     assert [d.device_id for d in await device_list(cl["alice"])] == [alice_dev]
-    with db(server) as conn:
-        revoked = conn.execute("SELECT COUNT(*) FROM sessions WHERE revoked_at_us IS NOT NULL")
-        assert revoked.fetchone()[0] == 0
+    revoked = await query(server, "SELECT COUNT(*) FROM sessions WHERE revoked_at_us IS NOT NULL")
+    assert revoked[0][0] == 0
 
 
 async def test_revoke_drops_pending_welcomes_only_for_that_device(server: RunningServer) -> None:
@@ -198,10 +198,9 @@ async def test_revoke_drops_pending_welcomes_only_for_that_device(server: Runnin
     )
     await cl["bob"].wait_for(T.MLS_WELCOME_RECEIVE)
     await cl["bob"].request(T.DEVICE_REVOKE, pb.DeviceRevoke(device_id=b2_id), T.ACK)
-    with db(server) as conn:
-        left = [r[0] for r in conn.execute("SELECT event_id FROM welcomes ORDER BY event_id")]
-        acks = conn.execute("SELECT COUNT(*) FROM welcome_acks WHERE device_id = ?", (b2_id,))
-        assert acks.fetchone()[0] == 0
+    left = [r[0] for r in await query(server, "SELECT event_id FROM welcomes ORDER BY event_id")]
+    acks = await query(server, "SELECT COUNT(*) FROM welcome_acks WHERE device_id = ?", (b2_id,))
+    assert acks[0][0] == 0
     # The first welcome was only pending for the revoked device: gone. The second is
     # still owed to bob's remaining device, which gets it on its next READY.
     assert w.event_id not in left and len(left) == 1
@@ -267,8 +266,8 @@ async def test_profile_update_limits(server: RunningServer) -> None:
         assert code == 3001 and not err.fatal, bad
     for good in ("x", "y" * 64, "Zoë Ünïcode"):
         await cl["alice"].request(T.PROFILE_UPDATE, pb.ProfileUpdate(display_name=good), T.ACK)
-    with db(server) as conn:
-        assert conn.execute("SELECT display_name FROM users").fetchone()[0] == "Zoë Ünïcode"
+    rows = await query(server, "SELECT display_name FROM users")
+    assert rows[0][0] == "Zoë Ünïcode"
 
 
 # -- DEVICE_ADDED ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ import pytest
 
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
+from tests.helpers import pg
 from tests.helpers.flows import Account, register, resume
 from tests.helpers.server import running_server
 from tests.helpers.wsclient import WsClient
@@ -220,8 +221,11 @@ async def test_ts_mls_clients_interoperate(tmp_path: Path) -> None:
         assert all(e.message_type == "mls" for e in messages)
         await alice.close()
 
-    # The server stored only ciphertext: no plaintext anywhere in the database files.
-    stored = b"".join(p.read_bytes() for p in data_dir.glob("sovereign.db*"))
+    # The server stored only ciphertext: no plaintext anywhere in the database.
+    if pg.STORAGE == "postgres":
+        stored = pg.stored_bytes(pg.database_for(data_dir))
+    else:
+        stored = b"".join(p.read_bytes() for p in data_dir.glob("sovereign.db*"))
     assert stored, "no database files found"
     assert b"hello from" not in stored
 

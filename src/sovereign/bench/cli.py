@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs the spawned server is pinned to with taskset (default 0; 'none')",
     )
     s.add_argument(
+        "--postgres-dsn",
+        default="",
+        metavar="DSN",
+        help="run the spawned server (and provision its accounts) on this PostgreSQL "
+        "database instead of SQLite (storage = postgres)",
+    )
+    s.add_argument(
         "--server-env",
         action="append",
         default=[],
@@ -655,7 +662,15 @@ class Run:
             if not args.data_dir:
                 raise BenchAbort("--url needs --data-dir (token provisioning) or --webauthn")
             self.log(f"provisioning {n_accounts:,} accounts in {args.data_dir}")
-            return asyncio.run(provision_tokens(args.data_dir, n_accounts, f"b{nonce}_", self.log))
+            return asyncio.run(
+                provision_tokens(
+                    args.data_dir,
+                    n_accounts,
+                    f"b{nonce}_",
+                    self.log,
+                    postgres_dsn=args.postgres_dsn,
+                )
+            )
         if args.data_dir:
             data_dir = args.data_dir
         else:
@@ -674,7 +689,14 @@ class Run:
                     if k in ("STORAGE", "POSTGRES_DSN")
                 }
                 accounts = asyncio.run(
-                    provision_tokens(data_dir, n_accounts, f"b{nonce}_", self.log, environ=db_env)
+                    provision_tokens(
+                        data_dir,
+                        n_accounts,
+                        f"b{nonce}_",
+                        self.log,
+                        environ=db_env,
+                        postgres_dsn=args.postgres_dsn,
+                    )
                 )
         env = dict(SPECS[args.scenario].server_env)
         env.update(storage_env)
@@ -683,6 +705,9 @@ class Run:
             if not sep:
                 raise BenchAbort(f"--server-env {kv!r}: expected KEY=VALUE")
             env[key] = value
+        if args.postgres_dsn:
+            env["STORAGE"] = "postgres"
+            env["POSTGRES_DSN"] = args.postgres_dsn
         from sovereign.bench.server import server_environment
 
         self.server = SpawnedServer(

@@ -1,4 +1,10 @@
-"""SQLite with one writer thread doing group commit, and a pool of readers.
+"""One writer thread doing group commit, and a pool of readers: :class:`Database`.
+
+:class:`SqliteDatabase` (here) is the default engine; ``storage/postgres.py`` has
+``PostgresDatabase``, the same class over asyncpg (what differs is in ``_startup``,
+``_set_durable`` and ``_before_close``; see ``engines.py``). What follows describes
+SQLite; PostgreSQL behaves the same with its own spelling (``synchronous_commit``
+for ``synchronous``, no WAL checkpointing, no file backup).
 
 Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
 

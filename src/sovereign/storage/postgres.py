@@ -33,6 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,6 +157,7 @@ class PgConnection:
         self._conn: asyncpg.Connection[Any] | None = None
         self._stmts: dict[str, PreparedStatement[Any]] = {}
         self._pending: list[str] = []  # deferred transaction control, sent with the next
+        self._session: list[str] = []  # deferred session settings (kept until sent)
         self._in_txn = False  # BEGIN seen (maybe not sent yet)
         self._sp_wanted = False  # SAVEPOINT batch_item seen, not sent
         self._sp_open = False  # SAVEPOINT batch_item sent, not released
@@ -208,13 +210,19 @@ class PgConnection:
             self._sp_open = True
         if extra is not None:
             self._pending.append(extra)
-        if not self._pending:
+        if not self._pending and not self._session:
             return
-        script = "; ".join(self._pending)
+        script = "; ".join(self._session + self._pending)
         self._pending.clear()
+        self._session.clear()
         if self._in_txn:
             self._begin_sent = True
         self._run(self.raw.execute(script))
+
+    def set_session(self, sql: str) -> None:
+        """A session setting (``SET …``), sent with the next round trip; never dropped,
+        even by a transaction that ends up sending nothing."""
+        self._session.append(sql)
 
     def _control(self, sql: str) -> PgCursor:
         if sql in ("BEGIN", _BEGIN):
@@ -285,7 +293,7 @@ class PgConnection:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> PgCursor:
         if sql in _CONTROL:
             return self._control(sql)
-        if self._pending or self._sp_wanted:
+        if self._pending or self._sp_wanted or self._session:
             self._flush()
         stmt = self._prepare(sql)
         rows = self._run(stmt.fetch(*params))
@@ -298,7 +306,7 @@ class PgConnection:
         rows = [tuple(p) for p in seq_of_params]
         if not rows:
             return _EMPTY
-        if self._pending or self._sp_wanted:
+        if self._pending or self._sp_wanted or self._session:
             self._flush()
         stmt = self._prepare(sql)
         self._run(stmt.executemany(rows))
@@ -395,8 +403,6 @@ class PostgresDatabase(Database):
         return db
 
     def _startup(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         conn = PgConnection(self.dsn)
         self._wconn = conn
         version = conn.raw.get_server_version()
@@ -416,8 +422,8 @@ class PostgresDatabase(Database):
         self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
 
     def _set_durable(self, conn: Any, durable: bool) -> None:
-        # Session-level, outside the transaction; queued and sent with the next BEGIN.
-        conn._pending.append(f"SET synchronous_commit TO {'on' if durable else 'off'}")
+        # Session-level, outside the transaction; sent with the next round trip.
+        conn.set_session(f"SET synchronous_commit TO {'on' if durable else 'off'}")
 
     def _refresh_size(self) -> None:
         conn = self._wconn
