@@ -397,6 +397,8 @@ class App:
         self.outbox.close_all(CloseCode.SERVER_SHUTDOWN, "server shutdown")
         await self.tasks.drain(timeout)  # in-flight requests finish before storage closes
         await self.services.delivery.stop()  # every queued event and ack reaches storage
+        if self.services.cluster is not None:
+            await self.services.cluster.stop()  # after the last commit was announced
         # Give transports a moment to flush their close frames.
         deadline = self.monotonic() + 2.0
         while self.outbox.count() and self.monotonic() < deadline:
@@ -405,12 +407,8 @@ class App:
         # is stopped before storage closes, never left to fail on it (defect 9).
         await self.tasks.drain(0.5)
         await self.tasks.cancel_all()
-        # After the last publish: every commit above was announced. The cluster service
-        # owns the bus (it started it); a bus without one is closed here.
-        if self.services.cluster is not None:
-            await self.services.cluster.stop()
-        else:
-            await self.bus.close()
+        if self.services.cluster is None:
+            await self.bus.close()  # the cluster service (above) closes the bus it owns
         if self.admin_listener is not None:
             await self.admin_listener.stop()
         await self.storage.close()

@@ -326,11 +326,13 @@ class Pair:
 
 @asynccontextmanager
 async def cluster_pair(
-    data_dir: Path, clock: FakeClock | None = None, **overrides: Any
+    data_dir: Path, clock: FakeClock | None = None, postgres_dsn: str = "", **overrides: Any
 ) -> AsyncIterator[Pair]:
-    """Two nodes over one SQLite file (``min_key_packages`` 0 unless overridden).
-    SQLite serialises the two writers (BEGIN IMMEDIATE): the races these tests make
-    are real between two connections, but never concurrent inside one commit."""
+    """Two nodes over one database (``min_key_packages`` 0 unless overridden): the
+    SQLite file in ``data_dir``, or PostgreSQL at ``postgres_dsn``. SQLite serialises
+    the two writers (BEGIN IMMEDIATE): the races are real between two connections but
+    never concurrent inside one commit; on PostgreSQL the two writers' transactions
+    really overlap (row locks, unique-key waits)."""
     settings: dict[str, Any] = {"min_key_packages": 0, **overrides}
     id_state = list(ids._state)
     clock = clock or FakeClock()
@@ -340,7 +342,9 @@ async def cluster_pair(
     try:
         for _ in range(2):
             storage = await open_storage(
-                config.sqlite_path, max_batch=config.group_commit_max_batch
+                config.sqlite_path,
+                postgres_dsn=postgres_dsn,
+                max_batch=config.group_commit_max_batch,
             )
             try:
                 h = Harness(config, storage, clock, bus=hub.bus())

@@ -214,6 +214,8 @@ class ClusterService:
         self.peers: dict[str, Peer] = {}
         self._announced: dict[str, str] = {}  # user -> this node's announced status
         self._loading: dict[str, list[EventsNote]] = {}  # conversations being loaded
+        # user -> welcome event ids pushed live here (a resync re-sends only others)
+        self._welcomed: dict[str, set[str]] = {}
         self._timer: asyncio.Task[None] | None = None
         self._stopped = False
         self.delivery: DeliveryService | None = None
@@ -257,14 +259,14 @@ class ClusterService:
         last_check = loop.time()
         while not self._stopped:
             await asyncio.sleep(BEAT_S)
-            self._send(BeatNote())
-            self._expire(loop.time())
-            if loop.time() - last_check >= HEAD_CHECK_S:
-                last_check = loop.time()
-                try:
+            try:
+                self._send(BeatNote())
+                self._expire(loop.time())
+                if loop.time() - last_check >= HEAD_CHECK_S:
+                    last_check = loop.time()
                     await self.catch_up()
-                except Exception:
-                    log.exception("head check failed")
+            except Exception:
+                log.exception("cluster beat failed")
 
     def _expire(self, now: float) -> None:
         for node, peer in list(self.peers.items()):
@@ -290,6 +292,7 @@ class ClusterService:
         self._send(DeviceNote(device_id, envelope))
 
     def welcome(self, user_id: str, event_id: str, payload: bytes) -> None:
+        self._welcomed.setdefault(user_id, set()).add(event_id)
         self._send(WelcomeNote(user_id, event_id, payload))
 
     def close_user(self, user_id: str, code: int, reason: str) -> None:
@@ -329,7 +332,10 @@ class ClusterService:
         ]
 
     def connections_changed(self, user_id: str) -> None:
-        self._send(ConnsNote(user_id, self._local_stamps(user_id)))
+        stamps = self._local_stamps(user_id)
+        if not stamps:
+            self._welcomed.pop(user_id, None)
+        self._send(ConnsNote(user_id, stamps))
 
     def _local_stamps(self, user_id: str) -> list[int]:
         return [s.ready_at_us for s in self.outbox.sessions(user_id) if not s.closed]
@@ -425,6 +431,7 @@ class ClusterService:
         delivery = self.delivery
         assert delivery is not None
         frame = self.outbox.frame(encode_envelope(T.MLS_WELCOME_RECEIVE, "", note.payload))
+        self._welcomed.setdefault(note.user, set()).add(note.event_id)
         delivery.push_welcome(note.user, frame, note.event_id)
 
     # -- committed events: this node's ----------------------------------------------------
@@ -757,14 +764,42 @@ class ClusterService:
         self._hello(reply=True)
         await self.catch_up()
         await self._recheck_closes()
+        await self._resend_welcomes()
+
+    async def _resend_welcomes(self) -> None:
+        """Welcomes are durable too: those stored for a live device here since it
+        became READY (its offline sync had the older ones) that were not pushed to it
+        live, because their notification was lost."""
+        delivery = self.delivery
+        assert delivery is not None
+        for s in list(self.outbox.all_sessions()):
+            if not s.user_id or s.closed or not s.ready_at_us:
+                continue
+            rows = await self.db.read(
+                partial(
+                    sql.pending_welcomes_txn,
+                    user_id=s.user_id,
+                    device_id=s.device_id,
+                    since_us=s.ready_at_us,
+                )
+            )
+            seen = self._welcomed.setdefault(s.user_id, set())
+            for event_id, _conv, _sender, _ts, payload in rows:
+                if event_id in seen:
+                    continue
+                seen.add(event_id)
+                frame = self.outbox.frame(encode_envelope(T.MLS_WELCOME_RECEIVE, "", payload))
+                delivery.push_welcome(s.user_id, frame, event_id)
 
     async def catch_up(self) -> None:
-        """Every known conversation whose database head is past this node's, and
-        every conversation of a connected user this node does not know, are read
-        from the database by seq and delivered in order."""
+        """Every conversation of a user connected here whose database head is past
+        this node's (known or not yet known to this node) is read from the database by
+        seq and delivered in order."""
         local_users = sorted(
             {s.user_id for s in self.outbox.all_sessions() if s.user_id and not s.closed}
         )
+        if not local_users:
+            return  # nobody here to deliver to; notifications still repair holes
         heads, theirs = await self.db.read(partial(csql.heads_txn, users=local_users))
         state = self.state
         for conv_id, head in heads.items():

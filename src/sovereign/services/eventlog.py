@@ -190,7 +190,8 @@ class Op:
         # statement and decides against the database, not memory, whether it may
         # proceed: it returns None, or a value handed to ``conflict`` after the COMMIT
         # (the op is then skipped and undone, the rest of its batch commits).
-        self.before: list[Callable[[Conn], None]] = []
+        # (None, not a list: nothing allocated per op on a single node)
+        self.before: list[Callable[[Conn], None]] | None = None
         self.guard: Callable[[Conn], object] | None = None
         self.conflict: Callable[[object], None] | None = None
         # (user_id, request_id, event_id, ts_us) of an idempotent MESSAGE_SEND
@@ -409,7 +410,19 @@ class ClusterEventLog(EventLog):
         super().submit(op)
 
     async def _write(self, batch: list[Op]) -> None:
+        # Every conversation row of the batch is locked first, in one global order:
+        # otherwise two nodes' batches could take two rows (or a row and a request
+        # key) in opposite orders and deadlock on PostgreSQL. One op alone takes its
+        # locks in the one order it has.
+        locks = (
+            sorted({op.events[0].conv.conversation_id for op in batch if op.events})
+            if len(batch) > 1
+            else []
+        )
+
         def txn(conn: Conn) -> list[object]:
+            for conv_id in locks:
+                csql.lock_conversation_txn(conn, conv_id)
             verdicts: list[object] = []
             for op in batch:
                 if op.guard is not None:
@@ -417,8 +430,9 @@ class ClusterEventLog(EventLog):
                     if verdict is not None:
                         verdicts.append(verdict)
                         continue
-                for fn in op.before:
-                    fn(conn)
+                if op.before:
+                    for fn in op.before:
+                        fn(conn)
                 if op.events:
                     allocate_txn(conn, op.events)
                 for fn in op.txns:
@@ -461,11 +475,15 @@ class ClusterEventLog(EventLog):
                 except Exception:
                     log.exception("conflict answer failed")
             self.conflicted(op)
+        latency = self.latency
+        now = self.now_us() if latency is not None and self.now_us is not None else 0
         for op in done:
             for ev in op.events:
                 conv = ev.conv
                 if ev.seq > conv.last_seq:
                     conv.last_seq, conv.last_ts_us = ev.seq, ev.ts_us
+                if latency is not None:
+                    latency.observe(max(0, now - ev.ts_us) / 1e6)
         self.cork()
         try:
             self.committed(done)

@@ -81,7 +81,7 @@ class GroupService:
         rec = sql.ConversationRecord(conv.conversation_id, conv.title, creator, now)
         op = Op()
         state.convs[conv.conversation_id] = conv
-        op.before.append(lambda c: sql.insert_conversation_txn(c, rec))
+        op.before = [lambda c: sql.insert_conversation_txn(c, rec)]
         op.on_undo(lambda: state.convs.pop(conv.conversation_id, None))
         before = {m.user_id: state.contacts(m.user_id) for m in members}
         events = [self._add_member(op, conv, m.user_id, creator, m.role) for m in members]

@@ -62,21 +62,20 @@ def mls_txn(
 
 
 def heads_txn(conn: Conn, users: list[str]) -> tuple[dict[str, int], set[str]]:
-    """Every conversation's exact head (cluster mode keeps ``last_seq`` exact), and the
-    conversations ``users`` are or were members of."""
-    heads = {
-        str(r[0]): int(r[1])
-        for r in conn.execute("SELECT conversation_id, last_seq FROM conversations")
-    }
-    theirs: set[str] = set()
+    """The exact head (cluster mode keeps ``last_seq`` exact) of every conversation
+    ``users`` are or were members of, and the set of those conversations."""
+    heads: dict[str, int] = {}
     for i in range(0, len(users), 500):
         chunk = users[i : i + 500]
         marks = ",".join("?" * len(chunk))
         for r in conn.execute(
-            f"SELECT DISTINCT conversation_id FROM members WHERE user_id IN ({marks})", chunk
+            "SELECT DISTINCT c.conversation_id, c.last_seq FROM conversations c"
+            " JOIN members m ON m.conversation_id = c.conversation_id"
+            f" WHERE m.user_id IN ({marks})",
+            chunk,
         ):
-            theirs.add(str(r[0]))
-    return heads, theirs
+            heads[str(r[0])] = int(r[1])
+    return heads, set(heads)
 
 
 def closed_txn(conn: Conn, users: list[str], sessions: list[str]) -> tuple[list[str], list[str]]:
@@ -120,6 +119,15 @@ def allocate_seqs_txn(conn: Conn, conversation_id: str, n: int) -> tuple[int, in
     if row is None:
         raise LookupError(f"conversation {conversation_id} has no row")
     return int(row[0]) - n, int(row[1])
+
+
+def lock_conversation_txn(conn: Conn, conversation_id: str) -> None:
+    """Take the conversation row's lock until COMMIT (PostgreSQL; SQLite's writer lock
+    already covers the database). A no-op UPDATE: portable, unlike FOR UPDATE."""
+    conn.execute(
+        "UPDATE conversations SET last_seq = last_seq WHERE conversation_id = ?",
+        (conversation_id,),
+    )
 
 
 def set_last_ts_txn(conn: Conn, conversation_id: str, ts_us: int) -> None:
@@ -177,7 +185,11 @@ def advance_epoch_txn(
 
 
 def member_state_txn(conn: Conn, conversation_id: str, user_id: str) -> tuple[bool, str]:
-    """(currently a member, role) of ``user_id`` in the database."""
+    """(currently a member, role) of ``user_id`` in the database, read under the
+    conversation row's lock: a no-op UPDATE takes it first, so a concurrent membership
+    change on another node has committed (and is seen: PostgreSQL's READ COMMITTED
+    reads each statement's snapshot) or waits for this one."""
+    lock_conversation_txn(conn, conversation_id)
     row = conn.execute(
         "SELECT role, left_seq FROM members WHERE conversation_id = ? AND user_id = ?",
         (conversation_id, user_id),

@@ -7,9 +7,8 @@ writer connections, serialised by SQLite's lock as two processes would be).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,29 @@ from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
-from tests.helpers import mls
+from tests.helpers import mls, pg
 from tests.helpers.bus import HubBus
 from tests.helpers.fakes import FakeClock, Sent
-from tests.helpers.services import Harness, Login, Pair, cluster_pair
+from tests.helpers.services import Harness, Login, Pair, cluster_pair, harness
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test on both engines: "" is SQLite (one file, two writer connections), else
+    a throwaway PostgreSQL database (where the two nodes' transactions truly overlap)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    name, url = pg.create_database()
+    try:
+        yield url
+    finally:
+        pg.drop_database(name)
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
-    async with cluster_pair(tmp_path / "data") as p:
+async def pair(tmp_path: Path, dsn: str) -> AsyncIterator[Pair]:
+    async with cluster_pair(tmp_path / "data", postgres_dsn=dsn) as p:
         yield p
 
 
@@ -185,11 +198,11 @@ async def test_two_commits_at_one_epoch_from_two_nodes_one_wins_one_gets_5004(
 
 
 async def test_key_package_claims_raced_from_two_nodes_hand_each_package_out_once(
-    tmp_path: Path,
+    tmp_path: Path, dsn: str
 ) -> None:
     # Real time: the packages' lifetimes are checked against the (injected) clock.
     clock = FakeClock(wall_us=time.time_ns() // 1000)
-    async with cluster_pair(tmp_path / "data", clock) as p:
+    async with cluster_pair(tmp_path / "data", clock, postgres_dsn=dsn) as p:
         await _key_package_race(p)
 
 
@@ -257,8 +270,8 @@ def a2_login_session(p: Pair, s: Session) -> str:
     return s.session_id
 
 
-async def test_the_per_user_cap_counts_connections_on_every_node(tmp_path: Path) -> None:
-    async with cluster_pair(tmp_path / "data", max_connections_per_user=2) as p:
+async def test_the_per_user_cap_counts_connections_on_every_node(tmp_path: Path, dsn: str) -> None:
+    async with cluster_pair(tmp_path / "data", postgres_dsn=dsn, max_connections_per_user=2) as p:
         alice = await p.a.register("alice")
         first = await p.a.connect(alice)
         p.a.clock.advance(1)
@@ -372,7 +385,6 @@ async def test_membership_changes_on_one_node_apply_on_the_other(pair: Pair) -> 
 async def test_the_loser_of_a_cross_node_invite_race_gets_already_member(pair: Pair) -> None:
     p = pair
     alice, _bob, a1, _b1, conv = await two_users(p)
-    # make bob an admin too? Only admins invite: use alice on both nodes.
     a2 = await p.b.connect(await p.a.another_device(alice))
     carol = await p.a.register("carol")
     inv = pb.GroupInvite(conversation_id=conv, user_id=carol.user_id)
@@ -387,4 +399,125 @@ async def test_the_loser_of_a_cross_node_invite_race_gets_already_member(pair: P
     assert await stored_seqs(p.a, conv) == [1, 2, 3]
     for h in p.nodes:
         assert h.conv(conv).members[carol.user_id].joined_seq == 3
-    _ = asyncio  # keep the import for future use
+
+
+async def test_a_welcome_reaches_the_other_node_live_and_after_a_lost_notification(
+    pair: Pair,
+) -> None:
+    p = pair
+    _alice, bob, a1, b1, conv = await two_users(p)
+    p.b.outbox.take(b1)
+    w = pb.MLSWelcome(conversation_id=conv, recipient_id=bob.user_id, welcome_data=mls.welcome())
+    ok = await call(p, p.a, a1, T.MLS_WELCOME, w)
+    assert ok.type == T.ACK, ok
+    first = of_type(p.b.outbox.take(b1), T.MLS_WELCOME_RECEIVE)
+    assert len(first) == 1
+    bus_b = p.b.cluster.bus if p.b.cluster else None
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    ok = await call(p, p.a, a1, T.MLS_WELCOME, w)
+    assert of_type(p.b.outbox.take(b1), T.MLS_WELCOME_RECEIVE) == []
+    await bus_b.reconnect()
+    await p.settle()
+    again = of_type(p.b.outbox.take(b1), T.MLS_WELCOME_RECEIVE)
+    # only the one whose notification was lost, not the first a second time
+    assert [x.msg.event_id for x in again] != [first[0].msg.event_id] and len(again) == 1
+
+
+async def test_a_lost_last_notification_is_found_by_the_head_check(pair: Pair) -> None:
+    p = pair
+    _alice, _bob, a1, b1, conv = await two_users(p)
+    p.b.outbox.take(b1)
+    bus_a = p.a.cluster.bus if p.a.cluster else None
+    assert isinstance(bus_a, HubBus)
+    bus_a.disconnect()
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"nobody hears"))
+    bus_a._connected = True
+    assert p.b.outbox.take(b1) == []
+    assert p.b.cluster is not None
+    await p.b.cluster.catch_up()  # what the node does every HEAD_CHECK_S
+    await p.settle()
+    assert seqs(p.b.outbox.take(b1)) == [3]
+
+
+async def test_a_database_used_single_node_gets_exact_heads_when_it_joins_a_cluster(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    async with harness(data) as h:
+        alice = await h.register("alice")
+        a1 = await h.connect(alice)
+        conv = await h.create_group(a1)
+        for _ in range(3):
+            await h.send(a1, conv)
+        floor = await h.db.read(
+            lambda c: c.execute(
+                "SELECT last_seq FROM conversations WHERE conversation_id = ?", (conv,)
+            ).fetchone()[0]
+        )
+        assert floor == 0  # single-node: the head is the newest event, not this column
+    async with cluster_pair(data) as p:
+        last = await p.a.db.read(
+            lambda c: c.execute(
+                "SELECT last_seq FROM conversations WHERE conversation_id = ?", (conv,)
+            ).fetchone()[0]
+        )
+        assert last == 4
+        a1 = await p.b.connect(alice)
+        echo = await call(p, p.b, a1, T.MESSAGE_SEND, send_req(conv))
+        assert echo.msg.seq == 5
+
+
+async def test_a_profile_change_reaches_the_other_nodes_cache(pair: Pair) -> None:
+    p = pair
+    alice, _bob, a1, _b1, _conv = await two_users(p)
+    assert await p.b.state.profile(alice.user_id) == ("alice", "alice")
+    ok = await call(p, p.a, a1, T.PROFILE_UPDATE, pb.ProfileUpdate(display_name="Alice A."))
+    assert ok.type == T.ACK
+    assert await p.b.state.profile(alice.user_id) == ("alice", "Alice A.")
+
+
+async def test_batches_over_several_conversations_from_both_nodes_all_commit(
+    pair: Pair,
+) -> None:
+    """Each node's batches hold ops of two conversations in opposite orders: on
+    PostgreSQL the rows are locked in one order, so no batch dies in a deadlock."""
+    p = pair
+    alice, _bob, a1, b1, conv1 = await two_users(p)
+    conv2 = (
+        await call(
+            p, p.b, b1, T.GROUP_CREATE, pb.GroupCreate(title="h", member_ids=[alice.user_id])
+        )
+    ).msg.conversation_id
+    n = 15
+    for i in range(n):
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv1), f"a1-{i}")
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv2), f"a2-{i}")
+        p.b.request(b1, T.MESSAGE_SEND, send_req(conv2), f"b2-{i}")
+        p.b.request(b1, T.MESSAGE_SEND, send_req(conv1), f"b1-{i}")
+    await p.settle()
+    answers = [p.a.outbox.response(a1, f"a{c}-{i}") for c in (1, 2) for i in range(n)]
+    answers += [p.b.outbox.response(b1, f"b{c}-{i}") for c in (1, 2) for i in range(n)]
+    assert all(x.type == T.MESSAGE_RECEIVE for x in answers), [
+        x for x in answers if x.type != T.MESSAGE_RECEIVE
+    ]
+    assert await stored_seqs(p.a, conv1) == list(range(1, 2 * n + 3))
+    assert await stored_seqs(p.a, conv2) == list(range(1, 2 * n + 3))
+
+
+async def test_key_package_low_reaches_the_device_on_the_other_node(
+    tmp_path: Path, dsn: str
+) -> None:
+    clock = FakeClock(wall_us=time.time_ns() // 1000)
+    async with cluster_pair(tmp_path / "data", clock, postgres_dsn=dsn, min_key_packages=2) as p:
+        alice, bob, a1, b1, _conv = await two_users(p)
+        up = pb.MLSKeyPackageUpload(key_packages=[mls.key_package(bob.user_id) for _ in range(2)])
+        assert (await call(p, p.b, b1, T.MLS_KEY_PACKAGE_UPLOAD, up)).type == T.ACK
+        p.b.outbox.take(b1)
+        got = await call(
+            p, p.a, a1, T.MLS_KEY_PACKAGE_FETCH, pb.MLSKeyPackageFetch(user_id=bob.user_id)
+        )
+        assert got.type == T.MLS_KEY_PACKAGE_RESPONSE
+        low = of_type(p.b.outbox.take(b1), T.MLS_KEY_PACKAGE_LOW)
+        assert [(x.msg.remaining, x.msg.minimum) for x in low] == [(1, 2)]
+        assert alice.user_id  # the fetch came from node a
