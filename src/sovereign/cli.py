@@ -45,6 +45,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovereign", description="Sovereign: self-hosted end-to-end-encrypted messaging."
@@ -60,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help='admin API, panel and /metrics (127.0.0.1:8081; "" turns it off)',
     )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N processes sharing the port (SO_REUSEPORT); needs storage = postgres and "
+        "redis_url (docs/scaling.md)",
+    )
+    # Set by the supervisor of --workers on each worker it starts; not for operators.
+    serve.add_argument("--worker-index", type=_non_negative_int, help=argparse.SUPPRESS)
 
     setup = sub.add_parser(
         "setup",
@@ -241,6 +258,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     problem = _check_tls(cfg)
     if problem is not None:
         return _err(problem)
+    if args.workers > 1:
+        _check_workers(cfg, args.workers)
+    if args.worker_index is not None:
+        return _serve_worker(args, cfg, sources)
+    if args.workers > 1:
+        return _supervise(args, cfg)
     try:
         # Importing the server picks the envelope codec; creating the app picks the
         # dispatcher. Either raises ImportError under SOVEREIGN_REQUIRE_FAST=1 when the
@@ -271,6 +294,112 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.debug("start-up failed", exc_info=True)
         where = cfg.listen + (f" and admin {cfg.admin_listen}" if cfg.admin_listen else "")
         return _err(f"cannot start on {where}: {exc}")
+
+
+def _check_workers(cfg: Config, workers: int) -> None:
+    """SPEC §12.27: with SQLite, ``--workers`` above 1 is refused at start-up."""
+    if cfg.storage != "postgres":
+        raise ConfigError(
+            f'workers: --workers {workers} needs storage = "postgres" with redis_url; '
+            f'storage "{cfg.storage}" is served by one process (docs/scaling.md)'
+        )
+    if not cfg.redis_url:
+        raise ConfigError(
+            f"workers: --workers {workers} needs redis_url: the workers exchange live "
+            "delivery over Redis (docs/scaling.md)"
+        )
+
+
+def _shared_listen(listen: str) -> str:
+    """``--workers`` share one port: port 0 is resolved once, here, to a free port."""
+    import socket
+
+    host, _, port = listen.rpartition(":")
+    if int(port) != 0:
+        return listen
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((bare, 0))
+        return f"{host}:{sock.getsockname()[1]}"
+
+
+def _supervise(args: argparse.Namespace, cfg: Config) -> int:
+    """``serve --workers N``: migrate once, then run and watch N workers
+    (``sovereign.cluster.supervisor`` states the rules)."""
+    from sovereign.cluster.supervisor import Supervisor
+    from sovereign.server import migrate
+
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(cfg)
+    if lock is None:
+        return _err(
+            f"another server is running on {cfg.data_dir} (it holds {_lock_path(cfg)}); "
+            "stop it first"
+        )
+    try:
+        _run(_migrate_once(cfg, migrate))
+        try:
+            listen = _shared_listen(cfg.listen)
+        except OSError as exc:
+            return _err(f"cannot start on {cfg.listen}: {exc}")
+        _write_lock_info(lock, {"pid": os.getpid(), "admin_url": ""})
+        passed: list[str] = []
+        for flag, value in (
+            ("--config", args.config),
+            ("--data-dir", args.data_dir),
+            ("--log-format", args.log_format),
+            ("--log-level", args.log_level),
+        ):
+            if value is not None:
+                passed += [flag, value]
+
+        def command(index: int) -> list[str]:
+            # Rule 2: the admin listener in worker 0 only.
+            admin = cfg.admin_listen if index == 0 else ""
+            return [
+                sys.executable, "-m", "sovereign", "serve", *passed,
+                "--listen", listen, "--admin-listen", admin,
+                "--workers", str(args.workers), "--worker-index", str(index),
+            ]  # fmt: skip
+
+        log.info("supervisor: %d workers sharing %s", args.workers, listen)
+        return Supervisor(command, args.workers).run()
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(lock, 0)
+        os.close(lock)
+
+
+async def _migrate_once(cfg: Config, migrate: Callable[[Config], Coroutine[Any, Any, None]]) -> int:
+    await migrate(cfg)
+    return 0
+
+
+def _serve_worker(args: argparse.Namespace, cfg: Config, sources: dict[str, str]) -> int:
+    """One worker of ``serve --workers``: the supervisor holds the data dir's lock;
+    worker 0 records where its admin listener is, for the CLI."""
+    from sovereign.server import App, serve
+
+    index = args.worker_index
+
+    def ready(app: App) -> None:
+        if index == 0:
+            with contextlib.suppress(OSError):
+                fd = os.open(_lock_path(cfg), os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    info = {"pid": os.getppid(), "admin_url": app.admin_url("") or ""}
+                    _write_lock_info(fd, info)
+                finally:
+                    os.close(fd)
+
+    try:
+        return _run(serve(cfg, ready=ready, sources=sources, reuse_port=True, bootstrap=index == 0))
+    except ImportError as exc:
+        return _err(f"cannot start: {exc}")
+    except OSError as exc:
+        return _err(f"worker {index}: cannot start on {cfg.listen}: {exc}")
 
 
 async def _with_app(cfg: Config, fn: Callable[[Any], Coroutine[Any, Any, int]]) -> int:

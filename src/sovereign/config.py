@@ -5,10 +5,9 @@ file (TOML) > default. Every key is validated at start-up; a bad value raises
 :class:`ConfigError` whose message is one line naming the key and what is allowed.
 List-valued environment keys are comma-separated (SPEC §12.21).
 
-``storage = "postgres"`` needs ``postgres_dsn`` (and a DSN needs that storage). Keys
-for features this version does not have yet (``redis_url``) are accepted by the parser
-but refused by :func:`validate`: a setting that silently does nothing is worse than a
-clear error.
+``storage = "postgres"`` needs ``postgres_dsn`` (and a DSN needs that storage);
+``redis_url`` (cluster mode) needs ``storage = "postgres"``. A setting that silently does
+nothing is worse than a clear error: :func:`validate` refuses such combinations.
 :func:`load_with_sources` also says where each value came from (the admin API's
 settings view shows it, SPEC §12.23).
 """
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 import types
 from collections.abc import Mapping
@@ -54,11 +54,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # policy
     registration: Registration = "open"
     mls_validation: MlsValidation = "strict"
-    # storage: "sqlite" (under data_dir) or "postgres" (postgres_dsn); redis_url is not
-    # available yet (refused)
+    # storage: "sqlite" (under data_dir) or "postgres" (postgres_dsn)
     storage: StorageBackend = "sqlite"
     postgres_dsn: str = ""
-    redis_url: str = ""
+    redis_url: str = ""  # cluster mode (SPEC §12.27): needs storage = "postgres"
+    cluster_name: str = "sovereign"  # the Redis channel's name: one per cluster
     # limits (SPEC §9)
     max_envelope_bytes: int = 65_536
     max_frame_bytes: int = 1_048_576
@@ -131,12 +131,6 @@ _POSITIVE = {
     "group_commit_max_batch",
 }
 _NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
-
-#: Keys of features not in this version: key -> why a non-empty value is refused.
-#: ``dump_toml`` leaves them out, so ``sovereign setup`` never writes them.
-_NOT_YET = {
-    "redis_url": "cluster mode (Redis) is not available yet in this version; leave it unset",
-}
 
 
 def _hints() -> dict[str, Any]:
@@ -214,9 +208,7 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.storage == "sqlite" and cfg.postgres_dsn:
         raise ConfigError('postgres_dsn: only used with storage = "postgres"; set that too')
-    for key, why in _NOT_YET.items():
-        if getattr(cfg, key):
-            raise ConfigError(f"{key}: {why}")
+    _check_cluster(cfg)
     if cfg.max_envelope_bytes > cfg.max_frame_bytes:
         raise ConfigError("max_envelope_bytes: must not exceed max_frame_bytes")
     if not cfg.rp_origins:
@@ -236,6 +228,29 @@ def validate(cfg: Config) -> Config:
     if cfg.max_connections_per_user > cfg.max_connections:
         raise ConfigError("max_connections_per_user: must not exceed max_connections")
     return cfg
+
+
+#: Cluster keys ``sovereign setup`` leaves out: its wizard sets up a single node.
+_CLUSTER_KEYS = {"redis_url", "cluster_name"}
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_cluster(cfg: Config) -> None:
+    """SPEC §12.27: Redis carries notifications between nodes that share PostgreSQL;
+    with SQLite there is one process and nothing to notify."""
+    if cfg.redis_url:
+        if cfg.storage != "postgres":
+            raise ConfigError(
+                f'redis_url: cluster mode needs storage = "postgres" (storage is '
+                f'"{cfg.storage}", which serves one process); leave redis_url unset'
+            )
+        if not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis_url: expected a redis://, rediss:// or unix:// URL")
+    if not _CLUSTER_NAME.fullmatch(cfg.cluster_name):
+        raise ConfigError(
+            f"cluster_name: {cfg.cluster_name!r} is not valid; expected 1-64 letters, "
+            "digits, '_', '.' or '-'"
+        )
 
 
 def _convert(data: Mapping[str, Any], where: str) -> Config:
@@ -307,7 +322,9 @@ def dump_toml(cfg: Config) -> str:
     """Render a config as TOML (used by ``sovereign setup``)."""
     lines = []
     for key, value in msgspec.structs.asdict(cfg).items():
-        if value is None or key in _NOT_YET or (key == "postgres_dsn" and not value):
+        if value is None or key in _CLUSTER_KEYS:
+            continue
+        if key == "postgres_dsn" and not value:
             continue
         if isinstance(value, bool):
             rendered = "true" if value else "false"

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
 import logging
 import signal
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -28,6 +30,7 @@ from sovereign.admin.timeseries import MinuteSeries
 from sovereign.api import handler_table
 from sovereign.auth import webauthn as wa
 from sovereign.clock import SYSTEM_CLOCK, Clock
+from sovereign.cluster.redisbus import RedisBus
 from sovereign.config import Config, ConfigError
 from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.connection import Timeouts
@@ -36,7 +39,7 @@ from sovereign.services.admin import SETTINGS, AdminService
 from sovereign.services.auth import AuthService
 from sovereign.services.compose import build_services
 from sovereign.services.eventlog import EVENT_GATHER_S
-from sovereign.services.ports import Bus
+from sovereign.services.ports import Bus, NullBus
 from sovereign.services.session import Session
 from sovereign.stats import MlsStats, ServerStats
 from sovereign.storage import Storage, open_storage
@@ -97,8 +100,9 @@ class App:
             stats=stats,
             mls_stats=mls_stats,
             gather_s=EVENT_GATHER_S,
-            bus=bus,  # cluster mode when not a NullBus (SPEC §12.27)
+            bus=bus,
         )
+        self.bus: Bus = bus if bus is not None else NullBus()
         self.tasks = svc.tasks
         self.auth = svc.auth
         self.eventlog = svc.eventlog
@@ -251,7 +255,9 @@ class App:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
 
     # -- lifecycle -------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, reuse_port: bool = False) -> None:
+        """Bind the listeners; ``reuse_port``: SO_REUSEPORT, so the workers of
+        ``serve --workers N`` share the port and the kernel spreads connections."""
         cfg = self.config
         host, _, port = cfg.listen.rpartition(":")
         ssl_ctx = make_ssl_context(cfg)
@@ -263,6 +269,7 @@ class App:
             max_frame_size=cfg.max_frame_bytes,
             handshake_timeout=cfg.handshake_timeout,  # SPEC §12.31 (slowloris)
             backlog=4096,  # resume storms: the default 100 drops SYNs (measured)
+            reuse_port=reuse_port,
         )
         loop = asyncio.get_running_loop()
         self._timers = [loop.create_task(self._sweep()), loop.create_task(self._maintenance())]
@@ -336,7 +343,17 @@ class App:
             writes_failed=lambda: db.stats().writes_failed,
             rejected=outbox.rejected,
             pools_below_min=lambda: 0,
+            **self._bus_sources(),
         )
+
+    def _bus_sources(self) -> dict[str, Any]:
+        bus = self.bus
+        if not isinstance(bus, RedisBus):
+            return {}
+        return {
+            "bus_counters": lambda: dataclasses.asdict(bus.stats),
+            "bus_connected": lambda: bus.connected,
+        }
 
     async def readiness(self) -> dict[str, bool | None]:
         """SPEC §12.25 ``/readyz``: every check must hold; 503 while draining (then the
@@ -390,6 +407,8 @@ class App:
         # is stopped before storage closes, never left to fail on it (defect 9).
         await self.tasks.drain(0.5)
         await self.tasks.cancel_all()
+        if self.services.cluster is None:
+            await self.bus.close()  # the cluster service (above) closes the bus it owns
         if self.admin_listener is not None:
             await self.admin_listener.stop()
         await self.storage.close()
@@ -428,16 +447,36 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1_000)
 
 
-async def create_app(
-    config: Config, sources: dict[str, str] | None = None, bus: Bus | None = None
-) -> App:
-    """``bus``: this process's cluster bus (SPEC §12.27); None or a NullBus: one node."""
-    implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
-    storage = await open_storage(
+def make_bus(config: Config) -> Bus:
+    """SPEC §12.27: Redis pub/sub between the nodes when ``redis_url`` is set."""
+    if config.redis_url:
+        return RedisBus(config.redis_url, config.cluster_name)
+    return NullBus()
+
+
+async def open_configured_storage(config: Config) -> Storage:
+    """The configured database, migrated (``serve --workers`` calls this once in the
+    supervisor before any worker starts, so migrations never run concurrently)."""
+    return await open_storage(
         config.sqlite_path,
         postgres_dsn=config.storage_dsn,
         max_batch=config.group_commit_max_batch,
     )
+
+
+async def migrate(config: Config) -> None:
+    storage = await open_configured_storage(config)
+    await storage.close()
+
+
+async def create_app(
+    config: Config, sources: dict[str, str] | None = None, *, bus: Bus | None = None
+) -> App:
+    """The app over the configured storage. ``bus``: None builds the configured one
+    (:func:`make_bus`); CLI commands that only touch storage pass ``NullBus()``."""
+    implementations.load("dispatch")  # SOVEREIGN_REQUIRE_FAST fails here, before anything opens
+    storage = await open_configured_storage(config)
+    bus = make_bus(config) if bus is None else bus
     try:
         app = App(config, storage, sources=sources, bus=bus)
         await app.auth.load_settings()
@@ -445,8 +484,11 @@ async def create_app(
         await app.services.state.load()
         await app.services.delivery.load()
         if app.services.cluster is not None:
-            await app.services.cluster.load()  # exact heads, then join the bus
+            # Cluster mode (SPEC §12.27): exact heads, then the bus starts (the cluster
+            # service owns its lifecycle; on_resync follows each reconnection).
+            await app.services.cluster.load()
     except BaseException:
+        await bus.close()
         await storage.close()
         raise
     return app
@@ -457,8 +499,12 @@ async def serve(
     *,
     ready: Callable[[App], None] | None = None,
     sources: dict[str, str] | None = None,
+    reuse_port: bool = False,
+    bootstrap: bool = True,
 ) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    """Run until SIGTERM/SIGINT; returns the process exit code. ``reuse_port`` and
+    ``bootstrap=False`` are for the workers of ``serve --workers`` (only worker 0
+    prints the setup code)."""
     # Signals are caught from the first moment, so a SIGTERM during start-up still
     # shuts down gracefully (exit 0) once the server is up.
     loop = asyncio.get_running_loop()
@@ -468,11 +514,11 @@ async def serve(
     app = await create_app(config, sources)
     tune_gc()
     try:
-        await app.start()
+        await app.start(reuse_port=reuse_port)
     except BaseException:
         await app.shutdown()
         raise
-    code = await app.auth.ensure_bootstrap()
+    code = await app.auth.ensure_bootstrap() if bootstrap else None
     if code is not None:
         # Printed, never logged: the operator needs it once (SPEC §10, §12.28). The
         # admin panel's setup page, the web client (the #fragment never reaches a server

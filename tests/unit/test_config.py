@@ -88,29 +88,7 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert load(f, {}, environ={}) == c
 
 
-# -- keys of features this version does not have yet ----------------------------------
-
-NOT_YET = [
-    ("redis_url", "redis://localhost:6379/0", "redis_url: cluster mode (Redis) is not"),
-]
-
-
-@pytest.mark.parametrize(("key", "value", "message"), NOT_YET)
-@pytest.mark.parametrize("source", ["file", "environment", "override"])
-def test_unavailable_features_are_refused_by_name(
-    tmp_path: Path, source: str, key: str, value: str, message: str
-) -> None:
-    f = tmp_path / "c.toml"
-    f.write_text(f'{key} = "{value}"\n')
-    with pytest.raises(ConfigError) as info:
-        if source == "file":
-            load(f, {}, environ={})
-        elif source == "environment":
-            load(None, {}, environ={"SOVEREIGN_" + key.upper(): value})
-        else:  # what a command-line flag passes
-            load(None, {key: value}, environ={})
-    msg = str(info.value)
-    assert msg.startswith(message) and "not available yet" in msg and "\n" not in msg
+# -- storage and cluster keys ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("source", ["file", "environment", "override"])
@@ -144,10 +122,50 @@ def test_unavailable_features_unset_or_at_default_are_accepted(tmp_path: Path) -
     assert load(f, {"postgres_dsn": None}, environ=env).storage == "sqlite"
 
 
+@pytest.mark.parametrize("source", ["file", "environment", "override"])
+def test_redis_url_with_sqlite_is_refused_in_one_line(tmp_path: Path, source: str) -> None:
+    # SPEC §12.27: Redis links nodes that share PostgreSQL; SQLite serves one process.
+    url = "redis://localhost:6379/0"
+    f = tmp_path / "c.toml"
+    f.write_text(f'redis_url = "{url}"\n')
+    with pytest.raises(ConfigError) as info:
+        if source == "file":
+            load(f, {}, environ={})
+        elif source == "environment":
+            load(None, {}, environ={"SOVEREIGN_REDIS_URL": url})
+        else:
+            load(None, {"redis_url": url}, environ={})
+    msg = str(info.value)
+    assert msg.startswith('redis_url: cluster mode needs storage = "postgres"')
+    assert "\n" not in msg and url not in msg  # a URL may hold a password
+
+
+def test_redis_url_with_postgres_is_accepted() -> None:
+    dsn = "postgresql://sovereign@127.0.0.1:5432/sovereign"
+    env = {
+        "SOVEREIGN_STORAGE": "postgres",
+        "SOVEREIGN_POSTGRES_DSN": dsn,
+        "SOVEREIGN_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "SOVEREIGN_CLUSTER_NAME": "eu-1",
+    }
+    c = load(None, {}, environ=env)
+    assert (c.redis_url, c.cluster_name) == ("redis://127.0.0.1:6379/0", "eu-1")
+    with pytest.raises(ConfigError, match=r"^redis_url: expected a redis://"):
+        load(None, {}, environ={**env, "SOVEREIGN_REDIS_URL": "http://x"})
+
+
+def test_cluster_name_is_validated() -> None:
+    assert load(None, {}, environ={}).cluster_name == "sovereign"
+    assert load(None, {"cluster_name": "eu-1.prod"}, environ={}).cluster_name == "eu-1.prod"
+    for bad in ("", "has space", "x" * 65, "a:b"):
+        with pytest.raises(ConfigError, match=r"^cluster_name: "):
+            load(None, {"cluster_name": bad}, environ={})
+
+
 def test_setup_writes_no_unavailable_keys() -> None:
     text = dump_toml(load(None, {}, environ={}))
     assert 'storage = "sqlite"' in text
-    for key in ("postgres_dsn", "redis_url"):
+    for key in ("postgres_dsn", "redis_url", "cluster_name"):
         assert key not in text
     assert 'admin_listen = "127.0.0.1:8081"' in text
 

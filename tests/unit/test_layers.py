@@ -6,7 +6,9 @@ follow. Two rules:
 
 1. Layers point one way. ``protocol`` (sans-I/O) <- ``services`` <- ``api``;
    ``storage`` below ``services``; ``transport`` is a shell that services never import
-   (they talk to it through ``services.ports.Outbox``); only the composition root
+   (they talk to it through ``services.ports.Outbox``); ``cluster`` (the Redis bus and
+   the ``--workers`` supervisor) is a shell of the same kind behind ``services.ports.Bus``;
+   only the composition root
    (``server``, and the ``cli`` above it) knows every layer.
 2. No import circle between modules.
 """
@@ -24,7 +26,7 @@ PACKAGE = "sovereign"
 
 # layer -> layers it must never import (a layer is the first dotted part after
 # ``sovereign``; top-level modules like ``errors`` and ``clock`` are their own layer).
-SERVER_SIDE = {"server", "cli", "api", "admin", "services", "transport", "storage"}
+SERVER_SIDE = {"server", "cli", "api", "admin", "services", "transport", "storage", "cluster"}
 FORBIDDEN: dict[str, set[str]] = {
     "errors": {"*"},
     "clock": {"*"},
@@ -39,6 +41,7 @@ FORBIDDEN: dict[str, set[str]] = {
         "storage",
         "client",
         "bench",
+        "cluster",
     },
     "codec": {
         "server",
@@ -50,6 +53,7 @@ FORBIDDEN: dict[str, set[str]] = {
         "storage",
         "client",
         "bench",
+        "cluster",
     },
     "_fast": {
         "server",
@@ -61,8 +65,20 @@ FORBIDDEN: dict[str, set[str]] = {
         "storage",
         "client",
         "bench",
+        "cluster",
     },
-    "mls": {"server", "cli", "api", "admin", "services", "transport", "storage", "client", "bench"},
+    "mls": {
+        "server",
+        "cli",
+        "api",
+        "admin",
+        "services",
+        "transport",
+        "storage",
+        "client",
+        "bench",
+        "cluster",
+    },
     "auth": {
         "server",
         "cli",
@@ -73,6 +89,7 @@ FORBIDDEN: dict[str, set[str]] = {
         "storage",
         "client",
         "bench",
+        "cluster",
     },
     "storage": {
         "server",
@@ -84,13 +101,18 @@ FORBIDDEN: dict[str, set[str]] = {
         "client",
         "bench",
         "protocol",
+        "cluster",
     },
-    "services": {"server", "cli", "api", "admin", "transport", "client", "bench"},
-    "api": {"server", "cli", "admin", "transport", "storage", "client", "bench"},
-    "transport": {"server", "cli", "api", "admin", "storage", "client", "bench"},
+    "services": {"server", "cli", "api", "admin", "transport", "client", "bench", "cluster"},
+    "api": {"server", "cli", "admin", "transport", "storage", "client", "bench", "cluster"},
+    "transport": {"server", "cli", "api", "admin", "storage", "client", "bench", "cluster"},
+    # The cluster's shells (Redis bus, --workers supervisor) are like transport/: they
+    # may see the services' ports, never the services' logic or storage, and only the
+    # composition root (server, cli) builds them.
+    "cluster": {"server", "cli", "api", "admin", "transport", "storage", "client", "bench"},
     # The admin listener is a shell like api/ and transport/: it reaches storage only
     # through services (AdminService), and nothing but the composition root imports it.
-    "admin": {"server", "cli", "api", "transport", "storage", "client", "bench"},
+    "admin": {"server", "cli", "api", "transport", "storage", "client", "bench", "cluster"},
     "client": SERVER_SIDE | {"bench"},
     "bench": SERVER_SIDE - {"server", "cli"},
 }

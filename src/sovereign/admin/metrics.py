@@ -8,7 +8,7 @@ id, a token or a payload: labels are message type names, close codes and outcome
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.core import (
@@ -39,6 +39,9 @@ class Sources:
     writes_failed: Callable[[], int]
     rejected: dict[int, int]  # outbox: envelope-level refusals by error code
     pools_below_min: Callable[[], int]  # refreshed before each scrape (a DB read)
+    # cluster mode (SPEC §12.27): the bus's counters by name, and whether its link is up
+    bus_counters: Callable[[], Mapping[str, int]] | None = None
+    bus_connected: Callable[[], bool] | None = None
 
 
 def _type_name(t: int) -> str:
@@ -95,6 +98,28 @@ class SovereignCollector(Collector):
             "Requests refused with 3004 RateLimited",
             value=src.rejected.get(ErrorCode.RATE_LIMITED, 0),
         )
+        if src.bus_counters is not None and src.bus_connected is not None:
+            yield GaugeMetricFamily(
+                "sovereign_cluster_bus_connected",
+                "1 while this node's link to Redis is up",
+                value=1 if src.bus_connected() else 0,
+            )
+            c = CounterMetricFamily(
+                "sovereign_cluster_bus_messages",
+                "Cluster bus notifications by outcome",
+                labels=["outcome"],
+            )
+            counters = src.bus_counters()
+            for outcome in ("published", "received", "dropped", "malformed"):
+                c.add_metric([outcome], counters.get(outcome, 0))
+            yield c
+            for name, doc in (
+                ("reconnects", "Cluster bus links to Redis re-established after a loss"),
+                ("resyncs", "Catch-ups from the database after a bus reconnection"),
+            ):
+                yield CounterMetricFamily(
+                    f"sovereign_cluster_bus_{name}", doc, value=counters.get(name, 0)
+                )
         stats = src.stats
         if stats is None:
             return

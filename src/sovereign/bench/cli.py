@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from sovereign import __version__
 from sovereign.bench import procfs, report
 from sovereign.bench.client import BenchError
+from sovereign.bench.cluster import BenchCluster, default_admin_dsn
 from sovereign.bench.coordinator import BenchAbort, Coordinator
 from sovereign.bench.profile import Profiler, ProfilerError
 from sovereign.bench.scenarios import SPECS, Outcome
@@ -50,6 +51,8 @@ examples:
   sovereign-bench mixed --users 2000 --rate 3000 --duration 20
   sovereign-bench relay --profile profile.svg   # py-spy flame graph of the server
   sovereign-bench relay --url ws://127.0.0.1:8080/ws --data-dir ./data --server-pid 1234
+  sovereign-bench relay --storage postgres --workers 2   # a throwaway DB + redis-server
+  sovereign-bench compare --duration 10   # SQLite vs PostgreSQL, 1 vs 2 workers, one run
 
 By default the tool spawns `python -m sovereign serve` on a temporary data dir (SQLite,
 synchronous=FULL), pinned with taskset to --server-cpu, with the rate limit, per-user
@@ -215,6 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="spawn the server with this interpreter (another venv, e.g. older code "
         "installed in /tmp/perf-before/.venv/bin/python) and provision its accounts "
         "with it; the load generator stays this one, so two builds compare back to back",
+    )
+    s.add_argument(
+        "--storage",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="storage of the spawned server; postgres creates a throwaway database on "
+        "--pg-dsn's server and drops it at the end (default sqlite)",
+    )
+    s.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="spawn `serve --workers N` (needs --storage postgres; a redis-server is "
+        "started on a free port); server CPU is then the sum over the workers, the "
+        "PostgreSQL backends of the run's database and redis-server",
+    )
+    s.add_argument(
+        "--pg-dsn",
+        default="",
+        metavar="DSN",
+        help="PostgreSQL server for --storage postgres, as a DSN to its maintenance "
+        "database (default postgresql://postgres@127.0.0.1:5432/postgres)",
     )
     s.add_argument(
         "--keep-data",
@@ -508,6 +534,7 @@ class Run:
         self.coordinator: Coordinator | None = None
         self.profiler: Profiler | None = None
         self.source: dict[str, object] = {}
+        self.cluster: BenchCluster | None = None
 
     def log(self, msg: str) -> None:
         if not self.args.quiet:
@@ -572,6 +599,7 @@ class Run:
             load_cpus=args.load_cpus,
             server_pid=pid,
             server_alive=lambda: self.server is None or self.server.alive(),
+            server_group=self._server_group() if self.cluster is not None else None,
             log=self.log,
             setup_timeout=args.setup_timeout,
             drain_timeout=args.drain_timeout,
@@ -608,9 +636,25 @@ class Run:
             exit_code, shutdown_s = self.server.stop()
         return self.finish(results, profile_summary, exit_code, shutdown_s)
 
+    def _server_group(self) -> Callable[[], dict[str, list[int]]]:
+        cluster, server = self.cluster, self.server
+        assert cluster is not None and server is not None
+        return lambda: cluster.server_group(server.pid)
+
     def prepare(self, n_accounts: int) -> list[Account]:
         args = self.args
         nonce = args.nonce
+        if args.workers > 1 and args.storage != "postgres":
+            raise BenchAbort("--workers above 1 needs --storage postgres (SPEC §12.27)")
+        storage_env: dict[str, str] = {}
+        if args.storage == "postgres" and not args.url:
+            self.cluster = BenchCluster(
+                admin_dsn=args.pg_dsn or default_admin_dsn(),
+                redis=args.workers > 1,
+                log=self.log,
+            )
+            self.cluster.start()
+            storage_env = self.cluster.server_env()
         if args.url:
             args.url_effective = args.url
             if args.webauthn:
@@ -639,16 +683,23 @@ class Run:
                     args.server_python, data_dir, n_accounts, f"b{nonce}_"
                 )
             else:
+                db_env = {
+                    f"SOVEREIGN_{k}": v
+                    for k, v in storage_env.items()
+                    if k in ("STORAGE", "POSTGRES_DSN")
+                }
                 accounts = asyncio.run(
                     provision_tokens(
                         data_dir,
                         n_accounts,
                         f"b{nonce}_",
                         self.log,
+                        environ=db_env,
                         postgres_dsn=args.postgres_dsn,
                     )
                 )
         env = dict(SPECS[args.scenario].server_env)
+        env.update(storage_env)
         for kv in args.server_env:
             key, sep, value = kv.partition("=")
             if not sep:
@@ -665,6 +716,19 @@ class Run:
             cpus=args.server_cpu,
             log=self.log,
             python=args.server_python,
+            argv=None
+            if args.workers == 1
+            else [
+                "-m",
+                "sovereign",
+                "serve",
+                "--data-dir",
+                data_dir,
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                str(args.workers),
+            ],
         )
         args.url_effective = self.server.start()
         self.log(
@@ -844,6 +908,11 @@ class Run:
                 step()
             except Exception as exc:
                 self.warn(f"stopping the {what} failed: {exc}")
+        if self.cluster is not None:
+            try:
+                self.cluster.close()
+            except Exception as exc:
+                self.warn(f"removing the cluster's database or redis-server failed: {exc}")
         if self.tmpdir:
             if self.args.keep_data:
                 self.log(f"kept data dir {self.tmpdir}")
@@ -862,6 +931,11 @@ def _jsonable(v: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # several runs, each a child sovereign-bench (compare.py)
+        from sovereign.bench.compare import main as compare
+
+        return compare(argv[1:])
     args = build_parser().parse_args(argv)
     if args.duration is None:
         args.duration = args.duration_default

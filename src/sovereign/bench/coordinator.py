@@ -38,8 +38,12 @@ class Coordinator:
         setup_timeout: float,
         drain_timeout: float,
         deadline: float,
+        server_group: Callable[[], dict[str, list[int]]] | None = None,
     ) -> None:
         self.spec = spec
+        #: Cluster mode: every process that serves, by part (sovereign, postgres, redis).
+        #: Server CPU is then their sum (bench/cluster.py), not the one pid's.
+        self.server_group = server_group
         self.url = url
         self.procs = procs
         self.source_addrs = source_addrs
@@ -167,6 +171,7 @@ class Coordinator:
         mem_before = procfs.memory(pid) if pid else None
         while time.monotonic() < start_at:
             time.sleep(max(0.0, min(0.05, start_at - time.monotonic())))
+        group0 = self._group_cpu() if self.server_group is not None else None
         cpu0 = procfs.cpu_seconds(pid) if pid else None
         split0 = procfs.cpu_split(pid) if pid else None
         io0 = procfs.io_bytes(pid) if pid else {}
@@ -216,6 +221,7 @@ class Coordinator:
                 extra += f"  load CPU {100 * rates.get('cpu_s', 0.0):.0f}%"
                 self.log(f"[{label} {now - start_at:5.1f}s] {line}{extra}")
         t_end = time.monotonic()
+        group1 = self._group_cpu() if self.server_group is not None else None
         cpu1 = procfs.cpu_seconds(pid) if pid else None
         split1 = procfs.cpu_split(pid) if pid else None
         io1 = procfs.io_bytes(pid) if pid else {}
@@ -233,6 +239,26 @@ class Coordinator:
         end = max(last) if complete and max(last, default=0.0) > start_at else t_end
         wall = max(1e-6, end - start_at)
         server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        server_split = (
+            None
+            if split0 is None or split1 is None
+            else (split1[0] - split0[0], split1[1] - split0[1])
+        )
+        parts: dict[str, float] = {}
+        if group0 is not None and group1 is not None:
+            user = system = 0.0
+            for part, now_ in group1.items():
+                before = group0.get(part, {})
+                pu = ps = 0.0
+                for proc_id, (u, sy) in now_.items():
+                    u0, s0 = before.get(proc_id, (0.0, 0.0))  # a process born mid-phase: all of it
+                    pu += u - u0
+                    ps += sy - s0
+                parts[part] = round(pu + ps, 2)
+                user += pu
+                system += ps
+            server_cpu = user + system
+            server_split = (user, system)
         return Outcome(
             phase=phase,
             wall_s=wall,
@@ -247,10 +273,13 @@ class Coordinator:
             cpu_busy={k: busy1[k] - busy0.get(k, 0.0) for k in busy1},
             coordinator_cpu_s=own,
             server_io={k: io1[k] - io0.get(k, 0) for k in io1},
-            server_split=None
-            if split0 is None or split1 is None
-            else (split1[0] - split0[0], split1[1] - split0[1]),
+            server_split=server_split,
+            server_cpu_parts=parts,
         )
+
+    def _group_cpu(self) -> dict[str, dict[int, tuple[float, float]]]:
+        assert self.server_group is not None
+        return {part: procfs.group_split(pids) for part, pids in self.server_group().items()}
 
     def accounting(self, out: Outcome, n_load_cores: int | None) -> dict[str, Any]:
         """The fields every result has, next to the scenario's own."""
@@ -277,6 +306,7 @@ class Coordinator:
         acc: dict[str, Any] = {
             "wall_s": round(wall, 3),
             "server_cpu_s": None if out.server_cpu_s is None else round(out.server_cpu_s, 2),
+            "server_cpu_parts": out.server_cpu_parts or None,
             "server_user_s": None if out.server_split is None else round(out.server_split[0], 2),
             "server_sys_s": None if out.server_split is None else round(out.server_split[1], 2),
             "server_cpu_util": None

@@ -59,6 +59,38 @@ def context_switches(pid: int) -> int | None:
     return total
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        parent[int(entry)] = int(data[data.rindex(b")") + 2 :].split()[1])
+    out: list[int] = []
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.extend(kids)
+        frontier.extend(kids)
+    return out
+
+
+def group_split(pids: list[int]) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of each live pid in ``pids``."""
+    out: dict[int, tuple[float, float]] = {}
+    for pid in pids:
+        split = cpu_split(pid)
+        if split is not None:
+            out[pid] = split
+    return out
+
+
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of ``pid``, all its threads (not its children); None if gone.
 

@@ -59,16 +59,19 @@ async def provision_tokens(
     prefix: str,
     progress: Callable[[str], None] | None = None,
     chunk: int = 500,
+    environ: Mapping[str, str] | None = None,
     postgres_dsn: str = "",
 ) -> list[Account]:
     """Create ``count`` users, each with one session (device) and its token (in the
-    PostgreSQL database at ``postgres_dsn`` if given, else in the data dir's SQLite)."""
+    PostgreSQL database at ``postgres_dsn`` if given, else in the data dir's SQLite).
+    ``environ``: ``SOVEREIGN_*`` settings naming the storage (the bench's own cluster);
+    without ``redis_url`` among them, so no bus is started for this."""
     from sovereign.config import load
     from sovereign.server import create_app
 
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     storage = {"storage": "postgres", "postgres_dsn": postgres_dsn} if postgres_dsn else {}
-    cfg = load(None, {"data_dir": data_dir, **storage}, environ={})
+    cfg = load(None, {"data_dir": data_dir, **storage}, environ=dict(environ or {}))
     app = await create_app(cfg)
     out: list[Account] = []
     t0 = time.monotonic()

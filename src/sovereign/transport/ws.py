@@ -498,6 +498,7 @@ async def create_server(
     max_frame_size: int,
     handshake_timeout: float,
     backlog: int,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
     """``picows.ws_create_server`` with the closing handshake of SPEC §12.31.
 
@@ -529,5 +530,11 @@ async def create_server(
 
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        protocol, host, port, ssl=ssl_context, reuse_address=True, backlog=backlog
+        protocol,
+        host,
+        port,
+        ssl=ssl_context,
+        reuse_address=True,
+        reuse_port=reuse_port or None,  # serve --workers: the workers share the port
+        backlog=backlog,
     )

@@ -52,6 +52,8 @@ class Outcome:
     cpu_busy: dict[str, float] = field(default_factory=dict)  # machine, per CPU, in the phase
     coordinator_cpu_s: float = 0.0
     server_split: tuple[float, float] | None = None  # (user, system) CPU seconds
+    #: cluster mode: CPU seconds by serving part (sovereign, postgres, redis)
+    server_cpu_parts: dict[str, float] = field(default_factory=dict)
     server_io: dict[str, int] = field(default_factory=dict)  # /proc/PID/io deltas
     summary: dict[str, Any] = field(default_factory=dict)
 
