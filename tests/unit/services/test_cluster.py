@@ -170,6 +170,33 @@ async def test_idempotent_retry_raced_on_the_other_node_answers_the_original(
     assert seqs(p.b.outbox.take(b1)) == [3]
 
 
+async def test_a_retry_inside_a_batch_of_claims_answers_the_original_stored_elsewhere(
+    pair: Pair,
+) -> None:
+    """The batch's claims go in one statement: the one already stored (by the other
+    node) answers with its original, the others commit with dense seqs around it."""
+    p = pair
+    alice, _bob, a1, b1, conv = await two_users(p)
+    a2 = await p.b.connect(await p.a.another_device(alice))
+    original = await call(p, p.b, a2, T.MESSAGE_SEND, send_req(conv, b"once"), "dup")
+    assert original.type == T.MESSAGE_RECEIVE and original.msg.seq == 3
+    p.a.outbox.take(a1)
+    p.b.outbox.take(b1)
+    rids = ["s0", "s1", "dup", "s2", "s3"]
+    batches = p.a.eventlog.batches
+    for rid in rids:  # node a has not seen "dup": the database decides, in one batch
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv, b"once" if rid == "dup" else b"x"), rid)
+    await p.settle()
+    assert p.a.eventlog.batches == batches + 1
+    answers = {rid: p.a.outbox.response(a1, rid) for rid in rids}
+    assert answers["dup"].type == T.MESSAGE_RECEIVE
+    assert answers["dup"].msg.message_id == original.msg.message_id
+    assert answers["dup"].msg.seq == 3
+    assert [answers[r].msg.seq for r in ("s0", "s1", "s2", "s3")] == [4, 5, 6, 7]
+    assert await stored_seqs(p.a, conv) == [1, 2, 3, 4, 5, 6, 7]
+    assert seqs(p.b.outbox.take(b1)) == [4, 5, 6, 7]
+
+
 async def test_two_commits_at_one_epoch_from_two_nodes_one_wins_one_gets_5004(
     pair: Pair,
 ) -> None:
