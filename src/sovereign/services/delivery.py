@@ -353,9 +353,7 @@ class DeliveryService:
             if self.eventlog.clustered:
                 # The database decides (another node may hold the same request_id).
                 since = ev.ts_us - IDEMPOTENCY_US
-                op.guard = lambda c: csql.claim_send_request_txn(
-                    c, user_id, rid, ev.event_id, ev.ts_us, since
-                )
+                op.guard = csql.SendClaim(user_id, rid, ev.event_id, ev.ts_us, since)
                 op.conflict = lambda verdict: self._answer_original(s, rid, verdict)
             else:
                 op.send_request = (user_id, rid, ev.event_id, ev.ts_us)

@@ -360,16 +360,16 @@ RENDERED: dict[int, type[Any]] = {
 }
 
 
-def allocate_txn(conn: Conn, events: list[Event]) -> None:
+def assign_seqs(events: list[Event], head: list[int]) -> None:
     """Cluster mode (SPEC §12.27): the seqs of ``events`` (one conversation) come from
-    the database in the transaction that stores them. The UPDATE takes the
-    conversation row's lock, so writers of one conversation on different nodes are
-    serialised until COMMIT and the seq stays dense and unique; timestamps stay
-    strictly increasing per conversation. Runs on the writer: it rewrites each event's
-    seq, timestamp and payload in place (nothing on the loop reads an event between
-    submit and its op's finish or fail)."""
-    conv_id = events[0].conv.conversation_id
-    seq, prev_ts = csql.allocate_seqs_txn(conn, conv_id, len(events))
+    the database, in the transaction that stores them: ``head`` is the conversation
+    row's [last_seq, last_ts_us], read under its lock (``csql.lock_heads_txn``), so
+    writers of one conversation on different nodes are serialised until COMMIT and the
+    seq stays dense and unique; timestamps stay strictly increasing per conversation.
+    ``head`` moves past the events. Runs on the writer: it rewrites each event's seq,
+    timestamp and payload in place (nothing on the loop reads an event between submit
+    and its op's finish or fail)."""
+    seq, prev_ts = head
     for ev in events:
         seq += 1
         ts = ev.ts_us if ev.ts_us > prev_ts else prev_ts + 1
@@ -382,12 +382,12 @@ def allocate_txn(conn: Conn, events: list[Event]) -> None:
                 msg.server_timestamp = ts
                 ev.payload = msg.SerializeToString()
         prev_ts = ts
-    csql.set_last_ts_txn(conn, conv_id, prev_ts)
+    head[0], head[1] = seq, prev_ts
 
 
 class ClusterEventLog(EventLog):
     """The event log of a cluster node (SPEC §12.27): same group commit, but seqs are
-    allocated in the database (:func:`allocate_txn`), every op may carry a ``guard``
+    allocated in the database (:func:`assign_seqs`), every op may carry a ``guard``
     decided by the database, and what happens after COMMIT is handed to ``committed``
     (the cluster service: ordered local fan-out and the notification to other nodes)
     instead of running ``op.finish`` directly."""
@@ -410,38 +410,74 @@ class ClusterEventLog(EventLog):
         super().submit(op)
 
     async def _write(self, batch: list[Op]) -> None:
-        # Every conversation row of the batch is locked first, in one global order:
-        # otherwise two nodes' batches could take two rows (or a row and a request
-        # key) in opposite orders and deadlock on PostgreSQL. One op alone takes its
-        # locks in the one order it has.
-        locks = (
-            sorted({op.events[0].conv.conversation_id for op in batch if op.events})
-            if len(batch) > 1
-            else []
-        )
+        # A constant number of round trips per batch, not several per op: on
+        # PostgreSQL each statement is a round trip from the writer thread, and with a
+        # few hundred ops in flight a batch of per-op statements took a second while
+        # the next ops queued behind it (docs/scaling.md, "Measured"). So: every
+        # conversation row of the batch is locked and its head read in one statement
+        # (sorted: two nodes' batches never take rows in opposite orders and deadlock),
+        # the batch's idempotency claims go in one statement, seqs are assigned from
+        # the heads in memory, and the events and the new heads are written at the end
+        # (pipelined). An op with extra SQL or another kind of guard sees the database
+        # as before: what earlier ops of the batch wrote is flushed ahead of it.
+        conv_ids = sorted({op.events[0].conv.conversation_id for op in batch if op.events})
+        claims = [op.guard for op in batch if isinstance(op.guard, csql.SendClaim)]
+        batch_claims = csql.batchable_claims(claims)
 
         def txn(conn: Conn) -> list[object]:
-            for conv_id in locks:
-                csql.lock_conversation_txn(conn, conv_id)
+            heads = csql.lock_heads_txn(conn, conv_ids)
+            claimed: dict[int, object] = {}
+            if batch_claims:
+                found = csql.claim_send_requests_txn(conn, claims)
+                claimed = {id(c): v for c, v in zip(claims, found, strict=True)}
+            rows: list[sql.EventRow] = []
+            moved: set[str] = set()
+
+            def flush() -> None:
+                if rows:
+                    sql.insert_events_txn(conn, rows)
+                    rows.clear()
+                if moved:
+                    csql.set_heads_txn(conn, [(heads[c][0], heads[c][1], c) for c in sorted(moved)])
+                    moved.clear()
+
             verdicts: list[object] = []
             for op in batch:
-                if op.guard is not None:
-                    verdict = op.guard(conn)
+                guard = op.guard
+                if guard is not None:
+                    if id(guard) in claimed:
+                        verdict = claimed[id(guard)]
+                    else:
+                        flush()
+                        verdict = guard(conn)
                     if verdict is not None:
                         verdicts.append(verdict)
                         continue
                 if op.before:
+                    flush()
                     for fn in op.before:
                         fn(conn)
                 if op.events:
-                    allocate_txn(conn, op.events)
-                for fn in op.txns:
-                    fn(conn)
+                    conv_id = op.events[0].conv.conversation_id
+                    head = heads.get(conv_id)
+                    if head is None:  # created by this op's ``before``
+                        head = csql.lock_heads_txn(conn, [conv_id]).get(conv_id)
+                        if head is None:
+                            raise LookupError(f"conversation {conv_id} has no row")
+                        heads[conv_id] = head
+                    assign_seqs(op.events, head)
+                    moved.add(conv_id)
+                if op.txns:
+                    flush()
+                    for fn in op.txns:
+                        fn(conn)
                 if op.events:
-                    sql.insert_events_txn(conn, [ev.row() for ev in op.events])
+                    rows.extend(ev.row() for ev in op.events)
                 if op.send_request is not None:
+                    flush()
                     sql.insert_send_requests_txn(conn, [op.send_request])
                 verdicts.append(None)
+            flush()
             return verdicts
 
         inflight = self.inflight

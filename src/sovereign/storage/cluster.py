@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn
+from sovereign.storage.engines import SQLITE, per_engine
 
 
 def exact_heads_txn(conn: Conn, heads: list[tuple[int, int, str, int]]) -> None:
@@ -107,18 +108,46 @@ def closed_txn(conn: Conn, users: list[str], sessions: list[str]) -> tuple[list[
 # -- the event transaction -----------------------------------------------------------------
 
 
-def allocate_seqs_txn(conn: Conn, conversation_id: str, n: int) -> tuple[int, int]:
-    """Take ``n`` seqs of a conversation: returns (the last seq before them, the last
-    timestamp). The UPDATE locks the row until COMMIT, so writers of one conversation
-    on different nodes are serialised and the seq stays dense and unique."""
-    row = conn.execute(
-        "UPDATE conversations SET last_seq = last_seq + ? WHERE conversation_id = ?"
-        " RETURNING last_seq, last_ts_us",
-        (n, conversation_id),
-    ).fetchone()
-    if row is None:
-        raise LookupError(f"conversation {conversation_id} has no row")
-    return int(row[0]) - n, int(row[1])
+#: ``lock_heads_txn``'s statement per IN-list length (PostgreSQL adds FOR UPDATE).
+_LOCK_HEADS: dict[int, str] = {}
+LOCK_HEADS_CHUNK = 500
+
+
+def _lock_heads_sql(n: int) -> str:
+    text = _LOCK_HEADS.get(n)
+    if text is None:
+        marks = ",".join("?" * n)
+        text = _LOCK_HEADS[n] = per_engine(
+            lambda eng: (
+                "SELECT conversation_id, last_seq, last_ts_us FROM conversations"
+                f" WHERE conversation_id IN ({marks}) ORDER BY conversation_id"
+                + ("" if eng is SQLITE else " FOR UPDATE")
+            )
+        )
+    return text
+
+
+def lock_heads_txn(conn: Conn, conversation_ids: list[str]) -> dict[str, list[int]]:
+    """Lock the rows of ``conversation_ids`` (sorted: one global order, so two nodes'
+    batches never deadlock) until COMMIT and return each one's [last_seq, last_ts_us]:
+    one round trip per 500 conversations, however many ops the batch holds. On
+    PostgreSQL ``FOR UPDATE`` locks the rows in ``ORDER BY`` order; SQLite's writer
+    lock already covers the database. A missing row is simply absent."""
+    heads: dict[str, list[int]] = {}
+    for i in range(0, len(conversation_ids), LOCK_HEADS_CHUNK):
+        chunk = conversation_ids[i : i + LOCK_HEADS_CHUNK]
+        for r in conn.execute(_lock_heads_sql(len(chunk)), chunk):
+            heads[str(r[0])] = [int(r[1]), int(r[2])]
+    return heads
+
+
+def set_heads_txn(conn: Conn, heads: list[tuple[int, int, str]]) -> None:
+    """(last_seq, last_ts_us, conversation_id) of rows locked by ``lock_heads_txn``: one
+    pipelined round trip."""
+    conn.executemany(
+        "UPDATE conversations SET last_seq = ?, last_ts_us = ? WHERE conversation_id = ?",
+        heads,
+    )
 
 
 def lock_conversation_txn(conn: Conn, conversation_id: str) -> None:
@@ -127,13 +156,6 @@ def lock_conversation_txn(conn: Conn, conversation_id: str) -> None:
     conn.execute(
         "UPDATE conversations SET last_seq = last_seq WHERE conversation_id = ?",
         (conversation_id,),
-    )
-
-
-def set_last_ts_txn(conn: Conn, conversation_id: str, ts_us: int) -> None:
-    conn.execute(
-        "UPDATE conversations SET last_ts_us = ? WHERE conversation_id = ?",
-        (ts_us, conversation_id),
     )
 
 
@@ -160,6 +182,92 @@ def claim_send_request_txn(
         (user_id, request_id),
     ).fetchone()
     return b"" if row is None else bytes(row[0])
+
+
+class SendClaim:
+    """An idempotent MESSAGE_SEND's guard (``Op.guard``): called alone it is
+    :func:`claim_send_request_txn`; the event log claims every SendClaim of a batch in
+    one statement instead (:func:`claim_send_requests_txn`)."""
+
+    __slots__ = ("event_id", "now_us", "request_id", "since_us", "user_id")
+
+    def __init__(
+        self, user_id: str, request_id: str, event_id: str, now_us: int, since_us: int
+    ) -> None:
+        self.user_id = user_id
+        self.request_id = request_id
+        self.event_id = event_id
+        self.now_us = now_us
+        self.since_us = since_us
+
+    def __call__(self, conn: Conn) -> bytes | None:
+        return claim_send_request_txn(
+            conn, self.user_id, self.request_id, self.event_id, self.now_us, self.since_us
+        )
+
+
+_CLAIMS: dict[int, str] = {}
+
+
+def _claims_sql(n: int) -> str:
+    text = _CLAIMS.get(n)
+    if text is None:
+        values = ",".join(["(?, ?, ?, CAST(? AS BIGINT))"] * n)
+        # Rows go in key order (one global lock order for the unique keys); WHERE true
+        # keeps SQLite's parser from reading ON CONFLICT as a join's ON.
+        text = _CLAIMS[n] = (
+            "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
+            f" SELECT column1, column2, column3, column4 FROM (VALUES {values}) AS v"
+            " WHERE true ORDER BY column1, column2"
+            " ON CONFLICT (user_id, request_id) DO UPDATE SET"
+            " event_id = excluded.event_id, created_at_us = excluded.created_at_us"
+            " WHERE send_requests.created_at_us < excluded.created_at_us - ?"
+            " RETURNING user_id, request_id"
+        )
+    return text
+
+
+def batchable_claims(claims: list[SendClaim]) -> bool:
+    """Whether :func:`claim_send_requests_txn` may take ``claims`` in one statement:
+    distinct keys (one statement may not update a row twice) and one window."""
+    if len(claims) < 2:
+        return False
+    window = claims[0].now_us - claims[0].since_us
+    keys = set()
+    for c in claims:
+        if c.now_us - c.since_us != window:
+            return False
+        keys.add((c.user_id, c.request_id))
+    return len(keys) == len(claims)
+
+
+def claim_send_requests_txn(conn: Conn, claims: list[SendClaim]) -> list[bytes | None]:
+    """:func:`claim_send_request_txn` for many claims (see :func:`batchable_claims`) in
+    one statement per 500: each claim's verdict, in order. A claim newer than the
+    window holds: that request's original payload is read (one statement each, rare)."""
+    window = claims[0].now_us - claims[0].since_us
+    claimed: set[tuple[str, str]] = set()
+    ordered = sorted(claims, key=lambda c: (c.user_id, c.request_id))
+    for i in range(0, len(ordered), LOCK_HEADS_CHUNK):
+        chunk = ordered[i : i + LOCK_HEADS_CHUNK]
+        params: list[object] = []
+        for c in chunk:
+            params += (c.user_id, c.request_id, c.event_id, c.now_us)
+        params.append(window)
+        for r in conn.execute(_claims_sql(len(chunk)), params):
+            claimed.add((str(r[0]), str(r[1])))
+    out: list[bytes | None] = []
+    for c in claims:
+        if (c.user_id, c.request_id) in claimed:
+            out.append(None)
+            continue
+        row = conn.execute(
+            "SELECT e.payload FROM send_requests r JOIN events e ON e.event_id = r.event_id"
+            " WHERE r.user_id = ? AND r.request_id = ?",
+            (c.user_id, c.request_id),
+        ).fetchone()
+        out.append(b"" if row is None else bytes(row[0]))
+    return out
 
 
 def advance_epoch_txn(

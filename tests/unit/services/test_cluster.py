@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,6 +168,33 @@ async def test_idempotent_retry_raced_on_the_other_node_answers_the_original(
     assert await stored_seqs(p.a, conv) == [1, 2, 3]  # stored once
     # bob got it once.
     assert seqs(p.b.outbox.take(b1)) == [3]
+
+
+async def test_a_retry_inside_a_batch_of_claims_answers_the_original_stored_elsewhere(
+    pair: Pair,
+) -> None:
+    """The batch's claims go in one statement: the one already stored (by the other
+    node) answers with its original, the others commit with dense seqs around it."""
+    p = pair
+    alice, _bob, a1, b1, conv = await two_users(p)
+    a2 = await p.b.connect(await p.a.another_device(alice))
+    original = await call(p, p.b, a2, T.MESSAGE_SEND, send_req(conv, b"once"), "dup")
+    assert original.type == T.MESSAGE_RECEIVE and original.msg.seq == 3
+    p.a.outbox.take(a1)
+    p.b.outbox.take(b1)
+    rids = ["s0", "s1", "dup", "s2", "s3"]
+    batches = p.a.eventlog.batches
+    for rid in rids:  # node a has not seen "dup": the database decides, in one batch
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv, b"once" if rid == "dup" else b"x"), rid)
+    await p.settle()
+    assert p.a.eventlog.batches == batches + 1
+    answers = {rid: p.a.outbox.response(a1, rid) for rid in rids}
+    assert answers["dup"].type == T.MESSAGE_RECEIVE
+    assert answers["dup"].msg.message_id == original.msg.message_id
+    assert answers["dup"].msg.seq == 3
+    assert [answers[r].msg.seq for r in ("s0", "s1", "s2", "s3")] == [4, 5, 6, 7]
+    assert await stored_seqs(p.a, conv) == [1, 2, 3, 4, 5, 6, 7]
+    assert seqs(p.b.outbox.take(b1)) == [4, 5, 6, 7]
 
 
 async def test_two_commits_at_one_epoch_from_two_nodes_one_wins_one_gets_5004(
@@ -503,6 +531,69 @@ async def test_batches_over_several_conversations_from_both_nodes_all_commit(
     ]
     assert await stored_seqs(p.a, conv1) == list(range(1, 2 * n + 3))
     assert await stored_seqs(p.a, conv2) == list(range(1, 2 * n + 3))
+
+
+class _Counting:
+    """A writer connection that counts statements (each a round trip on PostgreSQL)."""
+
+    def __init__(self, conn: Any, counter: list[int]) -> None:
+        self._conn = conn
+        self._counter = counter
+
+    def execute(self, *args: Any) -> Any:
+        self._counter[0] += 1
+        return self._conn.execute(*args)
+
+    def executemany(self, *args: Any) -> Any:
+        self._counter[0] += 1
+        return self._conn.executemany(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_an_event_batch_costs_as_many_statements_for_forty_sends_as_for_one(
+    pair: Pair,
+) -> None:
+    """Regression (docs/scaling.md, "Measured"): the cluster event log ran about five
+    statements per op, each a round trip from the writer thread on PostgreSQL, so a
+    closed loop's whole window landed in one batch that took a second to write and
+    deliveries came in bursts once a second. A batch's statements must not grow with
+    its ops; its own events are delivered without any read or repair."""
+    p = pair
+    _alice, _bob, a1, b1, conv = await two_users(p)
+    log = p.a.eventlog
+    real = log.db
+    statements: list[int] = []
+
+    class CountingDb:
+        async def write(self, fn: Any, **kw: Any) -> Any:
+            counter = [0]
+            try:
+                return await real.write(lambda c: fn(_Counting(c, counter)), **kw)
+            finally:
+                statements.append(counter[0])
+
+    log.db = CountingDb()  # type: ignore[assignment]
+    p.a.outbox.take(a1)
+    p.b.outbox.take(b1)
+    cluster = p.a.cluster
+    assert cluster is not None
+    repairs = cluster.repairs
+    p.a.request(a1, T.MESSAGE_SEND, send_req(conv), "one")
+    await p.settle()
+    batches = log.batches
+    n = 40
+    for i in range(n):  # submitted together: one batch
+        p.a.request(a1, T.MESSAGE_SEND, send_req(conv, b"m%d" % i), f"m{i}")
+    await p.settle()
+    assert log.batches == batches + 1
+    assert len(statements) == 2
+    assert statements[1] == statements[0] <= 4, statements
+    assert [f.msg.seq for f in p.a.outbox.take(a1)] == list(range(3, n + 4))
+    assert seqs(p.b.outbox.take(b1)) == list(range(3, n + 4))
+    assert cluster.repairs == repairs
+    assert await stored_seqs(p.a, conv) == list(range(1, n + 4))
 
 
 async def test_key_package_low_reaches_the_device_on_the_other_node(
