@@ -213,12 +213,12 @@ def _claims_sql(n: int) -> str:
     text = _CLAIMS.get(n)
     if text is None:
         values = ",".join(["(?, ?, ?, CAST(? AS BIGINT))"] * n)
-        # Rows go in key order (one global lock order for the unique keys); WHERE true
+        # Rows go in key order (one global lock order for the unique keys); WHERE 1 = 1
         # keeps SQLite's parser from reading ON CONFLICT as a join's ON.
         text = _CLAIMS[n] = (
             "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
             f" SELECT column1, column2, column3, column4 FROM (VALUES {values}) AS v"
-            " WHERE true ORDER BY column1, column2"
+            " WHERE 1 = 1 ORDER BY column1, column2"
             " ON CONFLICT (user_id, request_id) DO UPDATE SET"
             " event_id = excluded.event_id, created_at_us = excluded.created_at_us"
             " WHERE send_requests.created_at_us < excluded.created_at_us - ?"
