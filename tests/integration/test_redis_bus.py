@@ -152,8 +152,14 @@ async def test_redis_kill_and_restart_resyncs_and_resumes_within_2s(
         assert time.monotonic() - restarted < 2.0, "links not restored within 2 s"
         await asyncio.sleep(0.01)
     a.bus.publish(b"after")
-    await b.wait_for(1, timeout=max(0.1, 2.0 - (time.monotonic() - restarted)))
-    assert b"after" in b.got
+    # b may also get some of the queued "while down" ones first (a's queue goes out on
+    # reconnection): wait for "after" itself, not for any message.
+    while b"after" not in b.got:
+        left = 2.0 - (time.monotonic() - restarted)
+        assert left > 0, "live delivery did not resume within 2 s"
+        b.arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(b.arrived.wait(), left)
     assert time.monotonic() - restarted < 2.0
     assert a.bus.stats.reconnects == 1 and b.bus.stats.reconnects == 1
     assert a.resyncs >= 1 and b.resyncs >= 1
@@ -173,12 +179,22 @@ async def test_queue_is_bounded_and_drops_the_oldest(redis: RedisServer) -> None
             await asyncio.sleep(0.02)
         for i in range(25):
             a.bus.publish(b"%d" % i)
-        assert a.bus.stats.dropped >= 15
+        assert a.bus.stats.dropped == 15
+        published = a.bus.stats.published
         redis.start()
         await asyncio.wait_for(b.resynced.wait(), 3.0)
-        await b.wait_for(10, timeout=3.0)
-        # The newest ten survived, in order; the oldest were counted as dropped.
-        assert b.got[-10:] == [b"%d" % i for i in range(15, 25)]
+        # The newest ten survived and were sent once a's link came back; the oldest
+        # were counted as dropped. Whether b was subscribed again before a's queue
+        # went out is a race pub/sub does not settle (that is what resync is for), so
+        # b's share is checked only for order and origin: never a dropped one.
+        deadline = time.monotonic() + 3.0
+        while a.bus.stats.published < published + 10:
+            assert time.monotonic() < deadline, "the queued ten were not sent"
+            await asyncio.sleep(0.02)
+        assert a.bus.stats.dropped == 15
+        newest = [b"%d" % i for i in range(15, 25)]
+        got = [m for m in b.got if m in newest or m.isdigit()]
+        assert got == [m for m in newest if m in got]
     finally:
         await a.bus.close()
         await b.bus.close()
