@@ -235,23 +235,25 @@ class DeliveryService:
         """Idempotency is checked first: a retry of a stored send returns the original
         echo even if the sender has since left the conversation (docs/decisions.md)."""
         user_id = s.user_id
+        key = (user_id, rid)
+        requests = self.requests
         if rid:
-            key = (user_id, rid)
-            requests = self.requests
             pending = requests.pending.get(key)
             if pending is not None:  # the original is still committing: answer with it
                 self._join_pending(s, rid, pending)
                 return
-            event_id = requests.known(key, self.clock.now_us())
-            if event_id is not None:
-                self.tasks.spawn(s, rid, self._replay_send(s, rid, event_id))
-                return
+            # A new key (nearly every send) is in neither tier: no clock read for it.
+            if key in requests.recent:
+                event_id = requests.known(key, self.clock.now_us())
+                if event_id is not None:
+                    self.tasks.spawn(s, rid, self._replay_send(s, rid, event_id))
+                    return
         conv = self.state.conv_for_member(req.conversation_id, user_id)
         if len(req.encrypted_payload) > self.config.max_message_size_bytes:
             raise SovereignError(
                 ErrorCode.MESSAGE_TOO_LARGE, "encrypted_payload exceeds max_message_size_bytes"
             )
-        if rid and self.requests.maybe_stored((user_id, rid)):
+        if rid and requests.maybe_stored(key):
             # Older than the recent tier (or a filter false positive): one storage read.
             self.tasks.spawn(s, rid, self._send_checked(s, rid, req, conv))
             return
@@ -346,10 +348,10 @@ class DeliveryService:
             seq=ev.seq,
         ).SerializeToString()
         requests = self.requests
+        key = (user_id, rid)
         if rid:
-            key = (user_id, rid)
             requests.begin(key, op, ev.ts_us)
-            op.on_undo(lambda: requests.undo(key))
+            op.on_undo(partial(requests.undo, key))
             if self.eventlog.clustered:
                 # The database decides (another node may hold the same request_id).
                 since = ev.ts_us - IDEMPOTENCY_US
@@ -361,7 +363,7 @@ class DeliveryService:
 
         def finish() -> None:
             if rid:
-                requests.committed((user_id, rid), ev.event_id)
+                requests.committed(key, ev.event_id)
             self.state.index(ev)
             outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, ev.payload)  # the echo = response
             self.publish(ev, s)

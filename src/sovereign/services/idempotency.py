@@ -90,6 +90,11 @@ class SendRequests:
         self._mask = filter_bits - 1
         self._bytes = filter_bits // 8
         self._periods: dict[int, bytearray] = {}  # period number -> filter bits
+        # The same arrays as a list (the per-send test iterates it: no dict view), and
+        # the newest period's array (nearly every add lands there: no dict lookup).
+        self._filters: list[bytearray] = []
+        self._newest_p: int | None = None
+        self._newest: bytearray = bytearray()
         self._watching: dict[Key, int] = {}  # key -> storage checks in flight
         self._committed: dict[Key, str] = {}  # watched keys committed meanwhile
         #: Counters for /metrics-style reporting and tests.
@@ -112,7 +117,7 @@ class SendRequests:
         step = (h >> 32) | 1
         i2 = (i1 + step) & mask
         i3 = (i2 + step) & mask
-        for bits in self._periods.values():
+        for bits in self._filters:
             if (
                 bits[i1 >> 3] >> (i1 & 7) & 1
                 and bits[i2 >> 3] >> (i2 & 7) & 1
@@ -124,9 +129,7 @@ class SendRequests:
     def add(self, key: Key, ts_us: int) -> None:
         """Put ``key`` (a send at ``ts_us``) in the filter of its period."""
         p = ts_us // self.period_us
-        bits = self._periods.get(p)
-        if bits is None:
-            bits = self._period(p)
+        bits = self._newest if p == self._newest_p else self._periods.get(p) or self._period(p)
         h = hash(key)
         mask = self._mask
         i = h & mask
@@ -140,7 +143,18 @@ class SendRequests:
     def begin(self, key: Key, op: Op, ts_us: int) -> None:
         """A new send with ``key`` is queued for commit (``op``)."""
         self.pending[key] = op
-        self.add(key, ts_us)
+        # add(key, ts_us), inlined: this runs once per send.
+        p = ts_us // self.period_us
+        bits = self._newest if p == self._newest_p else self._periods.get(p) or self._period(p)
+        h = hash(key)
+        mask = self._mask
+        i = h & mask
+        step = (h >> 32) | 1
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (i + step) & mask
+        bits[i >> 3] |= 1 << (i & 7)
+        i = (i + step) & mask
+        bits[i >> 3] |= 1 << (i & 7)
 
     def undo(self, key: Key) -> None:
         """Its commit failed: the key was not spent (its filter bits stay: harmless)."""
@@ -179,14 +193,27 @@ class SendRequests:
             # it (a key must never be missing from every filter while in the window).
             return periods[min(periods)]
         bits = periods[p] = bytearray(self._bytes)
+        self._filters_changed()
         return bits
+
+    def _filters_changed(self) -> None:
+        periods = self._periods
+        self._filters = list(periods.values())
+        if periods:
+            self._newest_p = max(periods)
+            self._newest = periods[self._newest_p]
+        else:
+            self._newest_p, self._newest = None, bytearray()
 
     def purge(self, now_us: int) -> None:
         """Forget what is past the window: whole filters, and old recent keys."""
         since = now_us - self.window_us
         oldest = since // self.period_us  # the period holding the window's start
-        for p in [p for p in self._periods if p < oldest]:
+        expired = [p for p in self._periods if p < oldest]
+        for p in expired:
             del self._periods[p]
+        if expired:
+            self._filters_changed()
         recent = self.recent
         since_ms = since // 1000
         while recent:

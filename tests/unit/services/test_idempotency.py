@@ -110,6 +110,25 @@ def test_a_key_is_kept_for_the_whole_window_across_period_boundaries_then_forgot
     assert r.filter_bytes == 0  # nothing older than the window is held
 
 
+def test_begin_and_add_fill_the_right_filter_after_every_filter_was_purged() -> None:
+    # add() and begin() keep the newest period's array at hand: it must follow the
+    # filters as they are created and purged (never a bit set in a dropped array).
+    r = SendRequests(filter_bits=1 << 16)
+    r.begin(key(1), Op(), T0)
+    r.purge(T0 + 3 * IDEMPOTENCY_US)
+    assert r.filter_bytes == 0 and not r.maybe_stored(key(1))
+    later = (T0 // PERIOD_US + 7) * PERIOD_US  # the first microsecond of a period
+    r.begin(key(2), Op(), later)
+    r.add(key(3), later + PERIOD_US)  # a newer period: the newest array changes
+    r.begin(key(4), Op(), later + PERIOD_US + 1)
+    assert all(r.maybe_stored(key(i)) for i in (2, 3, 4))
+    r.purge(later + PERIOD_US + IDEMPOTENCY_US)  # drops key(2)'s period only
+    assert not r.maybe_stored(key(2))
+    assert r.maybe_stored(key(3)) and r.maybe_stored(key(4))
+    r.begin(key(5), Op(), later + PERIOD_US + 2)
+    assert r.maybe_stored(key(5)) and r.filter_bytes == (1 << 16) // 8
+
+
 def test_at_most_three_filters_whatever_the_traffic() -> None:
     r = SendRequests(filter_bits=1 << 10)
     for hour in range(24 * 7):
