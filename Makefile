@@ -31,8 +31,13 @@ test: $(STAMP) interop web-deps lint typecheck
 
 ## test-postgres: the storage tests and the integration suite with every test server on
 ## a throwaway PostgreSQL database (local server, 127.0.0.1:5432, user postgres), uvloop
+# Tests that run on PostgreSQL whatever SOVEREIGN_TEST_STORAGE says (the cluster, the
+# workers, the Redis bus, the migration) already ran in the main pass: not twice.
+PG_ONLY_ONCE = --ignore=tests/integration/test_cluster.py --ignore=tests/integration/test_workers.py \
+  --ignore=tests/integration/test_redis_bus.py --ignore=tests/integration/test_redis_nodes.py \
+  --ignore=tests/integration/test_postgres_migration.py
 test-postgres: $(STAMP)
-	SOVEREIGN_TEST_LOOP=uvloop SOVEREIGN_TEST_STORAGE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit/storage tests/integration $(PG_ARGS)
+	SOVEREIGN_TEST_LOOP=uvloop SOVEREIGN_TEST_STORAGE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit/storage tests/integration $(PG_ONLY_ONCE) $(PG_ARGS)
 
 ## test-slow: the long matrix runs (storms of 1,000 per kind, 1,000 slowloris sockets,
 ## 10,000 garbage envelopes), on uvloop
