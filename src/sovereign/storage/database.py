@@ -162,30 +162,6 @@ class Database:
         self.commit_seconds = Histogram(COMMIT_BOUNDS)
 
     # -- lifecycle ------------------------------------------------------------
-    @classmethod
-    async def open(
-        cls,
-        path: str | Path,
-        *,
-        max_batch: int = 512,
-        readers: int = 2,
-        busy_timeout_ms: int = 5000,
-        migrations: Traversable | Path | None = None,
-        lazy_ms: float = 0.0,
-        checkpoint_s: float = 0.0,
-    ) -> Database:
-        """The SQLite database at ``path`` (the default engine): see
-        :meth:`SqliteDatabase.open`. PostgreSQL: ``PostgresDatabase.connect``."""
-        return await SqliteDatabase.open(
-            path,
-            max_batch=max_batch,
-            readers=readers,
-            busy_timeout_ms=busy_timeout_ms,
-            migrations=migrations,
-            lazy_ms=lazy_ms,
-            checkpoint_s=checkpoint_s,
-        )
-
     async def _start(self) -> None:
         """Start the writer thread; returns once it has opened and migrated."""
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()

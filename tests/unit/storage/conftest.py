@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.storage import Database, Storage, open_storage
+from sovereign.storage import Database, SqliteDatabase, Storage, open_storage
 from sovereign.storage.postgres import PostgresDatabase
 from tests.helpers import pg
 
@@ -72,7 +72,7 @@ async def db(engine_dsn: str, db_path: Path) -> AsyncIterator[Database]:
     if engine_dsn:
         d: Database = await PostgresDatabase.connect(engine_dsn)
     else:
-        d = await Database.open(db_path)
+        d = await SqliteDatabase.open(db_path)
     try:
         yield d
     finally:

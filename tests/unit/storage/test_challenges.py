@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.storage import AlreadyExists, Database, Storage
+from sovereign.storage import AlreadyExists, SqliteDatabase, Storage
 from sovereign.storage.challenges import ChallengeStore
 
 
@@ -65,8 +65,8 @@ async def test_concurrent_consumers_exactly_one_wins(storage: Storage) -> None:
 
 async def test_consumers_in_two_processes_exactly_one_wins(db_path: Path) -> None:
     # Two Database objects on one file stand in for two server processes.
-    a = await Database.open(db_path)
-    b = await Database.open(db_path)
+    a = await SqliteDatabase.open(db_path)
+    b = await SqliteDatabase.open(db_path)
     try:
         ca, cb = ChallengeStore(a), ChallengeStore(b)
         for i in range(10):

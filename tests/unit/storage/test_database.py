@@ -9,7 +9,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sovereign.storage import Database, DatabaseClosed, DatabaseError, MigrationError
+from sovereign.storage import (
+    Database,
+    DatabaseClosed,
+    DatabaseError,
+    MigrationError,
+    SqliteDatabase,
+)
 from sovereign.storage import database as database_mod
 from sovereign.storage.database import default_migrations, load_migrations, split_statements
 from tests.helpers.gate import Gate
@@ -70,7 +76,7 @@ async def test_migrations_applied_once_and_idempotent(db_path: Path) -> None:
         return [tuple(r) for r in conn.execute("SELECT version, name FROM schema_version")]
 
     for _ in range(3):
-        db = await Database.open(db_path)
+        db = await SqliteDatabase.open(db_path)
         try:
             assert db.schema_version == LATEST
             assert await db.read(versions) == SHIPPED
@@ -97,11 +103,11 @@ def _migrations_dir(tmp_path: Path, extra: dict[str, str]) -> Path:
 
 
 async def test_new_migration_applied_on_reopen(tmp_path: Path, db_path: Path) -> None:
-    (await Database.open(db_path)).schema_version  # noqa: B018
-    db = await Database.open(db_path)
+    (await SqliteDatabase.open(db_path)).schema_version  # noqa: B018
+    db = await SqliteDatabase.open(db_path)
     await db.close()
     mig = _migrations_dir(tmp_path, {f"{NEXT}_extra.sql": "CREATE TABLE extra (x INTEGER) STRICT;"})
-    db = await Database.open(db_path, migrations=mig)
+    db = await SqliteDatabase.open(db_path, migrations=mig)
     try:
         assert db.schema_version == LATEST + 1
         assert await db.read(lambda c: c.execute("SELECT COUNT(*) FROM extra").fetchone()[0]) == 0
@@ -111,9 +117,9 @@ async def test_new_migration_applied_on_reopen(tmp_path: Path, db_path: Path) ->
 
 async def test_refuses_schema_newer_than_code(tmp_path: Path, db_path: Path) -> None:
     mig = _migrations_dir(tmp_path, {f"{NEXT}_extra.sql": "CREATE TABLE extra (x INTEGER);"})
-    await (await Database.open(db_path, migrations=mig)).close()
+    await (await SqliteDatabase.open(db_path, migrations=mig)).close()
     with pytest.raises(MigrationError, match="newer"):
-        await Database.open(db_path)
+        await SqliteDatabase.open(db_path)
 
 
 async def test_failed_migration_rolls_back_and_open_fails_cleanly(
@@ -125,9 +131,9 @@ async def test_failed_migration_rolls_back_and_open_fails_cleanly(
         {f"{NEXT}_bad.sql": "CREATE TABLE half (x INTEGER);\nINSERT INTO nowhere VALUES (1);\n"},
     )
     with pytest.raises(MigrationError, match=f"{NEXT}_bad"):
-        await Database.open(db_path, migrations=mig)
+        await SqliteDatabase.open(db_path, migrations=mig)
     # The shipped ones committed in their own transactions; the bad one left nothing.
-    db = await Database.open(db_path)
+    db = await SqliteDatabase.open(db_path)
     try:
         assert db.schema_version == LATEST
         names = await db.read(lambda c: [r[0] for r in c.execute("SELECT name FROM sqlite_master")])
@@ -183,7 +189,7 @@ def test_split_statements_keeps_triggers_and_quoted_semicolons() -> None:
 
 async def test_memory_path_refused() -> None:
     with pytest.raises(ValueError):
-        await Database.open(":memory:")
+        await SqliteDatabase.open(":memory:")
 
 
 # -- group commit ------------------------------------------------------------------------
@@ -225,7 +231,7 @@ async def test_queued_writes_form_one_batch_resolved_by_one_callback(
 
 
 async def test_max_batch_caps_a_transaction(db_path: Path, gate: Gate) -> None:
-    db = await Database.open(db_path, max_batch=50)
+    db = await SqliteDatabase.open(db_path, max_batch=50)
     try:
         first = asyncio.ensure_future(db.write(gate.fn))
         await gate.wait_entered()
@@ -409,11 +415,11 @@ async def test_read_sees_one_snapshot(db: Database) -> None:
 
 
 async def test_data_survives_close_and_reopen(db_path: Path) -> None:
-    db = await Database.open(db_path)
+    db = await SqliteDatabase.open(db_path)
     await asyncio.gather(*(db.write(_insert(f"k{i}")) for i in range(10)))
     await db.close()
     assert not Path(f"{db_path}-wal").exists() or Path(f"{db_path}-wal").stat().st_size == 0
-    db = await Database.open(db_path)
+    db = await SqliteDatabase.open(db_path)
     try:
         assert len(await db.read(_keys)) == 10
     finally:
@@ -421,7 +427,7 @@ async def test_data_survives_close_and_reopen(db_path: Path) -> None:
 
 
 async def test_close_drains_queue_then_refuses(db_path: Path) -> None:
-    db = await Database.open(db_path)
+    db = await SqliteDatabase.open(db_path)
     pending = [asyncio.ensure_future(db.write(_insert(f"k{i}"))) for i in range(50)]
     await asyncio.sleep(0)  # queued
     await db.close()
@@ -434,7 +440,7 @@ async def test_close_drains_queue_then_refuses(db_path: Path) -> None:
     with pytest.raises(DatabaseClosed):
         await db.backup(db_path.parent / "b.db")
     await db.close()  # idempotent
-    db = await Database.open(db_path)
+    db = await SqliteDatabase.open(db_path)
     try:
         assert len(await db.read(_keys)) == 50
     finally:
@@ -442,7 +448,7 @@ async def test_close_drains_queue_then_refuses(db_path: Path) -> None:
 
 
 async def test_concurrent_close_calls(db_path: Path) -> None:
-    db = await Database.open(db_path)
+    db = await SqliteDatabase.open(db_path)
     await asyncio.gather(db.close(), db.close(), db.close())
     assert db.closed
 
@@ -473,7 +479,7 @@ async def test_backup_is_consistent_and_openable(db: Database, tmp_path: Path) -
     finally:
         conn.close()
     # The copy opens as a live database too.
-    copy = await Database.open(dest)
+    copy = await SqliteDatabase.open(dest)
     try:
         assert len(await copy.read(_keys)) == len(keys)
     finally:
@@ -487,8 +493,8 @@ async def test_backup_refuses_live_path(db: Database, db_path: Path) -> None:
 
 
 async def test_two_databases_on_one_file_serialize_writes(db_path: Path) -> None:
-    a = await Database.open(db_path)
-    b = await Database.open(db_path)
+    a = await SqliteDatabase.open(db_path)
+    b = await SqliteDatabase.open(db_path)
     try:
         await asyncio.gather(
             *(a.write(_insert(f"a{i}")) for i in range(50)),
@@ -518,7 +524,7 @@ async def test_cancelled_open_leaks_nothing(db_path: Path) -> None:
         return sum(t.name == "sovereign-db-writer" for t in threading.enumerate())
 
     before = writers()
-    task = asyncio.ensure_future(Database.open(db_path))
+    task = asyncio.ensure_future(SqliteDatabase.open(db_path))
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
