@@ -434,6 +434,10 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+#: The collector's thresholds while serving (see :func:`tune_gc`).
+GC_THRESHOLDS = (50_000, 50, 1_000)
+
+
 def tune_gc() -> None:
     """Collect less often, and never scan what start-up loaded.
 
@@ -444,7 +448,7 @@ def tune_gc() -> None:
     """
     gc.collect()
     gc.freeze()  # everything loaded so far: permanent generation, never traversed
-    gc.set_threshold(50_000, 50, 1_000)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def make_bus(config: Config) -> Bus:

@@ -113,12 +113,9 @@ async def test_ack_storm_does_not_stall_a_bystander(server: RunningServer) -> No
 
     rtts = await during(storm(), bystander)
     assert len(rtts) >= 10
-    # The issue's target is 20 ms on uvloop. It held at fa78700 (3 of 3 here), but after
-    # the 2026-12-05 merges the bystander's p99 measured 21-65 ms on uvloop (the bounded
-    # idempotency branch alone: 42-46 ms; the cause is not found yet). Until it is, the
-    # bound is 80 ms on both loops: still far below the seconds-long stall the probe
-    # found, and the regression stays open in issue 11 rather than hidden.
-    limit = 0.080
+    # The issue's 20 ms holds on uvloop (production); the stdlib loop, which the suite
+    # also runs, is measurably slower per callback and gets twice the margin.
+    limit = 0.020 if "uvloop" in type(asyncio.get_running_loop()).__module__ else 0.040
     assert p99(rtts) < limit, f"bystander PING p99 {p99(rtts) * 1000:.1f} ms during an ack storm"
     assert sorted(set(answers)) == [("cap", T.ACK), ("over", 3001)]
 
