@@ -789,6 +789,19 @@ def _blank(sql: str) -> bool:
     return not _COMMENTS.sub("", sql).strip(" \t\r\n;")
 
 
+def missing_migrations(applied: set[int], migrations: list[Migration]) -> list[Migration]:
+    """The migrations a database with ``applied`` versions still needs, in order (both
+    engines). A schema newer than every migration this code ships is refused: never run
+    old code against a newer schema."""
+    known = max((m.version for m in migrations), default=0)
+    newest = max(applied, default=0)
+    if newest > known:
+        raise MigrationError(
+            f"database schema version {newest} is newer than this server ({known})"
+        )
+    return [m for m in migrations if m.version not in applied]
+
+
 def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> int:
     """Apply each missing migration in its own transaction; returns the schema version.
 
@@ -801,16 +814,7 @@ def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> i
         ") STRICT"
     )
     applied = {int(r[0]) for r in conn.execute("SELECT version FROM schema_version")}
-    known = max((m.version for m in migrations), default=0)
-    newest = max(applied, default=0)
-    if newest > known:
-        # Never run old code against a newer schema.
-        raise MigrationError(
-            f"database schema version {newest} is newer than this server ({known})"
-        )
-    for m in migrations:
-        if m.version in applied:
-            continue
+    for m in missing_migrations(applied, migrations):
         conn.execute("BEGIN IMMEDIATE")
         try:
             again = conn.execute(

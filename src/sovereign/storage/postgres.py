@@ -46,6 +46,7 @@ from sovereign.storage.database import (
     Migration,
     default_migrations,
     load_migrations,
+    missing_migrations,
 )
 from sovereign.storage.engines import POSTGRES, variant
 from sovereign.storage.errors import MigrationError, StorageError
@@ -328,15 +329,7 @@ async def _apply_migrations(conn: asyncpg.Connection[Any], migrations: list[Migr
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_us BIGINT NOT NULL)"
         )
         applied = {int(r[0]) for r in await conn.fetch("SELECT version FROM schema_version")}
-        known = max((m.version for m in migrations), default=0)
-        newest = max(applied, default=0)
-        if newest > known:
-            raise MigrationError(
-                f"database schema version {newest} is newer than this server ({known})"
-            )
-        for m in migrations:
-            if m.version in applied:
-                continue
+        for m in missing_migrations(applied, migrations):
             try:
                 async with conn.transaction():
                     await conn.execute(m.sql)  # a script: simple query protocol
