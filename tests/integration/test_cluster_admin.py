@@ -4,8 +4,8 @@ HTTP and clients over the wire protocol.
 
 What an admin changes on one node takes effect on the others within 1 s, with no
 restart: runtime settings (set and reset), promotion and demotion of server admins,
-display names (cached per node), and retention's cut of a conversation (reported by
-the other node's offline sync).
+display names (cached per node), whether a user is online, and retention's cut of a
+conversation (reported by the other node's offline sync).
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ async def test_a_display_name_changed_by_an_admin_reaches_the_other_nodes_cache(
     a, b = c.nodes
     acc = await accounts(c, "root", "alice", "bob", admin=("root",))
     api_a = AdminApi(admin_base(a), acc["root"].token)
+    api_b = AdminApi(admin_base(b), acc["root"].token)
     alice = await WsClient.connect(a.url)
     bob = await WsClient.connect(b.url)
     try:
@@ -205,10 +206,14 @@ async def test_a_display_name_changed_by_an_admin_reaches_the_other_nodes_cache(
         r = await api_a.put(f"/admin/api/users/{alice_id}", {"display_name": "Alice A."})
         assert r.status == 200, r.body
         await within("the new name on node b", renamed)
+        # Node b's admin API sees her online: her connection is on node a.
+        r = await api_b.get(f"/admin/api/users/{alice_id}")
+        assert (r.body["display_name"], r.body["online"]) == ("Alice A.", True)
     finally:
         await alice.close()
         await bob.close()
         await api_a.session.close()
+        await api_b.session.close()
 
 
 async def _ne(got: Awaitable[str], other: str) -> bool:

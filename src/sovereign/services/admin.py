@@ -436,7 +436,8 @@ class AdminService:
             "conversations": convs,
             "sessions": [session_json(s, now, s.session_id in online) for s in sessions],
             "key_packages": kps,
-            "online": bool(online),
+            # a READY connection on any node (SPEC §12.27); per session, this node's only
+            "online": bool(online) or bool(self.peers.remote_connections(user_id)),
         }
 
     async def _guard_last_admin(self, user: UserRow, what: str) -> None:
