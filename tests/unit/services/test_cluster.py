@@ -548,6 +548,33 @@ async def test_invalidations_missed_while_the_bus_was_down_are_read_after_reconn
     assert await p.b.state.profile(alice.user_id) == ("alice", "Alice A.")
 
 
+async def test_a_settings_note_and_a_reconnection_each_make_the_other_node_re_read(
+    pair: Pair,
+) -> None:
+    """The admin service's re-read (``AdminService.load_settings``) is the hook; the
+    integration test test_cluster_admin.py checks the settings themselves."""
+    p = pair
+    assert p.a.cluster is not None and p.b.cluster is not None
+    reads: list[str] = []
+
+    async def reread() -> None:
+        reads.append("read")
+
+    p.b.cluster.settings_hooks.append(reread)
+    p.a.cluster.settings_changed()
+    await p.settle()
+    assert reads == ["read"]
+    bus_b = p.b.cluster.bus
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    p.a.cluster.settings_changed()  # lost
+    await p.settle()
+    assert reads == ["read"]
+    await bus_b.reconnect()
+    await p.settle()
+    assert reads == ["read", "read"]
+
+
 async def test_batches_over_several_conversations_from_both_nodes_all_commit(
     pair: Pair,
 ) -> None:
