@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -269,4 +270,34 @@ async def test_retention_on_one_node_is_reported_by_the_other_nodes_sync(
         assert list(done.truncated_conversation_ids) == [conv]
     finally:
         await alice.close()
+        await bob.close()
+
+
+async def test_the_cli_disabling_a_user_closes_her_sockets_on_every_node(
+    two_nodes: Cluster,
+) -> None:
+    """``sovereign user disable`` on a host where no node holds the data dir works on
+    the database directly, joining the cluster's bus for the moment: its close
+    notification reaches the node holding her socket (SPEC §4: 4005 at once)."""
+    c = two_nodes
+    _a, b = c.nodes
+    bob_acc = (await accounts(c, "bob"))["bob"]
+    bob = await WsClient.connect(b.url)
+    try:
+        await resume(bob, bob_acc.token)
+        data = c.tmp / "cli"
+        data.mkdir()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sovereign", "user", "disable", "bob",
+            "--data-dir", str(data),
+            env=c.node_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        exited = time.monotonic()
+        assert await bob.closed(timeout=5) == 4005
+        assert time.monotonic() - exited < WITHIN_S
+    finally:
         await bob.close()
