@@ -251,6 +251,7 @@ class AdminService:
         self._base = dict(base)  # start-up values of the runtime settings
         self._sources = dict(sources)  # key -> default | file | env | flag
         self._stored: dict[str, Any] = {}
+        self._changes = 0  # settings changes made here (a re-read must not undo one)
         #: the other nodes of a cluster (SPEC §12.27): told what they cache changed
         self.peers: Peers = peers if peers is not None else NullPeers()
 
@@ -557,7 +558,11 @@ class AdminService:
         Also how another node's change arrives (SPEC §12.27, ``ClusterService``): the
         whole set is re-read, and a key no longer stored (reset there) returns to its
         start-up value here."""
-        stored = await self.storage.settings.get_all()
+        while True:
+            changes = self._changes
+            stored = await self.storage.settings.get_all()
+            if changes == self._changes:
+                break  # else a change here committed during the read: read again
         applied: dict[str, Any] = {}
         for key, value in stored.items():
             check = SETTINGS.get(key)
@@ -587,6 +592,7 @@ class AdminService:
     async def put_settings(self, body: Any) -> list[dict[str, Any]]:
         values = validate_settings(body, self.config)
         await self.storage.settings.put_many(values)  # stored first: nothing half-applied
+        self._changes += 1
         for key, value in values.items():
             setattr(self.config, key, value)  # live: read at each use (SPEC §12.23)
             self._stored[key] = value
@@ -598,6 +604,7 @@ class AdminService:
         if key not in SETTINGS:
             raise AdminError(404, f"no such setting: {key}")
         await self.storage.settings.delete(key)
+        self._changes += 1
         self._stored.pop(key, None)
         setattr(self.config, key, self._base[key])
         self.peers.settings_changed()
