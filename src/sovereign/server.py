@@ -125,7 +125,11 @@ class App:
             mls_stats=mls_stats,
             base={k: getattr(config, k) for k in SETTINGS},
             sources=sources or {},
+            peers=svc.connections.peers,
         )
+        if svc.cluster is not None:
+            # SPEC §12.27: another node's settings change re-reads them here.
+            svc.cluster.settings_hooks.append(self.admin.load_settings)
         self.admin_listener: AdminListener | None = None
         # -- the request path
         self._dispatch_mod = implementations.load("dispatch")

@@ -36,7 +36,7 @@ from sovereign.services import tokens
 from sovereign.services.auth import AuthService
 from sovereign.services.connections import ConnectionService
 from sovereign.services.groups import GroupService
-from sovereign.services.ports import Outbox
+from sovereign.services.ports import NullPeers, Outbox, Peers
 from sovereign.services.state import ConversationState
 from sovereign.stats import MlsStats
 from sovereign.storage import InviteRow, SessionRow, Storage, UserRow
@@ -236,6 +236,7 @@ class AdminService:
         mls_stats: MlsStats,
         base: Mapping[str, Any],
         sources: Mapping[str, str],
+        peers: Peers | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -250,6 +251,9 @@ class AdminService:
         self._base = dict(base)  # start-up values of the runtime settings
         self._sources = dict(sources)  # key -> default | file | env | flag
         self._stored: dict[str, Any] = {}
+        self._changes = 0  # settings changes made here (a re-read must not undo one)
+        #: the other nodes of a cluster (SPEC §12.27): told what they cache changed
+        self.peers: Peers = peers if peers is not None else NullPeers()
 
     # -- who is asking (SPEC §10) ----------------------------------------------------
     async def authenticate(self, token: str, *, cookie: bool) -> Caller:
@@ -433,7 +437,8 @@ class AdminService:
             "conversations": convs,
             "sessions": [session_json(s, now, s.session_id in online) for s in sessions],
             "key_packages": kps,
-            "online": bool(online),
+            # a READY connection on any node (SPEC §12.27); per session, this node's only
+            "online": bool(online) or bool(self.peers.remote_connections(user_id)),
         }
 
     async def _guard_last_admin(self, user: UserRow, what: str) -> None:
@@ -468,6 +473,7 @@ class AdminService:
             self.connections.close_user(user_id, CloseCode.ACCOUNT_DISABLED, "account disabled")
         if "display_name" in fields:
             self.state.forget_profile(user_id)  # re-read on next use
+            self.peers.forget_profile(user_id)  # and on the other nodes
         log.info("admin updated user=%s fields=%s", user_id, ",".join(sorted(fields)))
         return user_json(updated)
 
@@ -483,6 +489,7 @@ class AdminService:
 
         await self.storage.db.write(lambda c: adminsql.delete_user_txn(c, user_id))
         self.state.forget_profile(user_id)
+        self.peers.forget_profile(user_id)
         log.info("admin deleted user=%s", user_id)
 
     async def revoke_user_sessions(self, user_id: str) -> int:
@@ -546,19 +553,31 @@ class AdminService:
     # -- settings (SPEC §12.23) ------------------------------------------------------------
     async def load_settings(self) -> None:
         """Apply stored settings over the start-up configuration (they win until reset).
-        A stored value this version no longer accepts is skipped with a warning."""
-        stored = await self.storage.settings.get_all()
+        A stored value this version no longer accepts is skipped with a warning.
+
+        Also how another node's change arrives (SPEC §12.27, ``ClusterService``): the
+        whole set is re-read, and a key no longer stored (reset there) returns to its
+        start-up value here."""
+        while True:
+            changes = self._changes
+            stored = await self.storage.settings.get_all()
+            if changes == self._changes:
+                break  # else a change here committed during the read: read again
+        applied: dict[str, Any] = {}
         for key, value in stored.items():
             check = SETTINGS.get(key)
             if check is None:
                 continue
             try:
-                value = check(value, self.config)
+                applied[key] = check(value, self.config)
             except ValueError as exc:
                 log.warning("stored setting %s ignored: %s", key, exc)
-                continue
-            setattr(self.config, key, value)
-            self._stored[key] = value
+        for key in SETTINGS:
+            if key in applied:
+                setattr(self.config, key, applied[key])
+            elif key in self._stored:
+                setattr(self.config, key, self._base[key])
+        self._stored = applied
 
     def settings(self) -> list[dict[str, Any]]:
         return [
@@ -573,9 +592,11 @@ class AdminService:
     async def put_settings(self, body: Any) -> list[dict[str, Any]]:
         values = validate_settings(body, self.config)
         await self.storage.settings.put_many(values)  # stored first: nothing half-applied
+        self._changes += 1
         for key, value in values.items():
             setattr(self.config, key, value)  # live: read at each use (SPEC §12.23)
             self._stored[key] = value
+        self.peers.settings_changed()
         log.info("admin changed settings: %s", ",".join(sorted(values)))
         return self.settings()
 
@@ -583,8 +604,10 @@ class AdminService:
         if key not in SETTINGS:
             raise AdminError(404, f"no such setting: {key}")
         await self.storage.settings.delete(key)
+        self._changes += 1
         self._stored.pop(key, None)
         setattr(self.config, key, self._base[key])
+        self.peers.settings_changed()
         return self.settings()
 
     # -- MLS health (SPEC §12.24) -------------------------------------------------------------

@@ -18,7 +18,8 @@ notifications, best effort. Three rules make that enough:
    so nothing is lost, reordered or delivered twice to a connection.
 3. **After a reconnection the node catches up from the database** (``on_resync``): the
    head of every conversation it knows, missing conversations of its users, and closes
-   it may have missed (disabled users, revoked sessions), then its peers' presence and
+   it may have missed (disabled users, revoked sessions), the rows the invalidations
+   below name (all of them: any note may have been lost), then its peers' presence and
    connection counts (a Hello exchange).
 
 Notifications are msgpack arrays (msgspec), one :class:`Packet` per publish: the
@@ -26,6 +27,13 @@ sender's node id and one note. Events carry their payloads, so a node that hears
 notification reads nothing from the database to fan out; membership and epoch changes
 are applied from the event payloads themselves (the group rules are deterministic), a
 new conversation and a commit's GroupInfo are read from the database.
+
+What changes without a conversation event travels as an *invalidation*: the note only
+names what changed and every node re-reads it from the database — the runtime settings
+an admin stored (:class:`SettingsNote`), the ``purged_seq`` of conversations retention
+cut (:class:`PurgeNote`), a user's profile (:class:`ProfileNote`; the cache is dropped
+and re-read on next use). Disables and revocations close sockets (:class:`CloseNote`);
+the admin API reads the caller's user row (``is_admin``, ``enabled``) at each request.
 
 What is kept per peer node (presence, READY connections per user for the per-user cap)
 expires when the node has not been heard for ``PEER_EXPIRY_S`` (nodes beat every
@@ -37,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -142,6 +150,16 @@ class ProfileNote(msgspec.Struct, array_like=True, tag=11):
     user: str
 
 
+class SettingsNote(msgspec.Struct, array_like=True, tag=12):
+    """The stored runtime settings changed (SPEC §12.23): re-read them all."""
+
+
+class PurgeNote(msgspec.Struct, array_like=True, tag=13):
+    """Retention removed events of these conversations: re-read their ``purged_seq``."""
+
+    convs: list[str]
+
+
 Note = (
     EventsNote
     | WelcomeNote
@@ -154,6 +172,8 @@ Note = (
     | BeatNote
     | PositionNote
     | ProfileNote
+    | SettingsNote
+    | PurgeNote
 )
 
 
@@ -223,6 +243,10 @@ class ClusterService:
         self.presence_hooks: list[Callable[[str], None]] = []
         #: (user_id) -> re-check the per-user cap (the connection service)
         self.cap_hooks: list[Callable[[str], None]] = []
+        #: () -> re-read the stored runtime settings (the admin service)
+        self.settings_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._settings_stale = False
+        self._settings_reading = False
         # counters for tests and /metrics
         self.repairs = 0
         self.repaired_events = 0
@@ -306,6 +330,13 @@ class ClusterService:
 
     def forget_profile(self, user_id: str) -> None:
         self._send(ProfileNote(user_id))
+
+    def settings_changed(self) -> None:
+        self._send(SettingsNote())
+
+    def purged(self, conversation_ids: Sequence[str]) -> None:
+        if conversation_ids:
+            self._send(PurgeNote(list(conversation_ids)))
 
     def presence(self, user_id: str, status: str) -> None:
         if self._announced.get(user_id, "offline") == status:
@@ -396,6 +427,10 @@ class ClusterService:
                 self._on_hello(peer, note)
             elif isinstance(note, ProfileNote):
                 self.state.forget_profile(note.user)
+            elif isinstance(note, SettingsNote):
+                self.reload_settings()
+            elif isinstance(note, PurgeNote):
+                self.tasks.background(self._reload_purged(note.convs))
         except Exception:
             log.exception("cluster notification %s failed", type(note).__name__)
 
@@ -757,11 +792,48 @@ class ClusterService:
             conv.group_id, conv.epoch = group_id, epoch
             conv.group_info, conv.group_info_epoch = group_info, gi_epoch
 
+    # -- invalidations: rows another node changed, re-read from the database -----------
+    def reload_settings(self) -> None:
+        """Re-read the stored settings. Reads may finish out of order (several reader
+        threads), so they never overlap: a note that arrives during one marks it stale
+        and one more read follows, which sees every change committed before the note."""
+        self._settings_stale = True
+        if not self._settings_reading:
+            self._settings_reading = True
+            self.tasks.background(self._read_settings())
+
+    async def _read_settings(self) -> None:
+        try:
+            while self._settings_stale and not self._stopped:
+                self._settings_stale = False
+                for hook in self.settings_hooks:
+                    await hook()
+        except Exception:
+            log.exception("re-reading the runtime settings failed")
+        finally:
+            self._settings_reading = False
+
+    async def _reload_purged(self, conv_ids: list[str] | None) -> None:
+        """``purged_seq`` only rises (``greatest`` in SQL), so any read order is fine."""
+        try:
+            purged = await self.db.read(partial(csql.purged_txn, conversation_ids=conv_ids))
+        except Exception:
+            log.exception("re-reading purged seqs failed")
+            return
+        for conv_id, seq in purged.items():
+            conv = self.state.convs.get(conv_id)
+            if conv is not None and seq > conv.purged_seq:
+                conv.purged_seq = seq
+
     # -- catching up ----------------------------------------------------------------------
     async def resync(self) -> None:
-        """After a bus reconnection: what this node may have missed, from the database."""
+        """After a bus reconnection: what this node may have missed, from the database
+        (invalidations included: settings, retention and profiles are re-read)."""
         log.info("cluster bus reconnected: catching up from the database")
         self._hello(reply=True)
+        self.reload_settings()
+        self.state.profiles.clear()
+        await self._reload_purged(None)
         await self.catch_up()
         await self._recheck_closes()
         await self._resend_welcomes()

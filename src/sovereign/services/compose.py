@@ -70,7 +70,7 @@ def build_services(
     delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks, peers)
     ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer, peers)
     groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
-    history = HistoryService(config, db, state, outbox, clock)
+    history = HistoryService(config, db, state, outbox, clock, peers)
     mls = MlsService(config, db, state, eventlog, outbox, clock, delivery, mls_stats)
     directory = DirectoryService(db, storage.users, storage.sessions, state, conns, outbox, clock)
     # How they hear of each other (SPEC §4 "On READY" order): a new device starts its

@@ -10,7 +10,7 @@ from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.ids import ulid_floor
-from sovereign.services.ports import Outbox
+from sovereign.services.ports import NullPeers, Outbox, Peers
 from sovereign.services.session import Session
 from sovereign.services.state import ConversationState
 from sovereign.storage import messaging as sql
@@ -30,12 +30,14 @@ class HistoryService:
         state: ConversationState,
         outbox: Outbox,
         clock: Clock,
+        peers: Peers | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.state = state
         self.outbox = outbox
         self.clock = clock
+        self.peers: Peers = peers if peers is not None else NullPeers()
 
     async def history(self, s: Session, rid: str, req: pb.HistoryRequest) -> None:
         conv = self.state.convs.get(req.conversation_id)
@@ -89,5 +91,7 @@ class HistoryService:
             if conv is not None and seq > conv.purged_seq:
                 conv.purged_seq = seq
         if purged:
+            # SPEC §12.27: the other nodes' SYNC_COMPLETE must report the same truncation.
+            self.peers.purged(sorted(purged))
             log.info("retention removed events from %d conversations", len(purged))
         return purged

@@ -232,6 +232,15 @@ class Peers(Protocol):
         """``user_id``'s profile changed: other nodes drop their cached copy."""
         ...
 
+    def settings_changed(self) -> None:
+        """The stored runtime settings changed (SPEC §12.23): other nodes re-read them."""
+        ...
+
+    def purged(self, conversation_ids: Sequence[str]) -> None:
+        """Retention removed events of these conversations: other nodes re-read their
+        ``purged_seq``."""
+        ...
+
 
 class NullPeers:
     """A single node has no peers."""
@@ -270,4 +279,10 @@ class NullPeers:
         return None
 
     def forget_profile(self, user_id: str) -> None:
+        return None
+
+    def settings_changed(self) -> None:
+        return None
+
+    def purged(self, conversation_ids: Sequence[str]) -> None:
         return None

@@ -105,6 +105,29 @@ def closed_txn(conn: Conn, users: list[str], sessions: list[str]) -> tuple[list[
     return gone_users, gone_sessions
 
 
+def purged_txn(conn: Conn, conversation_ids: list[str] | None) -> dict[str, int]:
+    """``purged_seq`` of these conversations (None: of every conversation retention has
+    touched), as another node's retention pass left it."""
+    if conversation_ids is None:
+        return {
+            str(r[0]): int(r[1])
+            for r in conn.execute(
+                "SELECT conversation_id, purged_seq FROM conversations WHERE purged_seq > 0"
+            )
+        }
+    out: dict[str, int] = {}
+    for i in range(0, len(conversation_ids), 500):
+        chunk = conversation_ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        for r in conn.execute(
+            "SELECT conversation_id, purged_seq FROM conversations"
+            f" WHERE conversation_id IN ({marks})",
+            chunk,
+        ):
+            out[str(r[0])] = int(r[1])
+    return out
+
+
 # -- the event transaction -----------------------------------------------------------------
 
 

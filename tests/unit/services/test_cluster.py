@@ -505,6 +505,76 @@ async def test_a_profile_change_reaches_the_other_nodes_cache(pair: Pair) -> Non
     assert await p.b.state.profile(alice.user_id) == ("alice", "Alice A.")
 
 
+# -- invalidations: what changes without a conversation event -----------------------------
+
+
+def after_now(p: Pair) -> int:
+    """A retention cutoff (ms) past every event so far: their ids carry the fake clock."""
+    return p.a.clock.now_us() // 1000 + 1
+
+
+async def test_retention_on_one_node_is_reported_by_the_other_nodes_sync(pair: Pair) -> None:
+    """SPEC §5: truncated_conversation_ids on every node, not only the purging one."""
+    p = pair
+    _alice, bob, a1, b1, conv = await two_users(p)
+    p.b.disconnect(b1)
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"old"))
+    assert await p.a.services.history.run_retention(after_now(p)) == {conv: 3}
+    await p.settle()
+    assert p.b.conv(conv).purged_seq == 3
+    b2 = await p.b.connect(bob)
+    (done,) = of_type(p.b.outbox.take(b2), T.SYNC_COMPLETE)
+    assert list(done.msg.truncated_conversation_ids) == [conv]
+
+
+async def test_invalidations_missed_while_the_bus_was_down_are_read_after_reconnecting(
+    pair: Pair,
+) -> None:
+    p = pair
+    alice, _bob, a1, _b1, conv = await two_users(p)
+    await call(p, p.a, a1, T.MESSAGE_SEND, send_req(conv, b"old"))
+    assert await p.b.state.profile(alice.user_id) == ("alice", "alice")
+    bus_b = p.b.cluster.bus if p.b.cluster else None
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    await p.a.services.history.run_retention(after_now(p))
+    await call(p, p.a, a1, T.PROFILE_UPDATE, pb.ProfileUpdate(display_name="Alice A."))
+    await p.settle()
+    assert p.b.conv(conv).purged_seq == 0  # both notes lost
+    assert await p.b.state.profile(alice.user_id) == ("alice", "alice")
+    await bus_b.reconnect()
+    await p.settle()
+    assert p.b.conv(conv).purged_seq == 3
+    assert await p.b.state.profile(alice.user_id) == ("alice", "Alice A.")
+
+
+async def test_a_settings_note_and_a_reconnection_each_make_the_other_node_re_read(
+    pair: Pair,
+) -> None:
+    """The admin service's re-read (``AdminService.load_settings``) is the hook; the
+    integration test test_cluster_admin.py checks the settings themselves."""
+    p = pair
+    assert p.a.cluster is not None and p.b.cluster is not None
+    reads: list[str] = []
+
+    async def reread() -> None:
+        reads.append("read")
+
+    p.b.cluster.settings_hooks.append(reread)
+    p.a.cluster.settings_changed()
+    await p.settle()
+    assert reads == ["read"]
+    bus_b = p.b.cluster.bus
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    p.a.cluster.settings_changed()  # lost
+    await p.settle()
+    assert reads == ["read"]
+    await bus_b.reconnect()
+    await p.settle()
+    assert reads == ["read", "read"]
+
+
 async def test_batches_over_several_conversations_from_both_nodes_all_commit(
     pair: Pair,
 ) -> None:
