@@ -239,6 +239,45 @@ async def test_clients_on_different_nodes_converse(two_nodes: Cluster) -> None:
         await close_all([alice, bob])
 
 
+async def _ready(node: Node, token: str) -> WsClient:
+    c = await WsClient.connect(node.url)
+    await resume(c, token)
+    return c
+
+
+async def test_new_contacts_on_different_nodes_learn_each_others_presence(
+    two_nodes: Cluster,
+) -> None:
+    """SPEC §12.11: users who come to share a conversation learn each other's presence,
+    on whichever node each one is: the node that committed the change, and the node
+    that hears of it from the bus (a conversation new to it, or a member new to one it
+    knows)."""
+    n0, n1 = two_nodes.nodes
+    alice, bob, carol = await provision(two_nodes, 3, "pi")
+    a = await _ready(n0, alice.token)
+    b = await _ready(n1, bob.token)
+    c = await _ready(n1, carol.token)
+    try:
+        await c.request(T.PRESENCE_UPDATE, pb.PresenceUpdate(status="away"), T.ACK)
+        created = await a.request(
+            T.GROUP_CREATE, pb.GroupCreate(title="g", member_ids=[bob.user_id]), T.GROUP_CREATED
+        )
+        pa = await a.wait_for(T.PRESENCE_NOTIFY)
+        pb_ = await b.wait_for(T.PRESENCE_NOTIFY)  # the conversation is new to n1
+        assert (pa.user_id, pa.status) == (bob.user_id, "online")
+        assert (pb_.user_id, pb_.status) == (alice.user_id, "online")
+        invite = pb.GroupInvite(conversation_id=created.conversation_id, user_id=carol.user_id)
+        await a.request(T.GROUP_INVITE, invite, T.ACK)
+        seen_by_carol = {(await c.wait_for(T.PRESENCE_NOTIFY)).user_id for _ in range(2)}
+        assert seen_by_carol == {alice.user_id, bob.user_id}
+        for other in (a, b):
+            p = await other.wait_for(T.PRESENCE_NOTIFY)
+            assert (p.user_id, p.status) == (carol.user_id, "away")
+    finally:
+        for x in (a, b, c):
+            await x.close()
+
+
 @pytest.mark.parametrize(
     "size", [pytest.param(60, id="60"), pytest.param(1000, id="1000", marks=pytest.mark.slow)]
 )
