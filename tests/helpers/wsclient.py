@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,11 @@ class _Listener(WSListener):
         self.queue: asyncio.Queue[Received | None] = asyncio.Queue()
         self.close_code: int | None = None
         self.control: list[tuple[int, bytes]] = []
+        #: Set by WsClient.deliver_to: envelopes go to it as they arrive, not to queue.
+        self.handler: Callable[[Received], None] | None = None
+        #: Envelope types whose payload is left as bytes (a client that asserts nothing
+        #: on them need not pay for decoding hundreds of thousands).
+        self.undecoded: frozenset[int] = frozenset()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
@@ -53,9 +59,13 @@ class _Listener(WSListener):
             return
         raw = frame.get_payload_as_bytes()
         env = pb.Envelope.FromString(raw)
-        cls = PAYLOAD_TYPES.get(env.type)
+        cls = None if env.type in self.undecoded else PAYLOAD_TYPES.get(env.type)
         msg = cls.FromString(env.payload) if cls is not None else env.payload
-        self.queue.put_nowait(Received(env.type, env.request_id, msg, raw))
+        got = Received(env.type, env.request_id, msg, raw)
+        if self.handler is not None:
+            self.handler(got)
+        else:
+            self.queue.put_nowait(got)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.queue.put_nowait(None)
@@ -106,10 +116,32 @@ class WsClient:
         return rid
 
     # -- receiving ---------------------------------------------------------------
+    def deliver_to(self, handler: Callable[[Received], None]) -> None:
+        """From now on ``handler`` gets each envelope in the transport's callback, as it
+        arrives (envelopes already received go first; ``recv`` then sees only the
+        disconnect). A client taking hundreds of thousands of pushes keeps no queue of
+        them: nothing piles up between reads for the garbage collector to walk."""
+        queue = self.listener.queue
+        while self.backlog:
+            handler(self.backlog.pop(0))
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is None:
+                queue.put_nowait(None)  # keep reporting the disconnect
+                break
+            handler(item)
+        self.listener.handler = handler
+
     async def recv(self, timeout: float = 5.0) -> Received:
         if self.backlog:
             return self.backlog.pop(0)
-        item = await asyncio.wait_for(self.listener.queue.get(), timeout)
+        queue = self.listener.queue
+        # Already there: no wait_for (a task and a timer per envelope — the whole cost
+        # of a client taking hundreds of thousands of pushes, as the cluster tests do).
+        if not queue.empty():
+            item = queue.get_nowait()
+        else:
+            item = await asyncio.wait_for(queue.get(), timeout)
         if item is None:
             self.listener.queue.put_nowait(None)  # keep reporting the disconnect
             raise ConnectionError(f"disconnected (close code {self.listener.close_code})")

@@ -247,6 +247,9 @@ class ClusterService:
         self.settings_hooks: list[Callable[[], Awaitable[None]]] = []
         self._settings_stale = False
         self._settings_reading = False
+        #: (contacts of each user before another node's membership change) -> presence
+        #: introductions here (the ephemeral service; SPEC §12.11)
+        self.introduce_hooks: list[Callable[[dict[str, set[str]]], None]] = []
         # counters for tests and /metrics
         self.repairs = 0
         self.repaired_events = 0
@@ -577,11 +580,13 @@ class ClusterService:
 
                 conv = load_state(records)[conv_id]
                 conv.committed_seq = 0  # its events go through the feed from seq 1
+                before = {uid: state.contacts(uid) for uid in conv.members}
                 state.convs[conv_id] = conv
                 for uid in conv.members:
                     state.user_convs.setdefault(uid, set()).add(conv_id)
                 for uid in conv.former:
                     state.user_former.setdefault(uid, set()).add(conv_id)
+                self._introduce(before)
             for note in notes:
                 self._on_events(note)
             self._repair_to(conv, conv.last_seq)
@@ -733,7 +738,9 @@ class ClusterService:
                 return  # removed again by a later op of this node
             if not local and m is not None and m.joined_seq >= ev.seq:
                 return
+            before: dict[str, set[str]] | None = None
             if m is None:
+                before = {u: state.contacts(u) for u in (*conv.recipients, uid)}
                 # Only a creator adds itself (as admin, SPEC §12.2); invitees are members.
                 m = Member(uid, "admin" if uid == added_by else "member", ev.seq, ev.ts_us)
                 conv.former.pop(uid, None)
@@ -748,6 +755,8 @@ class ClusterService:
                 if dev.user_id == uid:
                     dev.cursors[conv_id] = ev.seq - 1
             state.delivered[(conv_id, uid)] = ev.seq - 1
+            if before is not None:
+                self._introduce(before)
             return
         uid = pb.GroupMemberRemoved.FromString(ev.payload).user_id
         if local:
@@ -770,6 +779,15 @@ class ClusterService:
         # node that committed the removal stored the same choice).
         if conv.members and not any(x.role == "admin" for x in conv.members.values()):
             min(conv.members.values(), key=lambda x: x.joined_seq).role = "admin"
+
+    def _introduce(self, contacts_before: dict[str, set[str]]) -> None:
+        """New contacts made by another node's change meet here too (SPEC §12.11): that
+        node introduces only its own connections."""
+        for hook in self.introduce_hooks:
+            try:
+                hook(contacts_before)
+            except Exception:
+                log.exception("presence introduction failed")
 
     def _remote_commit(self, conv: Conv, ev: Event) -> None:
         """Another node's accepted commit: the epoch moves on here at once; the

@@ -87,6 +87,7 @@ def build_services(
         cluster.bind(delivery)
         cluster.presence_hooks.append(ephemeral.presence_changed)
         cluster.cap_hooks.append(conns.enforce_cap)
+        cluster.introduce_hooks.append(ephemeral.introduce)
     return Services(
         config=config,
         outbox=outbox,

@@ -145,12 +145,26 @@ class EphemeralService:
 
     def introduce(self, contacts_before: dict[str, set[str]]) -> None:
         """Users who now share a conversation for the first time learn each other's
-        presence (if not offline), as a newly connected device would on READY."""
+        presence (if not offline), as a newly connected device would on READY.
+
+        A group of n members created at once is n * (n - 1) introductions: each user's
+        PRESENCE_NOTIFY is encoded once (not once per pair), and users with no live
+        connection here are skipped before their contacts are computed (their devices
+        get presence at the end of their offline sync, SPEC §4)."""
         presence = self.state.presence
+        outbox = self.outbox
+        frames: dict[str, bytes] = {}
         for uid, before in contacts_before.items():
+            if not outbox.live_sessions(uid):
+                continue
             for other in self.state.contacts(uid) - before:
-                status = presence.get(other)
-                if status is not None:
-                    self.outbox.publish_message(
-                        (uid,), T.PRESENCE_NOTIFY, pb.PresenceNotify(user_id=other, status=status)
+                frame = frames.get(other)
+                if frame is None:
+                    status = presence.get(other)
+                    if status is None:
+                        continue
+                    note = pb.PresenceNotify(user_id=other, status=status)
+                    frame = frames[other] = outbox.frame(
+                        encode_envelope(T.PRESENCE_NOTIFY, "", note.SerializeToString())
                     )
+                outbox.publish(frame, (uid,), None)

@@ -60,6 +60,7 @@ class GroupService:
         for uid in req.member_ids:
             if uid != creator and uid not in others:
                 others.append(uid)
+        await state.load_profiles([creator, *others])  # one read, not one per member
         for uid in others:
             if await state.profile(uid) is None:
                 raise SovereignError(ErrorCode.USER_NOT_FOUND, f"unknown user {uid}")
@@ -84,7 +85,9 @@ class GroupService:
         op.before = [lambda c: sql.insert_conversation_txn(c, rec)]
         op.on_undo(lambda: state.convs.pop(conv.conversation_id, None))
         before = {m.user_id: state.contacts(m.user_id) for m in members}
-        events = [self._add_member(op, conv, m.user_id, creator, m.role) for m in members]
+        joins: list[tuple[str, str, Event]] = []
+        events = [self._add_member(op, conv, m.user_id, creator, m.role, joins) for m in members]
+        self._store_joins(op, conv.conversation_id, joins)
         created = pb.GroupCreated(
             conversation_id=conv.conversation_id, title=conv.title, members=members
         )
@@ -101,9 +104,31 @@ class GroupService:
             self.state.index(ev)
             self.delivery.publish(ev, None)  # the requesting connection too (§12.2)
 
-    def _add_member(self, op: Op, conv: Conv, user_id: str, added_by: str, role: str) -> Event:
+    @staticmethod
+    def _store_joins(op: Op, conv_id: str, joins: list[tuple[str, str, Event]]) -> None:
+        """One transaction step for every member of ``joins`` (a few statements, not a
+        few per member: GROUP_CREATE may add 1,000)."""
+
+        def txn(c: Conn) -> None:
+            # ev.seq, read here: in cluster mode the database assigns it in this
+            # transaction, just before.
+            rows = [(uid, role, ev.seq, ev.ts_us) for uid, role, ev in joins]
+            sql.join_members_txn(c, conv_id, rows)
+
+        op.txns.append(txn)
+
+    def _add_member(
+        self,
+        op: Op,
+        conv: Conv,
+        user_id: str,
+        added_by: str,
+        role: str,
+        joins: list[tuple[str, str, Event]],
+    ) -> Event:
         """GROUP_MEMBER_ADDED: membership, the user's device cursors (seq - 1) and the
-        delivered position start together, in the same transaction."""
+        delivered position start together, in the same transaction (the caller stores
+        ``joins`` with :meth:`_store_joins`)."""
         state = self.state
         ev = op.allocate(conv, T.GROUP_MEMBER_ADDED, added_by, self.clock.now_us())
         clustered = self.eventlog.clustered
@@ -123,13 +148,7 @@ class GroupService:
             server_timestamp=ev.ts_us,
         ).SerializeToString()
         conv_id, seq = conv.conversation_id, ev.seq
-
-        def txn(c: Conn) -> None:
-            # ev.seq, not seq: in cluster mode the database assigns it in this transaction.
-            sql.upsert_member_txn(c, conv_id, user_id, role, ev.seq, ev.ts_us)
-            sql.start_join_cursors_txn(c, conv_id, user_id, ev.seq - 1)
-
-        op.txns.append(txn)
+        joins.append((user_id, role, ev))
         # Connected devices of the user start at seq - 1 in memory too.
         moved: list[tuple[Device, int | None]] = []
         for dev in state.devices.values():
@@ -250,7 +269,9 @@ class GroupService:
         self._check_room(req.user_id, "the user is in too many conversations")
         op = Op()
         before = {u: self.state.contacts(u) for u in (*conv.recipients, req.user_id)}
-        ev = self._add_member(op, conv, req.user_id, s.user_id, "member")
+        joins: list[tuple[str, str, Event]] = []
+        ev = self._add_member(op, conv, req.user_id, s.user_id, "member", joins)
+        self._store_joins(op, conv.conversation_id, joins)
         self._guard(s, rid, op, conv.conversation_id, req.user_id, want_member=False)
         self._membership_op(s, rid, op, [ev], before)
 

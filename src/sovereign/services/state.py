@@ -103,6 +103,16 @@ class ConversationState:
             p = self.profiles.setdefault(user_id, (user.username, user.display_name))
         return p
 
+    async def load_profiles(self, user_ids: list[str]) -> None:
+        """Cache the profiles of ``user_ids`` not cached yet, in one read (unknown users
+        stay uncached: ``profile`` answers None for them)."""
+        missing = [u for u in dict.fromkeys(user_ids) if u not in self.profiles]
+        if not missing:
+            return
+        for uid, user in (await self.users.get_many(missing)).items():
+            # setdefault: a PROFILE_UPDATE during the read wins over the older row.
+            self.profiles.setdefault(uid, (user.username, user.display_name))
+
     def set_profile(self, user_id: str, username: str, display_name: str) -> None:
         """A profile that just changed (SPEC §12.29): replaced, not just forgotten, so a
         load that started before the change cannot put the old name back."""

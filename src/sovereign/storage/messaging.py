@@ -138,15 +138,30 @@ def insert_conversation_txn(conn: Conn, rec: ConversationRecord) -> None:
     )
 
 
-def upsert_member_txn(
-    conn: Conn, conversation_id: str, user_id: str, role: str, joined_seq: int, joined_at_us: int
+def join_members_txn(
+    conn: Conn, conversation_id: str, joins: list[tuple[str, str, int, int]]
 ) -> None:
-    conn.execute(
+    """Members (user_id, role, joined_seq, joined_at_us) join (or rejoin): membership,
+    and every device of each starts at its GROUP_MEMBER_ADDED seq - 1, as does the
+    user's delivered position (SPEC §5). Three statements for any number of members, not
+    three per member: on PostgreSQL each statement is a round trip."""
+    conn.executemany(
         "INSERT INTO members (conversation_id, user_id, role, joined_seq, joined_at_us, left_seq)"
         " VALUES (?, ?, ?, ?, ?, NULL)"
         " ON CONFLICT (conversation_id, user_id) DO UPDATE SET role = excluded.role,"
         " joined_seq = excluded.joined_seq, joined_at_us = excluded.joined_at_us, left_seq = NULL",
-        (conversation_id, user_id, role, joined_seq, joined_at_us),
+        [(conversation_id, uid, role, seq, ts) for uid, role, seq, ts in joins],
+    )
+    conn.executemany(
+        "INSERT INTO cursors (device_id, conversation_id, acked_seq)"
+        " SELECT device_id, ?, ? FROM sessions WHERE user_id = ? AND revoked_at_us IS NULL"
+        " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+        [(conversation_id, seq - 1, uid) for uid, _role, seq, _ts in joins],
+    )
+    conn.executemany(
+        "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = excluded.up_to_seq",
+        [(conversation_id, uid, seq - 1) for uid, _role, seq, _ts in joins],
     )
 
 
@@ -162,21 +177,6 @@ def set_role_txn(conn: Conn, conversation_id: str, user_id: str, role: str) -> N
     conn.execute(
         "UPDATE members SET role = ? WHERE conversation_id = ? AND user_id = ?",
         (role, conversation_id, user_id),
-    )
-
-
-def start_join_cursors_txn(conn: Conn, conversation_id: str, user_id: str, cursor: int) -> None:
-    """Every device of a joining user starts at its GROUP_MEMBER_ADDED seq - 1 (SPEC §5)."""
-    conn.execute(
-        "INSERT INTO cursors (device_id, conversation_id, acked_seq)"
-        " SELECT device_id, ?, ? FROM sessions WHERE user_id = ? AND revoked_at_us IS NULL"
-        " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = excluded.acked_seq",
-        (conversation_id, cursor, user_id),
-    )
-    conn.execute(
-        "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
-        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = excluded.up_to_seq",
-        (conversation_id, user_id, cursor),
     )
 
 

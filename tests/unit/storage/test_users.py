@@ -25,6 +25,15 @@ async def test_create_and_get(storage: Storage) -> None:
     assert await storage.users.get_by_username("bob") is None
 
 
+async def test_get_many_returns_the_users_that_exist(storage: Storage) -> None:
+    # More ids than one statement's chunk (500): every chunk is read.
+    users = [await storage.users.create(f"u{i:03d}", now=i) for i in range(3)]
+    ids = [users[0].user_id, *(f"nope{i}" for i in range(600)), users[2].user_id]
+    found = await storage.users.get_many(ids)
+    assert found == {users[0].user_id: users[0], users[2].user_id: users[2]}
+    assert await storage.users.get_many([]) == {}
+
+
 @pytest.mark.parametrize("other", ["alice", "ALICE", "aLiCe", "ａｌｉｃｅ"])  # noqa: RUF001
 async def test_username_unique_case_insensitively(storage: Storage, other: str) -> None:
     await storage.users.create("Alice")
