@@ -517,7 +517,11 @@ async def create_server(
     the server used before: we answer pings ourselves so they reset the idle clock.
     """
     factory = make_listener_factory(handler)
-    logger = logging.getLogger("picows.transport")
+    # Not a logging.Logger on purpose: given one, picows builds a child Logger per
+    # connection ("picows.transport.<fd>", with its own level cache, handler and filter
+    # lists: ~0.6 KB per connection for its whole life, and CPU at every accept).
+    # Given an adapter it logs through it as is: same records, one logger name for all.
+    logger = logging.LoggerAdapter(logging.getLogger("picows.transport"), {})
 
     def protocol() -> _Protocol:
         return _Protocol(
