@@ -38,6 +38,7 @@ from sovereign.services.session import Session
 log = logging.getLogger("sovereign.ws")
 
 _DELIVER = frames.DELIVER
+_NO_MESSAGE = frames.NO_MESSAGE
 _REPLY_PONG = frames.REPLY_PONG
 _FAIL = frames.FAIL
 _ECHO_CLOSE = frames.ECHO_CLOSE
@@ -184,7 +185,11 @@ class Connection(WSListener):
             frame.payload_size,
         )
         if verdict == _DELIVER:
-            self.handler.received(self.session, fa.message, now)
+            # Not left in the assembler: an idle connection would keep its last
+            # message's view (and picows' buffer object behind it, ~0.3 KB) for life.
+            msg = fa.message
+            fa.message = _NO_MESSAGE
+            self.handler.received(self.session, msg, now)
         elif verdict == _REPLY_PONG:
             transport.send_pong(fa.pong_payload)
         elif verdict == _FAIL:
