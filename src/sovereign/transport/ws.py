@@ -137,6 +137,8 @@ class Connection(WSListener):
             if self.handler.trusted_proxies:
                 self.forwarded = list(req.headers.getall("X-Forwarded-For", []))
             req.headers = _NO_HEADERS
+            # The request line's three slices are bytes objects of their own (~0.15 KB).
+            req.method = req.path = req.version = b""
         if resp is not None:
             resp.headers = _NO_HEADERS
             resp.body = None
