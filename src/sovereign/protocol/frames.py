@@ -137,6 +137,8 @@ INVALID_PAYLOAD: Final = 1007
 
 _MAX_CONTROL_PAYLOAD: Final = 125  # RFC 6455 §5.5
 _NO_MESSAGE: Final = memoryview(b"")  # ``message`` when there is none
+#: What the shell puts back into ``message`` once it has handed the message on.
+NO_MESSAGE: Final = _NO_MESSAGE
 
 # Assembler states.
 _IDLE: Final = 0  # no message open

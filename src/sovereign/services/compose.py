@@ -80,6 +80,8 @@ def build_services(
     conns.ready_hooks.append(delivery.on_ready)
     conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
     delivery.after_sync.append(mls.on_sync_end)
+    if not clustered:  # other nodes' KeyPackage writes are not counted: it reads again
+        delivery.sync_reads.append(mls.sync_read)  # its count, read with the device
     delivery.went_live.append(ephemeral.on_live)
     mls.first_upload.append(directory.device_announced)  # DEVICE_ADDED (SPEC §12.29)
     if cluster is not None:

@@ -37,7 +37,7 @@ from sovereign.services.session import Session, SyncState
 from sovereign.services.state import ConversationState, Device
 from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
-from sovereign.storage.database import Database
+from sovereign.storage.database import Conn, Database
 from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.delivery")
@@ -172,6 +172,10 @@ class DeliveryService:
         #: Awaited at the end of a connection's offline sync, after presence (SPEC §4):
         #: the MLS service's MLS_KEY_PACKAGE_LOW.
         self.after_sync: list[Callable[[Session], Awaitable[None]]] = []
+        #: Reads that ride on the sync's read of a device not in memory, in the same
+        #: transaction (a reader hop each saved in a resume storm): each gets the
+        #: session and returns a function of the connection that keeps its result.
+        self.sync_reads: list[Callable[[Session], Callable[[Conn], None]]] = []
         #: Called once a connection takes live events (presence aggregation).
         self.went_live: list[Callable[[Session], None]] = []
 
@@ -451,6 +455,7 @@ class DeliveryService:
                         session_id=s.session_id,
                         device_id=s.device_id,
                         user_id=s.user_id,
+                        extra=[read(s) for read in self.sync_reads],
                     )
                 )
                 dev = self._device_loaded(s, created, cursors)

@@ -72,6 +72,9 @@ class MlsService:
         self.delivery = delivery
         #: Called after a device's first KeyPackage upload ever: DEVICE_ADDED (§12.29).
         self.first_upload: list[Callable[[Session], None]] = []
+        #: Counts this process's KeyPackage writes (uploads, fetches), each after its
+        #: commit: a count read before the last of them may be stale (sync_read).
+        self._kp_writes = 0
 
     # -- KeyPackages (SPEC §7, §12.6, §12.17, §12.22) --------------------------------
     def _check_package(self, s: Session, index: int, data: bytes) -> bool:
@@ -141,6 +144,7 @@ class MlsService:
             raise SovereignError(
                 ErrorCode.INVALID_KEY_PACKAGE, f"package {exc.index}: duplicate of a stored package"
             ) from None
+        self._kp_writes += 1
         if rid:
             self.outbox.send(s, T.ACK, rid, pb.Ack(count=uploaded.stored))
         if uploaded.first:
@@ -151,6 +155,7 @@ class MlsService:
         if await self.state.profile(req.user_id) is None:
             raise SovereignError(ErrorCode.USER_NOT_FOUND, "unknown user")
         fetched = await self.db.write(partial(kpsql.fetch_txn, user_id=req.user_id))
+        self._kp_writes += 1
         if not fetched:
             raise SovereignError(
                 ErrorCode.NO_KEY_PACKAGE_AVAILABLE, "no device of that user has a package"
@@ -186,9 +191,35 @@ class MlsService:
         for s in list(dev.sessions):
             self.outbox.send(s, T.MLS_KEY_PACKAGE_LOW, "", msg)
 
+    def sync_read(self, s: Session) -> Callable[[Conn], None]:
+        """The device's KeyPackage count, read with the device's sync (one reader hop
+        less per resume: ~20% more resumes per CPU-s, docs/performance.md)."""
+        sync = s.sync
+        device_id = s.device_id
+        writes = self._kp_writes
+
+        def read(conn: Conn) -> None:
+            if sync is not None:
+                sync.key_packages = (writes, kpsql.ordinary_count_txn(conn, device_id))
+
+        return read
+
     async def on_sync_end(self, s: Session) -> None:
-        """On READY, after presence: LOW if the device's pool is below the minimum."""
-        remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=s.device_id))
+        """On READY, after presence: LOW if the device's pool is below the minimum.
+
+        The count read with the device (:meth:`sync_read`, before the backlog) stands
+        only if no KeyPackage write of this process has completed since it was
+        requested, and on a single node. A write that commits after that read but
+        whose completion is not yet counted here sends its own live LOW (fetch) to
+        this session, which is on the device by now; other nodes' writes are not
+        counted, so a cluster node always reads again, as before.
+        """
+        sync = s.sync
+        pre = sync.key_packages if sync is not None else None
+        if pre is not None and pre[0] == self._kp_writes and not self.delivery.peers.clustered:
+            remaining = pre[1]
+        else:
+            remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=s.device_id))
         if remaining < self.config.min_key_packages:
             self.outbox.send(
                 s,

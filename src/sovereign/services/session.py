@@ -35,13 +35,16 @@ class Rejects(Protocol):
 class SyncState:
     """A connection receiving its backlog: live events wait here (SPEC §4 READY order)."""
 
-    __slots__ = ("buffer", "synced_upto", "synced_welcomes")
+    __slots__ = ("buffer", "key_packages", "synced_upto", "synced_welcomes")
 
     def __init__(self) -> None:
         # (conversation_id, seq, welcome event_id, frame); welcomes have no conversation seq
         self.buffer: list[tuple[str, int, str, bytes]] = []
         self.synced_upto: dict[str, int] = {}
         self.synced_welcomes: set[str] = set()
+        # The MLS service's (generation, ordinary KeyPackage count), read with the
+        # device when it was not in memory (MlsService.sync_read); None otherwise.
+        self.key_packages: tuple[int, int] | None = None
 
 
 class Session:

@@ -7,7 +7,7 @@ many events per transaction. Reads here serve offline sync and history pages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sovereign.storage.database import Conn
@@ -274,12 +274,20 @@ def load_device_txn(conn: Conn, session_id: str, device_id: str) -> tuple[int, d
 
 
 def load_device_sync_txn(
-    conn: Conn, session_id: str, device_id: str, user_id: str
+    conn: Conn,
+    session_id: str,
+    device_id: str,
+    user_id: str,
+    extra: Sequence[Callable[[Conn], None]] = (),
 ) -> tuple[int, dict[str, int], list[StoredWelcome]]:
     """What a READY needs of a device not in memory, in one read: its session's
-    created_at_us, its cursors and its pending welcomes (one reader hop, not two)."""
+    created_at_us, its cursors and its pending welcomes (one reader hop, not two),
+    then the ``extra`` reads other services asked for (they keep their own results)."""
     created, cursors = load_device_txn(conn, session_id, device_id)
-    return created, cursors, pending_welcomes_txn(conn, user_id, device_id, created)
+    welcomes = pending_welcomes_txn(conn, user_id, device_id, created)
+    for read in extra:
+        read(conn)
+    return created, cursors, welcomes
 
 
 def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:

@@ -38,6 +38,7 @@ from sovereign.services.session import Session
 log = logging.getLogger("sovereign.ws")
 
 _DELIVER = frames.DELIVER
+_NO_MESSAGE = frames.NO_MESSAGE
 _REPLY_PONG = frames.REPLY_PONG
 _FAIL = frames.FAIL
 _ECHO_CLOSE = frames.ECHO_CLOSE
@@ -136,6 +137,8 @@ class Connection(WSListener):
             if self.handler.trusted_proxies:
                 self.forwarded = list(req.headers.getall("X-Forwarded-For", []))
             req.headers = _NO_HEADERS
+            # The request line's three slices are bytes objects of their own (~0.15 KB).
+            req.method = req.path = req.version = b""
         if resp is not None:
             resp.headers = _NO_HEADERS
             resp.body = None
@@ -184,7 +187,11 @@ class Connection(WSListener):
             frame.payload_size,
         )
         if verdict == _DELIVER:
-            self.handler.received(self.session, fa.message, now)
+            # Not left in the assembler: an idle connection would keep its last
+            # message's view (and picows' buffer object behind it, ~0.3 KB) for life.
+            msg = fa.message
+            fa.message = _NO_MESSAGE
+            self.handler.received(self.session, msg, now)
         elif verdict == _REPLY_PONG:
             transport.send_pong(fa.pong_payload)
         elif verdict == _FAIL:
@@ -401,25 +408,21 @@ class LingeringTransport:
     close frame, through ``close()`` here; the server's own closes call
     :meth:`linger`. Either way the socket stays open, its input read and dropped,
     until the peer's close frame (:meth:`finish`), the peer's EOF, or ``CLOSE_TIMEOUT``
-    after the close frame left. Writes go straight to the real transport: the
-    bound methods are copied, so the hot path pays nothing for this object.
+    after the close frame left. Writes go straight to the real transport: ``write``
+    and ``get_write_buffer_size`` are the real transport's bound methods, copied (picows
+    keeps both for its own hot path anyway), so that path pays nothing for this
+    object. The rest are rare calls and delegate: a copied bound method is 64-80 bytes
+    per connection, ~0.5 KB for the seven (docs/performance.md, idle).
     """
 
     __slots__ = (
         "_deadline",
         "_protocol",
         "_timer",
-        "abort",
         "conn",
-        "get_extra_info",
         "get_write_buffer_size",
-        "is_closing",
-        "pause_reading",
         "raw",
-        "resume_reading",
-        "set_write_buffer_limits",
         "write",
-        "writelines",
     )
 
     def __init__(self, raw: Any, protocol: asyncio.BaseProtocol) -> None:
@@ -429,14 +432,28 @@ class LingeringTransport:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self.write = raw.write
-        self.writelines = raw.writelines
         self.get_write_buffer_size = raw.get_write_buffer_size
-        self.get_extra_info = raw.get_extra_info
-        self.set_write_buffer_limits = raw.set_write_buffer_limits
-        self.is_closing = raw.is_closing
-        self.pause_reading = raw.pause_reading
-        self.resume_reading = raw.resume_reading
-        self.abort = raw.abort
+
+    def writelines(self, data: Any) -> None:
+        self.raw.writelines(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.raw.get_extra_info(name, default)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.raw.set_write_buffer_limits(high, low)
+
+    def is_closing(self) -> bool:
+        return bool(self.raw.is_closing())
+
+    def pause_reading(self) -> None:
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.raw.resume_reading()
+
+    def abort(self) -> None:
+        self.raw.abort()
 
     def close(self) -> None:
         """picows wants the socket closed: at once before the upgrade (an HTTP error,
@@ -507,7 +524,11 @@ async def create_server(
     the server used before: we answer pings ourselves so they reset the idle clock.
     """
     factory = make_listener_factory(handler)
-    logger = logging.getLogger("picows.transport")
+    # Not a logging.Logger on purpose: given one, picows builds a child Logger per
+    # connection ("picows.transport.<fd>", with its own level cache, handler and filter
+    # lists: ~0.6 KB per connection for its whole life, and CPU at every accept).
+    # Given an adapter it logs through it as is: same records, one logger name for all.
+    logger = logging.LoggerAdapter(logging.getLogger("picows.transport"), {})
 
     def protocol() -> _Protocol:
         return _Protocol(

@@ -4,6 +4,9 @@ committed meanwhile follow without duplicates, and only then live fan-out."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
@@ -211,3 +214,59 @@ async def test_sync_complete_names_conversations_whose_unacked_events_retention_
     backlog, done, _ = split_at_sync_complete(h.outbox.take(b2))
     assert [f.msg for f in backlog] == [kept]
     assert list(done.msg.truncated_conversation_ids) == []
+
+
+async def test_a_resume_reads_the_device_and_its_key_package_count_in_one_read(
+    harness_with: HarnessWith,
+) -> None:
+    """A resume storm is mostly reader hops: the KeyPackage count of the READY's LOW
+    check rides on the read of the device (one hop, not two; docs/performance.md)."""
+    async with harness_with(min_key_packages=1) as h:
+        bob = await h.register("bob")
+        h.disconnect(await h.connect(bob))  # the device is not in memory any more
+        real, reads = h.db.read, []
+
+        async def counting(fn: Any) -> Any:
+            reads.append(fn)
+            return await real(fn)
+
+        h.db.read = counting  # type: ignore[method-assign]
+        b1 = await h.connect(bob)
+        await h.settle()
+        _, done, after = split_at_sync_complete(h.outbox.take(b1))
+        assert done.msg.delivered == 0
+        assert [(f.type, f.msg) for f in after] == [
+            (T.MLS_KEY_PACKAGE_LOW, pb.KeyPackageLow(remaining=0, minimum=1))
+        ]
+        assert len(reads) == 1
+
+
+async def test_a_key_package_fetch_during_the_sync_makes_its_count_read_again(
+    harness_with: HarnessWith,
+) -> None:
+    """The count read with the device is stale once a fetch completes after it: the
+    LOW at the end of the sync carries the count after the fetch, as it did when the
+    count was always read after the backlog."""
+    # Opaque: the packages are not checked against the fake clock's date.
+    async with harness_with(min_key_packages=2, mls_validation="opaque") as h:
+        alice, bob = await h.register("alice"), await h.register("bob")
+        a1, b1 = await h.connect(alice), await h.connect(bob)
+        up = pb.MLSKeyPackageUpload(key_packages=[mls.key_package(bob.user_id) for _ in range(2)])
+        assert (await h.call(b1, T.MLS_KEY_PACKAGE_UPLOAD, up)).type == T.ACK
+        h.disconnect(b1)
+        backlog = h.outbox.hold_backlog()
+        b1 = h.open()
+        h.authenticate(b1, bob)  # READY: the device and its count (2) are read
+        await backlog.entered.wait()  # ... and the backlog is in flight
+        fetch = pb.MLSKeyPackageFetch(user_id=bob.user_id)
+        h.request(a1, T.MLS_KEY_PACKAGE_FETCH, fetch, "f1")  # not h.call: the sync is held
+        for _ in range(2000):  # the fetch completes while the backlog is in flight
+            if any(f.request_id == "f1" for f in h.outbox.frames(a1)):
+                break
+            await asyncio.sleep(0.001)
+        assert h.outbox.response(a1, "f1").type == T.MLS_KEY_PACKAGE_RESPONSE
+        backlog.release()
+        await h.settle()
+        _, _, after = split_at_sync_complete(h.outbox.take(b1))
+        lows = [f.msg for f in after if f.type == T.MLS_KEY_PACKAGE_LOW]
+        assert lows == [pb.KeyPackageLow(remaining=1, minimum=2)]
