@@ -34,6 +34,13 @@ RUNS: dict[str, list[str]] = {
     ],
     "fanout": ["fanout", "--groups", "10", "--duration", "1", "--probe-every", "3"],
     "resume": ["resume", "--count", "20", "--concurrency", "4", "--duration", "5"],
+    # --server-python (the interpreter of another build) with --storage postgres: the
+    # accounts must be provisioned in the run's PostgreSQL database, not in SQLite.
+    "resume_pg": [
+        "resume",
+        *("--count", "10", "--concurrency", "2", "--duration", "3"),
+        *("--storage", "postgres", "--server-python", sys.executable),
+    ],
     "idle": ["idle", "--connections", "50", "--duration", "1", "--heartbeat", "0.5"],
     "mixed": ["mixed", "--users", "20", "--rate", "200", "--duration", "1", "--group-size", "4"],
 }
@@ -141,6 +148,13 @@ def test_resume(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
     (r,) = _common("resume", runs)
     assert r["resumes"] == 20 and r["failures"] == 0
     assert r["latency_ms"]["resume"]["n"] == 20
+
+
+def test_resume_on_postgres_with_another_servers_python(
+    runs: dict[str, tuple[int, str, dict[str, Any]]],
+) -> None:
+    (r,) = _common("resume_pg", runs)
+    assert r["resumes"] == 10 and r["failures"] == 0
 
 
 def test_idle(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:

@@ -678,16 +678,21 @@ class Run:
         accounts: list[Account] = []
         if not args.webauthn:
             self.log(f"provisioning {n_accounts:,} accounts (token path) in {data_dir}")
+            db_env = {
+                f"SOVEREIGN_{k}": v
+                for k, v in storage_env.items()
+                if k in ("STORAGE", "POSTGRES_DSN")
+            }
+            if args.postgres_dsn:
+                db_env = {
+                    "SOVEREIGN_STORAGE": "postgres",
+                    "SOVEREIGN_POSTGRES_DSN": args.postgres_dsn,
+                }
             if args.server_python:
                 accounts = provision_tokens_with(
-                    args.server_python, data_dir, n_accounts, f"b{nonce}_"
+                    args.server_python, data_dir, n_accounts, f"b{nonce}_", db_env
                 )
             else:
-                db_env = {
-                    f"SOVEREIGN_{k}": v
-                    for k, v in storage_env.items()
-                    if k in ("STORAGE", "POSTGRES_DSN")
-                }
                 accounts = asyncio.run(
                     provision_tokens(
                         data_dir,

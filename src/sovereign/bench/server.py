@@ -98,16 +98,26 @@ async def provision_tokens(
 _PROVISION = """\
 import asyncio, json, sys
 from sovereign.bench.server import provision_tokens
-accounts = asyncio.run(provision_tokens(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+environ = json.loads(sys.argv[4])
+kw = {"environ": environ} if environ else {}  # builds before cluster mode lack it
+accounts = asyncio.run(provision_tokens(sys.argv[1], int(sys.argv[2]), sys.argv[3], **kw))
 print(json.dumps([[a.user_id, a.username, a.token] for a in accounts]))
 """
 
 
-def provision_tokens_with(python: str, data_dir: str, count: int, prefix: str) -> list[Account]:
+def provision_tokens_with(
+    python: str,
+    data_dir: str,
+    count: int,
+    prefix: str,
+    environ: Mapping[str, str] | None = None,
+) -> list[Account]:
     """:func:`provision_tokens` run by another interpreter (``--server-python``): the
-    data dir's schema must be the one that server's code migrates to."""
+    data dir's schema must be the one that server's code migrates to. ``environ``: the
+    ``SOVEREIGN_*`` storage settings, as for :func:`provision_tokens` (without them the
+    accounts would go to SQLite while the server runs on PostgreSQL)."""
     out = subprocess.run(
-        [python, "-c", _PROVISION, data_dir, str(count), prefix],
+        [python, "-c", _PROVISION, data_dir, str(count), prefix, json.dumps(dict(environ or {}))],
         check=True,
         capture_output=True,
         text=True,
