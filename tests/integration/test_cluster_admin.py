@@ -301,3 +301,48 @@ async def test_the_cli_disabling_a_user_closes_her_sockets_on_every_node(
         assert time.monotonic() - exited < WITHIN_S
     finally:
         await bob.close()
+
+
+async def test_a_device_on_another_node_is_online_in_device_list_and_admin_api(
+    two_nodes: Cluster,
+) -> None:
+    c = two_nodes
+    a, b = c.nodes
+    acc = await accounts(c, "root", "alice", admin=("root",))
+    alice_id = acc["alice"].user_id
+    async with in_process_node(c, "second-device", bus=False) as app:
+        _session, phone_token = await app.auth.create_session(alice_id, None, "test")
+    api_b = AdminApi(admin_base(b), acc["root"].token)
+    laptop = await WsClient.connect(a.url)
+    phone = await WsClient.connect(b.url)
+    try:
+        await resume(laptop, acc["alice"].token)
+        await resume(phone, phone_token)
+
+        async def online_in_device_list() -> list[bool]:
+            got = await phone.request(T.DEVICE_LIST_REQUEST, pb.DeviceListRequest(), T.DEVICE_LIST)
+            return sorted(d.online for d in got.devices)
+
+        async def online_in_admin_api() -> list[bool]:
+            r = await api_b.get(f"/admin/api/users/{alice_id}")
+            assert r.status == 200, r.body
+            return sorted(s["online"] for s in r.body["sessions"])
+
+        # The laptop's connection is on node a; node b answers both.
+        await within(
+            "both devices online on node b", lambda: _eq(online_in_device_list(), [True, True])
+        )
+        assert await online_in_admin_api() == [True, True]
+        await laptop.close()
+        await within(
+            "the laptop offline on node b", lambda: _eq(online_in_device_list(), [False, True])
+        )
+        assert await online_in_admin_api() == [False, True]
+    finally:
+        await laptop.close()
+        await phone.close()
+        await api_b.session.close()
+
+
+async def _eq(got: Awaitable[list[bool]], want: list[bool]) -> bool:
+    return await got == want

@@ -411,6 +411,7 @@ class AdminService:
         sessions = await self.storage.sessions.list(user_id, 0, MAX_PAGE, active_at_us=now)
         kps = await self.storage.db.read(lambda c: kpsql.count_for_user_txn(c, user_id))
         online = {s.session_id for s in self.outbox.sessions(user_id)}
+        online |= self.peers.remote_sessions(user_id)  # a READY connection on any node
         convs = []
         for conv_id in sorted(self.state.user_convs.get(user_id, ())):
             conv = self.state.convs[conv_id]
@@ -437,7 +438,7 @@ class AdminService:
             "conversations": convs,
             "sessions": [session_json(s, now, s.session_id in online) for s in sessions],
             "key_packages": kps,
-            # a READY connection on any node (SPEC §12.27); per session, this node's only
+            # a READY connection on any node (SPEC §12.27)
             "online": bool(online) or bool(self.peers.remote_connections(user_id)),
         }
 
@@ -508,6 +509,8 @@ class AdminService:
         online = {
             s.session_id for s in self.outbox.all_sessions() if s.session_id and s.state.ready
         }
+        for uid in {s.user_id for s in rows}:  # ... or on another node (SPEC §12.27)
+            online |= self.peers.remote_sessions(uid)
         users: dict[str, str] = {}
         data = []
         for s in rows:

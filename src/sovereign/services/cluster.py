@@ -121,10 +121,12 @@ class CloseNote(msgspec.Struct, array_like=True, tag=6):
 
 
 class ConnsNote(msgspec.Struct, array_like=True, tag=7):
-    """The sender's READY connections of one user: their ready times (µs)."""
+    """The sender's READY connections of one user: their ready times (µs) and session
+    ids (for "online" in DEVICE_LIST and the admin API; absent from older nodes)."""
 
     user: str
     stamps: list[int]
+    sessions: list[str] = []
 
 
 class HelloNote(msgspec.Struct, array_like=True, tag=8):
@@ -133,6 +135,7 @@ class HelloNote(msgspec.Struct, array_like=True, tag=8):
     reply: bool  # the receivers answer with their own Hello
     presence: dict[str, str]
     conns: dict[str, list[int]]
+    sessions: dict[str, list[str]] = {}
 
 
 class BeatNote(msgspec.Struct, array_like=True, tag=9):
@@ -199,12 +202,13 @@ class Feed:
 
 
 class Peer:
-    __slots__ = ("conns", "presence", "seen")
+    __slots__ = ("conns", "presence", "seen", "sessions")
 
     def __init__(self, now: float) -> None:
         self.seen = now
         self.presence: dict[str, str] = {}
         self.conns: dict[str, list[int]] = {}
+        self.sessions: dict[str, list[str]] = {}
 
 
 class ClusterService:
@@ -365,21 +369,23 @@ class ClusterService:
             for stamp in peer.conns.get(user_id, ())
         ]
 
-    def connections_changed(self, user_id: str) -> None:
-        stamps = self._local_stamps(user_id)
-        if not stamps:
-            self._welcomed.pop(user_id, None)
-        self._send(ConnsNote(user_id, stamps))
+    def remote_sessions(self, user_id: str) -> set[str]:
+        return {sid for peer in self.peers.values() for sid in peer.sessions.get(user_id, ())}
 
-    def _local_stamps(self, user_id: str) -> list[int]:
-        return [s.ready_at_us for s in self.outbox.sessions(user_id) if not s.closed]
+    def connections_changed(self, user_id: str) -> None:
+        live = [s for s in self.outbox.sessions(user_id) if not s.closed]
+        if not live:
+            self._welcomed.pop(user_id, None)
+        self._send(ConnsNote(user_id, [s.ready_at_us for s in live], [s.session_id for s in live]))
 
     def _hello(self, reply: bool) -> None:
         conns: dict[str, list[int]] = {}
+        sessions: dict[str, list[str]] = {}
         for s in self.outbox.all_sessions():
             if s.user_id and s.ready and not s.closed:
                 conns.setdefault(s.user_id, []).append(s.ready_at_us)
-        self._send(HelloNote(reply, dict(self._announced), conns))
+                sessions.setdefault(s.user_id, []).append(s.session_id)
+        self._send(HelloNote(reply, dict(self._announced), conns, sessions))
 
     # -- receiving ------------------------------------------------------------------------
     def _on_packet(self, data: bytes) -> None:
@@ -425,7 +431,7 @@ class ClusterService:
                 else:
                     self.outbox.close_session_id(note.session, note.code, note.reason)
             elif isinstance(note, ConnsNote):
-                self._on_conns(peer, note.user, note.stamps)
+                self._on_conns(peer, note.user, note.stamps, note.sessions)
             elif isinstance(note, HelloNote):
                 self._on_hello(peer, note)
             elif isinstance(note, ProfileNote):
@@ -444,17 +450,19 @@ class ClusterService:
             if old_presence.get(uid) != peer.presence.get(uid):
                 for hook in self.presence_hooks:
                     hook(uid)
-        old_conns, peer.conns = peer.conns, {}
+        old_conns, peer.conns, peer.sessions = peer.conns, {}, {}
         for uid in set(old_conns) | set(note.conns):
-            self._on_conns(peer, uid, note.conns.get(uid, []))
+            self._on_conns(peer, uid, note.conns.get(uid, []), note.sessions.get(uid, []))
         if note.reply:
             self._hello(reply=False)
 
-    def _on_conns(self, peer: Peer, user_id: str, stamps: list[int]) -> None:
+    def _on_conns(self, peer: Peer, user_id: str, stamps: list[int], sessions: list[str]) -> None:
         if stamps:
             peer.conns[user_id] = list(stamps)
+            peer.sessions[user_id] = list(sessions)
         else:
             peer.conns.pop(user_id, None)
+            peer.sessions.pop(user_id, None)
         for hook in self.cap_hooks:
             hook(user_id)
 

@@ -97,6 +97,9 @@ class DirectoryService:
         now = self.clock.now_us()
         rows = await self.sessions.list(s.user_id, 0, MAX_DEVICES_LISTED, active_at_us=now)
         online = {o.device_id for o in self.outbox.sessions(s.user_id) if o.ready}
+        # ... or on another node (SPEC §12.27)
+        remote = self.connections.peers.remote_sessions(s.user_id)
+        online.update(r.device_id for r in rows if r.session_id in remote)
         devices = [
             pb.Device(
                 device_id=r.device_id,

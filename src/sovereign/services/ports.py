@@ -224,6 +224,10 @@ class Peers(Protocol):
         """(ready time µs, node id) of ``user_id``'s connections on other nodes."""
         ...
 
+    def remote_sessions(self, user_id: str) -> set[str]:
+        """Session ids of ``user_id``'s READY connections on other nodes."""
+        ...
+
     def connections_changed(self, user_id: str) -> None:
         """This node's READY connections of ``user_id`` changed (the per-user cap)."""
         ...
@@ -274,6 +278,9 @@ class NullPeers:
 
     def remote_connections(self, user_id: str) -> list[tuple[int, str]]:
         return []
+
+    def remote_sessions(self, user_id: str) -> set[str]:
+        return set()
 
     def connections_changed(self, user_id: str) -> None:
         return None
