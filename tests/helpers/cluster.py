@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from sovereign.bench.cluster import scratch_redis_argv
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_HOST = os.environ.get("SOVEREIGN_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("SOVEREIGN_TEST_PG_PORT", "5432"))
@@ -98,21 +100,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         assert self.binary is not None
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--loglevel",
-                "warning",
-            ],
+            scratch_redis_argv(self.binary, self.port, self.dir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -30,6 +30,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def scratch_redis_argv(binary: str, port: int, directory: str) -> list[str]:
+    """A throwaway redis-server on 127.0.0.1:``port``: no snapshots, no AOF (the bench's
+    and the tests' clusters; Redis carries notifications only, SPEC §12.27)."""
+    opts = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
+    return [binary, "--port", str(port), *opts, "--dir", directory]
+
+
 class BenchCluster:
     def __init__(
         self,
@@ -78,19 +85,7 @@ class BenchCluster:
             self.redis_port = _free_port()
             self.redis_dir = tempfile.mkdtemp(prefix="sovereign-bench-redis-")
             self.redis_proc = subprocess.Popen(
-                [
-                    self.redis_binary,
-                    "--port",
-                    str(self.redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    self.redis_dir,
-                ],
+                scratch_redis_argv(self.redis_binary, self.redis_port, self.redis_dir),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
