@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -56,5 +56,59 @@ def later(
         msg = parse(outbox, s, cls, payload, rid)
         if msg is not None:
             tasks.spawn(s, rid, fn(s, rid, msg))
+
+    return handler
+
+
+C = TypeVar("C", bound=Message)
+#: (conversation id, user id) -> this node has caught up with the database on it
+CatchUp = Callable[[str, str], Awaitable[None]]
+#: Answers a node's memory may give too early in cluster mode (SPEC §12.27)
+_LAGGING = frozenset({ErrorCode.GROUP_NOT_FOUND, ErrorCode.NOT_GROUP_MEMBER})
+
+
+def catching_up(
+    tasks: Tasks, catch_up: CatchUp | None, fn: Callable[[Session, str, C], None]
+) -> Callable[[Session, str, C], None]:
+    """Cluster mode: a request that this node's memory refuses as "unknown conversation"
+    or "not a member" is decided once more after the node has caught up with the
+    database on that conversation (another node may have just created it, or added the
+    sender, and the bus not yet brought it here). On a single node: ``fn`` itself."""
+    if catch_up is None:
+        return fn
+    wait = catch_up
+
+    def handler(s: Session, rid: str, msg: C) -> None:
+        try:
+            fn(s, rid, msg)
+        except SovereignError as exc:
+            if exc.code not in _LAGGING:
+                raise
+
+            async def again() -> None:
+                await wait(msg.conversation_id, s.user_id)  # type: ignore[attr-defined]
+                fn(s, rid, msg)
+
+            tasks.spawn(s, rid, again())
+
+    return handler
+
+
+def catching_up_later(
+    catch_up: CatchUp | None, fn: Callable[[Session, str, C], Coroutine[Any, Any, None]]
+) -> Callable[[Session, str, C], Coroutine[Any, Any, None]]:
+    """:func:`catching_up` for a handler that awaits."""
+    if catch_up is None:
+        return fn
+    wait = catch_up
+
+    async def handler(s: Session, rid: str, msg: C) -> None:
+        try:
+            await fn(s, rid, msg)
+        except SovereignError as exc:
+            if exc.code not in _LAGGING:
+                raise
+            await wait(msg.conversation_id, s.user_id)  # type: ignore[attr-defined]
+            await fn(s, rid, msg)
 
     return handler

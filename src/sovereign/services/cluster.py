@@ -77,6 +77,9 @@ PEER_EXPIRY_S = 5.0
 #: with nothing after it in that conversation.
 HEAD_CHECK_S = 5.0
 REPAIR_PAGE = 500
+#: How long a request naming a conversation this node does not (yet) show its sender in
+#: waits for the node to catch up with the database before it is decided again.
+CATCH_UP_WAIT_S = 1.0
 
 MEMBERSHIP = (T.GROUP_MEMBER_ADDED, T.GROUP_MEMBER_REMOVED)
 
@@ -911,6 +914,34 @@ class ClusterService:
                 conv.last_seq = head
             if head > conv.committed_seq:
                 self._repair_to(conv, head)
+
+    async def catch_up_conversation(self, conv_id: str, user_id: str) -> None:
+        """A client here named ``conv_id``, which this node's memory does not show
+        ``user_id`` in: the bus may not have brought the change yet (a group just created
+        on another node, an invite made there). If the database has ``user_id`` in it,
+        load or repair the conversation and wait (at most ``CATCH_UP_WAIT_S``) until this
+        node has processed it through the database's head. Memory may fast-fail only
+        what the database agrees with."""
+        heads, _ = await self.db.read(partial(csql.heads_txn, users=[user_id]))
+        head = heads.get(conv_id)
+        if head is None:
+            return  # never a member: memory was right
+        state = self.state
+        conv = state.convs.get(conv_id)
+        if conv is None:
+            if conv_id not in self._loading:
+                self._loading[conv_id] = []
+                self.tasks.background(self._load_conv(conv_id))
+        else:
+            conv.last_seq = max(conv.last_seq, head)
+            self._repair_to(conv, head)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CATCH_UP_WAIT_S
+        while loop.time() < deadline:
+            conv = state.convs.get(conv_id)
+            if conv is not None and conv.committed_seq >= head:
+                return
+            await asyncio.sleep(0.005)
 
     async def _recheck_closes(self) -> None:
         """Disables and revocations whose notification was lost: from the database."""

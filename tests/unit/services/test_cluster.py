@@ -342,6 +342,40 @@ async def test_a_node_that_lost_the_bus_catches_up_in_order_after_reconnecting(
     assert seqs(p.b.outbox.take(b1)) == [8]
 
 
+async def test_requests_the_bus_has_not_caught_up_with_are_decided_after_a_catch_up(
+    pair: Pair,
+) -> None:
+    """SPEC §12.27: node b's memory lags the database while a notification is on its
+    way (here it is lost). A member's request naming the conversation is decided again
+    once b has caught up with the database, not refused as unknown; a non-member's is
+    still refused."""
+    p = pair
+    alice = await p.a.register("alice")
+    bob = await p.a.register("bob")
+    mallory = await p.a.register("mallory")
+    a1 = await p.a.connect(alice)
+    b1 = await p.b.connect(bob)
+    m1 = await p.b.connect(mallory)
+    bus_b = p.b.cluster.bus if p.b.cluster else None
+    assert isinstance(bus_b, HubBus)
+    bus_b.disconnect()
+    created = await call(
+        p, p.a, a1, T.GROUP_CREATE, pb.GroupCreate(title="g", member_ids=[bob.user_id])
+    )
+    conv = created.msg.conversation_id
+    assert conv not in p.b.state.convs  # node b has not heard of it
+    echo = await call(p, p.b, b1, T.MESSAGE_SEND, send_req(conv, b"first"))
+    assert echo.type == T.MESSAGE_RECEIVE and echo.msg.seq == 3, echo
+    assert bob.user_id in p.b.conv(conv).members
+    typing = await call(p, p.b, b1, T.TYPING, pb.Typing(conversation_id=conv, typing=True))
+    assert typing.type == T.ACK, typing
+    refused = await call(p, p.b, m1, T.MESSAGE_SEND, send_req(conv, b"intruder"))
+    assert (refused.type, refused.msg.code) == (T.ERROR, ErrorCode.NOT_GROUP_MEMBER), refused
+    unknown = await call(p, p.b, m1, T.MESSAGE_SEND, send_req("no-such-conversation"))
+    assert (unknown.type, unknown.msg.code) == (T.ERROR, ErrorCode.GROUP_NOT_FOUND), unknown
+    assert await stored_seqs(p.a, conv) == [1, 2, 3]
+
+
 async def test_a_lost_notification_is_repaired_from_the_database_when_the_next_arrives(
     pair: Pair,
 ) -> None:
