@@ -27,6 +27,7 @@ M = TypeVar("M", bound=Message)
 
 def install(table: dict[int, Handler], svc: Services) -> None:
     auth, conns, outbox, tasks = svc.auth, svc.connections, svc.outbox, svc.tasks
+    delivery = svc.delivery
     cfg = svc.config
     limits = Timeouts(cfg.auth_timeout, cfg.idle_timeout, cfg.max_auth_failures)
 
@@ -98,8 +99,11 @@ def install(table: dict[int, Handler], svc: Services) -> None:
         # (43 base64url characters; a username is at most 32).
         token = req.session_token or (req.username if auth.is_token_shaped(req.username) else "")
         if token:
-            result = await auth.resume(token)
+            # The device's sync reads ride on the token's read (one reader hop, not two).
+            sync, device_read = delivery.resume_read()
+            result = await auth.resume(token, device_read)
             if become_ready(s, result):
+                s.sync = sync  # delivery's on_ready (send_success) takes it from here
                 send_success(s, rid, result)
             return
         challenge, options = await auth.login_begin(req.username)

@@ -19,6 +19,11 @@ class UpgradeDecision:
     reason: str = ""
 
 
+#: The two acceptances, shared (immutable): none is built per upgrade.
+ACCEPT = UpgradeDecision(101)
+ACCEPT_SUBPROTOCOL = UpgradeDecision(101, subprotocol=SUBPROTOCOL)
+
+
 def parse_subprotocols(values: Collection[str]) -> list[str]:
     """``Sec-WebSocket-Protocol`` may repeat and hold comma-separated tokens (RFC 6455 §4.1)."""
     out: list[str] = []
@@ -51,14 +56,14 @@ def decide(
     if origin is not None and origin not in allowed_origins:
         return UpgradeDecision(403, reason="origin not allowed")
     # SPEC §1: offered but not ours -> 400; none offered -> accept without one.
-    subprotocol: str | None = None
+    accept = ACCEPT
     if offered_subprotocols:
         if SUBPROTOCOL not in offered_subprotocols:
             return UpgradeDecision(400, reason=f"subprotocol {SUBPROTOCOL} required")
-        subprotocol = SUBPROTOCOL
+        accept = ACCEPT_SUBPROTOCOL
     if active_connections >= max_connections:
         return UpgradeDecision(503, reason="server at connection limit")
-    return UpgradeDecision(101, subprotocol=subprotocol)
+    return accept
 
 
 def client_ip(

@@ -218,16 +218,33 @@ class AuthService:
     def is_token_shaped(value: str) -> bool:
         return tokens.looks_like_token(value)
 
-    async def resume(self, token: str) -> AuthResult:
+    async def resume(
+        self, token: str, also: Callable[[Conn, SessionRow], None] | None = None
+    ) -> AuthResult:
+        """``also`` runs in the same read once the token has found a device session of
+        an enabled user that is not revoked (the READY's device read: one reader hop
+        for both); every check below still decides, and on any failure what ``also``
+        read is never used."""
         if not tokens.looks_like_token(token):
             raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
         digest = tokens.digest(token)
 
         def lookup(conn: Conn) -> tuple[SessionRow | None, UserRow | None]:
             session = get_session_by_token_hash_txn(conn, digest)
-            return session, (get_user_txn(conn, session.user_id) if session else None)
+            if session is None:
+                return None, None
+            user = get_user_txn(conn, session.user_id)
+            if (
+                also is not None
+                and user is not None
+                and user.enabled
+                and session.kind == "device"
+                and session.revoked_at_us is None
+            ):
+                also(conn, session)
+            return session, user
 
-        session, user = await self.storage.db.read(lookup)  # one hop for both rows
+        session, user = await self.storage.db.read(lookup)  # one hop for all of it
         if session is None or not tokens.same_digest(session.token_hash, digest):
             raise SovereignError(ErrorCode.INVALID_CREDENTIAL, "unknown session token")
         now = self.clock.now_us()

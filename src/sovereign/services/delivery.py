@@ -38,6 +38,7 @@ from sovereign.services.state import ConversationState, Device
 from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn, Database
+from sovereign.storage.sessions import SessionRow
 from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.delivery")
@@ -175,7 +176,9 @@ class DeliveryService:
         #: Reads that ride on the sync's read of a device not in memory, in the same
         #: transaction (a reader hop each saved in a resume storm): each gets the
         #: session and returns a function of the connection that keeps its result.
-        self.sync_reads: list[Callable[[Session], Callable[[Conn], None]]] = []
+        self.sync_reads: list[Callable[[SyncState], Callable[[Conn, str], None]]] = []
+        #: Welcomes pushed so far: a welcome list read before it changed may be stale.
+        self._welcome_pushes = 0
         #: Called once a connection takes live events (presence aggregation).
         self.went_live: list[Callable[[Session], None]] = []
 
@@ -227,6 +230,7 @@ class DeliveryService:
     ) -> None:
         """A stored welcome to the recipient's live connections, or after its backlog;
         with ``payload``, to its connections on the other nodes of a cluster too."""
+        self._welcome_pushes += 1
         self.outbox.publish(frame, (recipient,), None)
         if payload is not None and self.peers.clustered:
             self.peers.welcome(recipient, event_id, payload)
@@ -421,8 +425,32 @@ class DeliveryService:
             if not dev.sessions:
                 del devices[s.device_id]
 
+    def resume_read(self) -> tuple[SyncState, Callable[[Conn, SessionRow], None]]:
+        """A sync state and a read to run in the resume's own transaction, once the
+        token has found its session (a reader hop less per resume: docs/performance.md).
+
+        The read keeps, in the sync state, what a READY needs of the device if it is
+        not in memory then: created_at_us (the session row's), cursors, pending
+        welcomes and the ``sync_reads``. Hand the state to the connection
+        (``s.sync``) before :meth:`on_ready`. Cursors and the count are as safe read
+        here as at the sync (see :meth:`_sync`); welcomes stand only if none was
+        pushed in between: one pushed before the session is syncing would be in
+        neither the read nor its buffer, so then the sync reads them again."""
+        sync = SyncState(self._welcome_pushes)
+        extra = [read(sync) for read in self.sync_reads]
+
+        def read(conn: Conn, session: SessionRow) -> None:
+            device_id = session.device_id
+            created = session.created_at_us
+            cursors = sql.load_cursors_txn(conn, device_id)
+            welcomes = sql.device_extras_txn(conn, device_id, session.user_id, created, extra)
+            sync.device = (created, cursors, welcomes)
+
+        return sync, read
+
     def on_ready(self, s: Session) -> None:
-        s.sync = SyncState()
+        if s.sync is None:  # else it came with its device read (resume_read)
+            s.sync = SyncState()
         self.syncing.add(s)
         self.tasks.background(self._sync_or_close(s))
 
@@ -448,14 +476,20 @@ class DeliveryService:
             # this session's SyncState buffer, so nothing falls between).
             welcomes: list[sql.StoredWelcome] | None = None
             dev = self.state.devices.get(s.device_id)
-            if dev is None:
+            pre, sync.device = sync.device, None
+            if dev is None and pre is not None:  # read with the token (resume_read)
+                created, cursors, welcomes = pre
+                if sync.welcome_mark != self._welcome_pushes:
+                    welcomes = None  # read again below, now that the session buffers
+                dev = self._device_loaded(s, created, cursors)
+            elif dev is None:
                 created, cursors, welcomes = await self.db.read(
                     partial(
                         sql.load_device_sync_txn,
                         session_id=s.session_id,
                         device_id=s.device_id,
                         user_id=s.user_id,
-                        extra=[read(s) for read in self.sync_reads],
+                        extra=[read(sync) for read in self.sync_reads],
                     )
                 )
                 dev = self._device_loaded(s, created, cursors)

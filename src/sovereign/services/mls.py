@@ -35,7 +35,7 @@ from sovereign.services.delivery import DeliveryService
 from sovereign.services.eventlog import Conv, EventLog, Op
 from sovereign.services.ids import new_ulid
 from sovereign.services.ports import Outbox
-from sovereign.services.session import Session
+from sovereign.services.session import Session, SyncState
 from sovereign.services.state import ConversationState
 from sovereign.stats import MlsStats
 from sovereign.storage import cluster as csql
@@ -191,16 +191,14 @@ class MlsService:
         for s in list(dev.sessions):
             self.outbox.send(s, T.MLS_KEY_PACKAGE_LOW, "", msg)
 
-    def sync_read(self, s: Session) -> Callable[[Conn], None]:
+    def sync_read(self, sync: SyncState) -> Callable[[Conn, str], None]:
         """The device's KeyPackage count, read with the device's sync (one reader hop
-        less per resume: ~20% more resumes per CPU-s, docs/performance.md)."""
-        sync = s.sync
-        device_id = s.device_id
+        less per resume: ~20% more resumes per CPU-s, docs/performance.md); the read
+        gets the device id."""
         writes = self._kp_writes
 
-        def read(conn: Conn) -> None:
-            if sync is not None:
-                sync.key_packages = (writes, kpsql.ordinary_count_txn(conn, device_id))
+        def read(conn: Conn, device_id: str) -> None:
+            sync.key_packages = (writes, kpsql.ordinary_count_txn(conn, device_id))
 
         return read
 

@@ -35,9 +35,16 @@ class Rejects(Protocol):
 class SyncState:
     """A connection receiving its backlog: live events wait here (SPEC §4 READY order)."""
 
-    __slots__ = ("buffer", "key_packages", "synced_upto", "synced_welcomes")
+    __slots__ = (
+        "buffer",
+        "device",
+        "key_packages",
+        "synced_upto",
+        "synced_welcomes",
+        "welcome_mark",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, welcome_mark: int = 0) -> None:
         # (conversation_id, seq, welcome event_id, frame); welcomes have no conversation seq
         self.buffer: list[tuple[str, int, str, bytes]] = []
         self.synced_upto: dict[str, int] = {}
@@ -45,6 +52,13 @@ class SyncState:
         # The MLS service's (generation, ordinary KeyPackage count), read with the
         # device when it was not in memory (MlsService.sync_read); None otherwise.
         self.key_packages: tuple[int, int] | None = None
+        # What a READY needs of a device not in memory (created_at_us, cursors, pending
+        # welcomes), read with the session token (DeliveryService.resume_read); the
+        # welcomes stand only if no welcome was pushed since ``welcome_mark``.
+        self.device: tuple[int, dict[str, int], list[tuple[str, str, str, int, bytes]]] | None = (
+            None
+        )
+        self.welcome_mark = welcome_mark
 
 
 class Session:

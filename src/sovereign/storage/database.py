@@ -54,7 +54,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -115,6 +114,74 @@ class _Stop:
 _QueueItem: TypeAlias = "tuple[Callable[[Conn], Any], asyncio.Future[Any], bool] | _Stop"
 
 
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():  # the awaiting task may have been cancelled
+        fut.set_result(result)
+
+
+def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class ReaderPool:
+    """The reader threads. A read is one queue put, and one ``call_soon_threadsafe``
+    that resolves the caller's asyncio future when it is done.
+
+    ``loop.run_in_executor`` with a ``ThreadPoolExecutor`` made, per read, a
+    concurrent Future (with its own Condition and lock), a work item and an asyncio
+    Future chained to it by two callbacks: ~13% of the event loop in a resume storm
+    (py-spy), where every resume is a read (docs/performance.md)."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._shut = False
+        self._threads = [
+            threading.Thread(target=self._main, name=f"{name}_{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(
+        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], fn: Any, *args: Any
+    ) -> None:
+        """Run ``fn(*args)`` on a reader thread; its result or exception goes to ``fut``
+        through ``loop``. RuntimeError once shut down (as ThreadPoolExecutor)."""
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("reader pool is shut down")
+            self._jobs.put((loop, fut, fn, args))
+
+    def shutdown(self) -> None:
+        """Refuse new reads; the queued and in-flight ones finish first."""
+        with self._lock:
+            if not self._shut:
+                self._shut = True
+                for _ in self._threads:
+                    self._jobs.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+
+    def _main(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            loop, fut, fn, args = job
+            answer: Callable[[asyncio.Future[Any], Any], None]
+            try:
+                answer, value = _resolve, fn(*args)
+            except BaseException as exc:  # as ThreadPoolExecutor: the caller gets it
+                answer, value = _reject, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                loop.call_soon_threadsafe(answer, fut, value)
+            job = loop = fut = fn = args = value = None  # nothing kept while idle
+
+
 class Database:
     """Group commit on one writer thread plus a pool of reader threads, for any engine.
 
@@ -150,7 +217,7 @@ class Database:
         self._wconn: Any = None
         self._rconns: list[Any] = []
         self._rfree: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._rpool: ThreadPoolExecutor | None = None
+        self._rpool: ReaderPool | None = None
         self.schema_version = 0
         # metrics
         self._batches = 0
@@ -277,8 +344,9 @@ class Database:
         if self._closed or self._rpool is None:
             raise DatabaseClosed("database is closed")
         loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         try:
-            fut = loop.run_in_executor(self._rpool, self._run_read, fn, snapshot)
+            self._rpool.submit(loop, fut, self._run_read, fn, snapshot)
         except RuntimeError:  # pool shut down between the check and the submit
             raise DatabaseClosed("database is closed") from None
         return await fut
@@ -458,7 +526,7 @@ class Database:
                 leftovers.append((item[1], DatabaseClosed("database is closed"), None))
         _post(leftovers)
         if self._rpool is not None:
-            self._rpool.shutdown(wait=True)  # in-flight reads finish first
+            self._rpool.shutdown()  # in-flight reads finish first
         self._before_close()
         self._close_connections()
         _post([(s.fut, None, None) for s in stops])
@@ -610,7 +678,7 @@ class SqliteDatabase(Database):
             self._rconns.append(r)
             self.engine.configure_reader(r, self._busy_timeout_ms)
             self._rfree.put(r)
-        self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
+        self._rpool = ReaderPool(self._n_readers, "sovereign-db-read")
         if self._checkpoint_s > 0:
             page = int(conn.execute("PRAGMA page_size").fetchone()[0])
             conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_WAL_BYTES // page}")

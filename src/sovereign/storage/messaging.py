@@ -278,16 +278,28 @@ def load_device_sync_txn(
     session_id: str,
     device_id: str,
     user_id: str,
-    extra: Sequence[Callable[[Conn], None]] = (),
+    extra: Sequence[Callable[[Conn, str], None]] = (),
 ) -> tuple[int, dict[str, int], list[StoredWelcome]]:
     """What a READY needs of a device not in memory, in one read: its session's
     created_at_us, its cursors and its pending welcomes (one reader hop, not two),
     then the ``extra`` reads other services asked for (they keep their own results)."""
     created, cursors = load_device_txn(conn, session_id, device_id)
-    welcomes = pending_welcomes_txn(conn, user_id, device_id, created)
+    return created, cursors, device_extras_txn(conn, device_id, user_id, created, extra)
+
+
+def device_extras_txn(
+    conn: Conn,
+    device_id: str,
+    user_id: str,
+    created_at_us: int,
+    extra: Sequence[Callable[[Conn, str], None]] = (),
+) -> list[StoredWelcome]:
+    """A device's pending welcomes, then the ``extra`` reads of other services (each
+    gets the device id and keeps its own result)."""
+    welcomes = pending_welcomes_txn(conn, user_id, device_id, created_at_us)
     for read in extra:
-        read(conn)
-    return created, cursors, welcomes
+        read(conn, device_id)
+    return welcomes
 
 
 def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:

@@ -33,7 +33,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +43,7 @@ from asyncpg.prepared_stmt import PreparedStatement
 from sovereign.storage.database import (
     Database,
     Migration,
+    ReaderPool,
     default_migrations,
     load_migrations,
     missing_migrations,
@@ -412,7 +412,7 @@ class PostgresDatabase(Database):
             r = PgConnection(self.dsn, read_only=True)
             self._rconns.append(r)
             self._rfree.put(r)
-        self._rpool = ThreadPoolExecutor(self._n_readers, thread_name_prefix="sovereign-db-read")
+        self._rpool = ReaderPool(self._n_readers, "sovereign-db-read")
 
     def _set_durable(self, conn: Any, durable: bool) -> None:
         # Session-level, outside the transaction; sent with the next round trip.

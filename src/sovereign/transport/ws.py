@@ -14,6 +14,7 @@ import logging
 import ssl
 import sys
 from collections.abc import Callable
+from http import HTTPStatus
 from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -46,6 +47,54 @@ _ECHO_CLOSE = frames.ECHO_CLOSE
 # read-only, so the one shared instance cannot be changed through any of them.
 _NO_HEADERS: Any = MappingProxyType({})  # stands in for picows' CIMultiDict
 _CLOSE = WSMsgType.CLOSE
+
+
+class _AcceptHeader:
+    """The one header picows sets on a 101 answer: ``Sec-WebSocket-Accept``."""
+
+    __slots__ = ("value",)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        if name != "Sec-WebSocket-Accept":  # picows 2.3 sets no other on a 101
+            raise KeyError(name)
+        self.value = value
+
+
+class _Switching(WSUpgradeResponse):
+    """A 101 Switching Protocols answer from bytes prepared once per subprotocol
+    choice: the same bytes picows' ``create_101_response`` gives, without building a
+    CIMultiDict and formatting each header at every accept (a resume storm is one
+    upgrade per resume: docs/performance.md). Written once; ``on_ws_connected``
+    drops its headers as for any answer."""
+
+    __slots__ = ("_accept", "_head")
+
+    def __init__(self, head: bytes) -> None:
+        self.version = b"HTTP/1.1"
+        self.status = HTTPStatus.SWITCHING_PROTOCOLS
+        self._accept: _AcceptHeader | None = _AcceptHeader()
+        self.headers = self._accept  # type: ignore[assignment]  # picows sets one key
+        self.body = None
+        self._head = head
+
+    def to_bytes(self) -> bytearray:
+        accept, self._accept = self._accept, None
+        assert accept is not None, "a 101 answer is written once"
+        return bytearray(b"%b%b\r\n\r\n" % (self._head, accept.value.encode()))
+
+
+def _switching_head(subprotocol: str | None) -> bytes:
+    extra = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        f"{extra}Connection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: "
+    ).encode()
+
+
+_SWITCHING_HEAD = {
+    None: _switching_head(None),
+    upgrade.SUBPROTOCOL: _switching_head(upgrade.SUBPROTOCOL),
+}
 
 #: SPEC §12.31, RFC 6455 §7.1.1: after its close frame the server keeps the socket
 #: until the peer's close frame, or this long once the close frame has left.
@@ -343,11 +392,8 @@ def make_listener_factory(
             accepting=handler.accepting,
         )
         if decision.status == 101:
-            extra = (
-                {"Sec-WebSocket-Protocol": decision.subprotocol} if decision.subprotocol else None
-            )
             return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_101_response(extra), Connection(handler)
+                _Switching(_SWITCHING_HEAD[decision.subprotocol]), Connection(handler)
             )
         if decision.status == 200:
             return WSUpgradeResponseWithListener(

@@ -9,6 +9,7 @@ from typing import Any
 
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
+from sovereign.storage.messaging import events_after_txn
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers import mls
 from tests.helpers.fakes import Sent
@@ -239,6 +240,85 @@ async def test_a_resume_reads_the_device_and_its_key_package_count_in_one_read(
             (T.MLS_KEY_PACKAGE_LOW, pb.KeyPackageLow(remaining=0, minimum=1))
         ]
         assert len(reads) == 1
+
+
+async def test_a_token_resume_reads_the_session_and_the_device_in_one_read(
+    harness_with: HarnessWith,
+) -> None:
+    """AUTH_REQUEST{session_token} of a device not in memory: the token's session and
+    user, the device's cursors and welcomes and its KeyPackage count come in one
+    reader hop (docs/performance.md, resume storm), and the READY is as before."""
+    async with harness_with(min_key_packages=1) as h:
+        alice, bob = await h.register("alice"), await h.register("bob")
+        a1, b1 = await h.connect(alice), await h.connect(bob)
+        conv = await h.create_group(a1, bob)
+        h.disconnect(b1)
+        m = await h.send(a1, conv)
+        real, reads = h.db.read, []
+
+        async def counting(fn: Any) -> Any:
+            reads.append(fn)
+            return await real(fn)
+
+        h.db.read = counting  # type: ignore[method-assign]
+        b1 = h.open()
+        h.request(b1, T.AUTH_REQUEST, pb.AuthRequest(session_token=bob.token), "auth")
+        await h.settle()
+        frames = h.outbox.take(b1)
+        assert frames[0].type == T.AUTH_SUCCESS and frames[0].msg.user_id == bob.user_id
+        backlog, done, after = split_at_sync_complete(frames[1:])
+        assert seqs(backlog, conv) == [2, 3] and backlog[-1].msg == m
+        assert done.msg.delivered == 2
+        assert [(f.type, f.msg) for f in after] == [
+            (T.PRESENCE_NOTIFY, pb.PresenceNotify(user_id=alice.user_id, status="online")),
+            (T.MLS_KEY_PACKAGE_LOW, pb.KeyPackageLow(remaining=0, minimum=1)),
+        ]
+        # The token's read, then the backlog's one page: nothing else.
+        assert len(reads) == 2 and reads[1].func is events_after_txn
+
+
+async def test_a_welcome_stored_between_the_token_read_and_the_sync_is_not_lost(
+    h: Harness, world: World
+) -> None:
+    """The device's welcomes are read with the token, before the session buffers live
+    welcomes: one stored and pushed in between must still come, once."""
+    w = world
+    h.disconnect(w.b1)
+    real = h.db.read
+    was_read, go = asyncio.Event(), asyncio.Event()
+
+    async def held(fn: Any) -> Any:
+        result = await real(fn)
+        was_read.set()
+        await go.wait()
+        return result
+
+    h.db.read = held  # type: ignore[method-assign]
+    b1 = h.open()
+    h.request(b1, T.AUTH_REQUEST, pb.AuthRequest(session_token=w.bob.token), "auth")
+    await was_read.wait()  # the session and the device are read; no READY yet
+    h.db.read = real  # type: ignore[method-assign]
+    h.request(
+        w.a1,
+        T.MLS_WELCOME,
+        pb.MLSWelcome(
+            conversation_id=w.conv, recipient_id=w.bob.user_id, welcome_data=mls.welcome()
+        ),
+        "w1",
+    )
+    for _ in range(2000):  # the welcome is stored and pushed while the resume waits
+        if any(f.request_id == "w1" for f in h.outbox.frames(w.a1)):
+            break
+        await asyncio.sleep(0.001)
+    assert h.outbox.response(w.a1, "w1").type == T.ACK
+    go.set()
+    await h.settle()
+    frames = h.outbox.take(b1)
+    assert frames[0].type == T.AUTH_SUCCESS
+    backlog, done, after = split_at_sync_complete(frames[1:])
+    assert [f.type for f in backlog] == [T.GROUP_MEMBER_ADDED, T.MLS_WELCOME_RECEIVE]
+    assert done.msg.delivered == 2
+    assert T.MLS_WELCOME_RECEIVE not in [f.type for f in after]
 
 
 async def test_a_key_package_fetch_during_the_sync_makes_its_count_read_again(
