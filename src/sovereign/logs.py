@@ -43,7 +43,13 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # picows logs every parser error at ERROR; a client's malformed frame is not our error.
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """The libraries' loggers at the levels a server runs with."""
+    # picows logs every parser error at ERROR; a client's malformed frame is not our error
+    # (our own record of it is the rate-limited abuse log, SPEC §12.32).
     logging.getLogger("picows").setLevel(logging.CRITICAL)
 
 

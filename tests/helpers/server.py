@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sovereign import logs
 from sovereign.config import Config, load_with_sources
 from sovereign.server import GC_THRESHOLDS, App, create_app
 from tests.helpers import pg
@@ -109,6 +110,10 @@ def serving_gc() -> Iterator[None]:
 @asynccontextmanager
 async def running_server(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
     cfg, sources = test_config_sources(data_dir, **overrides)
+    # The library log levels `serve` sets: picows' ERROR per malformed frame would
+    # otherwise pile up in pytest's log capture (10,000 records in a 1,000-per-kind
+    # storm, which the storm's RSS bound then measured as the server's memory).
+    logs.quiet_libraries()
     with serving_gc():
         app = await create_app(cfg, sources)
         await app.start()
