@@ -116,6 +116,8 @@ async def storm(
         stop.set()
         await task
     grown = rss_mb() - before
+    print(f"\n{count} bad connections: RSS +{grown:.1f} MB, good client p99 "
+          f"{p99(rtts) * 1000:.1f} ms")  # fmt: skip
     assert p99(rtts) < 0.050, f"good client p99 {p99(rtts) * 1000:.1f} ms"
     assert grown < 20, f"RSS grew {grown:.1f} MB"
     tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith("sovereign")]

@@ -216,6 +216,7 @@ class Connection(WSListener):
         if self.linger is not None:
             self.linger.cancel()
         self.handler.closed(self)
+        self.transport = None  # picows' transport refers back to this listener
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         state = self.session.state
@@ -529,6 +530,14 @@ class LingeringTransport:
             self._timer.cancel()
             self._timer = None
 
+    def release(self) -> None:
+        """The connection is gone: drop the links back to its protocol and listener."""
+        self.cancel()
+        self._protocol = None  # type: ignore[assignment]
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.linger = None
+
     def _expired(self) -> None:
         self._timer = None
         raw = self.raw
@@ -549,7 +558,20 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # untyped (no stub)
     """picows's protocol over a :class:`LingeringTransport`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(LingeringTransport(transport, self))
+        self._lingering: LingeringTransport | None = LingeringTransport(transport, self)
+        super().connection_made(self._lingering)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            # Break the reference cycles of a closed connection (protocol, transport
+            # wrapper, listener), so it is freed when its last reference goes, not at
+            # the next full collection: `serve` collects rarely (server.tune_gc), and
+            # a storm of short connections otherwise piles up tens of MB until then.
+            lt, self._lingering = self._lingering, None
+            if lt is not None:
+                lt.release()
 
 
 async def create_server(
