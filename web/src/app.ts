@@ -935,7 +935,13 @@ export class App {
           const echo = await this.request("MESSAGE_SEND", { conversation_id: o.conv, encrypted_payload: o.payload, message_type: "text" }, { requestId: o.rid });
           this.enqueue(o.conv, echo.message.seq, { own: "message", rid: o.rid });
         } catch (e) {
-          if (e instanceof ServerError && e.code !== 3004 && e.code < 9000) {
+          if (e instanceof ServerError && e.code === 3004) {
+            // Rate limited (a burst of sends): the rest go after the wait the server
+            // named, same request_ids; the connection is fine, so no READY would.
+            setTimeout(() => void this.flushOutbox(), Math.max(e.retryAfterMs, 50));
+            return;
+          }
+          if (e instanceof ServerError && e.code < 9000) {
             o.failed = e.serverMessage;
             await store.write({ [`out:${o.rid}`]: o });
             this.changed();

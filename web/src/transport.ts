@@ -8,6 +8,8 @@ export class ServerError extends Error {
     public code: number,
     public serverMessage: string,
     public fatal = false,
+    /** SPEC §8: how long to wait before retrying (3004 RateLimited), 0 if not given. */
+    public retryAfterMs = 0,
   ) {
     super(`${code}: ${serverMessage}`);
   }
@@ -104,7 +106,7 @@ export class Connection {
     if (p) {
       this.pending.delete(env.requestId);
       clearTimeout(p.timer);
-      if (env.type === "ERROR") p.reject(new ServerError(env.message.code, env.message.message, env.message.fatal));
+      if (env.type === "ERROR") p.reject(new ServerError(env.message.code, env.message.message, env.message.fatal, Number(env.message.retry_after_ms ?? 0)));
       else if (env.type === "AUTH_ERROR") p.reject(new ServerError(env.message.error_code, env.message.message));
       else p.resolve(env);
       return;
