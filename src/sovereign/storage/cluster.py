@@ -9,6 +9,7 @@ transaction moves them under the row's lock); a single node keeps them only as a
 from __future__ import annotations
 
 from sovereign.storage import messaging as sql
+from sovereign.storage._util import rows_in
 from sovereign.storage.database import Conn
 from sovereign.storage.engines import SQLITE, per_engine
 
@@ -65,43 +66,35 @@ def mls_txn(
 def heads_txn(conn: Conn, users: list[str]) -> tuple[dict[str, int], set[str]]:
     """The exact head (cluster mode keeps ``last_seq`` exact) of every conversation
     ``users`` are or were members of, and the set of those conversations."""
-    heads: dict[str, int] = {}
-    for i in range(0, len(users), 500):
-        chunk = users[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        for r in conn.execute(
+    heads = {
+        str(r[0]): int(r[1])
+        for r in rows_in(
+            conn,
             "SELECT DISTINCT c.conversation_id, c.last_seq FROM conversations c"
             " JOIN members m ON m.conversation_id = c.conversation_id"
-            f" WHERE m.user_id IN ({marks})",
-            chunk,
-        ):
-            heads[str(r[0])] = int(r[1])
+            " WHERE m.user_id IN ({marks})",
+            users,
+        )
+    }
     return heads, set(heads)
 
 
 def closed_txn(conn: Conn, users: list[str], sessions: list[str]) -> tuple[list[str], list[str]]:
-    gone_users: list[str] = []
-    gone_sessions: list[str] = []
-    for i in range(0, len(users), 500):
-        chunk = users[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        gone_users += [
-            str(r[0])
-            for r in conn.execute(
-                f"SELECT user_id FROM users WHERE user_id IN ({marks}) AND enabled = 0", chunk
-            )
-        ]
-    for i in range(0, len(sessions), 500):
-        chunk = sessions[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        gone_sessions += [
-            str(r[0])
-            for r in conn.execute(
-                f"SELECT session_id FROM sessions WHERE session_id IN ({marks})"
-                " AND revoked_at_us IS NOT NULL",
-                chunk,
-            )
-        ]
+    gone_users = [
+        str(r[0])
+        for r in rows_in(
+            conn, "SELECT user_id FROM users WHERE user_id IN ({marks}) AND enabled = 0", users
+        )
+    ]
+    gone_sessions = [
+        str(r[0])
+        for r in rows_in(
+            conn,
+            "SELECT session_id FROM sessions WHERE session_id IN ({marks})"
+            " AND revoked_at_us IS NOT NULL",
+            sessions,
+        )
+    ]
     return gone_users, gone_sessions
 
 
@@ -115,17 +108,15 @@ def purged_txn(conn: Conn, conversation_ids: list[str] | None) -> dict[str, int]
                 "SELECT conversation_id, purged_seq FROM conversations WHERE purged_seq > 0"
             )
         }
-    out: dict[str, int] = {}
-    for i in range(0, len(conversation_ids), 500):
-        chunk = conversation_ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        for r in conn.execute(
+    return {
+        str(r[0]): int(r[1])
+        for r in rows_in(
+            conn,
             "SELECT conversation_id, purged_seq FROM conversations"
-            f" WHERE conversation_id IN ({marks})",
-            chunk,
-        ):
-            out[str(r[0])] = int(r[1])
-    return out
+            " WHERE conversation_id IN ({marks})",
+            conversation_ids,
+        )
+    }
 
 
 # -- the event transaction -----------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from sovereign.storage._util import rows_in
 from sovereign.storage.database import Conn
 from sovereign.storage.engines import per_engine
 
@@ -372,24 +373,22 @@ def ack_lookup_txn(
     """For the ids of one MESSAGE_ACK, in one transaction (SPEC §12.32: no per-id round
     trip): the conversation events among them as (conversation_id, seq, type,
     sender_id), and the welcomes among the rest as their recipient user."""
-    events: dict[str, tuple[str, int, int, str]] = {}
-    owners: dict[str, str] = {}
-    for i in range(0, len(event_ids), 500):
-        chunk = event_ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        for row in conn.execute(
+    events = {
+        row[0]: (row[1], int(row[2]), int(row[3]), row[4])
+        for row in rows_in(
+            conn,
             "SELECT event_id, conversation_id, seq, type, sender_id FROM events"
-            f" WHERE event_id IN ({marks})",
-            chunk,
-        ):
-            events[row[0]] = (row[1], int(row[2]), int(row[3]), row[4])
-        rest = [e for e in chunk if e not in events]
-        if rest:
-            marks = ",".join("?" * len(rest))
-            for row in conn.execute(
-                f"SELECT event_id, user_id FROM welcomes WHERE event_id IN ({marks})", rest
-            ):
-                owners[row[0]] = str(row[1])
+            " WHERE event_id IN ({marks})",
+            event_ids,
+        )
+    }
+    rest = [e for e in event_ids if e not in events]
+    owners = {
+        row[0]: str(row[1])
+        for row in rows_in(
+            conn, "SELECT event_id, user_id FROM welcomes WHERE event_id IN ({marks})", rest
+        )
+    }
     return events, owners
 
 

@@ -15,7 +15,7 @@ import msgspec
 from ulid import ULID
 
 from sovereign.clock import SYSTEM_CLOCK
-from sovereign.storage._util import clamp_page, like_pattern
+from sovereign.storage._util import clamp_page, like_pattern, rows_in
 from sovereign.storage.database import Conn, Database
 from sovereign.storage.engines import INTEGRITY_ERRORS, is_unique_violation, violated_constraint
 from sovereign.storage.errors import NotFound, UsernameTaken
@@ -93,14 +93,8 @@ def get_user_txn(conn: Conn, user_id: str) -> UserRow | None:
 def get_users_txn(conn: Conn, user_ids: list[str]) -> dict[str, UserRow]:
     """The rows of those of ``user_ids`` that exist: one statement per 500 ids, not one
     round trip per user (a 1,000-member GROUP_CREATE names 999)."""
-    out: dict[str, UserRow] = {}
-    for i in range(0, len(user_ids), 500):
-        chunk = user_ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        for r in conn.execute(f"SELECT {_COLS} FROM users WHERE user_id IN ({marks})", chunk):
-            user = _user(r)
-            out[user.user_id] = user
-    return out
+    sql_in = f"SELECT {_COLS} FROM users WHERE user_id IN ({{marks}})"
+    return {u.user_id: u for u in map(_user, rows_in(conn, sql_in, user_ids))}
 
 
 def get_user_by_username_txn(conn: Conn, username: str) -> UserRow | None:

@@ -157,7 +157,13 @@ def literals(name: str) -> Iterator[str]:
 
 def statements(name: str) -> Iterator[str]:
     """Complete statements: literals, f-strings whose every placeholder is a module-level
-    string (``_COLS``), and module-level strings (with engine SQL spliced in)."""
+    string (``_COLS``), and module-level strings (with engine SQL spliced in). An IN-list
+    template for ``_util.rows_in`` (``IN ({marks})``) is checked with one id."""
+    for sql in _statements(name):
+        yield sql.replace("({marks})", "(?)")
+
+
+def _statements(name: str) -> Iterator[str]:
     module, tree = _source(name)
     consts = {k: v for k, v in vars(module).items() if isinstance(v, str)}
     # Not statements on their own: docstrings, f-string parts, and the pieces of
