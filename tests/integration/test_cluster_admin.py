@@ -181,17 +181,8 @@ async def test_a_display_name_changed_by_an_admin_reaches_the_other_nodes_cache(
     acc = await accounts(c, "root", "alice", "bob", admin=("root",))
     api_a = AdminApi(admin_base(a), acc["root"].token)
     api_b = AdminApi(admin_base(b), acc["root"].token)
-    alice = await WsClient.connect(a.url)
-    bob = await WsClient.connect(b.url)
+    alice, bob, conv = await alice_and_bob_in_a_group(c, acc)
     try:
-        await resume(alice, acc["alice"].token)
-        await resume(bob, acc["bob"].token)
-        got = await alice.request(
-            T.GROUP_CREATE,
-            pb.GroupCreate(title="g", member_ids=[acc["bob"].user_id]),
-            T.GROUP_CREATED,
-        )
-        conv = got.conversation_id
 
         async def alice_seen_by_bob() -> str:
             listed = await bob.request(T.CONVERSATION_LIST_REQUEST, None, T.CONVERSATION_LIST)
@@ -217,6 +208,23 @@ async def test_a_display_name_changed_by_an_admin_reaches_the_other_nodes_cache(
         await api_b.session.close()
 
 
+async def alice_and_bob_in_a_group(
+    c: Cluster, acc: dict[str, Account]
+) -> tuple[WsClient, WsClient, str]:
+    """alice connected to node a, bob to node b, in a group alice created on a."""
+    a, b = c.nodes
+    alice = await WsClient.connect(a.url)
+    bob = await WsClient.connect(b.url)
+    await resume(alice, acc["alice"].token)
+    await resume(bob, acc["bob"].token)
+    got = await alice.request(
+        T.GROUP_CREATE,
+        pb.GroupCreate(title="g", member_ids=[acc["bob"].user_id]),
+        T.GROUP_CREATED,
+    )
+    return alice, bob, str(got.conversation_id)
+
+
 async def _ne(got: Awaitable[str], other: str) -> bool:
     try:
         return await got != other
@@ -231,19 +239,10 @@ async def test_retention_on_one_node_is_reported_by_the_other_nodes_sync(
     SYNC_COMPLETE.truncated_conversation_ids — on every node, not only the one whose
     retention pass removed them."""
     c = two_nodes
-    a, b = c.nodes
+    _a, b = c.nodes
     acc = await accounts(c, "alice", "bob")
-    alice = await WsClient.connect(a.url)
-    bob = await WsClient.connect(b.url)
+    alice, bob, conv = await alice_and_bob_in_a_group(c, acc)
     try:
-        await resume(alice, acc["alice"].token)
-        await resume(bob, acc["bob"].token)
-        got = await alice.request(
-            T.GROUP_CREATE,
-            pb.GroupCreate(title="g", member_ids=[acc["bob"].user_id]),
-            T.GROUP_CREATED,
-        )
-        conv = got.conversation_id
         await bob.wait_for(T.GROUP_MEMBER_ADDED)  # node b knows the conversation
         await bob.close()
         old = await alice.request(
