@@ -122,6 +122,104 @@ async def test_refuses_schema_newer_than_code(tmp_path: Path, db_path: Path) -> 
         await SqliteDatabase.open(db_path)
 
 
+def _event_rows(
+    n: int, conv: str, start: int = 1
+) -> list[tuple[str, int, str, int, str, int, bytes]]:
+    """``n`` events of ~360 bytes (a 200-byte ciphertext in its MessageReceive), as the
+    relay benchmark stores them."""
+    return [
+        (conv, seq, f"01J{conv[-3:]}{seq:020d}", 21, "01JSENDER0000000000000000", seq, bytes(300))
+        for seq in range(start, start + n)
+    ]
+
+
+async def test_0006_keeps_every_event_and_drops_without_rowid(
+    tmp_path: Path, db_path: Path
+) -> None:
+    """A database made before 0006 (events WITHOUT ROWID) keeps every event, key and
+    constraint when 0006 rebuilds the table as a rowid table."""
+    old = tmp_path / "old-migrations"
+    old.mkdir()
+    for entry in default_migrations().iterdir():
+        if entry.name.endswith(".sql") and not entry.name.startswith(("0006", "0007")):
+            (old / entry.name).write_text(entry.read_text())
+    db = await SqliteDatabase.open(db_path, migrations=old)
+    assert db.schema_version == 5
+    rows = _event_rows(40, "01JCONVA") + _event_rows(25, "01JCONVB")
+
+    def fill(conn: sqlite3.Connection) -> None:
+        for conv in ("01JCONVA", "01JCONVB"):
+            conn.execute(
+                "INSERT INTO conversations (conversation_id, created_by, created_at_us)"
+                " VALUES (?, 'u', 0)",
+                (conv,),
+            )
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    await db.write(fill)
+    await db.close()
+    before = sqlite3.connect(db_path)
+    assert (
+        "WITHOUT ROWID"
+        in before.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+    )
+    before.close()
+
+    db = await SqliteDatabase.open(db_path)
+    try:
+        assert db.schema_version >= 6
+        got = await db.read(
+            lambda c: [
+                tuple(r) for r in c.execute("SELECT * FROM events ORDER BY conversation_id, seq")
+            ]
+        )
+        assert got == sorted(rows)
+        # A rowid table now (a WITHOUT ROWID table has no rowid column) ...
+        assert (
+            await db.read(lambda c: c.execute("SELECT max(rowid) FROM events").fetchone()[0]) == 65
+        )
+        # ... with both keys still enforced.
+        for dup in ((*rows[0][:2], "01JNEWID", *rows[0][3:]), ("01JCONVA", 99, *rows[0][2:])):
+            with pytest.raises(DatabaseError):
+                await db.write(
+                    lambda c, d=dup: c.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", d)
+                )
+    finally:
+        await db.close()
+
+
+async def test_events_of_everyday_size_need_no_overflow_pages(db_path: Path) -> None:
+    """Why 0006: a ~360-byte event fits in its 1 KiB leaf page. WITHOUT ROWID capped a cell
+    at 231 bytes, so each such event also wrote an overflow page of its own."""
+    db = await SqliteDatabase.open(db_path)
+
+    def fill(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO conversations (conversation_id, created_by, created_at_us)"
+            " VALUES ('01JCONVA', 'u', 0)"
+        )
+        conn.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", _event_rows(200, "01JCONVA")
+        )
+
+    def pages(conn: sqlite3.Connection) -> dict[str, int]:
+        try:
+            found = conn.execute(
+                "SELECT pagetype, count(*) FROM dbstat WHERE name = 'events' GROUP BY pagetype"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table")
+        return {str(r[0]): int(r[1]) for r in found}
+
+    try:
+        await db.write(fill)
+        by_type = await db.write(pages)
+        assert "overflow" not in by_type, by_type
+        assert by_type["leaf"] <= 200 // 2  # two or more events per leaf
+    finally:
+        await db.close()
+
+
 async def test_failed_migration_rolls_back_and_open_fails_cleanly(
     tmp_path: Path, db_path: Path
 ) -> None:
