@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -216,6 +217,33 @@ async def test_events_of_everyday_size_need_no_overflow_pages(db_path: Path) -> 
         by_type = await db.write(pages)
         assert "overflow" not in by_type, by_type
         assert by_type["leaf"] <= 200 // 2  # two or more events per leaf
+    finally:
+        await db.close()
+
+
+async def test_checkpointer_restarts_the_wal_under_steady_writes(db_path: Path) -> None:
+    """Commits that never pause must not grow the WAL without end: PASSIVE checkpoints
+    alone never catch up with them (the WAL grew to the 64 MB backstop, then a commit
+    paid for checkpointing all of it); the RESTART step lets the writer start over."""
+    db = await SqliteDatabase.open(db_path, checkpoint_s=0.02)
+    wal = db_path.with_name(db_path.name + "-wal")
+
+    def resets() -> int:
+        return int.from_bytes(wal.read_bytes()[12:16], "big")  # header: checkpoint sequence
+
+    try:
+        await db.write(_insert("first"))
+        before = resets()
+        until = time.monotonic() + 1.0
+
+        async def steady(i: int) -> None:
+            n = 0
+            while time.monotonic() < until:
+                await db.write(_insert(f"{i}-{n}"))
+                n += 1
+
+        await asyncio.gather(*(steady(i) for i in range(4)))
+        assert resets() > before
     finally:
         await db.close()
 
