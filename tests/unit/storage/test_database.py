@@ -224,7 +224,8 @@ async def test_events_of_everyday_size_need_no_overflow_pages(db_path: Path) -> 
 async def test_checkpointer_restarts_the_wal_under_steady_writes(db_path: Path) -> None:
     """Commits that never pause must not grow the WAL without end: PASSIVE checkpoints
     alone never catch up with them (the WAL grew to the 64 MB backstop, then a commit
-    paid for checkpointing all of it); the RESTART step lets the writer start over."""
+    paid for checkpointing all of it); the last round, between two batches of the writer,
+    catches up, and the writer starts the WAL over."""
     db = await SqliteDatabase.open(db_path, checkpoint_s=0.02)
     wal = db_path.with_name(db_path.name + "-wal")
 
