@@ -916,6 +916,9 @@ def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> i
                 "SELECT 1 FROM schema_version WHERE version = ?", (m.version,)
             ).fetchone()
             if again is None:
+                # Most are instant; one that rebuilds a table (0006) takes as long as
+                # copying it, and the operator should see what the start waits for.
+                log.info("applying migration %04d_%s", m.version, m.name)
                 for stmt in split_statements(m.sql):
                     conn.execute(stmt)
                 conn.execute(

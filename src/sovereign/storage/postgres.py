@@ -330,6 +330,7 @@ async def _apply_migrations(conn: asyncpg.Connection[Any], migrations: list[Migr
         )
         applied = {int(r[0]) for r in await conn.fetch("SELECT version FROM schema_version")}
         for m in missing_migrations(applied, migrations):
+            log.info("applying migration %04d_%s (postgres)", m.version, m.name)
             try:
                 async with conn.transaction():
                     await conn.execute(m.sql)  # a script: simple query protocol
