@@ -720,18 +720,17 @@ class SqliteDatabase(Database):
             conn.close()
 
     @staticmethod
-    def _checkpoint_round(conn: sqlite3.Connection, gate: threading.Lock) -> bool:
+    def _checkpoint_round(conn: sqlite3.Connection, gate: threading.Lock) -> None:
         """``PASSIVE_ROUNDS`` PASSIVE checkpoints (they wait for nobody: the first copies
         the bulk, the next what was committed meanwhile), then one more with ``gate``
-        held, between two batches of the writer, which copies the last frames. True if
-        the WAL is then wholly copied (no reader kept an older snapshot): the writer's
-        next commit starts it over from its top, unless a read is running just then
-        (the next round tries again)."""
+        held, between two batches of the writer, which copies the last frames. Unless a
+        reader kept an older snapshot, the WAL is then wholly copied and the writer's
+        next commit starts it over from its top (if a read is running just then, the
+        next round tries again)."""
         for _ in range(PASSIVE_ROUNDS):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         with gate:
-            _busy, log_frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return bool(log_frames == copied)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _set_durable(self, conn: Any, durable: bool) -> None:
         conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")

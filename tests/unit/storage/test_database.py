@@ -92,11 +92,13 @@ async def test_migrations_applied_once_and_idempotent(db_path: Path) -> None:
             await db.close()
 
 
-def _migrations_dir(tmp_path: Path, extra: dict[str, str]) -> Path:
+def _migrations_dir(tmp_path: Path, extra: dict[str, str], below: int | None = None) -> Path:
+    """The shipped migrations (only those numbered below ``below``, if given) plus
+    ``extra``."""
     d = tmp_path / "migrations"
     d.mkdir(exist_ok=True)
     for entry in default_migrations().iterdir():
-        if entry.name.endswith(".sql"):
+        if entry.name.endswith(".sql") and (below is None or int(entry.name[:4]) < below):
             (d / entry.name).write_text(entry.read_text())
     for name, sql in extra.items():
         (d / name).write_text(sql)
@@ -123,14 +125,12 @@ async def test_refuses_schema_newer_than_code(tmp_path: Path, db_path: Path) -> 
         await SqliteDatabase.open(db_path)
 
 
-def _event_rows(
-    n: int, conv: str, start: int = 1
-) -> list[tuple[str, int, str, int, str, int, bytes]]:
+def _event_rows(n: int, conv: str) -> list[tuple[str, int, str, int, str, int, bytes]]:
     """``n`` events of ~360 bytes (a 200-byte ciphertext in its MessageReceive), as the
     relay benchmark stores them."""
     return [
         (conv, seq, f"01J{conv[-3:]}{seq:020d}", 21, "01JSENDER0000000000000000", seq, bytes(300))
-        for seq in range(start, start + n)
+        for seq in range(1, n + 1)
     ]
 
 
@@ -139,12 +139,7 @@ async def test_0006_keeps_every_event_and_drops_without_rowid(
 ) -> None:
     """A database made before 0006 (events WITHOUT ROWID) keeps every event, key and
     constraint when 0006 rebuilds the table as a rowid table."""
-    old = tmp_path / "old-migrations"
-    old.mkdir()
-    for entry in default_migrations().iterdir():
-        if entry.name.endswith(".sql") and not entry.name.startswith(("0006", "0007")):
-            (old / entry.name).write_text(entry.read_text())
-    db = await SqliteDatabase.open(db_path, migrations=old)
+    db = await SqliteDatabase.open(db_path, migrations=_migrations_dir(tmp_path, {}, below=6))
     assert db.schema_version == 5
     rows = _event_rows(40, "01JCONVA") + _event_rows(25, "01JCONVB")
 
