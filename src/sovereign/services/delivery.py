@@ -30,7 +30,7 @@ from sovereign.codec import encode_envelope
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.eventlog import Conv, Event, EventLog, Op
+from sovereign.services.eventlog import Conv, Event, EventLog, Op, fold_send_requests
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
 from sovereign.services.session import Session, SyncState
@@ -184,7 +184,11 @@ class DeliveryService:
 
     async def load(self) -> None:
         """The idempotency filters from the stored keys of the window (keys only, in
-        pages: memory stays bounded however many there are)."""
+        pages: memory stays bounded however many there are). The keys the last run
+        logged but did not fold are folded first, so all are in the keyed table."""
+        folded = await fold_send_requests(self.db, LOAD_PAGE)
+        if folded:
+            log.info("folded %d logged idempotency keys", folded)
         since = self.clock.now_us() - IDEMPOTENCY_US
         after: tuple[str, str] | None = None
         total = 0
