@@ -7,9 +7,10 @@ Theory of operation
 The durable record is (user_id, request_id) -> event id, written in the same
 transaction as the event: appended to ``send_requests_log``, then folded in key order
 into the keyed ``send_requests`` table (services/eventlog.py, ``fold_send_requests``;
-migration 0007), which writes far fewer pages than one keyed insert per send. Memory only has to answer one question
-fast, for every send: *could this key already be stored?* Almost always the answer is
-"certainly not" (a new message), and that must cost no storage read. Three tiers:
+migration 0007), which writes far fewer pages than one keyed insert per send. Memory
+only has to answer one question fast, for every send: *could this key already be
+stored?* Almost always the answer is "certainly not" (a new message), and that must
+cost no storage read. Three tiers:
 
 1. ``pending``: keys whose original is still in the event log's queue, not committed
    (so not in storage either). A retry joins the original and gets its echo. Never

@@ -20,8 +20,8 @@ import pytest
 from sovereign.errors import ErrorCode
 from sovereign.protocol.types import MessageType as T
 from sovereign.services import delivery as delivery_mod
-from sovereign.services import ids
 from sovereign.services import eventlog as eventlog_mod
+from sovereign.services import ids
 from sovereign.services.eventlog import Op
 from sovereign.services.idempotency import (
     FILTER_BITS,
@@ -378,7 +378,8 @@ async def test_restart_rebuilds_the_filters_from_storage_in_pages(
 
 
 async def stored_keys(h: Harness, table: str) -> list[tuple[str, str]]:
-    rows = await h.db.read(lambda c: c.execute(f"SELECT user_id, request_id FROM {table}").fetchall())
+    query = f"SELECT user_id, request_id FROM {table}"
+    rows = await h.db.read(lambda c: c.execute(query).fetchall())
     return sorted((str(u), str(r)) for u, r in rows)
 
 
