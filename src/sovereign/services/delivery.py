@@ -30,7 +30,15 @@ from sovereign.codec import encode_envelope
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.eventlog import Conv, Event, EventLog, Op, fold_send_requests
+from sovereign.services.eventlog import (
+    FOLD_CHUNK,
+    FOLD_PAUSE_S,
+    Conv,
+    Event,
+    EventLog,
+    Op,
+    fold_send_requests,
+)
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
 from sovereign.services.session import Session, SyncState
@@ -387,8 +395,13 @@ class DeliveryService:
         self.requests.purge(self.clock.now_us())
 
     async def purge_stored_idempotency(self) -> None:
+        """The maintenance pass (hourly): keys past the window out of both tables, then
+        the log folded, however few keys it holds. So no key stays in the log for long
+        (a quiet server may take days to log ``FOLD_ROWS`` keys), and the log never
+        holds one key twice: a key is stored again only after its 24 h window."""
         since = self.clock.now_us() - IDEMPOTENCY_US
         await self.db.write(partial(sql.purge_send_requests_txn, before_us=since))
+        await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S)
         self.purge_idempotency()
 
     # -- devices and sync (SPEC §4 READY, §5, §12.12) -----------------------------------

@@ -596,20 +596,14 @@ def load_state(
 
 async def fold_send_requests(db: Database, chunk: int, pause_s: float = 0.0) -> int:
     """Move the logged idempotency keys into the keyed table (migration 0007): one read
-    of the log in key order (on a reader: the writer goes on), then ``chunk`` keys per
-    write, each write short, ``pause_s`` apart. Keys logged meanwhile wait for the next
-    round. Returns how many keys were moved."""
+    of the log ids in key order (on a reader: the writer goes on), then ``chunk`` keys
+    per write (an INSERT ... SELECT and a DELETE by those ids: the rows never pass
+    through Python), each write short, ``pause_s`` apart. Keys logged meanwhile wait
+    for the next round. Returns how many keys were moved."""
     logged = await db.read(sql.send_requests_log_txn)
     for i in range(0, len(logged), chunk):
         part = logged[i : i + chunk]
-        await db.write(
-            partial(
-                sql.fold_send_requests_txn,
-                rows=[r[1:] for r in part],
-                log_ids=[r[0] for r in part],
-            ),
-            durable=False,
-        )
+        await db.write(partial(sql.fold_send_requests_txn, log_ids=part), durable=False)
         if pause_s > 0 and i + chunk < len(logged):
             await asyncio.sleep(pause_s)
     return len(logged)

@@ -216,29 +216,35 @@ def log_send_requests_txn(conn: Conn, rows: Sequence[tuple[str, str, str, int]])
     )
 
 
-def send_requests_log_txn(conn: Conn) -> list[tuple[int, str, str, str, int]]:
-    """(log_id, user_id, request_id, event_id, created_at_us) of every logged key, in
-    key order (oldest first within a key): the plan of a fold round."""
+def send_requests_log_txn(conn: Conn) -> list[int]:
+    """The log ids of every logged key, in key order (oldest first within a key): the
+    plan of a fold round."""
     return [
-        (int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]))
+        int(r[0])
         for r in conn.execute(
-            "SELECT log_id, user_id, request_id, event_id, created_at_us"
-            " FROM send_requests_log ORDER BY user_id, request_id, created_at_us"
+            "SELECT log_id FROM send_requests_log ORDER BY user_id, request_id, created_at_us"
         )
     ]
 
 
-def fold_send_requests_txn(
-    conn: Conn, rows: Sequence[tuple[str, str, str, int]], log_ids: Sequence[int]
-) -> None:
-    """One chunk of a fold round: ``rows`` (user_id, request_id, event_id,
-    created_at_us), consecutive in key order, into ``send_requests``, and their log
-    rows out, in one transaction (a reader sees each key in one table or the other).
-    Consecutive keys land in one stretch of leaves: each leaf is written once for all
-    the keys it receives. A conflict is with a key whose window has passed (a key is
-    stored again only then): the newer send, applied later, replaces it."""
-    conn.executemany(_UPSERT_SEND_REQUEST, rows)
-    conn.executemany("DELETE FROM send_requests_log WHERE log_id = ?", [(i,) for i in log_ids])
+def fold_send_requests_txn(conn: Conn, log_ids: Sequence[int]) -> None:
+    """One chunk of a fold round: the logged keys ``log_ids`` (consecutive in key
+    order) into ``send_requests`` and out of the log, in one transaction (a reader
+    sees each key in one table or the other). Consecutive keys land in one stretch of
+    leaves: each leaf is written once for all the keys it receives. Ids already
+    moved are simply not found. A conflict is with a key whose window has passed (a
+    key is stored again only then): the newer send replaces it. The log never holds
+    one key twice, as it is folded at least hourly (``DeliveryService``'s purge)."""
+    marks = ", ".join("?" * len(log_ids))
+    conn.execute(
+        "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
+        " SELECT user_id, request_id, event_id, created_at_us FROM send_requests_log"
+        f" WHERE log_id IN ({marks}) ORDER BY user_id, request_id, created_at_us"
+        " ON CONFLICT (user_id, request_id) DO UPDATE SET"
+        " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
+        tuple(log_ids),
+    )
+    conn.execute(f"DELETE FROM send_requests_log WHERE log_id IN ({marks})", tuple(log_ids))
 
 
 def insert_welcome_txn(

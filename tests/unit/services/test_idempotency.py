@@ -412,29 +412,22 @@ async def test_sends_log_their_keys_and_a_fold_round_moves_them_in_chunks(
     assert await h.stored_seqs(w.conv) == list(range(1, 8))  # nothing stored twice
 
 
-async def test_a_fold_chunk_moves_exactly_its_rows_and_replaces_an_expired_key(
-    h: Harness,
+async def test_the_hourly_purge_folds_however_few_keys_the_log_holds(
+    h: Harness, world: World
 ) -> None:
-    await h.db.write(lambda c: sql.insert_send_requests_txn(c, [("u1", "r1", "e-old", 10)]))
-    logged = [("u1", "r1", "e-new", 5000), ("u0", "r9", "e2", 5001), ("u2", "r0", "e3", 5002)]
-    await h.db.write(lambda c: sql.log_send_requests_txn(c, logged))
-    plan = await h.db.read(sql.send_requests_log_txn)
-    assert [(u, r) for _i, u, r, _e, _t in plan] == [("u0", "r9"), ("u1", "r1"), ("u2", "r0")]
-    first = plan[:2]
-    await h.db.write(
-        lambda c: sql.fold_send_requests_txn(
-            c, rows=[p[1:] for p in first], log_ids=[p[0] for p in first]
-        )
-    )
-    assert await stored_keys(h, "send_requests_log") == [("u2", "r0")]
-    found = await h.db.read(
-        lambda c: c.execute("SELECT event_id FROM send_requests WHERE user_id = 'u1'").fetchall()
-    )
-    assert [str(x[0]) for x in found] == ["e-new"]
-    # Retention's purge reaches both tables.
-    await h.db.write(lambda c: sql.purge_send_requests_txn(c, before_us=5002))
-    assert await stored_keys(h, "send_requests") == []
-    assert await stored_keys(h, "send_requests_log") == [("u2", "r0")]
+    w = world
+    r = small(h, recent_max=0)  # the retry below reads storage
+    first = await send_rid(h, w.a1, w.conv, "quiet")
+    assert await stored_keys(h, "send_requests_log") == [(w.alice.user_id, "quiet")]
+    await h.delivery.purge_stored_idempotency()
+    assert await stored_keys(h, "send_requests_log") == []
+    assert await stored_keys(h, "send_requests") == [(w.alice.user_id, "quiet")]
+    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"retry"), "quiet")
+    await h.settle()
+    [again] = h.outbox.take(w.a1)
+    assert (again.request_id, again.msg) == ("quiet", first)
+    assert r.storage_checks == 1  # answered by the keyed table
+    assert await h.stored_seqs(w.conv) == [1, 2, 3]
 
 
 async def test_keys_page_in_primary_key_order_and_skip_expired_rows(h: Harness) -> None:
