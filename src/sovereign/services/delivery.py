@@ -32,6 +32,7 @@ from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.eventlog import (
     FOLD_CHUNK,
+    FOLD_PACED_MAX,
     FOLD_PAUSE_S,
     Conv,
     Event,
@@ -401,7 +402,7 @@ class DeliveryService:
         holds one key twice: a key is stored again only after its 24 h window."""
         since = self.clock.now_us() - IDEMPOTENCY_US
         await self.db.write(partial(sql.purge_send_requests_txn, before_us=since))
-        await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S)
+        await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S, FOLD_PACED_MAX)
         self.purge_idempotency()
 
     # -- devices and sync (SPEC §4 READY, §5, §12.12) -----------------------------------
