@@ -42,11 +42,11 @@ log = logging.getLogger("sovereign.eventlog")
 #: round, and the pause between two chunks. Larger rounds write fewer pages per key
 #: (the keys are denser in the key space); short chunks, spaced out, leave the writer
 #: to the event log between them (measured: docs/performance.md).
-FOLD_ROWS = 2048
-FOLD_CHUNK = 64
+FOLD_ROWS = 4096
+FOLD_CHUNK = 128
 FOLD_PAUSE_S = 0.02
 #: A round of more keys than this (the log fell behind: sends come faster than paced
-#: chunks move them, ~3,200 keys/s) runs its chunks back to back.
+#: chunks move them, ~6,400 keys/s) runs its chunks back to back.
 FOLD_PACED_MAX = 4 * FOLD_ROWS
 RECENT_EVENTS = 512  # per conversation, for acks and MESSAGE_DELIVERED without disk reads
 #: Batches starting within this long of each other form a stream (EventLog.submit).
