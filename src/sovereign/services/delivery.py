@@ -402,8 +402,8 @@ class DeliveryService:
         holds one key twice: a key is stored again only after its 24 h window."""
         since = self.clock.now_us() - IDEMPOTENCY_US
         await self.db.write(partial(sql.purge_send_requests_txn, before_us=since))
-        await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S, FOLD_PACED_MAX)
         self.purge_idempotency()
+        await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S, FOLD_PACED_MAX)
 
     # -- devices and sync (SPEC §4 READY, §5, §12.12) -----------------------------------
     async def device_created(self, device_id: str, user_id: str) -> None:
