@@ -137,7 +137,12 @@ async def test_redis_restart_during_traffic_loses_nothing(
         assert not await received(bob, {int(m.seq)}, max(0.1, 2.0 - (time.monotonic() - back)))
         assert time.monotonic() - back < 2.0
         stats = [n.bus.stats for n in nodes if isinstance(n.bus, RedisBus)]
-        assert all(s.reconnects == 1 and s.resyncs >= 1 for s in stats)
+        assert len(stats) == 2 and all(s.reconnects == 1 for s in stats)
+        # A node's resync is counted when its catch-up read returns, which may be just
+        # after its link is back (seen once in CI under load): wait for it, bounded.
+        while not all(s.resyncs >= 1 for s in stats):
+            assert time.monotonic() - back < 5.0, [s.resyncs for s in stats]
+            await asyncio.sleep(0.01)
         print(f"\nredis restart (2 nodes, SQLite): 41 echoed, 0 lost, live again after "
               f"{time.monotonic() - back:.2f} s")  # fmt: skip
     finally:
