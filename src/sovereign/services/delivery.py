@@ -30,16 +30,7 @@ from sovereign.codec import encode_envelope
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.eventlog import (
-    FOLD_CHUNK,
-    FOLD_PACED_MAX,
-    FOLD_PAUSE_S,
-    Conv,
-    Event,
-    EventLog,
-    Op,
-    fold_send_requests,
-)
+from sovereign.services.eventlog import Conv, Event, EventLog, Op
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
 from sovereign.services.session import Session, SyncState
@@ -193,11 +184,7 @@ class DeliveryService:
 
     async def load(self) -> None:
         """The idempotency filters from the stored keys of the window (keys only, in
-        pages: memory stays bounded however many there are). The keys the last run
-        logged but did not fold are folded first, so all are in the keyed table."""
-        folded = await fold_send_requests(self.db, LOAD_PAGE)
-        if folded:
-            log.info("folded %d logged idempotency keys", folded)
+        pages: memory stays bounded however many there are)."""
         since = self.clock.now_us() - IDEMPOTENCY_US
         after: tuple[str, str] | None = None
         total = 0
@@ -396,14 +383,9 @@ class DeliveryService:
         self.requests.purge(self.clock.now_us())
 
     async def purge_stored_idempotency(self) -> None:
-        """The maintenance pass (hourly): keys past the window out of both tables, then
-        the log folded, however few keys it holds. So no key stays in the log for long
-        (a quiet server may take days to log ``FOLD_ROWS`` keys), and the log never
-        holds one key twice: a key is stored again only after its 24 h window."""
         since = self.clock.now_us() - IDEMPOTENCY_US
         await self.db.write(partial(sql.purge_send_requests_txn, before_us=since))
         self.purge_idempotency()
-        await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S, FOLD_PACED_MAX)
 
     # -- devices and sync (SPEC §4 READY, §5, §12.12) -----------------------------------
     async def device_created(self, device_id: str, user_id: str) -> None:

@@ -24,7 +24,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from sovereign.protocol.types import MessageType as T
@@ -37,17 +36,6 @@ from sovereign.v1 import sovereign_pb2 as pb
 
 log = logging.getLogger("sovereign.eventlog")
 
-#: Idempotency keys logged before a fold round moves them into the keyed table in key
-#: order (:func:`fold_send_requests`; migration 0007), and keys moved per write of the
-#: round, and the pause between two chunks. Larger rounds write fewer pages per key
-#: (the keys are denser in the key space); short chunks, spaced out, leave the writer
-#: to the event log between them (measured: docs/performance.md).
-FOLD_ROWS = 4096
-FOLD_CHUNK = 128
-FOLD_PAUSE_S = 0.02
-#: A round of more keys than this (the log fell behind: sends come faster than paced
-#: chunks move them, ~6,400 keys/s) runs its chunks back to back.
-FOLD_PACED_MAX = 4 * FOLD_ROWS
 RECENT_EVENTS = 512  # per conversation, for acks and MESSAGE_DELIVERED without disk reads
 #: Batches starting within this long of each other form a stream (EventLog.submit).
 STREAM_S = 0.002
@@ -266,11 +254,6 @@ class EventLog:
         self._idle.set()
         self.batches = 0
         self.events_written = 0
-        #: Idempotency keys logged since the last fold round began, the threshold
-        #: that starts one, and the round in progress.
-        self.fold_rows = FOLD_ROWS
-        self._logged = 0
-        self._fold_task: asyncio.Task[None] | None = None
 
     def submit(self, op: Op) -> None:
         self._queue.append(op)
@@ -298,27 +281,9 @@ class EventLog:
             while self._queue:
                 batch, self._queue = self._queue, []
                 await self._write(batch)
-                self._maybe_fold()
         finally:
             self._busy = False
             self._idle.set()
-
-    def _maybe_fold(self) -> None:
-        """Start a fold round once ``fold_rows`` keys were logged since the last one
-        began (one round at a time)."""
-        if self._fold_task is None and self._logged >= self.fold_rows:
-            self._logged = 0
-            self._fold_task = asyncio.get_running_loop().create_task(self._fold_round())
-
-    async def _fold_round(self) -> None:
-        """A failed round leaves the rest of its keys in the log, where lookups still
-        find them; the next round moves them."""
-        try:
-            await fold_send_requests(self.db, FOLD_CHUNK, FOLD_PAUSE_S, FOLD_PACED_MAX)
-        except Exception as exc:
-            log.error("folding the idempotency log failed: %s", exc)
-        finally:
-            self._fold_task = None
 
     async def _write(self, batch: list[Op]) -> None:
         rows: list[sql.EventRow] = []
@@ -342,7 +307,7 @@ class EventLog:
                 # No conversations-row update: a head is its newest event (load_state).
                 sql.insert_events_txn(conn, rows)
             if requests:
-                sql.log_send_requests_txn(conn, requests)
+                sql.insert_send_requests_txn(conn, requests)
 
         try:
             await self.db.write(txn)
@@ -357,7 +322,6 @@ class EventLog:
             return
         self.batches += 1
         self.events_written += len(rows)
-        self._logged += len(requests)
         latency = self.latency
         if latency is not None and rows and self.now_us is not None:
             now = self.now_us()
@@ -384,8 +348,6 @@ class EventLog:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
-        while self._fold_task is not None:  # a chunk in flight: let it commit
-            await asyncio.shield(self._fold_task)
 
 
 #: Event payload classes whose ``seq`` and ``server_timestamp`` the database assigns in
@@ -595,23 +557,3 @@ def load_state(
         member = Member(m.user_id, m.role, m.joined_seq, m.joined_at_us, m.left_seq)
         (conv.former if m.left_seq is not None else conv.members)[m.user_id] = member
     return convs
-
-
-async def fold_send_requests(
-    db: Database, chunk: int, pause_s: float = 0.0, paced_max: int = 0
-) -> int:
-    """Move the logged idempotency keys into the keyed table (migration 0007): one read
-    of the log ids in key order (on a reader: the writer goes on), then ``chunk`` keys
-    per write (an INSERT ... SELECT and a DELETE by those ids: the rows never pass
-    through Python), each write short, ``pause_s`` apart in a round of at most
-    ``paced_max`` keys. Keys logged meanwhile wait for the next round. Returns how
-    many keys were moved."""
-    logged = await db.read(sql.send_requests_log_txn)
-    if len(logged) > paced_max:
-        pause_s = 0.0
-    for i in range(0, len(logged), chunk):
-        part = logged[i : i + chunk]
-        await db.write(partial(sql.fold_send_requests_txn, log_ids=part), durable=False)
-        if pause_s > 0 and i + chunk < len(logged):
-            await asyncio.sleep(pause_s)
-    return len(logged)

@@ -4,13 +4,10 @@ and stores nothing).
 
 Theory of operation
 -------------------
-The durable record is (user_id, request_id) -> event id, written in the same
-transaction as the event: appended to ``send_requests_log``, then folded in key order
-into the keyed ``send_requests`` table (services/eventlog.py, ``fold_send_requests``;
-migration 0007), which writes far fewer pages than one keyed insert per send. Memory
-only has to answer one question fast, for every send: *could this key already be
-stored?* Almost always the answer is "certainly not" (a new message), and that must
-cost no storage read. Three tiers:
+The durable record is the ``send_requests`` table: (user_id, request_id) -> event id,
+written in the same transaction as the event. Memory only has to answer one question
+fast, for every send: *could this key already be stored?* Almost always the answer is
+"certainly not" (a new message), and that must cost no storage read. Three tiers:
 
 1. ``pending``: keys whose original is still in the event log's queue, not committed
    (so not in storage either). A retry joins the original and gets its echo. Never
@@ -23,14 +20,13 @@ cost no storage read. Three tiers:
    ``IDEMPOTENCY_US / PERIOD_US + 1`` = 3 arrays. A filter has no false negatives: a
    key it has not seen was certainly not used in the window, so the send goes ahead
    with no read. A key it may have seen (an older retry, or a false positive) costs
-   ONE storage read (``send_requests`` by its primary key and the small log, joined
-   to the event).
+   ONE indexed storage read (``send_requests`` primary key, joined to the event).
 
 Memory is therefore fixed: 3 x FILTER_BITS / 8 bytes for the filters (6 MiB), plus
 RECENT_MAX small entries (~0.2 KB each, ~2 MB), whatever the traffic. What traffic
 changes is the filter's false-positive rate, so the share of new sends that pay one
-read (see docs/performance.md, "Memory bounds"). A restart folds the log, then
-rebuilds the filters from ``send_requests`` (keys only, in primary-key pages).
+read (see docs/performance.md, "Memory bounds"). A restart rebuilds the filters from
+``send_requests`` (keys only, in primary-key pages).
 
 A storage read runs while other sends go on. If the original commits during that
 read, the read may not see it and the recent tier may already have let it go again

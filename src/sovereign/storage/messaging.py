@@ -192,59 +192,14 @@ def start_device_cursors_txn(
     )
 
 
-_UPSERT_SEND_REQUEST = (
-    "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
-    " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, request_id) DO UPDATE SET"
-    " event_id = excluded.event_id, created_at_us = excluded.created_at_us"
-)
-
-
 def insert_send_requests_txn(conn: Conn, rows: Sequence[tuple[str, str, str, int]]) -> None:
-    """(user_id, request_id, event_id, created_at_us) of idempotent sends, one batch,
-    straight into the keyed table (the cluster's claims; one node logs instead)."""
-    conn.executemany(_UPSERT_SEND_REQUEST, rows)
-
-
-def log_send_requests_txn(conn: Conn, rows: Sequence[tuple[str, str, str, int]]) -> None:
-    """(user_id, request_id, event_id, created_at_us) of idempotent sends, appended to
-    ``send_requests_log``: a commit's keys share the log's last page, where the keyed
-    table would have dirtied a leaf per key (migration 0007)."""
+    """(user_id, request_id, event_id, created_at_us) of idempotent sends, one batch."""
     conn.executemany(
-        "INSERT INTO send_requests_log (user_id, request_id, event_id, created_at_us)"
-        " VALUES (?, ?, ?, ?)",
+        "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, request_id) DO UPDATE SET"
+        " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
         rows,
     )
-
-
-def send_requests_log_txn(conn: Conn) -> list[int]:
-    """The log ids of every logged key, in key order (oldest first within a key): the
-    plan of a fold round."""
-    return [
-        int(r[0])
-        for r in conn.execute(
-            "SELECT log_id FROM send_requests_log ORDER BY user_id, request_id, created_at_us"
-        )
-    ]
-
-
-def fold_send_requests_txn(conn: Conn, log_ids: Sequence[int]) -> None:
-    """One chunk of a fold round: the logged keys ``log_ids`` (consecutive in key
-    order) into ``send_requests`` and out of the log, in one transaction (a reader
-    sees each key in one table or the other). Consecutive keys land in one stretch of
-    leaves: each leaf is written once for all the keys it receives. Ids already
-    moved are simply not found. A conflict is with a key whose window has passed (a
-    key is stored again only then): the newer send replaces it. The log never holds
-    one key twice, as it is folded at least hourly (``DeliveryService``'s purge)."""
-    marks = ", ".join("?" * len(log_ids))
-    conn.execute(
-        "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
-        " SELECT user_id, request_id, event_id, created_at_us FROM send_requests_log"
-        f" WHERE log_id IN ({marks}) ORDER BY user_id, request_id, created_at_us"
-        " ON CONFLICT (user_id, request_id) DO UPDATE SET"
-        " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
-        tuple(log_ids),
-    )
-    conn.execute(f"DELETE FROM send_requests_log WHERE log_id IN ({marks})", tuple(log_ids))
 
 
 def insert_welcome_txn(
@@ -470,9 +425,7 @@ def send_request_keys_txn(
 ) -> list[tuple[str, str, int]]:
     """(user_id, request_id, created_at_us) of idempotency keys newer than ``since_us``,
     in primary-key order after ``after``: a page of the start-up load (keyset paging
-    on the primary key: no sort, no extra index). Start-up folds the log first
-    (``fold_send_requests`` in services/eventlog.py), so the keyed table then holds
-    every key."""
+    on the primary key: no sort, no extra index)."""
     if after is None:
         cur = conn.execute(
             "SELECT user_id, request_id, created_at_us FROM send_requests"
@@ -492,19 +445,14 @@ def send_request_keys_txn(
 def send_request_event_txn(
     conn: Conn, user_id: str, request_id: str, since_us: int
 ) -> tuple[str, bytes | None] | None:
-    """The stored send with this idempotency key within the window, in one read of
-    the keyed table (indexed) and the log (small, not yet folded): (event id, its
-    MessageReceive payload, None if retention removed the event), or None if the key
-    is not stored."""
+    """The stored send with this idempotency key within the window, in one indexed
+    read: (event id, its MessageReceive payload, None if retention removed the event),
+    or None if the key is not stored."""
     row = conn.execute(
-        "SELECT r.event_id, e.payload FROM ("
-        "SELECT event_id, created_at_us FROM send_requests"
-        " WHERE user_id = ? AND request_id = ? AND created_at_us >= ?"
-        " UNION ALL SELECT event_id, created_at_us FROM send_requests_log"
-        " WHERE user_id = ? AND request_id = ? AND created_at_us >= ?"
-        ") r LEFT JOIN events e ON e.event_id = r.event_id"
-        " ORDER BY r.created_at_us DESC LIMIT 1",
-        (user_id, request_id, since_us, user_id, request_id, since_us),
+        "SELECT r.event_id, e.payload FROM send_requests r"
+        " LEFT JOIN events e ON e.event_id = r.event_id"
+        " WHERE r.user_id = ? AND r.request_id = ? AND r.created_at_us >= ?",
+        (user_id, request_id, since_us),
     ).fetchone()
     if row is None:
         return None
@@ -535,6 +483,4 @@ def purge_events_txn(conn: Conn, before_event_id: str) -> dict[str, int]:
 
 
 def purge_send_requests_txn(conn: Conn, before_us: int) -> int:
-    n = conn.execute("DELETE FROM send_requests WHERE created_at_us < ?", (before_us,)).rowcount
-    logged = "DELETE FROM send_requests_log WHERE created_at_us < ?"
-    return int(n) + int(conn.execute(logged, (before_us,)).rowcount)
+    return conn.execute("DELETE FROM send_requests WHERE created_at_us < ?", (before_us,)).rowcount

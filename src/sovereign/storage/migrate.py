@@ -39,13 +39,12 @@ COPY_ORDER: tuple[str, ...] = (
     "delivery",
     "read_markers",
     "send_requests",
-    "send_requests_log",
     "key_packages",
 )
 #: Rows per COPY round trip.
 CHUNK_ROWS = 5000
 #: Tables with an identity column whose sequence must move past the copied ids.
-_IDENTITY = {"key_packages": "kp_id", "send_requests_log": "log_id"}
+_IDENTITY = {"key_packages": "kp_id"}
 
 
 class MigrateError(StorageError):

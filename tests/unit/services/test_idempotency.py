@@ -20,7 +20,6 @@ import pytest
 from sovereign.errors import ErrorCode
 from sovereign.protocol.types import MessageType as T
 from sovereign.services import delivery as delivery_mod
-from sovereign.services import eventlog as eventlog_mod
 from sovereign.services import ids
 from sovereign.services.eventlog import Op
 from sovereign.services.idempotency import (
@@ -369,65 +368,6 @@ async def test_restart_rebuilds_the_filters_from_storage_in_pages(
         assert [answers[f"p{i}"] for i in range(7)] == originals
         assert r.storage_checks == 7
         assert await h.stored_seqs(w.conv) == list(range(1, 11))
-        # The first run's keys were still in the log (no fold round was due): start-up
-        # folded them into the keyed table before loading the filters from it.
-        assert await stored_keys(h, "send_requests") == sorted(
-            (w.alice.user_id, f"p{i}") for i in range(7)
-        )
-        assert await stored_keys(h, "send_requests_log") == [(w.alice.user_id, "brand-new")]
-
-
-async def stored_keys(h: Harness, table: str) -> list[tuple[str, str]]:
-    query = f"SELECT user_id, request_id FROM {table}"
-    rows = await h.db.read(lambda c: c.execute(query).fetchall())
-    return sorted((str(u), str(r)) for u, r in rows)
-
-
-async def test_sends_log_their_keys_and_a_fold_round_moves_them_in_chunks(
-    h: Harness, world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    w = world
-    monkeypatch.setattr(eventlog_mod, "FOLD_CHUNK", 2)
-    monkeypatch.setattr(eventlog_mod, "FOLD_PAUSE_S", 0.0)
-    h.eventlog.fold_rows = 5
-    r = small(h, recent_max=0)  # every retry below reads storage
-    originals = [await send_rid(h, w.a1, w.conv, f"k{i}") for i in range(4)]
-    assert await stored_keys(h, "send_requests") == []
-    assert len(await stored_keys(h, "send_requests_log")) == 4
-    # A retry while its key is only in the log still finds the original.
-    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"retry"), "k1")
-    await h.settle()
-    [again] = h.outbox.take(w.a1)
-    assert (again.request_id, again.msg) == ("k1", originals[1])
-    assert r.storage_checks == 1
-    # The fifth key starts a round: all five move (three chunks), the log empties.
-    originals.append(await send_rid(h, w.a1, w.conv, "k4"))
-    keys = sorted((w.alice.user_id, f"k{i}") for i in range(5))
-    assert await stored_keys(h, "send_requests") == keys
-    assert await stored_keys(h, "send_requests_log") == []
-    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"retry"), "k3")
-    await h.settle()
-    [again] = h.outbox.take(w.a1)
-    assert (again.request_id, again.msg) == ("k3", originals[3])
-    assert await h.stored_seqs(w.conv) == list(range(1, 8))  # nothing stored twice
-
-
-async def test_the_hourly_purge_folds_however_few_keys_the_log_holds(
-    h: Harness, world: World
-) -> None:
-    w = world
-    r = small(h, recent_max=0)  # the retry below reads storage
-    first = await send_rid(h, w.a1, w.conv, "quiet")
-    assert await stored_keys(h, "send_requests_log") == [(w.alice.user_id, "quiet")]
-    await h.delivery.purge_stored_idempotency()
-    assert await stored_keys(h, "send_requests_log") == []
-    assert await stored_keys(h, "send_requests") == [(w.alice.user_id, "quiet")]
-    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"retry"), "quiet")
-    await h.settle()
-    [again] = h.outbox.take(w.a1)
-    assert (again.request_id, again.msg) == ("quiet", first)
-    assert r.storage_checks == 1  # answered by the keyed table
-    assert await h.stored_seqs(w.conv) == [1, 2, 3]
 
 
 async def test_keys_page_in_primary_key_order_and_skip_expired_rows(h: Harness) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 from sovereign.storage import Conn, Database
 from sovereign.storage import messaging as m
@@ -68,34 +67,3 @@ async def test_purge_only_raises_purged_seq(db: Database) -> None:
     await db.write(lambda c: m.insert_events_txn(c, [("c1", 12, "E00", 1, "u1", 12, b"x")]))
     assert await db.write(lambda c: m.purge_events_txn(c, "E01")) == {"c1": 12}
     assert await db.read(purged_seq) == 20
-
-
-async def _keys(db: Database, table: str) -> list[tuple[str, str, str]]:
-    query = f"SELECT user_id, request_id, event_id FROM {table}"
-    rows = await db.read(lambda c: c.execute(query).fetchall())
-    return sorted((str(u), str(r), str(e)) for u, r, e in rows)
-
-
-async def test_a_fold_chunk_moves_exactly_its_keys_and_replaces_an_expired_one(
-    db: Database,
-) -> None:
-    await db.write(lambda c: m.insert_send_requests_txn(c, [("u1", "r1", "e-old", 10)]))
-    logged = [("u1", "r1", "e-new", 5000), ("u0", "r9", "e2", 5001), ("u2", "r0", "e3", 5002)]
-    await db.write(lambda c: m.log_send_requests_txn(c, logged))
-    plan = await db.read(m.send_requests_log_txn)
-    assert plan == [2, 1, 3]  # log ids follow the appends; the plan follows the keys
-    await db.write(lambda c: m.fold_send_requests_txn(c, log_ids=plan[:2]))
-    await db.write(lambda c: m.fold_send_requests_txn(c, log_ids=plan[:1]))  # gone: a no-op
-    assert await _keys(db, "send_requests_log") == [("u2", "r0", "e3")]
-    assert await _keys(db, "send_requests") == [("u0", "r9", "e2"), ("u1", "r1", "e-new")]
-    # A key in either table is found; the newest stored send wins.
-    for user, rid, event in (("u1", "r1", "e-new"), ("u2", "r0", "e3")):
-        found = await db.read(
-            partial(m.send_request_event_txn, user_id=user, request_id=rid, since_us=0)
-        )
-        assert found == (event, None)  # no such event stored here: payload None
-    assert await db.read(lambda c: m.send_request_event_txn(c, "u9", "r1", since_us=0)) is None
-    # Retention's purge reaches both tables.
-    await db.write(lambda c: m.purge_send_requests_txn(c, before_us=5002))
-    assert await _keys(db, "send_requests") == []
-    assert await _keys(db, "send_requests_log") == [("u2", "r0", "e3")]
