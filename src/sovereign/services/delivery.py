@@ -58,26 +58,29 @@ class DeliveryWriter:
         self.outbox = outbox
         self.tasks = tasks
         self.clock = clock
-        self.cursors: dict[tuple[str, str], int] = {}
+        #: (conversation_id, user_id, device_id) -> acked seq
+        self.cursors: dict[tuple[str, str, str], int] = {}
+        #: (device_id, conversation_id) of cursors to delete
         self.dropped: set[tuple[str, str]] = set()
+        #: (conversation_id, user_id) -> delivered position
         self.delivery: dict[tuple[str, str], int] = {}
         self.welcome_acks: set[tuple[str, str]] = set()
         self.read_markers: dict[tuple[str, str], int] = {}
         self._waiters: list[Callable[[BaseException | None], None]] = []
         self._busy = False
 
-    def cursor(self, device_id: str, conv_id: str, seq: int) -> None:
+    def cursor(self, dev: Device, conv_id: str, seq: int) -> None:
         # Cursors only move forward: two acks of one device may interleave across an
         # await, and the older one must not overwrite the newer pending value.
-        key = (device_id, conv_id)
-        self.dropped.discard(key)
+        self.dropped.discard((dev.device_id, conv_id))
+        key = (conv_id, dev.user_id, dev.device_id)
         prev = self.cursors.get(key)
         if prev is None or seq > prev:
             self.cursors[key] = seq
 
-    def drop_cursor(self, device_id: str, conv_id: str) -> None:
-        self.cursors.pop((device_id, conv_id), None)
-        self.dropped.add((device_id, conv_id))
+    def drop_cursor(self, dev: Device, conv_id: str) -> None:
+        self.cursors.pop((conv_id, dev.user_id, dev.device_id), None)
+        self.dropped.add((dev.device_id, conv_id))
 
     def after(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback(None)`` once everything recorded so far is committed, or
@@ -105,7 +108,7 @@ class DeliveryWriter:
         try:
             while self._waiters:
                 waiters, self._waiters = self._waiters, []
-                cursors = [(d, c, s) for (d, c), s in self.cursors.items()]
+                cursors = [(c, u, d, s) for (c, u, d), s in self.cursors.items()]
                 dropped = list(self.dropped)
                 delivery = [(c, u, s) for (c, u), s in self.delivery.items()]
                 acks = list(self.welcome_acks)
@@ -393,7 +396,7 @@ class DeliveryService:
         convs = self.state.convs
         pairs = [(cid, convs[cid].committed_seq) for cid in self.state.user_convs.get(user_id, ())]
         if pairs:
-            await self.db.write(lambda c: sql.start_device_cursors_txn(c, device_id, pairs))
+            await self.db.write(lambda c: sql.start_device_cursors_txn(c, device_id, user_id, pairs))
 
     async def device(self, s: Session) -> Device:
         """The device's delivery state, loading its cursors on first use."""
@@ -579,7 +582,7 @@ class DeliveryService:
                     conv.committed_seq if dev.created_at_us > m.joined_at_us else m.joined_seq - 1
                 )
                 dev.cursors[conv_id] = cursor
-                self.writer.cursor(dev.device_id, conv_id, cursor)
+                self.writer.cursor(dev, conv_id, cursor)
             cursor = max(cursor, m.joined_seq - 1)
             upto = conv.committed_seq if m.left_seq is None else min(m.left_seq, conv.committed_seq)
             if upto > cursor:
@@ -683,9 +686,9 @@ class DeliveryService:
             if m.left_seq is not None and seq >= m.left_seq:
                 # Acked its own GROUP_MEMBER_REMOVED: the cursor there is dropped (§12.14).
                 dev.cursors.pop(conv_id, None)
-                writer.drop_cursor(dev.device_id, conv_id)
+                writer.drop_cursor(dev, conv_id)
             else:
-                writer.cursor(dev.device_id, conv_id, dev.cursors[conv_id])
+                writer.cursor(dev, conv_id, dev.cursors[conv_id])
             delivered_msgs.extend(self._advance_delivered(conv, user_id, seq))
         outbox = self.outbox
 

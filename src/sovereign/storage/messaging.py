@@ -14,20 +14,19 @@ from sovereign.storage._util import rows_in
 from sovereign.storage.database import Conn
 from sovereign.storage.engines import per_engine
 
+#: The ``cursors`` row whose device_id is this holds the user's delivered position in
+#: the conversation (device ids are never empty): it sits next to the cursors of the
+#: user's devices, so an ack that moves both writes one leaf page (migration 0007).
+DELIVERED = ""
+
 # Delivery state only moves forward: an upsert keeps the larger of the stored and the
 # new position. Built once here, per engine (``greatest`` is engine SQL, see engines.py).
-_SAVE_CURSOR = per_engine(
+# Rows are (conversation_id, user_id, device_id, seq): cursors and delivered positions.
+_SAVE_POSITION = per_engine(
     lambda e: (
-        "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
-        " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = "
+        "INSERT INTO cursors (conversation_id, user_id, device_id, acked_seq) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET acked_seq = "
         + e.greatest("cursors.acked_seq", "excluded.acked_seq")
-    )
-)
-_SAVE_DELIVERY = per_engine(
-    lambda e: (
-        "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
-        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
-        + e.greatest("delivery.up_to_seq", "excluded.up_to_seq")
     )
 )
 _SAVE_READ_MARKER = per_engine(
@@ -154,15 +153,17 @@ def join_members_txn(
         [(conversation_id, uid, role, seq, ts) for uid, role, seq, ts in joins],
     )
     conn.executemany(
-        "INSERT INTO cursors (device_id, conversation_id, acked_seq)"
-        " SELECT device_id, ?, ? FROM sessions WHERE user_id = ? AND revoked_at_us IS NULL"
-        " ON CONFLICT (device_id, conversation_id) DO UPDATE SET acked_seq = excluded.acked_seq",
+        "INSERT INTO cursors (conversation_id, user_id, device_id, acked_seq)"
+        " SELECT ?, user_id, device_id, ? FROM sessions WHERE user_id = ? AND revoked_at_us IS NULL"
+        " ON CONFLICT (conversation_id, user_id, device_id)"
+        " DO UPDATE SET acked_seq = excluded.acked_seq",
         [(conversation_id, seq - 1, uid) for uid, _role, seq, _ts in joins],
     )
     conn.executemany(
-        "INSERT INTO delivery (conversation_id, user_id, up_to_seq) VALUES (?, ?, ?)"
-        " ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = excluded.up_to_seq",
-        [(conversation_id, uid, seq - 1) for uid, _role, seq, _ts in joins],
+        "INSERT INTO cursors (conversation_id, user_id, device_id, acked_seq) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id, device_id)"
+        " DO UPDATE SET acked_seq = excluded.acked_seq",
+        [(conversation_id, uid, DELIVERED, seq - 1) for uid, _role, seq, _ts in joins],
     )
 
 
@@ -182,13 +183,13 @@ def set_role_txn(conn: Conn, conversation_id: str, user_id: str, role: str) -> N
 
 
 def start_device_cursors_txn(
-    conn: Conn, device_id: str, cursors: Iterable[tuple[str, int]]
+    conn: Conn, device_id: str, user_id: str, cursors: Iterable[tuple[str, int]]
 ) -> None:
     """A device created after its user joined starts at the current last seq (§12.12)."""
     conn.executemany(
-        "INSERT INTO cursors (device_id, conversation_id, acked_seq) VALUES (?, ?, ?)"
-        " ON CONFLICT (device_id, conversation_id) DO NOTHING",
-        [(device_id, conv, seq) for conv, seq in cursors],
+        "INSERT INTO cursors (conversation_id, user_id, device_id, acked_seq) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id, device_id) DO NOTHING",
+        [(conv, user_id, device_id, seq) for conv, seq in cursors],
     )
 
 
@@ -238,21 +239,23 @@ def update_mls_txn(
 
 def save_delivery_state_txn(
     conn: Conn,
-    cursors: Sequence[tuple[str, str, int]],
+    cursors: Sequence[tuple[str, str, str, int]],
     dropped_cursors: Sequence[tuple[str, str]],
     delivery: Sequence[tuple[str, str, int]],
     welcome_acks: Sequence[tuple[str, str]],
     read_markers: Sequence[tuple[str, str, int, int]],
 ) -> None:
-    """One transaction for everything acks and read markers moved since the last flush."""
-    if cursors:
-        conn.executemany(_SAVE_CURSOR, cursors)
+    """One transaction for everything acks and read markers moved since the last flush:
+    ``cursors`` (conversation_id, user_id, device_id, seq), ``dropped_cursors``
+    (device_id, conversation_id), ``delivery`` (conversation_id, user_id, seq) ..."""
+    if cursors or delivery:
+        rows = list(cursors)
+        rows.extend((c, u, DELIVERED, s) for c, u, s in delivery)
+        conn.executemany(_SAVE_POSITION, rows)
     if dropped_cursors:
         conn.executemany(
             "DELETE FROM cursors WHERE device_id = ? AND conversation_id = ?", dropped_cursors
         )
-    if delivery:
-        conn.executemany(_SAVE_DELIVERY, delivery)
     if welcome_acks:
         conn.executemany(
             "INSERT INTO welcome_acks (device_id, event_id) VALUES (?, ?)"
@@ -314,8 +317,9 @@ def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:
 
 def load_delivery_txn(conn: Conn, conversation_id: str, user_id: str) -> int | None:
     row = conn.execute(
-        "SELECT up_to_seq FROM delivery WHERE conversation_id = ? AND user_id = ?",
-        (conversation_id, user_id),
+        "SELECT acked_seq FROM cursors"
+        " WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
+        (conversation_id, user_id, DELIVERED),
     ).fetchone()
     return None if row is None else int(row[0])
 

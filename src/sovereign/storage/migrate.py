@@ -36,7 +36,6 @@ COPY_ORDER: tuple[str, ...] = (
     "welcomes",
     "welcome_acks",
     "cursors",
-    "delivery",
     "read_markers",
     "send_requests",
     "key_packages",

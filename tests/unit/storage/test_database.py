@@ -18,6 +18,7 @@ from sovereign.storage import (
     SqliteDatabase,
 )
 from sovereign.storage import database as database_mod
+from sovereign.storage import messaging as msql
 from sovereign.storage.database import default_migrations, load_migrations, split_statements
 from tests.helpers.gate import Gate
 
@@ -180,6 +181,76 @@ async def test_0006_keeps_every_event_and_drops_without_rowid(
                 await db.write(
                     lambda c, d=dup: c.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", d)
                 )
+    finally:
+        await db.close()
+
+
+#: Before 0007: (device_id, conversation_id, acked_seq) cursors and (conversation_id,
+#: user_id, up_to_seq) delivered positions, two tables. "D-GONE" has no session left.
+_PRE_0007_CURSORS = [("D-A1", "C1", 4), ("D-A2", "C1", 6), ("D-B1", "C1", 3), ("D-GONE", "C1", 9)]
+_PRE_0007_DELIVERY = [("C1", "U-A", 6), ("C1", "U-B", 3), ("C2", "U-A", 1)]
+
+
+def _pre_0007_fill(conn: sqlite3.Connection) -> None:
+    for uid in ("U-A", "U-B"):
+        conn.execute(
+            "INSERT INTO users (user_id, username, username_key, created_at_us)"
+            " VALUES (?, ?, ?, 0)",
+            (uid, uid, uid.lower()),
+        )
+    for dev, uid in (("D-A1", "U-A"), ("D-A2", "U-A"), ("D-B1", "U-B")):
+        conn.execute(
+            "INSERT INTO sessions (session_id, device_id, user_id, token_hash, created_at_us,"
+            " expires_at_us, last_seen_at_us) VALUES (?, ?, ?, ?, 0, 1, 0)",
+            ("S-" + dev, dev, uid, dev.encode()),
+        )
+    conn.executemany("INSERT INTO cursors VALUES (?, ?, ?)", _PRE_0007_CURSORS)
+    conn.executemany("INSERT INTO delivery VALUES (?, ?, ?)", _PRE_0007_DELIVERY)
+
+
+async def test_0007_moves_cursors_and_delivered_positions_into_one_table(
+    tmp_path: Path, db_path: Path
+) -> None:
+    """A database made before 0007 keeps every cursor of a living device and every
+    delivered position, now rows of one table keyed by conversation, user, device."""
+    db = await SqliteDatabase.open(db_path, migrations=_migrations_dir(tmp_path, {}, below=7))
+    assert db.schema_version == 6
+    await db.write(_pre_0007_fill)
+    await db.close()
+
+    db = await SqliteDatabase.open(db_path)
+    try:
+        assert db.schema_version >= 7
+        rows = await db.read(
+            lambda c: sorted(tuple(r) for r in c.execute("SELECT * FROM cursors").fetchall())
+        )
+        assert rows == [
+            ("C1", "U-A", "", 6),
+            ("C1", "U-A", "D-A1", 4),
+            ("C1", "U-A", "D-A2", 6),
+            ("C1", "U-B", "", 3),
+            ("C1", "U-B", "D-B1", 3),
+            ("C2", "U-A", "", 1),
+        ]
+        assert await db.read(lambda c: msql.load_cursors_txn(c, "D-A2")) == {"C1": 6}
+        assert await db.read(lambda c: msql.load_delivery_txn(c, "C2", "U-A")) == 1
+        assert await db.read(lambda c: msql.load_delivery_txn(c, "C2", "U-B")) is None
+        tables = await db.read(
+            lambda c: {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+        )
+        assert "delivery" not in tables and "cursors_by_device" in tables
+        # a device's cursors are found through the index, not a scan of the table
+        plan = await db.read(
+            lambda c: " ".join(
+                str(r[-1])
+                for r in c.execute(
+                    "EXPLAIN QUERY PLAN SELECT conversation_id, acked_seq FROM cursors"
+                    " WHERE device_id = ?",
+                    ("D-A1",),
+                )
+            )
+        )
+        assert "cursors_by_device" in plan, plan
     finally:
         await db.close()
 

@@ -17,7 +17,7 @@ async def test_cursors_delivery_and_read_markers_never_move_back(db: Database) -
         def fn(conn: Conn) -> None:
             m.save_delivery_state_txn(
                 conn,
-                cursors=[("d1", "c1", seq)],
+                cursors=[("c1", "u1", "d1", seq)],
                 dropped_cursors=[],
                 delivery=[("c1", "u1", seq)],
                 welcome_acks=[("d1", "w1")],
@@ -42,12 +42,23 @@ async def test_cursors_delivery_and_read_markers_never_move_back(db: Database) -
     assert await db.read(state) == ({"c1": 5}, 5, (5, 200), [("d1", "w1")])
     await db.write(save(7, 300))
     assert (await db.read(state))[:3] == ({"c1": 7}, 7, (7, 300))
+    # a cursor moved alone leaves the delivered position where it was, and back
+    await db.write(
+        lambda c: m.save_delivery_state_txn(
+            c, [("c1", "u1", "d1", 9)], [], [("c1", "u2", 8)], [], []
+        )
+    )
+    assert (await db.read(state))[:2] == ({"c1": 9}, 7)
+    assert await db.read(lambda c: m.load_delivery_txn(c, "c1", "u2")) == 8
+    # a dropped cursor goes; the delivered position stays
+    await db.write(lambda c: m.save_delivery_state_txn(c, [], [("d1", "c1")], [], [], []))
+    assert (await db.read(state))[:2] == ({}, 7)
 
 
 async def test_device_cursors_start_once(db: Database) -> None:
     await db.write(_conv)
-    await db.write(lambda c: m.start_device_cursors_txn(c, "d1", [("c1", 4)]))
-    await db.write(lambda c: m.start_device_cursors_txn(c, "d1", [("c1", 9)]))  # no-op
+    await db.write(lambda c: m.start_device_cursors_txn(c, "d1", "u1", [("c1", 4)]))
+    await db.write(lambda c: m.start_device_cursors_txn(c, "d1", "u1", [("c1", 9)]))  # no-op
     assert await db.read(lambda c: m.load_cursors_txn(c, "d1")) == {"c1": 4}
 
 

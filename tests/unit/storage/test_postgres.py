@@ -158,11 +158,11 @@ def fresh_dsn() -> Iterator[str]:
         pg.drop_database(name)
 
 
-def _migrations_dir(tmp_path: Path, extra: dict[str, str]) -> Path:
+def _migrations_dir(tmp_path: Path, extra: dict[str, str], below: int | None = None) -> Path:
     d = tmp_path / "migrations"
     d.mkdir(parents=True, exist_ok=True)
     for entry in default_migrations().iterdir():
-        if entry.name.endswith(".sql"):
+        if entry.name.endswith(".sql") and (below is None or int(entry.name[:4]) < below):
             (d / entry.name).write_text(entry.read_text())
     for name, sql in extra.items():
         (d / name).write_text(sql)
@@ -197,6 +197,58 @@ async def test_migrations_once_newer_refused_failed_rolled_back(
     await db.close()
     with pytest.raises(MigrationError, match="newer"):
         await PostgresDatabase.connect(fresh_dsn, readers=1)
+
+
+async def test_0007_moves_cursors_and_delivered_positions_into_one_table(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    """The PostgreSQL side of 0007 (the SQLite side: test_database.py)."""
+    db = await PostgresDatabase.connect(
+        fresh_dsn, readers=1, migrations=_migrations_dir(tmp_path, {}, below=7)
+    )
+    assert db.schema_version == 6
+    await db.close()
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        for uid in ("U-A", "U-B"):
+            await conn.execute(
+                "INSERT INTO users (user_id, username, username_key, created_at_us)"
+                " VALUES ($1, $1, lower($1), 0)",
+                uid,
+            )
+        for dev, uid in (("D-A1", "U-A"), ("D-B1", "U-B")):
+            await conn.execute(
+                "INSERT INTO sessions (session_id, device_id, user_id, token_hash, created_at_us,"
+                " expires_at_us, last_seen_at_us) VALUES ($1, $2, $3, $4, 0, 1, 0)",
+                "S-" + dev,
+                dev,
+                uid,
+                dev.encode(),
+            )
+        await conn.executemany(
+            "INSERT INTO cursors VALUES ($1, $2, $3)",
+            [("D-A1", "C1", 4), ("D-B1", "C1", 3), ("D-GONE", "C1", 9)],
+        )
+        await conn.executemany(
+            "INSERT INTO delivery VALUES ($1, $2, $3)", [("C1", "U-A", 4), ("C2", "U-B", 1)]
+        )
+    finally:
+        await conn.close()
+    db = await PostgresDatabase.connect(fresh_dsn, readers=1)
+    await db.close()
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        rows = sorted(tuple(r) for r in await conn.fetch("SELECT * FROM cursors"))
+        assert rows == [
+            ("C1", "U-A", "", 4),
+            ("C1", "U-A", "D-A1", 4),
+            ("C1", "U-B", "D-B1", 3),
+            ("C2", "U-B", "", 1),
+        ]
+        assert await conn.fetchval("SELECT to_regclass('delivery')") is None
+        assert await conn.fetchval("SELECT to_regclass('cursors_by_device')") is not None
+    finally:
+        await conn.close()
 
 
 async def test_concurrent_openers_migrate_once(fresh_dsn: str) -> None:
