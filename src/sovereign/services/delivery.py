@@ -396,7 +396,14 @@ class DeliveryService:
         convs = self.state.convs
         pairs = [(cid, convs[cid].committed_seq) for cid in self.state.user_convs.get(user_id, ())]
         if pairs:
-            await self.db.write(lambda c: sql.start_device_cursors_txn(c, device_id, user_id, pairs))
+            await self.db.write(
+                partial(
+                    sql.start_device_cursors_txn,
+                    device_id=device_id,
+                    user_id=user_id,
+                    cursors=pairs,
+                )
+            )
 
     async def device(self, s: Session) -> Device:
         """The device's delivery state, loading its cursors on first use."""
