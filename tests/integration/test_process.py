@@ -174,6 +174,7 @@ async def test_startup_log_names_the_compiled_implementations(tmp_path: Path) ->
         listening = next(line for line in srv.lines if "listening on" in line)
         assert "envelope codec: compiled" in listening
         assert "dispatcher: compiled" in listening
+        assert "WAL writes: coalesced" in listening  # storage/walvfs.py
         await wait_handlers_installed(srv)
     finally:
         assert await srv.stop() == 0
@@ -238,6 +239,7 @@ async def test_without_require_fast_the_python_twins_run(tmp_path: Path) -> None
     try:
         listening = next(line for line in srv.lines if "listening on" in line)
         assert "envelope codec: python" in listening and "dispatcher: python" in listening
+        assert "WAL writes: as SQLite does" in listening
         await wait_handlers_installed(srv)
         # The twins serve real traffic.
         c = await WsClient.connect(srv.url)

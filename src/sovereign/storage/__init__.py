@@ -144,6 +144,7 @@ async def open_storage(
     busy_timeout_ms: int = 5000,
     lazy_ms: float = CURSOR_LAZY_MS,
     checkpoint_s: float = CHECKPOINT_S,
+    coalesce_wal: bool = True,
 ) -> Storage:
     """Open (creating and migrating as needed) the database: PostgreSQL at
     ``postgres_dsn`` if one is given, else the SQLite database at ``path``."""
@@ -161,5 +162,6 @@ async def open_storage(
         busy_timeout_ms=busy_timeout_ms,
         lazy_ms=lazy_ms,
         checkpoint_s=checkpoint_s,
+        coalesce_wal=coalesce_wal,
     )
     return Storage(db)

@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 from sovereign.stats import BATCH_BOUNDS, COMMIT_BOUNDS, Histogram
+from sovereign.storage import walvfs
 from sovereign.storage.engines import ENGINE, SqliteEngine
 from sovereign.storage.errors import DatabaseClosed, DatabaseError, MigrationError, StorageError
 
@@ -612,9 +613,13 @@ class SqliteDatabase(Database):
         engine: SqliteEngine = ENGINE,
         lazy_ms: float = 0.0,
         checkpoint_s: float = 0.0,
+        coalesce_wal: bool = True,
     ) -> None:
         super().__init__(max_batch=max_batch, readers=readers, lazy_ms=lazy_ms)
         self.path = path
+        self._coalesce_wal = coalesce_wal
+        #: Whether the writer's WAL writes go through the coalescing shim (walvfs.py).
+        self.wal_coalesced = False
         self._checkpoint_s = max(0.0, checkpoint_s)
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_stop = threading.Event()
@@ -633,13 +638,16 @@ class SqliteDatabase(Database):
         migrations: Traversable | Path | None = None,
         lazy_ms: float = 0.0,
         checkpoint_s: float = 0.0,
+        coalesce_wal: bool = True,
     ) -> SqliteDatabase:
         """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
 
         ``lazy_ms``: how long a batch of only non-durable writes waits for a durable
         write to join it (see the module docstring); 0 commits it at once.
         ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
-        checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT."""
+        checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT.
+        ``coalesce_wal``: the writer's WAL frames of a commit reach the file in one write
+        (``storage/walvfs.py``) where the compiled shim can run."""
         p = Path(path)
         if str(path) == ":memory:":
             raise ValueError("Database needs a file: readers and the writer share it")
@@ -653,6 +661,7 @@ class SqliteDatabase(Database):
             migrations=mig,
             lazy_ms=lazy_ms,
             checkpoint_s=checkpoint_s,
+            coalesce_wal=coalesce_wal,
         )
         await db._start()
         return db
@@ -681,7 +690,8 @@ class SqliteDatabase(Database):
 
     def _startup(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
+        target, self.wal_coalesced = walvfs.writer_uri(self.path, self._coalesce_wal)
+        conn = sqlite3.connect(target, uri=True, isolation_level=None, cached_statements=256)
         self._wconn = conn
         self.engine.configure_writer(conn, self._busy_timeout_ms)
         self.schema_version = apply_migrations(

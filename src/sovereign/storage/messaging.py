@@ -317,8 +317,7 @@ def load_cursors_txn(conn: Conn, device_id: str) -> dict[str, int]:
 
 def load_delivery_txn(conn: Conn, conversation_id: str, user_id: str) -> int | None:
     row = conn.execute(
-        "SELECT acked_seq FROM cursors"
-        " WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
+        "SELECT acked_seq FROM cursors WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
         (conversation_id, user_id, DELIVERED),
     ).fetchone()
     return None if row is None else int(row[0])
