@@ -54,7 +54,7 @@ PYTHON: Final = "python"
 
 @dataclass(frozen=True, slots=True)
 class Component:
-    name: str  # the key callers use: "envelope", "dispatch", "fanout"
+    name: str  # the key callers use: "envelope", "dispatch", "fanout", "walvfs"
     label: str  # as the start-up log names it
     compiled: str  # the Cython module
     python: str  # its pure-Python twin
@@ -70,6 +70,9 @@ COMPONENTS: Final[Mapping[str, Component]] = {
             "dispatch", "dispatcher", "sovereign._fast.dispatch", "sovereign.protocol.dispatch"
         ),
         Component("fanout", "fan-out", "sovereign._fast.fanout", "sovereign.transport.fanout"),
+        Component(
+            "walvfs", "WAL coalescing", "sovereign._fast.walvfs", "sovereign.storage.walvfs_twin"
+        ),
     )
 }
 
@@ -128,7 +131,8 @@ def active(name: str) -> Kind:
 
 def describe() -> str:
     """Every component's choice, for the start-up log:
-    ``envelope codec: compiled, dispatcher: compiled, fan-out: compiled``."""
+    ``envelope codec: compiled, dispatcher: compiled, fan-out: compiled, WAL
+    coalescing: compiled``."""
     return ", ".join(f"{c.label}: {active(c.name)}" for c in COMPONENTS.values())
 
 

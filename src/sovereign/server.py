@@ -277,14 +277,12 @@ class App:
         )
         loop = asyncio.get_running_loop()
         self._timers = [loop.create_task(self._sweep()), loop.create_task(self._maintenance())]
-        wal = getattr(self.storage.db, "wal_coalesced", None)  # SQLite only
         log.info(
-            "sovereign %s listening on %s://%s (%s%s)",
+            "sovereign %s listening on %s://%s (%s)",
             __version__,
             "wss" if ssl_ctx else "ws",
             self.bound_address(),
             implementations.describe(),
-            "" if wal is None else f", WAL writes: {'coalesced' if wal else 'as SQLite does'}",
         )
         if cfg.admin_listen:
             await self._start_admin(ssl_ctx)

@@ -174,7 +174,8 @@ async def test_startup_log_names_the_compiled_implementations(tmp_path: Path) ->
         listening = next(line for line in srv.lines if "listening on" in line)
         assert "envelope codec: compiled" in listening
         assert "dispatcher: compiled" in listening
-        assert "WAL writes: coalesced" in listening  # storage/walvfs.py
+        assert "WAL coalescing: compiled" in listening  # storage/walvfs.py
+        assert "WAL writes are not coalesced" not in srv.output()
         await wait_handlers_installed(srv)
     finally:
         assert await srv.stop() == 0
@@ -214,6 +215,7 @@ def run_script(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[
         ("sovereign._fast", "sovereign._fast.envelope"),  # nothing compiled
         ("sovereign._fast.dispatch", "sovereign._fast.dispatch"),  # only the dispatcher
         ("sovereign._fast.fanout", "sovereign._fast.fanout"),  # only the fan-out
+        ("sovereign._fast.walvfs", "sovereign._fast.walvfs"),  # only the WAL shim
     ],
 )
 async def test_require_fast_refuses_to_start_without_compiled_modules(
@@ -239,7 +241,8 @@ async def test_without_require_fast_the_python_twins_run(tmp_path: Path) -> None
     try:
         listening = next(line for line in srv.lines if "listening on" in line)
         assert "envelope codec: python" in listening and "dispatcher: python" in listening
-        assert "WAL writes: as SQLite does" in listening
+        assert "WAL coalescing: python" in listening
+        assert "WAL writes are not coalesced: the pure-Python twin runs" in srv.output()
         await wait_handlers_installed(srv)
         # The twins serve real traffic.
         c = await WsClient.connect(srv.url)

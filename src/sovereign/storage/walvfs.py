@@ -10,9 +10,10 @@ when the commit frame is complete — before SQLite publishes the commit to othe
 connections and before the fsync that makes it durable. Same bytes, same order, same
 durability; what each part bought is in docs/performance.md.
 
-This module is its pure-Python twin and its loader. Without C there is nothing to
-coalesce: :func:`install` then returns None and the writer opens its connection on
-SQLite's default VFS. The shim registers with the SQLite library the ``sqlite3``
+This module is the loader; ``sovereign.implementations`` picks the compiled module or
+its twin (``storage/walvfs_twin.py``), as for every compiled component. Without C there
+is nothing to coalesce: :func:`install` then returns None and the writer opens its
+connection on SQLite's default VFS. The shim registers with the SQLite library the ``sqlite3``
 module is linked to (found in this process's memory map); where that library cannot
 be found (``sqlite3`` linked statically, not Linux), the writer uses the default VFS
 and says why once in the log. The same happens if the registration does not reach
@@ -27,6 +28,8 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
+
+from sovereign import implementations
 
 log = logging.getLogger("sovereign.storage")
 
@@ -53,12 +56,9 @@ def _sqlite_library() -> str | None:
 
 
 def _install() -> tuple[str | None, str]:
-    try:
-        from sovereign._fast import walvfs as fast
-    except ImportError:
-        return None, "the compiled module sovereign._fast.walvfs is not built"
-    import sqlite3 as _loaded  # noqa: F401  (maps the library the module is linked to)
-
+    impl = implementations.select("walvfs")
+    if impl.kind == implementations.PYTHON:
+        return None, "the pure-Python twin runs (SOVEREIGN_PURE=1, or the module is not built)"
     lib_path = _sqlite_library()
     if lib_path is None:
         return None, "the sqlite3 module's SQLite library is not a shared library found here"
@@ -74,7 +74,7 @@ def _install() -> tuple[str | None, str]:
         return None, f"cannot use {lib_path}: {exc}"
     if not find or not register:
         return None, f"{lib_path} lacks sqlite3_vfs_find / sqlite3_vfs_register"
-    rc = fast.install(find, register, VFS_NAME, BUFFER_BYTES)
+    rc = impl.module.install(find, register, VFS_NAME, BUFFER_BYTES)
     if rc != 0:
         return None, f"registering the VFS failed (SQLite code {rc})"
     try:  # the registration must have reached the sqlite3 module's SQLite
@@ -108,8 +108,5 @@ def writer_uri(path: Path, coalesce: bool) -> tuple[str, bool]:
 def counters() -> tuple[int, int]:
     """(WAL writes SQLite asked for, writes that reached the file) in this process;
     (0, 0) without the shim."""
-    try:
-        from sovereign._fast import walvfs as fast
-    except ImportError:
-        return 0, 0
-    return fast.counters()
+    result: tuple[int, int] = implementations.load("walvfs").counters()
+    return result

@@ -39,7 +39,7 @@ from sovereign.storage.database import (
     load_migrations,
 )
 
-NOT_STORES = {"engines", "database", "postgres", "migrate"}
+NOT_STORES = {"engines", "database", "postgres", "migrate", "walvfs", "walvfs_twin"}
 STORE_MODULES = sorted(
     m.name
     for m in pkgutil.iter_modules(sovereign.storage.__path__)

@@ -17,6 +17,7 @@ import pytest
 
 from sovereign.storage import walvfs
 from sovereign.storage.database import SqliteDatabase
+from tests.helpers.twins import load_twin
 
 Conn = sqlite3.Connection
 
@@ -231,3 +232,12 @@ def test_register_once(tmp_path: Path) -> None:
         for c in conns:
             c.close()
     assert walvfs.writer_uri(tmp_path / "d.db", False) == (str(tmp_path / "d.db"), False)
+
+
+def test_the_twin_has_the_api_and_registers_nothing() -> None:
+    compiled, twin = load_twin("walvfs", "compiled"), load_twin("walvfs", "python")
+    for name in ("install", "counters"):
+        assert callable(getattr(compiled, name)) and callable(getattr(twin, name))
+    assert twin.install(1, 2, "x", 4096) == twin.UNAVAILABLE != 0
+    assert twin.counters() == (0, 0)
+    assert compiled.install(1, 2, "x", 4096) == 0  # already installed: changes nothing
