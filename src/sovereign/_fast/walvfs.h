@@ -5,10 +5,12 @@
  * VFS and, for WAL files only, keeps appended bytes in a buffer and writes them out
  * together, one write per memory page of the file (see sov_flush):
  *
- * - Only a contiguous run of appends is buffered. Any other write (the WAL header at a
- *   restart, a frame overwritten in place, checksums rewritten) first writes out the
+ * - Only appends are buffered: writes at or past the end of what was written since the
+ *   WAL header (a header write at offset 0 means SQLite starts the WAL over). A write
+ *   below that end (a frame written again in place, a frame checksum rewritten after
+ *   the commit frame when a transaction wrote a page twice) first writes out the
  *   buffer, then goes straight to the file: the file never misses anything but the
- *   tail being appended.
+ *   frames being appended.
  * - The buffer is written out when a commit frame's page has been appended (its header
  *   carries the database size, which only a commit frame has), before any sync, read,
  *   size, truncate, file-control or close, and when it is full. So a committed
@@ -82,6 +84,7 @@ typedef struct sov_shim {
     unsigned char *buf;  /* WAL only: the run of appends not yet written */
     int cap, len;
     sov_i64 start;       /* file offset of buf[0] */
+    sov_i64 end;         /* end of the WAL as written so far (0 again at a restart) */
     sov_i64 commit_at;   /* offset of the page after a commit frame header, or -1 */
 } sov_shim;
 
@@ -151,6 +154,16 @@ static int sov_wal_write(sov_file *f, const void *data, int n, sov_i64 off) {
         const unsigned char *h = (const unsigned char *)data;
         commit_header = (h[4] | h[5] | h[6] | h[7]) != 0;
     }
+    if (off == 0) p->end = 0; /* the WAL header: SQLite starts the WAL over */
+    if (off < p->end) {
+        /* Not an append: a frame written again in place, or a frame header whose
+         * checksum is rewritten after the commit frame. Into the file at once, after
+         * what is buffered (a NORMAL commit has no sync that would write it later). */
+        rc = sov_flush(p);
+        if (rc != SOV_OK) return rc;
+        sov_stat_calls++;
+        return real->pMethods->xWrite(real, data, n, off);
+    }
     if (p->len > 0 && off == p->start + p->len && p->len + n <= p->cap) {
         memcpy(p->buf + p->len, data, (size_t)n);
         p->len += n;
@@ -163,9 +176,12 @@ static int sov_wal_write(sov_file *f, const void *data, int n, sov_i64 off) {
             p->len = n;
         } else {
             sov_stat_calls++;
-            return real->pMethods->xWrite(real, data, n, off);
+            rc = real->pMethods->xWrite(real, data, n, off);
+            if (rc == SOV_OK) p->end = off + n;
+            return rc;
         }
     }
+    p->end = off + n;
     if (commit_header) {
         p->commit_at = off + 24;
     } else if (off == p->commit_at) {
@@ -180,6 +196,7 @@ static int sov_wal_truncate(sov_file *f, sov_i64 size) {
     sov_file *real = SOV_REAL(p);
     int rc = sov_flush(p);
     if (rc != SOV_OK) return rc;
+    if (size < p->end) p->end = size;
     return real->pMethods->xTruncate(real, size);
 }
 
