@@ -1,4 +1,4 @@
-/* A SQLite VFS shim that joins the writes of a WAL commit into one write (walvfs.pyx).
+/* A SQLite VFS shim that joins the writes of a WAL commit, one write per page (walvfs.pyx).
  *
  * SQLite appends every WAL frame with two writes (its 24-byte header, then the page),
  * so a commit of 12 one-KiB frames is 24 pwrite() calls. This shim wraps the default

@@ -1,5 +1,5 @@
-"""Compiled WAL write coalescing for SQLite: one write per commit instead of two per
-frame (the C is in walvfs.h, which explains the rules). Twin: ``sovereign.storage.walvfs``
+"""Compiled WAL write coalescing for SQLite: one write per 4 KiB page of a commit
+instead of two per frame (the C is in walvfs.h, which explains the rules). Twin: ``sovereign.storage.walvfs``
 (there is nothing to coalesce without C: the twin reports the shim as unavailable and
 connections keep SQLite's default VFS, which writes the same bytes).
 

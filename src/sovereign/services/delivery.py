@@ -58,12 +58,11 @@ class DeliveryWriter:
         self.outbox = outbox
         self.tasks = tasks
         self.clock = clock
-        #: (conversation_id, user_id, device_id) -> acked seq
-        self.cursors: dict[tuple[str, str, str], int] = {}
+        #: (conversation_id, user_id, device_id) -> seq: devices' cursors, and users'
+        #: delivered positions under device_id ``sql.DELIVERED`` (one table, see 0007)
+        self.positions: dict[tuple[str, str, str], int] = {}
         #: (device_id, conversation_id) of cursors to delete
         self.dropped: set[tuple[str, str]] = set()
-        #: (conversation_id, user_id) -> delivered position
-        self.delivery: dict[tuple[str, str], int] = {}
         self.welcome_acks: set[tuple[str, str]] = set()
         self.read_markers: dict[tuple[str, str], int] = {}
         self._waiters: list[Callable[[BaseException | None], None]] = []
@@ -74,13 +73,17 @@ class DeliveryWriter:
         # await, and the older one must not overwrite the newer pending value.
         self.dropped.discard((dev.device_id, conv_id))
         key = (conv_id, dev.user_id, dev.device_id)
-        prev = self.cursors.get(key)
+        prev = self.positions.get(key)
         if prev is None or seq > prev:
-            self.cursors[key] = seq
+            self.positions[key] = seq
 
     def drop_cursor(self, dev: Device, conv_id: str) -> None:
-        self.cursors.pop((conv_id, dev.user_id, dev.device_id), None)
+        self.positions.pop((conv_id, dev.user_id, dev.device_id), None)
         self.dropped.add((dev.device_id, conv_id))
+
+    def delivered(self, conv_id: str, user_id: str, seq: int) -> None:
+        """The user's delivered position moved (callers only ever move it forward)."""
+        self.positions[(conv_id, user_id, sql.DELIVERED)] = seq
 
     def after(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback(None)`` once everything recorded so far is committed, or
@@ -108,24 +111,22 @@ class DeliveryWriter:
         try:
             while self._waiters:
                 waiters, self._waiters = self._waiters, []
-                cursors = [(c, u, d, s) for (c, u, d), s in self.cursors.items()]
+                positions = [(c, u, d, s) for (c, u, d), s in self.positions.items()]
                 dropped = list(self.dropped)
-                delivery = [(c, u, s) for (c, u), s in self.delivery.items()]
                 acks = list(self.welcome_acks)
                 now = self.clock.now_us()
                 marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
-                self.cursors, self.dropped, self.delivery = {}, set(), {}
+                self.positions, self.dropped = {}, set()
                 self.welcome_acks, self.read_markers = set(), {}
                 error: BaseException | None = None
                 try:
-                    if cursors or dropped or delivery or acks or marks:
+                    if positions or dropped or acks or marks:
                         # Not durable: losing an ack in a power cut only redelivers.
                         await self.db.write(
                             partial(
                                 sql.save_delivery_state_txn,
-                                cursors=cursors,
+                                positions=positions,
                                 dropped_cursors=dropped,
-                                delivery=delivery,
                                 welcome_acks=acks,
                                 read_markers=marks,
                             ),
@@ -736,7 +737,7 @@ class DeliveryService:
         if seq <= pos:
             return []
         delivered[key] = seq
-        self.writer.delivery[key] = seq
+        self.writer.delivered(key[0], user_id, seq)
         if self.peers.clustered:
             self.peers.position(0, key[0], user_id, seq)
         recent = conv.recent

@@ -646,8 +646,8 @@ class SqliteDatabase(Database):
         write to join it (see the module docstring); 0 commits it at once.
         ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
         checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT.
-        ``coalesce_wal``: the writer's WAL frames of a commit reach the file in one write
-        (``storage/walvfs.py``) where the compiled shim can run."""
+        ``coalesce_wal``: the writer's WAL frames of a commit reach the file one write per
+        page (``storage/walvfs.py``) where the compiled shim can run."""
         p = Path(path)
         if str(path) == ":memory:":
             raise ValueError("Database needs a file: readers and the writer share it")

@@ -239,19 +239,17 @@ def update_mls_txn(
 
 def save_delivery_state_txn(
     conn: Conn,
-    cursors: Sequence[tuple[str, str, str, int]],
+    positions: Sequence[tuple[str, str, str, int]],
     dropped_cursors: Sequence[tuple[str, str]],
-    delivery: Sequence[tuple[str, str, int]],
     welcome_acks: Sequence[tuple[str, str]],
     read_markers: Sequence[tuple[str, str, int, int]],
 ) -> None:
     """One transaction for everything acks and read markers moved since the last flush:
-    ``cursors`` (conversation_id, user_id, device_id, seq), ``dropped_cursors``
-    (device_id, conversation_id), ``delivery`` (conversation_id, user_id, seq) ..."""
-    if cursors or delivery:
-        rows = list(cursors)
-        rows.extend((c, u, DELIVERED, s) for c, u, s in delivery)
-        conn.executemany(_SAVE_POSITION, rows)
+    ``positions`` (conversation_id, user_id, device_id, seq), cursors and delivered
+    positions (device_id :data:`DELIVERED`) alike; ``dropped_cursors`` (device_id,
+    conversation_id)."""
+    if positions:
+        conn.executemany(_SAVE_POSITION, positions)
     if dropped_cursors:
         conn.executemany(
             "DELETE FROM cursors WHERE device_id = ? AND conversation_id = ?", dropped_cursors

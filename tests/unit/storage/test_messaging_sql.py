@@ -17,9 +17,8 @@ async def test_cursors_delivery_and_read_markers_never_move_back(db: Database) -
         def fn(conn: Conn) -> None:
             m.save_delivery_state_txn(
                 conn,
-                cursors=[("c1", "u1", "d1", seq)],
+                positions=[("c1", "u1", "d1", seq), ("c1", "u1", m.DELIVERED, seq)],
                 dropped_cursors=[],
-                delivery=[("c1", "u1", seq)],
                 welcome_acks=[("d1", "w1")],
                 read_markers=[("c1", "u1", seq, at)],
             )
@@ -45,13 +44,13 @@ async def test_cursors_delivery_and_read_markers_never_move_back(db: Database) -
     # a cursor moved alone leaves the delivered position where it was, and back
     await db.write(
         lambda c: m.save_delivery_state_txn(
-            c, [("c1", "u1", "d1", 9)], [], [("c1", "u2", 8)], [], []
+            c, [("c1", "u1", "d1", 9), ("c1", "u2", m.DELIVERED, 8)], [], [], []
         )
     )
     assert (await db.read(state))[:2] == ({"c1": 9}, 7)
     assert await db.read(lambda c: m.load_delivery_txn(c, "c1", "u2")) == 8
     # a dropped cursor goes; the delivered position stays
-    await db.write(lambda c: m.save_delivery_state_txn(c, [], [("d1", "c1")], [], [], []))
+    await db.write(lambda c: m.save_delivery_state_txn(c, [], [("d1", "c1")], [], []))
     assert (await db.read(state))[:2] == ({}, 7)
 
 
