@@ -90,7 +90,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     group_commit_max_batch: int = 512
-    # SQLite: a commit's WAL frames reach the file one write per page (storage/walvfs.py)
+    # SQLite: a commit's WAL frames reach the file one write per page, durable commits
+    # padded to a page of the WAL (storage/walvfs.py)
     sqlite_coalesce_wal: bool = True
     metrics: bool = True  # count for /metrics; false removes even the hot path's counting
 

@@ -1,4 +1,5 @@
-"""WAL write coalescing for the SQLite writer: one write per page, not two per frame.
+"""WAL write shaping for the SQLite writer: one write per page, not two per frame, and
+durable commits that start on a fresh page of the WAL.
 
 SQLite appends each WAL frame with two writes (the frame's 24-byte header, then its
 page), so a commit of ~12 one-KiB frames at everyday load is ~24 ``pwrite`` calls,
@@ -8,7 +9,13 @@ registers a VFS that wraps SQLite's default one and, for WAL files only, gathers
 commit's appended frames and writes them out, one write per 4 KiB page of the file,
 when the commit frame is complete — before SQLite publishes the commit to other
 connections and before the fsync that makes it durable. Same bytes, same order, same
-durability; what each part bought is in docs/performance.md.
+durability.
+
+It also has SQLite pad each synced commit to the next 4 KiB of the WAL with copies of
+its last frame (SQLite's own mechanism for storage without power-safe overwrite): a
+commit otherwise ends inside a page of the file, which the next commit dirties again
+after the fsync, so every durable commit sent one 4 KiB page to the disk twice. What
+each part bought is in docs/performance.md.
 
 This module is the loader; ``sovereign.implementations`` picks the compiled module or
 its twin (``storage/walvfs_twin.py``), as for every compiled component. Without C there
@@ -37,6 +44,9 @@ log = logging.getLogger("sovereign.storage")
 VFS_NAME = "sovereign-wal"
 #: Appended WAL bytes gathered before a write even without a commit (a large batch).
 BUFFER_BYTES = 256 * 1024
+#: Synced commits end on a boundary of this many bytes of the WAL: a memory page, the
+#: unit in which the kernel writes the file back (and SQLite's default sector size).
+SECTOR_BYTES = 4096
 
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # "name": the VFS name once installed, or None
@@ -74,7 +84,7 @@ def _install() -> tuple[str | None, str]:
         return None, f"cannot use {lib_path}: {exc}"
     if not find or not register:
         return None, f"{lib_path} lacks sqlite3_vfs_find / sqlite3_vfs_register"
-    rc = impl.module.install(find, register, VFS_NAME, BUFFER_BYTES)
+    rc = impl.module.install(find, register, VFS_NAME, BUFFER_BYTES, SECTOR_BYTES)
     if rc != 0:
         return None, f"registering the VFS failed (SQLite code {rc})"
     try:  # the registration must have reached the sqlite3 module's SQLite

@@ -2,8 +2,9 @@
 
 SQLite's VFS can only be extended in C: a twin in Python would run inside every write
 SQLite makes, with the GIL released around it. So the twin registers nothing and says
-so, and the writer keeps SQLite's default VFS, which writes the same bytes (two writes
-per WAL frame). It is what runs under ``SOVEREIGN_PURE=1`` or without a C compiler.
+so, and the writer keeps SQLite's default VFS, which writes the same database (two
+writes per WAL frame, commits not aligned to pages of the WAL). It is what runs under
+``SOVEREIGN_PURE=1`` or without a C compiler.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 UNAVAILABLE = -2
 
 
-def install(find_addr: int, register_addr: int, name: str, buffer_bytes: int) -> int:
+def install(
+    find_addr: int, register_addr: int, name: str, buffer_bytes: int, sector_bytes: int
+) -> int:
     """Register nothing (see the module docstring): always :data:`UNAVAILABLE`."""
-    del find_addr, register_addr, name, buffer_bytes
+    del find_addr, register_addr, name, buffer_bytes, sector_bytes
     return UNAVAILABLE
 
 

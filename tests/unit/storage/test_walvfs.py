@@ -101,6 +101,72 @@ async def test_every_commit_is_visible_to_other_connections_at_once(
         await db.close()
 
 
+def _wal_end_in_page(path: Path) -> int:
+    """Where the WAL's last frame ends, counted from the start of its 4 KiB page (a
+    fresh WAL that only grows: its size is where SQLite's frames end)."""
+    return os.path.getsize(f"{path}-wal") % walvfs.SECTOR_BYTES
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["shim", "default-VFS"])
+async def test_a_durable_commit_ends_on_a_page_of_the_wal(tmp_path: Path, coalesce: bool) -> None:
+    """Each synced commit is padded (SQLite's copies of its last frame) until its last
+    frame reaches the next 4 KiB boundary, so the next commit starts on a page that no
+    fsync has written yet; a NORMAL commit is not padded. Without the shim a commit
+    ends anywhere in a page (about a quarter of them within a frame of a boundary)."""
+    path = tmp_path / "p.db"
+    db = await SqliteDatabase.open(path, checkpoint_s=0, coalesce_wal=coalesce)
+    frame = 1024 + 24  # engines.PAGE_SIZE, the writer's page size, plus the frame header
+    try:
+        await db.write(_schema)
+        rng = random.Random(5)
+        aligned = {True: 0, False: 0}
+        commits = {True: 0, False: 0}
+        for i in range(120):
+            durable = i % 3 != 0
+            rows = _rows(rng, rng.choice([1, 3, 12]), rng.choice([40, 300]))
+            await db.write(
+                lambda c, r=rows: c.executemany("INSERT INTO t (k, v) VALUES (?, ?)", r),
+                durable=durable,
+            )
+            commits[durable] += 1
+            # the last frame crossed (or ended on) a 4 KiB boundary
+            aligned[durable] += _wal_end_in_page(path) < frame
+        if coalesce:
+            assert aligned[True] == commits[True] == 80
+        else:
+            assert aligned[True] < commits[True] * 0.6, aligned
+        assert aligned[False] < commits[False] * 0.6, aligned  # NORMAL: never padded
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("size", [40, 300, 1000])
+async def test_a_durable_commit_is_whole_in_the_file_when_published(
+    tmp_path: Path, size: int
+) -> None:
+    """SQLite writes the padding frame that crosses the 4 KiB boundary in two parts with
+    the fsync between them, and publishes the commit after the second: that part must
+    be in the file by then, whether the boundary falls in the frame's header or in its
+    page. Another connection (default VFS, its own file handle) reads every row, the
+    last page written (the one the padding repeats) included, after each commit."""
+    path = tmp_path / "w.db"
+    db = await SqliteDatabase.open(path, checkpoint_s=0)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await db.write(_schema)
+        rng = random.Random(size)
+        expected: dict[str, bytes] = {}
+        for _ in range(150):
+            rows = _rows(rng, rng.randrange(1, 4), size)
+            await db.write(lambda c, r=rows: c.executemany("INSERT INTO t (k, v) VALUES (?, ?)", r))
+            expected.update(rows)
+            got = dict(other.execute("SELECT k, v FROM t").fetchall())
+            assert got == expected
+    finally:
+        other.close()
+        await db.close()
+
+
 async def _workload(path: Path, coalesce: bool, seed: int) -> list[tuple[object, ...]]:
     """Small and large transactions, rows rewritten in place, savepoints rolled back
     (failing writes), and checkpoints that start the WAL over."""
@@ -238,9 +304,9 @@ def test_the_twin_has_the_api_and_registers_nothing() -> None:
     compiled, twin = load_twin("walvfs", "compiled"), load_twin("walvfs", "python")
     for name in ("install", "counters"):
         assert callable(getattr(compiled, name)) and callable(getattr(twin, name))
-    assert twin.install(1, 2, "x", 4096) == twin.UNAVAILABLE != 0
+    assert twin.install(1, 2, "x", 4096, 4096) == twin.UNAVAILABLE != 0
     assert twin.counters() == (0, 0)
-    assert compiled.install(1, 2, "x", 4096) == 0  # already installed: changes nothing
+    assert compiled.install(1, 2, "x", 4096, 4096) == 0  # already installed: changes nothing
 
 
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
