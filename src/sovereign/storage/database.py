@@ -11,8 +11,9 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
 - Exactly one connection writes, from one dedicated thread. ``write(fn)`` queues ``fn``;
   the thread takes everything queued (up to ``max_batch``) and runs it inside ONE
   transaction (``BEGIN IMMEDIATE`` … ``COMMIT``): one fsync for many writes. Each ``fn``
-  runs inside its own SAVEPOINT, so a failing ``fn`` undoes only its own work and gets
-  its exception while the rest of the batch still commits.
+  of a batch of several runs inside its own SAVEPOINT, so a failing ``fn`` undoes only
+  its own work and gets its exception while the rest of the batch still commits; a
+  write alone in its batch needs none (its failure rolls the transaction back).
 - A write's future is resolved only after COMMIT returned, so "awaited" means
   "durable" (``synchronous=FULL``). All futures of a batch are resolved by ONE
   ``call_soon_threadsafe`` (one loop wake-up per batch, not per write).
@@ -466,6 +467,10 @@ class Database:
         outcomes: list[_Outcome] = []
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
+        # A write alone in its transaction needs no SAVEPOINT: if it fails, rolling the
+        # transaction back undoes exactly its work (two statements fewer per commit at
+        # everyday load, where most batches hold one write: docs/performance.md).
+        alone = len(batch) == 1
         started = time.perf_counter()
         try:
             for i, (fn, fut, _durable) in enumerate(batch):
@@ -479,15 +484,20 @@ class Database:
                         ]
                         break
                 try:
-                    conn.execute("SAVEPOINT batch_item")
-                    result = fn(conn)
-                    conn.execute("RELEASE batch_item")
+                    if alone:
+                        result = fn(conn)
+                    else:
+                        conn.execute("SAVEPOINT batch_item")
+                        result = fn(conn)
+                        conn.execute("RELEASE batch_item")
                 except Exception as exc:
                     err = (
                         _db_error("write failed", exc) if isinstance(exc, self._db_errors) else exc
                     )
                     outcomes.append((fut, err, None))
-                    if not self._rollback_item(conn):
+                    if alone:
+                        self._rollback_all(conn)
+                    elif not self._rollback_item(conn):
                         # SQLite rolled back the whole transaction (e.g. SQLITE_FULL): the
                         # earlier writes of this batch went with it.
                         outcomes += [

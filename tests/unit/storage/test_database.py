@@ -469,6 +469,63 @@ async def test_failing_write_rolls_back_only_itself(db: Database, gate: Gate) ->
     assert db.stats().writes_failed == 2
 
 
+async def test_a_write_alone_in_its_batch_fails_alone(db: Database) -> None:
+    """A batch of one write runs without a SAVEPOINT; its failure, whatever the kind,
+    rolls the transaction back: nothing of it stays, and the writer goes on."""
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
+        raise RuntimeError("boom")
+
+    def sql_error(conn: sqlite3.Connection) -> None:
+        _insert("half")(conn)
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    def abort(conn: sqlite3.Connection) -> None:
+        _insert("gone")(conn)
+        conn.execute("ROLLBACK")
+        raise RuntimeError("aborted")
+
+    assert await db.write(_insert("a")) == "a"
+    with pytest.raises(RuntimeError, match="boom"):
+        await db.write(half_then_fail)
+    with pytest.raises(DatabaseError):
+        await db.write(sql_error)
+    with pytest.raises(RuntimeError, match="aborted"):
+        await db.write(abort)
+    assert await db.write(_insert("b")) == "b"
+    assert await db.read(_keys) == ["a", "b"]
+    bad = await db.read(
+        lambda c: c.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0]
+    )
+    assert bad == 0
+    stats = db.stats()
+    assert (stats.writes_failed, stats.batches_committed) == (3, 2)
+
+
+@pytest.mark.usefixtures("sqlite_only")  # the statements SQLite ran, from its trace hook
+async def test_only_a_batch_of_several_writes_uses_savepoints(db: Database, gate: Gate) -> None:
+    ran: list[str] = []
+    # The writer's connection belongs to its thread: hooked from a write.
+    await db.write(lambda c: c.set_trace_callback(ran.append))
+    try:
+        ran.clear()
+        await db.write(_insert("alone"))
+        assert "COMMIT" in ran
+        assert not [s for s in ran if "batch_item" in s], ran
+        first = asyncio.ensure_future(db.write(gate.fn))
+        await gate.wait_entered()
+        pair = [asyncio.ensure_future(db.write(_insert(k))) for k in ("x", "y")]
+        await asyncio.sleep(0)
+        ran.clear()
+        gate.release()
+        await first
+        assert await asyncio.gather(*pair) == ["x", "y"]
+        assert ran.count("SAVEPOINT batch_item") == 2, ran
+    finally:
+        await db.write(lambda c: c.set_trace_callback(None))
+
+
 @pytest.mark.usefixtures("sqlite_only")  # PostgreSQL: no deferrable constraint to trip
 async def test_failed_commit_fails_every_write_in_the_batch(db: Database, gate: Gate) -> None:
     def deferred_violation(conn: sqlite3.Connection) -> str:
