@@ -167,6 +167,46 @@ async def test_a_durable_commit_is_whole_in_the_file_when_published(
         await db.close()
 
 
+def test_a_wal_begun_elsewhere_is_written_through_until_its_header_is_seen(
+    tmp_path: Path,
+) -> None:
+    """The shim finds frames from the WAL header's page size. Joining a WAL that another
+    connection began (the wal-index already valid, so SQLite never reads the file's
+    header), it has none: it buffers nothing, every write goes straight to the file,
+    and nothing is lost. Once the WAL starts over (its header written through the
+    shim) it gathers again."""
+    path = tmp_path / "j.db"
+    first = sqlite3.connect(path, isolation_level=None)  # the default VFS
+    uri, on = walvfs.writer_uri(path, True)
+    assert on
+    shim = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        first.execute("PRAGMA page_size = 1024")
+        first.execute("PRAGMA journal_mode = WAL")
+        first.execute("PRAGMA wal_autocheckpoint = 0")
+        first.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        first.execute("INSERT INTO t (v) VALUES (x'00')")  # the WAL has begun, with frames
+        shim.execute("PRAGMA wal_autocheckpoint = 0")
+        asked0, calls0 = walvfs.counters()
+        for i in range(20):
+            shim.execute("INSERT INTO t (v) VALUES (?)", (bytes(700 + i),))
+            assert first.execute("SELECT count(*) FROM t").fetchone()[0] == i + 2
+        asked, calls = walvfs.counters()
+        assert asked - asked0 >= 20 * 2
+        assert calls - calls0 == asked - asked0  # nothing gathered: written through
+        # A checkpoint that copies everything lets the next commit start the WAL over.
+        assert first.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        asked0, calls0 = walvfs.counters()
+        for i in range(20):
+            shim.execute("INSERT INTO t (v) VALUES (?)", (bytes(1500 + i),))
+        asked, calls = walvfs.counters()
+        assert calls - calls0 < (asked - asked0) / 2  # gathering again
+        assert first.execute("SELECT count(*) FROM t").fetchone()[0] == 41
+    finally:
+        shim.close()
+        first.close()
+
+
 async def _workload(path: Path, coalesce: bool, seed: int) -> list[tuple[object, ...]]:
     """Small and large transactions, rows rewritten in place, savepoints rolled back
     (failing writes), and checkpoints that start the WAL over."""
