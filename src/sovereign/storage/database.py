@@ -657,7 +657,8 @@ class SqliteDatabase(Database):
         ``checkpoint_s``: how often a checkpointer thread copies the WAL back; 0 leaves
         checkpoints to SQLite's automatic checkpoint inside the writer's COMMIT.
         ``coalesce_wal``: the writer's WAL frames of a commit reach the file one write per
-        page (``storage/walvfs.py``) where the compiled shim can run."""
+        page, durable commits padded to a 4 KiB boundary (``storage/walvfs.py``), where
+        the compiled shim can run."""
         p = Path(path)
         if str(path) == ":memory:":
             raise ValueError("Database needs a file: readers and the writer share it")

@@ -167,6 +167,22 @@ async def test_a_durable_commit_is_whole_in_the_file_when_published(
         await db.close()
 
 
+def _wal_connection(path: Path, *, shim: bool) -> Conn:
+    """A connection in WAL mode with 1 KiB pages and no automatic checkpoint, through the
+    shim or on SQLite's default VFS, with the table ``t`` (id, v)."""
+    if shim:
+        uri, on = walvfs.writer_uri(path, True)
+        assert on
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA page_size = 1024")  # a no-op once the file has pages
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)")
+    return conn
+
+
 def test_a_wal_begun_elsewhere_is_written_through_until_its_header_is_seen(
     tmp_path: Path,
 ) -> None:
@@ -176,17 +192,10 @@ def test_a_wal_begun_elsewhere_is_written_through_until_its_header_is_seen(
     and nothing is lost. Once the WAL starts over (its header written through the
     shim) it gathers again."""
     path = tmp_path / "j.db"
-    first = sqlite3.connect(path, isolation_level=None)  # the default VFS
-    uri, on = walvfs.writer_uri(path, True)
-    assert on
-    shim = sqlite3.connect(uri, uri=True, isolation_level=None)
+    first = _wal_connection(path, shim=False)
+    first.execute("INSERT INTO t (v) VALUES (x'00')")  # the WAL has begun, with frames
+    shim = _wal_connection(path, shim=True)
     try:
-        first.execute("PRAGMA page_size = 1024")
-        first.execute("PRAGMA journal_mode = WAL")
-        first.execute("PRAGMA wal_autocheckpoint = 0")
-        first.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
-        first.execute("INSERT INTO t (v) VALUES (x'00')")  # the WAL has begun, with frames
-        shim.execute("PRAGMA wal_autocheckpoint = 0")
         asked0, calls0 = walvfs.counters()
         for i in range(20):
             shim.execute("INSERT INTO t (v) VALUES (?)", (bytes(700 + i),))
@@ -357,16 +366,10 @@ def test_the_files_alone_hold_every_commit(tmp_path: Path, synchronous: str) -> 
     rewrite frame checksums after the commit frame (its ``iReCksum`` path): those
     writes too must be in the file when the commit returns, with or without an fsync."""
     path = tmp_path / "e.db"
-    uri, on = walvfs.writer_uri(path, True)
-    assert on
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    conn = _wal_connection(path, shim=True)
     try:
-        conn.execute("PRAGMA page_size = 1024")
-        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA cache_size = 8")  # pages: spills inside a transaction
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
         rng = random.Random(3)
         expected: dict[int, bytes] = {}
         for txn in range(12):
