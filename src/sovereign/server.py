@@ -38,7 +38,7 @@ from sovereign.protocol.types import PRE_AUTH_TYPES
 from sovereign.services.admin import SETTINGS, AdminService
 from sovereign.services.auth import AuthService
 from sovereign.services.compose import build_services
-from sovereign.services.eventlog import EVENT_GATHER_S
+from sovereign.services.eventlog import CURSOR_RIDE_S, EVENT_GATHER_S
 from sovereign.services.ports import Bus, NullBus
 from sovereign.services.session import Session
 from sovereign.stats import MlsStats, ServerStats
@@ -100,6 +100,7 @@ class App:
             stats=stats,
             mls_stats=mls_stats,
             gather_s=EVENT_GATHER_S,
+            ride_s=CURSOR_RIDE_S,
             bus=bus,
         )
         self.bus: Bus = bus if bus is not None else NullBus()

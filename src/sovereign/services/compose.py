@@ -35,11 +35,14 @@ def build_services(
     stats: ServerStats | None = None,
     mls_stats: MlsStats | None = None,
     gather_s: float = 0.0,
+    ride_s: float = 0.0,
     bus: Bus | None = None,
 ) -> Services:
     """``stats`` (None: metrics off) and ``mls_stats`` are the counters the admin
     listener reads (SPEC §12.24, §12.25); ``gather_s`` is how long an event batch in a
-    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0).
+    stream of sends waits for company (the server's EVENT_GATHER_S; tests use 0), and
+    ``ride_s`` how long a cursor write in such a stream waits to go with the next event
+    batch (the server's CURSOR_RIDE_S; 0: it goes at once).
 
     ``bus``: cluster mode (SPEC §12.27) when it is not a :class:`NullBus` — seqs and
     conflicts are decided in the database (ClusterEventLog) and the services tell the
@@ -67,7 +70,9 @@ def build_services(
         peers = cluster
     auth = AuthService(config, storage, clock)
     conns = ConnectionService(config, storage.users, storage.sessions, outbox, clock, peers)
-    delivery = DeliveryService(config, db, state, eventlog, outbox, clock, tasks, peers)
+    delivery = DeliveryService(
+        config, db, state, eventlog, outbox, clock, tasks, peers, ride_s=ride_s
+    )
     ephemeral = EphemeralService(db, state, outbox, clock, delivery.writer, peers)
     groups = GroupService(config, state, eventlog, outbox, clock, delivery, ephemeral.introduce)
     history = HistoryService(config, db, state, outbox, clock, peers)

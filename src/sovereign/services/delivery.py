@@ -51,13 +51,29 @@ MAX_ACK_IDS = 1000
 
 class DeliveryWriter:
     """Coalesces cursor, delivered-position, welcome-ack and read-marker writes: everything
-    that accumulates while one transaction commits goes into the next (SPEC §5)."""
+    that accumulates while one transaction commits goes into the next (SPEC §5).
 
-    def __init__(self, db: Database, outbox: Outbox, tasks: Tasks, clock: Clock) -> None:
+    In a stream of sends (``ride_s`` > 0) the write rides with the next event batch: it
+    is queued to storage just before that batch, so both reach the writer thread in one
+    wake-up and share one transaction (:meth:`EventLog.ride`); if no batch starts within
+    ``ride_s``, it goes alone. Without riding, a cursor write woke the writer thread
+    only for it to wait there for the event write (Database ``lazy_ms``)."""
+
+    def __init__(
+        self,
+        db: Database,
+        outbox: Outbox,
+        tasks: Tasks,
+        clock: Clock,
+        eventlog: EventLog | None = None,
+        ride_s: float = 0.0,
+    ) -> None:
         self.db = db
         self.outbox = outbox
         self.tasks = tasks
         self.clock = clock
+        self.eventlog = eventlog
+        self.ride_s = ride_s
         #: (conversation_id, user_id, device_id) -> seq: devices' cursors, and users'
         #: delivered positions under device_id ``sql.DELIVERED`` (one table, see 0007)
         self.positions: dict[tuple[str, str, str], int] = {}
@@ -67,6 +83,9 @@ class DeliveryWriter:
         self.read_markers: dict[tuple[str, str], int] = {}
         self._waiters: list[Callable[[BaseException | None], None]] = []
         self._busy = False
+        #: set while a write waits to ride with the next event batch
+        self._ride_timer: asyncio.TimerHandle | None = None
+        self.rides = 0  # writes that went with an event batch (tests, docs)
 
     def cursor(self, dev: Device, conv_id: str, seq: int) -> None:
         # Cursors only move forward: two acks of one device may interleave across an
@@ -91,10 +110,11 @@ class DeliveryWriter:
         self._waiters.append(callback)
         if not self._busy:
             self._busy = True
-            self.tasks.background(self._drain())
+            self._kick()
 
     async def flush(self) -> None:
-        """Resolve once everything recorded so far is committed."""
+        """Resolve once everything recorded so far is committed (a write waiting to
+        ride with an event batch goes now)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done(exc: BaseException | None) -> None:
@@ -105,45 +125,107 @@ class DeliveryWriter:
                     fut.set_exception(SovereignError(ErrorCode.DATABASE_ERROR, "could not store"))
 
         self.after(done)
+        if self._ride_timer is not None:
+            self._ride()
         await fut
+
+    def _kick(self) -> None:
+        """Write what is recorded: with the next event batch if one is likely soon
+        (waiting at most ``ride_s``), else now."""
+        log_ = self.eventlog
+        if self.ride_s > 0 and log_ is not None and log_.ride(self._ride):
+            loop = asyncio.get_running_loop()
+            self._ride_timer = loop.call_later(self.ride_s, self._ride)
+        else:
+            self.tasks.background(self._drain())
+
+    def _ride(self) -> None:
+        """Queue the write now: called by the event log just before its batch goes to
+        storage, or by the timer when no batch came. Whichever is second does nothing."""
+        timer = self._ride_timer
+        if timer is None:
+            return
+        self._ride_timer = None
+        timer.cancel()
+        waiters, write = self._take()
+        if write is None:
+            self._settled(waiters, None)
+            return
+        try:
+            fut = self.db.submit(write, durable=False)
+        except Exception as exc:  # storage closed
+            log.error("delivery state write failed: %s", exc)
+            self._settled(waiters, exc)
+            return
+        self.rides += 1
+        fut.add_done_callback(partial(self._ridden, waiters))
+
+    def _ridden(
+        self, waiters: list[Callable[[BaseException | None], None]], fut: asyncio.Future[None]
+    ) -> None:
+        error = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            log.error("delivery state write failed: %s", error)
+        self._settled(waiters, error)
+
+    def _settled(
+        self, waiters: list[Callable[[BaseException | None], None]], error: BaseException | None
+    ) -> None:
+        self._answer(waiters, error)
+        if self._waiters:  # recorded while that write committed: the next one
+            self._kick()
+        else:
+            self._busy = False
+
+    def _take(
+        self,
+    ) -> tuple[list[Callable[[BaseException | None], None]], Callable[[Conn], None] | None]:
+        """The waiters so far, and one write of everything recorded for them (None if
+        there is nothing to write)."""
+        waiters, self._waiters = self._waiters, []
+        positions = [(c, u, d, s) for (c, u, d), s in self.positions.items()]
+        dropped = list(self.dropped)
+        acks = list(self.welcome_acks)
+        now = self.clock.now_us()
+        marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
+        self.positions, self.dropped = {}, set()
+        self.welcome_acks, self.read_markers = set(), {}
+        if not (positions or dropped or acks or marks):
+            return waiters, None
+        return waiters, partial(
+            sql.save_delivery_state_txn,
+            positions=positions,
+            dropped_cursors=dropped,
+            welcome_acks=acks,
+            read_markers=marks,
+        )
+
+    def _answer(
+        self, waiters: list[Callable[[BaseException | None], None]], error: BaseException | None
+    ) -> None:
+        self.outbox.cork()  # the acks' responses: one write per connection
+        try:
+            for cb in waiters:
+                try:
+                    cb(error)
+                except Exception:
+                    log.exception("ack completion failed")
+        finally:
+            self.outbox.uncork()
 
     async def _drain(self) -> None:
         try:
             while self._waiters:
-                waiters, self._waiters = self._waiters, []
-                positions = [(c, u, d, s) for (c, u, d), s in self.positions.items()]
-                dropped = list(self.dropped)
-                acks = list(self.welcome_acks)
-                now = self.clock.now_us()
-                marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
-                self.positions, self.dropped = {}, set()
-                self.welcome_acks, self.read_markers = set(), {}
+                waiters, write = self._take()
                 error: BaseException | None = None
-                try:
-                    if positions or dropped or acks or marks:
+                if write is not None:
+                    try:
                         # Not durable: losing an ack in a power cut only redelivers.
-                        await self.db.write(
-                            partial(
-                                sql.save_delivery_state_txn,
-                                positions=positions,
-                                dropped_cursors=dropped,
-                                welcome_acks=acks,
-                                read_markers=marks,
-                            ),
-                            durable=False,
-                        )
-                except Exception as exc:
-                    log.error("delivery state write failed: %s", exc)
-                    error = exc
-                self.outbox.cork()  # the acks' responses: one write per connection
-                try:
-                    for cb in waiters:
-                        try:
-                            cb(error)
-                        except Exception:
-                            log.exception("ack completion failed")
-                finally:
-                    self.outbox.uncork()
+                        await self.db.write(write, durable=False)
+                    except Exception as exc:
+                        log.error("delivery state write failed: %s", exc)
+                        error = exc
+                self._answer(waiters, error)
         finally:
             self._busy = False
 
@@ -159,6 +241,7 @@ class DeliveryService:
         clock: Clock,
         tasks: Tasks,
         peers: Peers | None = None,
+        ride_s: float = 0.0,
     ) -> None:
         self.config = config
         self.db = db
@@ -170,7 +253,7 @@ class DeliveryService:
         self.outbox = outbox
         self.clock = clock
         self.tasks = tasks
-        self.writer = DeliveryWriter(db, outbox, tasks, clock)
+        self.writer = DeliveryWriter(db, outbox, tasks, clock, eventlog, ride_s)
         #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
         self.requests = SendRequests()
         self.syncing: set[Session] = set()

@@ -45,6 +45,10 @@ STREAM_S = 0.002
 #: 17.0 -> 14.1 KB per message; p99 send -> delivery gains up to ~1-2 ms (libuv timers
 #: have millisecond resolution).
 EVENT_GATHER_S = 0.001
+#: How long a cursor write in a stream of sends waits to go with the next event batch
+#: (DeliveryWriter, EventLog.ride): as the writer thread's own wait for cursor writes
+#: (CURSOR_LAZY_MS in storage), which it replaces on this path.
+CURSOR_RIDE_S = 0.002
 #: Cluster mode: the joined (or left) seq of a membership change still committing on
 #: this node, until the database assigns the real one (services/cluster.py). Higher
 #: than any real seq, so another node's events before it never reach a member too
@@ -238,6 +242,7 @@ class EventLog:
         # A batch that would start within STREAM_S of the previous one waits gather_s
         # for company (see submit).
         self.gather_s = gather_s
+        self.stream_s = STREAM_S
         self._last_start = -1e9
         self._task: asyncio.Task[None] | None = None
         # /metrics: seconds from an event's server timestamp (taken when the request
@@ -249,6 +254,10 @@ class EventLog:
         self.cork = cork
         self.uncork = uncork
         self._queue: list[Op] = []
+        #: Called as the next batch is handed to storage, just before it: writers that
+        #: queue their own write then share the writer's wake-up and transaction
+        #: (DeliveryWriter: cursor writes in a stream of sends). See :meth:`ride`.
+        self._riders: list[Callable[[], None]] = []
         self._busy = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -266,10 +275,23 @@ class EventLog:
             # gathers the next ones into the same commit: the fixed cost of a commit
             # (transaction, fsync, thread hops, wake-ups) is shared. A lone send, or
             # one at a quiet time, starts at once.
-            if self.gather_s > 0 and now - self._last_start < STREAM_S:
+            if self.gather_s > 0 and now - self._last_start < self.stream_s:
                 loop.call_later(self.gather_s, self._start)
             else:
                 loop.call_soon(self._start)
+
+    def ride(self, submit: Callable[[], None]) -> bool:
+        """Call ``submit`` (which queues a write of its own) just before the next batch
+        goes to storage — if one is likely soon: a batch started within ``stream_s``. False
+        otherwise, or in cluster mode: nothing will call ``submit``. Costs nothing when
+        no batch comes: the caller's own fallback (a timer) still submits, and
+        ``submit`` must tolerate being called after that (once it has run, a no-op)."""
+        if self.clustered:
+            return False
+        if asyncio.get_running_loop().time() - self._last_start >= self.stream_s:
+            return False
+        self._riders.append(submit)
+        return True
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -309,6 +331,10 @@ class EventLog:
             if requests:
                 sql.insert_send_requests_txn(conn, requests)
 
+        if self._riders:
+            riders, self._riders = self._riders, []
+            for submit in riders:
+                submit()
         try:
             await self.db.write(txn)
         except Exception as exc:

@@ -315,6 +315,12 @@ class Database:
         FULL commit vs ~20 us). They become durable with the next FULL commit or
         checkpoint, as WAL frames are synced in order.
         """
+        return await self.submit(fn, durable=durable)
+
+    def submit(self, fn: Callable[[Conn], T], *, durable: bool = True) -> asyncio.Future[T]:
+        """:meth:`write`, queued now: the future resolves as ``write`` returns. Writes
+        submitted in one go, with nothing awaited between them, reach the writer
+        together and share its wake-up and its transaction (EventLog riders)."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # The lock pairs with _shutdown: a write is either queued before the writer's
         # final drain (and answered) or refused here, never stranded.
@@ -322,7 +328,7 @@ class Database:
             if self._closed:
                 raise DatabaseClosed("database is closed")
             self._queue.put((fn, fut, durable))
-        return await fut
+        return fut
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
