@@ -85,6 +85,7 @@ class DeliveryWriter:
         self._busy = False
         #: set while a write waits to ride with the next event batch
         self._ride_timer: asyncio.TimerHandle | None = None
+        self._flushing = 0
         self.rides = 0  # writes that went with an event batch (tests, docs)
 
     def cursor(self, dev: Device, conv_id: str, seq: int) -> None:
@@ -124,16 +125,20 @@ class DeliveryWriter:
                 else:
                     fut.set_exception(SovereignError(ErrorCode.DATABASE_ERROR, "could not store"))
 
-        self.after(done)
-        if self._ride_timer is not None:
-            self._ride()
-        await fut
+        self._flushing += 1  # no riding until it resolves: a flush never waits for it
+        try:
+            self.after(done)
+            if self._ride_timer is not None:
+                self._ride()
+            await fut
+        finally:
+            self._flushing -= 1
 
     def _kick(self) -> None:
         """Write what is recorded: with the next event batch if one is likely soon
         (waiting at most ``ride_s``), else now."""
         log_ = self.eventlog
-        if self.ride_s > 0 and log_ is not None and log_.ride(self._ride):
+        if self.ride_s > 0 and not self._flushing and log_ is not None and log_.ride(self._ride):
             loop = asyncio.get_running_loop()
             self._ride_timer = loop.call_later(self.ride_s, self._ride)
         else:

@@ -157,3 +157,23 @@ async def test_no_riding_without_a_recent_batch(h: Harness, world: World) -> Non
     assert (ack.type, ack.msg.count) == (T.ACK, 1)
     assert h.delivery.writer.rides == 0
     assert await stored_cursor(h, w.bob.device_id, w.conv) == m1.seq
+
+
+async def test_a_flush_while_a_ride_commits_does_not_wait_for_another_ride(
+    h: Harness, world: World
+) -> None:
+    w = world
+    ride(h, 30.0)
+    m1 = await h.send(w.a1, w.conv)
+    first = ack_request(h, w, m1.message_id)
+    h.request(w.a1, T.MESSAGE_SEND, pb.MessageSend(conversation_id=w.conv, encrypted_payload=b"x"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while h.delivery.writer.rides == 0:  # the batch has taken the first ack's write
+        assert loop.time() < deadline
+        await asyncio.sleep(0)
+    second = ack_request(h, w, m1.message_id)  # recorded while that write commits
+    await asyncio.wait_for(h.delivery.writer.flush(), 5.0)
+    assert (await answered(h, w, first)).msg.count == 1
+    assert (await answered(h, w, second)).msg.count == 0
+    assert await stored_cursor(h, w.bob.device_id, w.conv) == m1.seq
