@@ -334,7 +334,10 @@ class EventLog:
         if self._riders:
             riders, self._riders = self._riders, []
             for submit in riders:
-                submit()
+                try:
+                    submit()
+                except Exception:  # never at the cost of this batch
+                    log.exception("a write riding with an event batch failed to queue")
         try:
             await self.db.write(txn)
         except Exception as exc:

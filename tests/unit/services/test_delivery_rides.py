@@ -177,3 +177,18 @@ async def test_a_flush_while_a_ride_commits_does_not_wait_for_another_ride(
     assert (await answered(h, w, first)).msg.count == 1
     assert (await answered(h, w, second)).msg.count == 0
     assert await stored_cursor(h, w.bob.device_id, w.conv) == m1.seq
+
+
+async def test_a_rider_that_fails_to_queue_costs_the_event_batch_nothing(
+    h: Harness, world: World
+) -> None:
+    w = world
+    h.eventlog.stream_s = 60.0
+    await h.send(w.a1, w.conv)  # a batch: the stream is on
+
+    def broken() -> None:
+        raise RuntimeError("a rider's bug")
+
+    assert h.eventlog.ride(broken)
+    m = await h.send(w.a1, w.conv)  # answered with its echo, and stored
+    assert (await h.stored_seqs(w.conv))[-1] == m.seq
