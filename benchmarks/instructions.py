@@ -355,7 +355,7 @@ async def run(workload: str, scale: float = 1.0) -> dict[str, int]:
             for i, env in enumerate(cycles):
                 rig.dispatch(a, env)
                 await rig.eventlog.wait_idle()
-                ack = pb.MessageAck(message_id=recent[-1][1]).SerializeToString()
+                ack = pb.MessageAck(message_id=recent[-1].event_id).SerializeToString()
                 rig.dispatch(b, encode_envelope(T.MESSAGE_ACK, f"k{i}", ack))
                 await writer.flush()
         elif workload == "fanout":

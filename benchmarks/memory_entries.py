@@ -14,8 +14,7 @@ entry and the structure's ceiling at its cap.
 - ``conversation recent window``: each conversation's last ``RECENT_EVENTS`` events
   (for MESSAGE_DELIVERED), bounded per conversation, so by busy conversations;
 - ``event index``: :meth:`~sovereign.services.state.ConversationState.index_put`'s
-  ``OrderedDict`` (event id -> (conversation, seq, type, sender)), before and after
-  its cap changed.
+  ``OrderedDict`` (event id -> ``EventInfo``), before and after its cap changed.
 
 Strings are counted with the structure that holds them (an upper bound: in the server
 an event id may be shared with a conversation's recent window while it is in it).
@@ -33,7 +32,7 @@ from collections.abc import Callable
 
 from sovereign.services import idempotency as idem
 from sovereign.services import state as state_mod
-from sovereign.services.eventlog import RECENT_EVENTS
+from sovereign.services.eventlog import RECENT_EVENTS, EventInfo
 from sovereign.services.ids import new_ulid
 
 USERS = 200
@@ -120,9 +119,10 @@ def run(n: int, uuids: bool) -> dict[str, dict[str, float]]:
     seqs = list(range(1000, 1000 + n))
 
     def event_index() -> object:
-        idx: OrderedDict[str, tuple[str, int, int, str]] = OrderedDict()
+        idx: OrderedDict[str, EventInfo] = OrderedDict()
         for (user, _rid, eid, _ts, conv), seq in zip(rows, seqs, strict=True):
-            idx["".join(eid)] = (conv, seq + 0, 1, user)
+            event_id = "".join(eid)
+            idx[event_id] = EventInfo(conv, seq + 0, event_id, 1, user)
         return idx
 
     nbytes, kept = _measure(event_index)
@@ -136,11 +136,12 @@ def run(n: int, uuids: bool) -> dict[str, dict[str, float]]:
     del kept
 
     def conv_recent() -> object:
-        # eventlog.Conv.recent: (seq, event id, type, sender) of a conversation's newest
-        # RECENT_EVENTS committed events, per conversation that had traffic.
+        # eventlog.Conv.recent: the EventInfo of a conversation's newest RECENT_EVENTS
+        # committed events, per conversation that had traffic (in the server the event
+        # index shares these records while they are in both).
         windows = [deque(maxlen=RECENT_EVENTS) for _ in range(CONVS)]
-        for i, ((user, _rid, eid, _ts, _conv), seq) in enumerate(zip(rows, seqs, strict=True)):
-            windows[i % CONVS].append((seq + 0, "".join(eid), 1, user))
+        for i, ((user, _rid, eid, _ts, conv), seq) in enumerate(zip(rows, seqs, strict=True)):
+            windows[i % CONVS].append(EventInfo(conv, seq + 0, "".join(eid), 1, user))
         return windows
 
     nbytes, kept = _measure(conv_recent)

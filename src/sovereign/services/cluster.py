@@ -691,7 +691,7 @@ class ClusterService:
         conv.committed_seq = ev.seq
         if ev.seq > conv.last_seq:
             conv.last_seq, conv.last_ts_us = ev.seq, ev.ts_us
-        conv.recent.append((ev.seq, ev.event_id, ev.type, ev.sender_id))
+        conv.recent.append(ev.record())
         type_ = ev.type
         if local:
             if type_ in MEMBERSHIP:

@@ -30,7 +30,7 @@ from sovereign.codec import encode_envelope
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.eventlog import Conv, Event, EventLog, Op
+from sovereign.services.eventlog import Conv, Event, EventInfo, EventLog, Op
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
 from sovereign.services.session import Session, SyncState
@@ -703,7 +703,7 @@ class DeliveryService:
         dev = state.devices.get(s.device_id)
         index, delivered, user_id = state.event_index, state.delivered, s.user_id
         if dev is None or any(
-            i not in index or (index[i][0], user_id) not in delivered for i in ids
+            i not in index or (index[i].conv_id, user_id) not in delivered for i in ids
         ):
             self.tasks.spawn(s, rid, self._ack_slow(s, rid, ids))
             return
@@ -718,17 +718,17 @@ class DeliveryService:
         index = state.event_index
         unknown = [i for i in ids if i not in index]
         owners: dict[str, str | None] = {}
+        found: dict[str, EventInfo] = {}
         if unknown:
-            found, welcome_owners = await self.db.read(
+            rows, welcome_owners = await self.db.read(
                 partial(sql.ack_lookup_txn, event_ids=unknown)
             )
-            for event_id, info in found.items():
+            for event_id, (conv_id, seq, type_, sender_id) in rows.items():
+                info = found[event_id] = EventInfo(conv_id, seq, event_id, type_, sender_id)
                 state.index_put(event_id, info)
             owners.update(welcome_owners)
-        else:
-            found = {}
         conv_ids = {
-            info[0] for info in (index.get(i) or found.get(i) for i in ids) if info is not None
+            info.conv_id for info in (index.get(i) or found.get(i) for i in ids) if info is not None
         }
         for conv_id in conv_ids:
             conv = state.convs.get(conv_id)
@@ -743,7 +743,7 @@ class DeliveryService:
         dev: Device,
         ids: list[str],
         welcome_owners: dict[str, str | None],
-        loaded: dict[str, tuple[str, int, int, str]] | None = None,
+        loaded: dict[str, EventInfo] | None = None,
     ) -> None:
         user_id = s.user_id
         writer = self.writer
@@ -760,7 +760,7 @@ class DeliveryService:
                     writer.welcome_acks.add(key)  # welcomes are acked one by one (§12.15)
                     moved += 1
                 continue
-            conv_id, seq = info[0], info[1]
+            conv_id, seq = info.conv_id, info.seq
             conv = convs.get(conv_id)
             m = conv.member_view(user_id) if conv is not None else None
             if m is None or seq < m.joined_seq or (m.left_seq is not None and seq > m.left_seq):
@@ -829,16 +829,17 @@ class DeliveryService:
         if self.peers.clustered:
             self.peers.position(0, key[0], user_id, seq)
         recent = conv.recent
-        if not recent or recent[0][0] > pos + 1:
+        if not recent or recent[0].seq > pos + 1:
             # Older than the in-memory window: look the senders up in storage.
             self.tasks.background(self._delivered_from_storage(conv, user_id, pos, seq))
             return []
         last_by_sender: dict[str, str] = {}
-        for s, event_id, type_, sender in reversed(recent):  # newest first: stop early
-            if s <= pos:
+        for info in reversed(recent):  # newest first: stop early
+            if info.seq <= pos:
                 break
-            if s <= seq and type_ == T.MESSAGE_RECEIVE and sender != user_id:
-                last_by_sender.setdefault(sender, event_id)
+            sender = info.sender_id
+            if info.seq <= seq and info.type == T.MESSAGE_RECEIVE and sender != user_id:
+                last_by_sender.setdefault(sender, info.event_id)
         return _delivered_msgs(conv, user_id, seq, last_by_sender)
 
     async def _delivered_from_storage(self, conv: Conv, user_id: str, pos: int, seq: int) -> None:

@@ -26,6 +26,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.ids import new_ulid
 from sovereign.stats import Histogram
@@ -114,8 +116,8 @@ class Conv:
         self.group_info_epoch: int | None = None
         self.members: dict[str, Member] = {}  # current, in join order
         self.former: dict[str, Member] = {}  # removed or left (left_seq set)
-        # (seq, event_id, type, sender_id) of the latest committed events
-        self.recent: deque[tuple[int, str, int, str]] = deque(maxlen=RECENT_EVENTS)
+        # the latest committed events, oldest first
+        self.recent: deque[EventInfo] = deque(maxlen=RECENT_EVENTS)
         self._recipients: tuple[str, ...] | None = None
 
     @property
@@ -134,12 +136,31 @@ class Conv:
         return self.members.get(user_id) or self.former.get(user_id)
 
 
+class EventInfo(msgspec.Struct, gc=False, frozen=True):
+    """What acks and MESSAGE_DELIVERED need of a committed event, without a disk read:
+    one per event, shared by its conversation's ``recent`` window and the event index.
+
+    Not tracked by the cyclic collector (``gc=False``; it holds only strings and ints).
+    The long-lived caches take one of these per message. As GC-tracked tuples, they
+    grew the young generation at a steady rate while allocations and frees balanced
+    and no collection ran, so the next one, whenever it came, walked all of them.
+    Measured: 47,000-74,000 young objects, 8-54 ms in one pause.
+    """
+
+    conv_id: str
+    seq: int
+    event_id: str
+    type: int
+    sender_id: str
+
+
 class Event:
     """A durable conversation event, allocated but maybe not yet committed."""
 
     __slots__ = (
         "conv",
         "event_id",
+        "info",
         "payload",
         "recipients",
         "sender_id",
@@ -152,13 +173,23 @@ class Event:
         self, conv: Conv, type_: int, sender_id: str, seq: int, event_id: str, ts_us: int
     ) -> None:
         self.conv = conv
-        self.type = type_
+        self.type = int(type_)  # a plain int, never the (GC-tracked) IntEnum member
         self.sender_id = sender_id
         self.seq = seq
         self.event_id = event_id
         self.ts_us = ts_us
         self.payload = b""
         self.recipients: tuple[str, ...] = ()
+        self.info: EventInfo | None = None
+
+    def record(self) -> EventInfo:
+        """Its :class:`EventInfo`, made once (the recent window and the index share it)."""
+        info = self.info
+        if info is None:
+            info = self.info = EventInfo(
+                self.conv.conversation_id, self.seq, self.event_id, self.type, self.sender_id
+            )
+        return info
 
     def row(self) -> sql.EventRow:
         return (
@@ -368,7 +399,7 @@ class EventLog:
             for ev in op.events:
                 conv = ev.conv
                 conv.committed_seq = ev.seq
-                conv.recent.append((ev.seq, ev.event_id, ev.type, ev.sender_id))
+                conv.recent.append(ev.record())
             if op.finish is not None:
                 try:
                     op.finish()

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from sovereign.errors import ErrorCode, SovereignError
-from sovereign.services.eventlog import Conv, Event, load_state
+from sovereign.services.eventlog import Conv, Event, EventInfo, load_state
 from sovereign.services.session import Session
 from sovereign.storage import messaging as sql
 from sovereign.v1 import sovereign_pb2 as pb
@@ -58,7 +58,7 @@ class ConversationState:
         self.delivered: dict[tuple[str, str], int] = {}  # (conv, user) -> first device's seq
         self.read_marks: dict[tuple[str, str], int] = {}
         # event id -> (conversation, seq, type, sender) for acks; bounded, oldest out
-        self.event_index: OrderedDict[str, tuple[str, int, int, str]] = OrderedDict()
+        self.event_index: OrderedDict[str, EventInfo] = OrderedDict()
         self.profiles: dict[str, tuple[str, str]] = {}
         self.presence: dict[str, str] = {}  # user -> aggregate status, when not offline
 
@@ -132,9 +132,9 @@ class ConversationState:
 
     # -- the recent-event index (acks without a disk read) ------------------------------
     def index(self, ev: Event) -> None:
-        self.index_put(ev.event_id, (ev.conv.conversation_id, ev.seq, ev.type, ev.sender_id))
+        self.index_put(ev.event_id, ev.record())
 
-    def index_put(self, event_id: str, info: tuple[str, int, int, str]) -> None:
+    def index_put(self, event_id: str, info: EventInfo) -> None:
         idx = self.event_index
         idx[event_id] = info
         if len(idx) > EVENT_INDEX_MAX:
