@@ -57,7 +57,7 @@ class ConversationState:
         self.devices: dict[str, Device] = {}
         self.delivered: dict[tuple[str, str], int] = {}  # (conv, user) -> first device's seq
         self.read_marks: dict[tuple[str, str], int] = {}
-        # event id -> (conversation, seq, type, sender) for acks; bounded, oldest out
+        # event id -> EventInfo (conversation, seq, type, sender) for acks; bounded, oldest out
         self.event_index: OrderedDict[str, EventInfo] = OrderedDict()
         self.profiles: dict[str, tuple[str, str]] = {}
         self.presence: dict[str, str] = {}  # user -> aggregate status, when not offline
