@@ -467,13 +467,15 @@ def collection_due(tick: int) -> int:
     CPython starts a collection when allocations minus deallocations pass the first
     threshold. A server at a steady rate frees about as much as it allocates: a full
     cache (the idempotency keys, say) takes one record per message and evicts an older
-    one. The count stays flat, no collection runs, and the young generation grows by
-    every tracked record kept, until some burst (a reconnect storm) starts the one
-    collection that walks all of them. Measured before this: no collection at all in
-    two minutes of load after the first seconds, then pauses of 8-54 ms whenever one
-    ran. Collecting the young generation every :data:`YOUNG_GC_INTERVAL` bounds one
-    pause by what a second keeps: measured under 1.1 ms at 1,000 and 3,000 msgs/s,
-    5-8 ms at full speed (where it walks the messages in flight), 0.6% of the time.
+    one. The count stays flat, no collection runs, and the young generation fills with
+    every tracked record kept, up to the caches' whole contents, until some burst (a
+    reconnect storm) starts the one collection that walks all of it. Measured before
+    this, in relay load: no collection in two minutes after the first seconds, ~133,000
+    objects waiting in the young generation, and pauses of 8-54 ms (47,000-74,000
+    objects) whenever one ran. Collecting the young generation every
+    :data:`YOUNG_GC_INTERVAL` bounds one pause by what a second keeps: 400-900 objects
+    waiting and pauses under 1.2 ms at 1,000 and 3,000 msgs/s, 5-18 ms at full speed
+    (where it walks the messages in flight).
 
     An explicit collection resets the count, so the automatic ones then rarely run and
     the older generations are the server's to collect too: the middle one every
