@@ -258,16 +258,6 @@ class App:
             except Exception:
                 log.exception("maintenance pass failed")
             await asyncio.sleep(MAINTENANCE_INTERVAL)
-            gc.collect()  # the hourly full collection (see collection_due)
-
-    async def _collect(self) -> None:
-        """The young (and every 10 s the middle) collection on a timer: see
-        :func:`collection_due` for why the server does not leave it to CPython."""
-        tick = 0
-        while True:
-            await asyncio.sleep(YOUNG_GC_INTERVAL)
-            gc.collect(collection_due(tick))
-            tick += 1
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self, reuse_port: bool = False) -> None:
@@ -287,11 +277,7 @@ class App:
             reuse_port=reuse_port,
         )
         loop = asyncio.get_running_loop()
-        self._timers = [
-            loop.create_task(self._sweep()),
-            loop.create_task(self._maintenance()),
-            loop.create_task(self._collect()),
-        ]
+        self._timers = [loop.create_task(self._sweep()), loop.create_task(self._maintenance())]
         log.info(
             "sovereign %s listening on %s://%s (%s)",
             __version__,
@@ -455,34 +441,6 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
 
 #: The collector's thresholds while serving (see :func:`tune_gc`).
 GC_THRESHOLDS = (50_000, 50, 1_000)
-#: The server runs the young collection itself, this often (see :func:`collection_due`).
-YOUNG_GC_INTERVAL = 1.0
-#: Every this many young collections, the middle generation too (every 10 s).
-MIDDLE_GC_EVERY = 10
-
-
-def collection_due(tick: int) -> int:
-    """The generation the server's ``tick``-th timed collection takes (0 or 1).
-
-    CPython starts a collection when allocations minus deallocations pass the first
-    threshold. A server at a steady rate frees about as much as it allocates: a full
-    cache (the idempotency keys, say) takes one record per message and evicts an older
-    one. The count stays flat, no collection runs, and the young generation fills with
-    every tracked record kept, up to the caches' whole contents, until some burst (a
-    reconnect storm) starts the one collection that walks all of it. Measured before
-    this, in relay load: no collection in two minutes after the first seconds, ~133,000
-    objects waiting in the young generation, and pauses of 8-54 ms (47,000-74,000
-    objects) whenever one ran. Collecting the young generation every
-    :data:`YOUNG_GC_INTERVAL` bounds one pause by what a second keeps: 400-900 objects
-    waiting and pauses under 1.2 ms at 1,000 and 3,000 msgs/s, 5-18 ms at full speed
-    (where it walks the messages in flight).
-
-    An explicit collection resets the count, so the automatic ones then rarely run and
-    the older generations are the server's to collect too: the middle one every
-    :data:`MIDDLE_GC_EVERY` ticks, a full collection with the hourly maintenance pass
-    (cyclic garbage, a closed connection's objects say, would otherwise wait there).
-    """
-    return 1 if tick % MIDDLE_GC_EVERY == MIDDLE_GC_EVERY - 1 else 0
 
 
 def tune_gc() -> None:
