@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -275,7 +276,6 @@ class EventLog:
         self.gather_s = gather_s
         self.stream_s = STREAM_S
         self._last_start = -1e9
-        self._task: asyncio.Task[None] | None = None
         # /metrics: seconds from an event's server timestamp (taken when the request
         # was handled) to its COMMIT; None when metrics are off (SPEC §12.25).
         self.latency = latency if now_us is not None else None
@@ -327,18 +327,49 @@ class EventLog:
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_start = loop.time()
-        self._task = loop.create_task(self._drain())
+        # One loop iteration more before the batch is cut: frames read meanwhile join
+        # it. (The batch used to start in a task's first step, one iteration later;
+        # cutting it at once gave smaller batches: more commits, more CPU per message.)
+        loop.call_soon(self._next)
 
-    async def _drain(self) -> None:
+    # One batch in flight, driven by callbacks rather than a task: a batch costs one
+    # future and one callback on the loop, not a task, three coroutines and their
+    # resumptions (at everyday load most batches hold one or two sends, and these
+    # fixed costs are paid per batch: docs/performance.md, sixth session).
+    def _next(self) -> None:
+        """Hand everything queued to storage as one batch, or go idle."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            txn = self._txn(batch)
+            if self._riders:
+                riders, self._riders = self._riders, []
+                for submit in riders:
+                    try:
+                        submit()
+                    except Exception:  # never at the cost of this batch
+                        log.exception("a write riding with an event batch failed to queue")
+            try:
+                fut = self.db.submit(txn)
+            except Exception as exc:  # storage closed: fail this batch, try the next
+                self._failed(batch, exc)
+                continue
+            fut.add_done_callback(partial(self._written, batch))
+            return
+        self._busy = False
+        self._idle.set()
+
+    def _written(self, batch: list[Op], fut: asyncio.Future[Any]) -> None:
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._write(batch)
+            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+            if exc is not None:
+                self._failed(batch, exc)
+            else:
+                self._committed(batch, fut.result())
         finally:
-            self._busy = False
-            self._idle.set()
+            self._next()
 
-    async def _write(self, batch: list[Op]) -> None:
+    def _txn(self, batch: list[Op]) -> Callable[[Conn], Any]:
+        """The one transaction of ``batch`` (runs on the writer thread)."""
         rows: list[sql.EventRow] = []
         txns: list[Callable[[Conn], None]] = []
         requests: list[tuple[str, str, str, int]] = []
@@ -362,28 +393,23 @@ class EventLog:
             if requests:
                 sql.insert_send_requests_txn(conn, requests)
 
-        if self._riders:
-            riders, self._riders = self._riders, []
-            for submit in riders:
-                try:
-                    submit()
-                except Exception:  # never at the cost of this batch
-                    log.exception("a write riding with an event batch failed to queue")
-        try:
-            await self.db.write(txn)
-        except Exception as exc:
-            log.error("event batch of %d ops failed: %s", len(batch), exc)
-            for op in reversed(batch):
-                for undo in reversed(op.undos):
-                    undo()
-            for op in batch:
-                if op.fail is not None:
-                    op.fail(exc)
-            return
+        return txn
+
+    def _failed(self, batch: list[Op], exc: BaseException) -> None:
+        """The batch's transaction failed: undo every op (newest first), answer each."""
+        log.error("event batch of %d ops failed: %s", len(batch), exc)
+        for op in reversed(batch):
+            for undo in reversed(op.undos):
+                undo()
+        for op in batch:
+            if op.fail is not None:
+                op.fail(exc)
+
+    def _committed(self, batch: list[Op], result: Any) -> None:
         self.batches += 1
-        self.events_written += len(rows)
+        self.events_written += sum(len(op.events) for op in batch)
         latency = self.latency
-        if latency is not None and rows and self.now_us is not None:
+        if latency is not None and self.now_us is not None:
             now = self.now_us()
             for op in batch:
                 for ev in op.events:
@@ -469,7 +495,7 @@ class ClusterEventLog(EventLog):
             self.inflight[ev.event_id] = op
         super().submit(op)
 
-    async def _write(self, batch: list[Op]) -> None:
+    def _txn(self, batch: list[Op]) -> Callable[[Conn], Any]:
         # A constant number of round trips per batch, not several per op: on
         # PostgreSQL each statement is a round trip from the writer thread, and with a
         # few hundred ops in flight a batch of per-op statements took a second while
@@ -540,20 +566,18 @@ class ClusterEventLog(EventLog):
             flush()
             return verdicts
 
+        return txn
+
+    def _failed(self, batch: list[Op], exc: BaseException) -> None:
         inflight = self.inflight
-        try:
-            verdicts = await self.db.write(txn)
-        except Exception as exc:
-            log.error("event batch of %d ops failed: %s", len(batch), exc)
-            for op in reversed(batch):
-                for undo in reversed(op.undos):
-                    undo()
-            for op in batch:
-                for ev in op.events:
-                    inflight.pop(ev.event_id, None)
-                if op.fail is not None:
-                    op.fail(exc)
-            return
+        for op in batch:
+            for ev in op.events:
+                inflight.pop(ev.event_id, None)
+        super()._failed(batch, exc)
+
+    def _committed(self, batch: list[Op], result: Any) -> None:
+        verdicts: list[object] = result
+        inflight = self.inflight
         self.batches += 1
         done: list[Op] = []
         for op, verdict in zip(batch, verdicts, strict=True):
