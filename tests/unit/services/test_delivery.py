@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from sovereign.errors import ErrorCode
 from sovereign.protocol.types import MessageType as T
@@ -82,6 +85,36 @@ async def test_one_group_commit_is_one_write_per_session(
         own = "a" if s is w.a1 else "b"
         assert [f.request_id for f in frames if f.request_id] == [f"{own}{i}" for i in range(3)]
     assert len(h.outbox.writes(w.a1)) == len(h.outbox.writes(w.b1))
+
+
+async def test_a_batch_that_cannot_be_built_is_answered_and_the_log_goes_on(
+    h: Harness, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while a batch is built (before storage sees it) must not leave the event
+    log busy for good: the batch's ops are undone and answered 9002, the next send
+    commits."""
+    w = world
+    real = h.eventlog._txn
+    calls = 0
+
+    def broken_once(batch: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return real(batch)
+
+    monkeypatch.setattr(h.eventlog, "_txn", broken_once)
+    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv), "lost")
+    await h.settle()
+    [err] = h.outbox.take(w.a1)
+    assert (err.type, err.request_id, err.msg.code) == (T.ERROR, "lost", ErrorCode.DATABASE_ERROR)
+    assert h.conv(w.conv).last_seq == 2  # undone: the seq is not burned
+    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv), "next")
+    await h.settle()
+    [echo] = h.outbox.take(w.a1)
+    assert (echo.type, echo.request_id, echo.msg.seq) == (T.MESSAGE_RECEIVE, "next", 3)
+    assert await h.stored_seqs(w.conv) == [1, 2, 3]
 
 
 async def test_a_send_read_in_the_iteration_after_the_first_joins_its_batch(
