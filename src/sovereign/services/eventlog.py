@@ -337,43 +337,37 @@ class EventLog:
     # resumptions (these fixed costs are paid per commit, and a commit at 1,000 msgs/s
     # holds ~4 sends: docs/performance.md, sixth session).
     def _next(self) -> None:
-        """Hand everything queued to storage as one batch, or go idle. Whatever goes
-        wrong, every op is answered and the log goes on (never stuck busy)."""
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                txn = self._txn(batch)
-                if self._riders:
-                    riders, self._riders = self._riders, []
-                    for submit in riders:
-                        try:
-                            submit()
-                        except Exception:  # never at the cost of this batch
-                            log.exception("a write riding with an event batch failed to queue")
-                fut = self.db.submit(txn)
-            except Exception as exc:  # storage closed, or a bug building the batch
-                self._fail(batch, exc)
-                continue
-            fut.add_done_callback(partial(self._written, batch))
+        """Hand everything queued to storage as one batch, or go idle."""
+        if not self._queue:
+            self._busy = False
+            self._idle.set()
             return
-        self._busy = False
-        self._idle.set()
+        batch, self._queue = self._queue, []
+        try:
+            txn = self._txn(batch)
+            if self._riders:
+                riders, self._riders = self._riders, []
+                for submit in riders:
+                    try:
+                        submit()
+                    except Exception:  # never at the cost of this batch
+                        log.exception("a write riding with an event batch failed to queue")
+            fut = self.db.submit(txn)
+        except Exception as exc:  # storage closed, or a bug building the batch
+            # The same path as a failed COMMIT: undone, answered, then the next batch.
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+        fut.add_done_callback(partial(self._written, batch))
 
     def _written(self, batch: list[Op], fut: asyncio.Future[Any]) -> None:
         try:
             exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
             if exc is not None:
-                self._fail(batch, exc)
+                self._failed(batch, exc)
             else:
                 self._committed(batch, fut.result())
         finally:
-            self._next()
-
-    def _fail(self, batch: list[Op], exc: BaseException) -> None:
-        try:
-            self._failed(batch, exc)
-        except Exception:
-            log.exception("failing an event batch failed")
+            self._next()  # whatever went wrong above, the log never stays busy
 
     def _txn(self, batch: list[Op]) -> Callable[[Conn], Any]:
         """The one transaction of ``batch`` (runs on the writer thread)."""
@@ -414,7 +408,6 @@ class EventLog:
 
     def _committed(self, batch: list[Op], result: Any) -> None:
         self.batches += 1
-        self.events_written += sum(len(op.events) for op in batch)
         latency = self.latency
         if latency is not None and self.now_us is not None:
             now = self.now_us()
@@ -429,6 +422,7 @@ class EventLog:
 
     def _finish(self, batch: list[Op]) -> None:
         for op in batch:
+            self.events_written += len(op.events)
             for ev in op.events:
                 conv = ev.conv
                 conv.committed_seq = ev.seq
