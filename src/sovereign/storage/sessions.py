@@ -57,6 +57,15 @@ _COLS = (
 )
 
 
+def new_session_id() -> str:
+    """A random session id that never starts with "-": an operator passes it to
+    ``sovereign session revoke``, where argparse would take "-..." for an option."""
+    while True:
+        sid = secrets.token_urlsafe(16)
+        if sid[0] != "-":
+            return sid
+
+
 def _session(r: sqlite3.Row) -> SessionRow:
     return SessionRow(
         session_id=r[0],
@@ -92,7 +101,7 @@ def create_session_txn(
             f" user_agent, created_at_us, expires_at_us, last_seen_at_us, kind)"
             f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_COLS}",
             (
-                secrets.token_urlsafe(16),
+                new_session_id(),
                 secrets.token_urlsafe(16),
                 user_id,
                 token_hash,

@@ -104,3 +104,13 @@ async def test_list_and_count(storage: Storage) -> None:
     assert await storage.sessions.count() == 4
     assert await storage.sessions.count(a.user_id) == 3
     assert await storage.sessions.count(active_at_us=5 * DAY) == 2  # b's expired by then
+
+
+def test_session_ids_never_start_with_a_dash() -> None:
+    """An operator passes them to `sovereign session revoke`, where argparse takes
+    "-..." for an option (1 token_urlsafe id in 64 starts with one)."""
+    from sovereign.storage.sessions import new_session_id
+
+    ids = [new_session_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
