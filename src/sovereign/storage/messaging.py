@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from sovereign.storage._util import rows_in
+from sovereign.storage._util import insert_rows, rows_in
 from sovereign.storage.database import Conn
 from sovereign.storage.engines import per_engine
 
@@ -123,7 +123,8 @@ def load_conversations_txn(conn: Conn) -> tuple[list[ConversationRecord], list[M
 
 
 def insert_events_txn(conn: Conn, events: Sequence[EventRow]) -> None:
-    conn.executemany(
+    insert_rows(
+        conn,
         "INSERT INTO events (conversation_id, seq, event_id, type, sender_id, ts_us, payload)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         events,
@@ -195,7 +196,8 @@ def start_device_cursors_txn(
 
 def insert_send_requests_txn(conn: Conn, rows: Sequence[tuple[str, str, str, int]]) -> None:
     """(user_id, request_id, event_id, created_at_us) of idempotent sends, one batch."""
-    conn.executemany(
+    insert_rows(
+        conn,
         "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
         " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, request_id) DO UPDATE SET"
         " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
@@ -249,7 +251,7 @@ def save_delivery_state_txn(
     positions (device_id :data:`DELIVERED`) alike; ``dropped_cursors`` (device_id,
     conversation_id)."""
     if positions:
-        conn.executemany(_SAVE_POSITION, positions)
+        insert_rows(conn, _SAVE_POSITION, positions)
     if dropped_cursors:
         conn.executemany(
             "DELETE FROM cursors WHERE device_id = ? AND conversation_id = ?", dropped_cursors
