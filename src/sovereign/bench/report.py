@@ -86,6 +86,25 @@ def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
         if e and f:
             out["relay_full_msgs_per_server_cpu_s"] = f
             out["relay_fraction_of_transport"] = round(f / e, 3)
+    # At each fixed rate: the bare transport's CPU per message (the relay's frames, no
+    # storage, no logic) beside the relay's, so a report says what is left to cut.
+    floors = []
+    for r in results:
+        if not r["phase"].startswith("echo@"):
+            continue
+        relay = next(
+            (
+                x
+                for x in results
+                if x["scenario"] in _RELAY and x["phase"] == "fixed@" + r["phase"][5:]
+            ),
+            None,
+        )
+        e_us = r.get("server_cpu_us_per_unit")
+        f_us = None if relay is None else relay.get("server_cpu_us_per_unit")
+        floors.append({"rate": r.get("target_rate"), "echo_cpu_us": e_us, "relay_cpu_us": f_us})
+    if floors:
+        out["cpu_per_msg_at_fixed_rates"] = floors
     return out
 
 
@@ -103,6 +122,14 @@ def headline_lines(h: dict[str, Any]) -> list[str]:
             f"server CPU-s = {100 * h['relay_fraction_of_transport']:.1f}% of the bare picows "
             f"echo ({_num(h['echo_msgs_per_server_cpu_s'])} frames echoed per server CPU-s, "
             "same load generator, same run)"
+        )
+    for f in h.get("cpu_per_msg_at_fixed_rates", []):
+        if f["echo_cpu_us"] is None or f["relay_cpu_us"] is None:
+            continue
+        lines.append(
+            f"at {_num(f['rate'])} msgs/s: the bare echo takes {f['echo_cpu_us']:,.0f} us of "
+            f"server CPU per message (its 2 frames in, 2 out), the relay "
+            f"{f['relay_cpu_us']:,.0f} us (2 in, 3 out, durable)"
         )
     return lines
 

@@ -222,6 +222,9 @@ class EchoClient(BenchClient):
 
     w: RelayWorker
     inflight = 0
+    #: Open loop: the connection that sends when this one's frame comes back (the
+    #: relay's peer acks after its delivery, which follows the send).
+    peer: EchoClient | None = None
 
     def fire(self) -> None:
         w = self.w
@@ -232,21 +235,32 @@ class EchoClient(BenchClient):
             if w.sent >= w.cap:
                 w.stop_issuing()
                 return
-            t.send(BINARY, _TS.pack(_now()) + w.echo_pad)
-            self.inflight += 1
-            w.sent += 1
+            self.stamp(_now())
+
+    def stamp(self, t_ns: int) -> None:
+        """One frame stamped with ``t_ns`` (its send time, or its intended send time in
+        an open loop)."""
+        t = self.transport
+        assert t is not None
+        t.send(BINARY, _TS.pack(t_ns) + self.w.echo_pad)
+        self.inflight += 1
+        self.w.sent += 1
 
     def on_frame(self, frame: WSFrame) -> None:
         buf = frame.get_payload_as_memoryview()
         now = _now()
         w = self.w
-        stats.add_ns(w.delivery, now - _TS.unpack_from(buf)[0])
+        t_ns = _TS.unpack_from(buf)[0]
+        stats.add_ns(w.delivery, now - t_ns)
         self.inflight -= 1
         w.received += 1
         w.completed += 1
         w.last_t = now / 1e9
-        if w.issuing:
-            self.fire()
+        if w.closed_loop:
+            if w.issuing:
+                self.fire()
+        elif self.peer is not None:
+            self.peer.stamp(t_ns)  # after the issuing ends too: every message has both
 
 
 class RelayWorker(WorkerBase):
@@ -353,7 +367,9 @@ class RelayWorker(WorkerBase):
     async def issue(self, params: dict[str, Any], start: float, deadline: float) -> None:
         self.issuing = True
         try:
-            if self.echo_mode:
+            if self.echo_mode and not self.closed_loop:
+                await self._echo_open_loop(float(params["rate"]), start, deadline)
+            elif self.echo_mode:
                 for c in self.echoes:
                     c.fire()
                 with contextlib.suppress(TimeoutError):
@@ -395,6 +411,40 @@ class RelayWorker(WorkerBase):
                     self.skipped += 1
                     continue
                 pair.send(t_intended)
+            if self.sent >= self.cap:
+                break
+            await asyncio.sleep(0.001)
+
+    async def _echo_open_loop(self, rate: float, start: float, deadline: float) -> None:
+        """The relay's frames at ``rate`` msgs/s against the bare echo server: each
+        message is a frame on a sender's connection and, once that one is back, a frame
+        on its peer's (the relay's send, then the peer's ack after the delivery), so the
+        server wakes for each as it would for the relay. Both carry the intended send
+        time: the peer's latency is the whole chain's."""
+        echoes = self.echoes
+        n = len(echoes) // 2
+        if not n or rate <= 0:
+            return
+        for k in range(n):
+            echoes[2 * k].peer = echoes[2 * k + 1]
+        interval_ns = 1e9 / rate
+        start_ns = int(start * 1e9)
+        issued = 0
+        limit = 10_000  # in flight per connection before we skip it (drowning)
+        while self.issuing:
+            now = _now()
+            if now >= deadline * 1e9:
+                break
+            due = int((now - start_ns) / interval_ns) + 1
+            while issued < due and self.sent < self.cap:
+                k = issued % n
+                t_intended = start_ns + int(issued * interval_ns)
+                issued += 1
+                a = echoes[2 * k]
+                if a.inflight >= limit:
+                    self.skipped += 1
+                    continue
+                a.stamp(t_intended)
             if self.sent >= self.cap:
                 break
             await asyncio.sleep(0.001)
@@ -599,28 +649,40 @@ class BaselineSpec(RelaySpec):
         return {"echo_url": self.args.echo_url, "envelope": envelope}
 
     def phases(self) -> Generator[Phase, None, None]:
-        phase = Phase(
-            "echo", {"rate": None, "echo": True, "cap": self._cap()}, float(self.args.duration)
-        )
+        d = float(self.args.duration)
+        phase = Phase("echo", {"rate": None, "echo": True, "cap": self._cap()}, d)
         phase.pid = int(self.args.echo_pid)
         yield phase
+        # The floor at everyday load: the relay's frames at each fixed rate against the
+        # bare transport, so a fixed@N phase has the same wake-ups to compare with.
+        for total in _rates(self.args.fixed or ""):
+            phase = self._open(f"echo@{total:g}", total, d)
+            phase.params["echo"] = True
+            phase.pid = int(self.args.echo_pid)
+            yield phase
         yield from super().phases()
 
     def summarise(self, out: Outcome) -> dict[str, Any]:
-        if out.phase.name != "echo":
+        if not out.phase.params.get("echo"):
             return super().summarise(out)
         sent, received = out.total("sent"), out.total("received")
-        per_s = received / out.wall_s if out.wall_s > 0 else 0.0
+        closed = out.phase.params["rate"] is None
+        # Closed loop: every frame is a message (the transport's rate). Open loop: a
+        # message is the relay's pair of frames in (send, ack), each echoed.
+        count = received if closed else received // 2
+        per_s = count / out.wall_s if out.wall_s > 0 else 0.0
         return {
             "connections": 2 * self.args.pairs,
-            "mode": "closed loop",
-            "window": self.args.window,
+            "mode": "closed loop" if closed else "open loop, 2 frames per message",
+            "window": self.args.window if closed else None,
+            "target_rate": out.phase.params.get("total"),
             "server": "bare picows echo",
             "sent": sent,
             "received": received,
+            "skipped": out.total("skipped"),
             "messages_per_s": round(per_s, 1),
             "unit": "msgs",
-            "count": received,
+            "count": count,
             "latency_ms": {"echo": stats.summary(out.samples("delivery"))},
             "headline_latency": "echo",
             "checks": {"every frame echoed": sent == received},
