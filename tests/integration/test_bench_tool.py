@@ -126,24 +126,39 @@ def test_relay(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
 def test_baseline(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
     results = _common("baseline", runs)
     phases = [r["phase"] for r in results]
-    assert phases[:4] == ["echo", "echo@100", "full", "probe@" + phases[3].removeprefix("probe@")]
+    assert phases[:5] == [
+        "echo",
+        "echo@100",
+        "durable@100",
+        "full",
+        "probe@" + phases[4].removeprefix("probe@"),
+    ]
     assert phases[-1] == "fixed@100"
-    echo, floor = results[0], results[1]
+    echo, floor, durable = results[:3]
     assert echo["sent"] == echo["received"] > 0 and echo["connections"] == 4
     assert echo["server_disk_write_kb_per_unit"] == 0
     # The relay's frames at the fixed rate: a frame on the sender's connection, then one
     # on its peer's once the first is back; a message is the two.
-    assert floor["mode"] == "open loop, 2 frames per message"
-    assert floor["target_rate"] == 100 and floor["skipped"] == 0
-    assert floor["sent"] == floor["received"] == 2 * floor["count"] > 0
-    assert floor["latency_ms"]["echo"]["n"] == floor["received"]
+    for r in (floor, durable):
+        assert r["mode"] == "open loop, 2 frames per message"
+        assert r["target_rate"] == 100 and r["skipped"] == 0
+        assert r["sent"] == r["received"] == 2 * r["count"] > 0
+        assert r["latency_ms"]["echo"]["n"] == r["received"]
+    # Only the durable phase's frames went to disk (each batch fdatasync'd).
+    assert floor["server"] == "bare picows echo"
+    assert durable["server"] == "bare picows echo, each frame after an fdatasync"
+    assert floor["server_disk_write_kb_per_unit"] == 0
+    assert durable["server_disk_write_kb_per_unit"] > 0
     head = runs["baseline"][2]["headline"]
     if head.get("echo_msgs_per_server_cpu_s"):
         assert head["relay_fraction_of_transport"] > 0
     (at100,) = head["cpu_per_msg_at_fixed_rates"]
-    assert at100["rate"] == 100
-    assert at100["echo_cpu_us"] == floor["server_cpu_us_per_unit"]
-    assert at100["relay_cpu_us"] == results[-1]["server_cpu_us_per_unit"]
+    assert at100 == {
+        "rate": 100,
+        "echo_cpu_us": floor["server_cpu_us_per_unit"],
+        "durable_echo_cpu_us": durable["server_cpu_us_per_unit"],
+        "relay_cpu_us": results[-1]["server_cpu_us_per_unit"],
+    }
 
 
 def test_fanout(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:

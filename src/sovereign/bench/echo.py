@@ -6,13 +6,26 @@ same picows settings as ``sovereign serve`` (1 KiB initial read buffer, no auto-
 no aiofastnet). No storage, no dispatch, no protobuf: ``sovereign-bench baseline`` runs
 it under the same load generator as the relay, so a report can say what fraction of the
 bare transport the server reaches on this machine. SIGTERM or SIGINT stops it (exit 0).
+
+A frame whose ninth byte is 0x01 (after the load tool's 8-byte timestamp) is echoed
+only once it is durable: appended to a file (:class:`DurableLog`) and fdatasync'd on a
+writer thread, in batches shaped like the relay's event batches (one in flight; in a
+stream, a batch waits ``EVENT_GATHER_S`` for company). That is the relay's durable
+commit with no SQLite and no logic: the floor of this server's design on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
 
 import picows
 from picows import (
@@ -24,23 +37,102 @@ from picows import (
     WSUpgradeRequest,
 )
 
+from sovereign.services.eventlog import EVENT_GATHER_S, STREAM_S
+
 _BINARY = WSMsgType.BINARY
 _CLOSE = WSMsgType.CLOSE
+#: The ninth byte of a frame that is echoed only once durable.
+DURABLE_MARK = 0x01
+#: The log file is written round and round within this size, which is written once at
+#: start-up: like a WAL started over, later writes allocate nothing.
+LOG_BYTES = 64 * 1024 * 1024
+
+
+class DurableLog:
+    """Frames appended to a file and fdatasync'd on one writer thread, each echoed once
+    its batch is synced. Batches as EventLog cuts them: one in flight, everything queued
+    meanwhile in the next; a batch starting within ``STREAM_S`` of the last waits
+    ``EVENT_GATHER_S`` first."""
+
+    def __init__(self, path: str, size: int = LOG_BYTES) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # In 4 KiB writes, as walvfs writes the WAL: Linux sizes page-cache folios by the
+        # writes that create them, and a small write later dirties (and writes back) its
+        # whole folio. Filled in 1 MiB writes, each commit here wrote back 1 MiB.
+        chunk = b"\0" * 4096
+        for _ in range(size // len(chunk)):
+            os.write(self.fd, chunk)
+        os.fsync(self.fd)
+        self.size = size - size % len(chunk)
+        self.pos = 0
+        self.pending: list[tuple[WSTransport, bytes]] = []
+        self.busy = False
+        self.last_start = float("-inf")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="echo-writer")
+        self.commits = 0
+
+    def append(self, transport: WSTransport, payload: bytes) -> None:
+        self.pending.append((transport, payload))
+        if not self.busy:
+            self.busy = True
+            loop = asyncio.get_running_loop()
+            if loop.time() - self.last_start < STREAM_S:
+                loop.call_later(EVENT_GATHER_S, self._start)
+            else:
+                loop.call_soon(self._start)
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.last_start = loop.time()
+        loop.call_soon(self._next)
+
+    def _next(self) -> None:
+        if not self.pending:
+            self.busy = False
+            return
+        batch, self.pending = self.pending, []
+        data = b"".join(p for _, p in batch)
+        at = self.pos if self.pos + len(data) <= self.size else 0
+        self.pos = at + len(data)
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._write, data, at)
+        fut.add_done_callback(partial(self._written, batch))
+
+    def _write(self, data: bytes, at: int) -> None:
+        os.pwrite(self.fd, data, at)
+        os.fdatasync(self.fd)
+
+    def _written(self, batch: list[tuple[WSTransport, bytes]], fut: asyncio.Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:  # a load tool must not pretend: stop loudly
+            print(f"echo: durable write failed: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
+        self.commits += 1
+        for transport, payload in batch:
+            transport.send(_BINARY, payload)
+        self._next()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        os.close(self.fd)
 
 
 class EchoListener(WSListener):
+    def __init__(self, log: DurableLog | None = None) -> None:
+        super().__init__()
+        self.log = log
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is _BINARY:
             # The frame's memory is borrowed: send() copies it into the transport.
-            transport.send(_BINARY, frame.get_payload_as_memoryview())
+            payload = frame.get_payload_as_memoryview()
+            if self.log is not None and len(payload) > 8 and payload[8] == DURABLE_MARK:
+                self.log.append(transport, bytes(payload))
+            else:
+                transport.send(_BINARY, payload)
         elif frame.msg_type is _CLOSE:
             if not transport.is_close_frame_sent:
                 transport.send_close(WSCloseCode.OK)
             transport.disconnect()
-
-
-def _factory(_request: WSUpgradeRequest) -> EchoListener:
-    return EchoListener()
 
 
 async def serve(listen: str) -> int:
@@ -49,8 +141,25 @@ async def serve(listen: str) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The log lives beside the relay's data dirs (the default temp dir: the same disk).
+    fd, path = tempfile.mkstemp(prefix="sovereign-echo-", suffix=".log")
+    os.close(fd)
+    log = DurableLog(path)
+
+    def factory(_request: WSUpgradeRequest) -> EchoListener:
+        return EchoListener(log)
+
+    try:
+        return await _serve(host, port, factory, stop)
+    finally:
+        log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+async def _serve(host: str, port: str, factory: Any, stop: asyncio.Event) -> int:
     server = await picows.ws_create_server(
-        _factory,
+        factory,
         host.strip("[]"),
         int(port),
         read_buffer_init_size=1024,

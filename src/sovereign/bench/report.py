@@ -86,23 +86,26 @@ def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
         if e and f:
             out["relay_full_msgs_per_server_cpu_s"] = f
             out["relay_fraction_of_transport"] = round(f / e, 3)
+
     # At each fixed rate: the bare transport's CPU per message (the relay's frames, no
     # storage, no logic) beside the relay's, so a report says what is left to cut.
+    def cpu_us(phase: str) -> float | None:
+        r = next((x for x in results if x["scenario"] in _RELAY and x["phase"] == phase), None)
+        return None if r is None else r.get("server_cpu_us_per_unit")
+
     floors = []
     for r in results:
         if not r["phase"].startswith("echo@"):
             continue
-        relay = next(
-            (
-                x
-                for x in results
-                if x["scenario"] in _RELAY and x["phase"] == "fixed@" + r["phase"][5:]
-            ),
-            None,
+        rate = r["phase"][5:]
+        floors.append(
+            {
+                "rate": r.get("target_rate"),
+                "echo_cpu_us": r.get("server_cpu_us_per_unit"),
+                "durable_echo_cpu_us": cpu_us("durable@" + rate),
+                "relay_cpu_us": cpu_us("fixed@" + rate),
+            }
         )
-        e_us = r.get("server_cpu_us_per_unit")
-        f_us = None if relay is None else relay.get("server_cpu_us_per_unit")
-        floors.append({"rate": r.get("target_rate"), "echo_cpu_us": e_us, "relay_cpu_us": f_us})
     if floors:
         out["cpu_per_msg_at_fixed_rates"] = floors
     return out
@@ -124,12 +127,13 @@ def headline_lines(h: dict[str, Any]) -> list[str]:
             "same load generator, same run)"
         )
     for f in h.get("cpu_per_msg_at_fixed_rates", []):
-        if f["echo_cpu_us"] is None or f["relay_cpu_us"] is None:
+        if None in (f["echo_cpu_us"], f["durable_echo_cpu_us"], f["relay_cpu_us"]):
             continue
         lines.append(
-            f"at {_num(f['rate'])} msgs/s: the bare echo takes {f['echo_cpu_us']:,.0f} us of "
-            f"server CPU per message (its 2 frames in, 2 out), the relay "
-            f"{f['relay_cpu_us']:,.0f} us (2 in, 3 out, durable)"
+            f"at {_num(f['rate'])} msgs/s, server CPU per message: bare echo "
+            f"{f['echo_cpu_us']:,.0f} us (2 frames in, 2 out), echo after an fdatasync "
+            f"{f['durable_echo_cpu_us']:,.0f} us (the same, batched like the relay's "
+            f"commits), relay {f['relay_cpu_us']:,.0f} us (2 in, 3 out, durable)"
         )
     return lines
 

@@ -42,6 +42,7 @@ from picows import WSFrame
 
 from sovereign.bench import stats
 from sovereign.bench.client import BINARY, BenchClient, connect
+from sovereign.bench.echo import DURABLE_MARK
 from sovereign.bench.scenarios.base import Outcome, Phase, Spec, WorkerBase, split
 from sovereign.bench.server import Account
 from sovereign.codec import decode_envelope, encode_envelope
@@ -49,6 +50,8 @@ from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 
 _TS = struct.Struct("<q")
+#: What pads an echo frame to the size of a MESSAGE_SEND (never DURABLE_MARK).
+_PAD_BYTE = b"\xa5"
 _MESSAGE_SEND = int(T.MESSAGE_SEND)
 _MESSAGE_ACK = int(T.MESSAGE_ACK)
 _RECEIVE = int(T.MESSAGE_RECEIVE)
@@ -336,7 +339,7 @@ class RelayWorker(WorkerBase):
     async def _open_echoes(self, url: str, n: int, concurrency: int, size: int) -> None:
         """As many echo connections as relay connections, from the same addresses."""
         sem = asyncio.Semaphore(max(1, concurrency))
-        self.echo_pad = b"\xa5" * max(0, size - _TS.size)
+        self.echo_pad = _PAD_BYTE * max(1, size - _TS.size)
 
         def make() -> EchoClient:
             c = EchoClient(self)
@@ -356,6 +359,10 @@ class RelayWorker(WorkerBase):
         self._reset()
         self.closed_loop = params["rate"] is None
         self.echo_mode = bool(params.get("echo"))
+        if self.echo_mode:
+            # The ninth byte (after the timestamp) asks the echo server for durability.
+            mark = bytes([DURABLE_MARK]) if params.get("durable") else _PAD_BYTE
+            self.echo_pad = mark + self.echo_pad[1:]
         cap = params.get("cap")
         self.cap = math.inf if cap is None else int(cap)
         self._done = asyncio.Event()
@@ -655,11 +662,18 @@ class BaselineSpec(RelaySpec):
         yield phase
         # The floor at everyday load: the relay's frames at each fixed rate against the
         # bare transport, so a fixed@N phase has the same wake-ups to compare with.
-        for total in _rates(self.args.fixed or ""):
-            phase = self._open(f"echo@{total:g}", total, d)
-            phase.params["echo"] = True
-            phase.pid = int(self.args.echo_pid)
-            yield phase
+        # ``durable@N``: the same, each frame echoed once fdatasync'd in batches shaped
+        # like the relay's (sovereign.bench.echo.DurableLog): the design's floor. At
+        # every fixed rate the relay will run (--rate numbers and --fixed).
+        rate = str(self.args.rate)
+        fixed = [] if rate in ("max", "half") else _rates(rate)
+        fixed += [r for r in _rates(self.args.fixed or "") if r not in fixed]
+        for total in fixed:
+            for name, durable in (("echo", False), ("durable", True)):
+                phase = self._open(f"{name}@{total:g}", total, d)
+                phase.params.update(echo=True, durable=durable)
+                phase.pid = int(self.args.echo_pid)
+                yield phase
         yield from super().phases()
 
     def summarise(self, out: Outcome) -> dict[str, Any]:
@@ -676,7 +690,8 @@ class BaselineSpec(RelaySpec):
             "mode": "closed loop" if closed else "open loop, 2 frames per message",
             "window": self.args.window if closed else None,
             "target_rate": out.phase.params.get("total"),
-            "server": "bare picows echo",
+            "server": "bare picows echo"
+            + (", each frame after an fdatasync" if out.phase.params.get("durable") else ""),
             "sent": sent,
             "received": received,
             "skipped": out.total("skipped"),
