@@ -23,9 +23,9 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
 
 import picows
 from picows import (
@@ -69,7 +69,6 @@ class DurableLog:
         self.busy = False
         self.last_start = float("-inf")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="echo-writer")
-        self.commits = 0
 
     def append(self, transport: WSTransport, payload: bytes) -> None:
         self.pending.append((transport, payload))
@@ -106,10 +105,11 @@ class DurableLog:
         if exc is not None:  # a load tool must not pretend: stop loudly
             print(f"echo: durable write failed: {exc}", file=sys.stderr, flush=True)
             os._exit(1)
-        self.commits += 1
-        for transport, payload in batch:
-            transport.send(_BINARY, payload)
-        self._next()
+        try:
+            for transport, payload in batch:
+                transport.send(_BINARY, payload)
+        finally:
+            self._next()  # a connection gone meanwhile never stalls the log
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -157,7 +157,9 @@ async def serve(listen: str) -> int:
             os.unlink(path)
 
 
-async def _serve(host: str, port: str, factory: Any, stop: asyncio.Event) -> int:
+async def _serve(
+    host: str, port: str, factory: Callable[[WSUpgradeRequest], EchoListener], stop: asyncio.Event
+) -> int:
     server = await picows.ws_create_server(
         factory,
         host.strip("[]"),

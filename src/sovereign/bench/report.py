@@ -87,8 +87,9 @@ def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
             out["relay_full_msgs_per_server_cpu_s"] = f
             out["relay_fraction_of_transport"] = round(f / e, 3)
 
-    # At each fixed rate: the bare transport's CPU per message (the relay's frames, no
-    # storage, no logic) beside the relay's, so a report says what is left to cut.
+    # At each fixed rate, CPU per message: the bare transport's (the relay's frames, no
+    # storage, no logic), the durable echo's (the same after an fdatasync per batch:
+    # the design's floor) and the relay's, so a report says what is left to cut.
     def cpu_us(phase: str) -> float | None:
         r = next((x for x in results if x["scenario"] in _RELAY and x["phase"] == phase), None)
         return None if r is None else r.get("server_cpu_us_per_unit")
