@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from sovereign.bench import echo
 from sovereign.bench.profile import summarise_raw
 from sovereign.bench.scenarios.relay import message_send_parts
+from sovereign.services import eventlog
 from sovereign.v1 import sovereign_pb2 as pb
 
 RUNS: dict[str, list[str]] = {
@@ -159,6 +161,12 @@ def test_baseline(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
         "durable_echo_cpu_us": durable["server_cpu_us_per_unit"],
         "relay_cpu_us": results[-1]["server_cpu_us_per_unit"],
     }
+
+
+def test_the_durable_echo_batches_by_the_event_logs_rule() -> None:
+    """The floor must batch as the relay does, or it is not its floor."""
+    assert echo.GATHER_S == eventlog.EVENT_GATHER_S
+    assert echo.STREAM_S == eventlog.STREAM_S
 
 
 def test_fanout(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:

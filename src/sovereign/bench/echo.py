@@ -10,7 +10,7 @@ bare transport the server reaches on this machine. SIGTERM or SIGINT stops it (e
 A frame whose ninth byte is 0x01 (after the load tool's 8-byte timestamp) is echoed
 only once it is durable: appended to a file (:class:`DurableLog`) and fdatasync'd on a
 writer thread, in batches shaped like the relay's event batches (one in flight; in a
-stream, a batch waits ``EVENT_GATHER_S`` for company). That is the relay's durable
+stream, a batch waits ``GATHER_S`` for company). That is the relay's durable
 commit with no SQLite and no logic: the floor of this server's design on this machine.
 """
 
@@ -37,10 +37,14 @@ from picows import (
     WSUpgradeRequest,
 )
 
-from sovereign.services.eventlog import EVENT_GATHER_S, STREAM_S
-
 _BINARY = WSMsgType.BINARY
 _CLOSE = WSMsgType.CLOSE
+#: The event log's batching rule (sovereign.services.eventlog's EVENT_GATHER_S and
+#: STREAM_S; the load tool may not import the services, tests/unit/test_layers.py, so
+#: tests/integration/test_bench_tool.py checks these agree): a batch starting within
+#: STREAM_S of the last waits GATHER_S for company.
+GATHER_S = 0.001
+STREAM_S = 0.002
 #: The ninth byte of a frame that is echoed only once durable.
 DURABLE_MARK = 0x01
 #: The log file is written round and round within this size, which is written once at
@@ -52,7 +56,7 @@ class DurableLog:
     """Frames appended to a file and fdatasync'd on one writer thread, each echoed once
     its batch is synced. Batches as EventLog cuts them: one in flight, everything queued
     meanwhile in the next; a batch starting within ``STREAM_S`` of the last waits
-    ``EVENT_GATHER_S`` first."""
+    ``GATHER_S`` first."""
 
     def __init__(self, path: str, size: int = LOG_BYTES) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -76,7 +80,7 @@ class DurableLog:
             self.busy = True
             loop = asyncio.get_running_loop()
             if loop.time() - self.last_start < STREAM_S:
-                loop.call_later(EVENT_GATHER_S, self._start)
+                loop.call_later(GATHER_S, self._start)
             else:
                 loop.call_soon(self._start)
 

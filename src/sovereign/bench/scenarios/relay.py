@@ -52,6 +52,9 @@ from sovereign.v1 import sovereign_pb2 as pb
 _TS = struct.Struct("<q")
 #: What pads an echo frame to the size of a MESSAGE_SEND (never DURABLE_MARK).
 _PAD_BYTE = b"\xa5"
+#: Messages in flight on one pair (or echo connection) past which an open loop skips it:
+#: the server is drowning, and the phase reports the skips.
+_DROWNING = 10_000
 _MESSAGE_SEND = int(T.MESSAGE_SEND)
 _MESSAGE_ACK = int(T.MESSAGE_ACK)
 _RECEIVE = int(T.MESSAGE_RECEIVE)
@@ -398,29 +401,16 @@ class RelayWorker(WorkerBase):
         pairs = self.pairs
         if not pairs or rate <= 0:
             return
-        interval_ns = 1e9 / rate
-        start_ns = int(start * 1e9)
-        i = 0
-        issued = 0
-        limit = 10_000  # in flight per pair before we skip it (the server is drowning)
         n = len(pairs)
-        while self.issuing:
-            now = _now()
-            if now >= deadline * 1e9:
-                break
-            due = int((now - start_ns) / interval_ns) + 1
-            while issued < due and self.sent < self.cap:
-                pair = pairs[i % n]
-                i += 1
-                t_intended = start_ns + int(issued * interval_ns)
-                issued += 1
-                if pair.sent - pair.completed >= limit:
-                    self.skipped += 1
-                    continue
-                pair.send(t_intended)
-            if self.sent >= self.cap:
-                break
-            await asyncio.sleep(0.001)
+
+        def issue(k: int, t_intended: int) -> bool:
+            pair = pairs[k % n]
+            if pair.sent - pair.completed >= _DROWNING:
+                return False
+            pair.send(t_intended)
+            return True
+
+        await self._paced(rate, start, deadline, issue)
 
     async def _echo_open_loop(self, rate: float, start: float, deadline: float) -> None:
         """The relay's frames at ``rate`` msgs/s against the bare echo server: each
@@ -434,24 +424,35 @@ class RelayWorker(WorkerBase):
             return
         for k in range(n):
             echoes[2 * k].peer = echoes[2 * k + 1]
+
+        def issue(k: int, t_intended: int) -> bool:
+            a = echoes[2 * (k % n)]
+            if a.inflight >= _DROWNING:
+                return False
+            a.stamp(t_intended)
+            return True
+
+        await self._paced(rate, start, deadline, issue)
+
+    async def _paced(
+        self, rate: float, start: float, deadline: float, issue: Callable[[int, int], bool]
+    ) -> None:
+        """``issue(k, t_intended)`` for messages k = 0, 1, ... at ``rate`` a second from
+        ``start`` until ``deadline`` or the cap, each with its intended send time (so a
+        stalled generator cannot hide latency); ``issue`` returns False when it skipped
+        the message because its target is drowning."""
         interval_ns = 1e9 / rate
         start_ns = int(start * 1e9)
         issued = 0
-        limit = 10_000  # in flight per connection before we skip it (drowning)
         while self.issuing:
             now = _now()
             if now >= deadline * 1e9:
                 break
             due = int((now - start_ns) / interval_ns) + 1
             while issued < due and self.sent < self.cap:
-                k = issued % n
-                t_intended = start_ns + int(issued * interval_ns)
-                issued += 1
-                a = echoes[2 * k]
-                if a.inflight >= limit:
+                if not issue(issued, start_ns + int(issued * interval_ns)):
                     self.skipped += 1
-                    continue
-                a.stamp(t_intended)
+                issued += 1
             if self.sent >= self.cap:
                 break
             await asyncio.sleep(0.001)
