@@ -63,14 +63,12 @@ class DeliveryWriter:
         self,
         db: Database,
         outbox: Outbox,
-        tasks: Tasks,
         clock: Clock,
         eventlog: EventLog | None = None,
         ride_s: float = 0.0,
     ) -> None:
         self.db = db
         self.outbox = outbox
-        self.tasks = tasks
         self.clock = clock
         self.eventlog = eventlog
         self.ride_s = ride_s
@@ -87,6 +85,11 @@ class DeliveryWriter:
         self._ride_timer: asyncio.TimerHandle | None = None
         self._flushing = 0
         self.rides = 0  # writes that went with an event batch (tests, docs)
+
+    @property
+    def busy(self) -> bool:
+        """A write is queued, waiting to ride or in flight (tests settle on this)."""
+        return self._busy
 
     def cursor(self, dev: Device, conv_id: str, seq: int) -> None:
         # Cursors only move forward: two acks of one device may interleave across an
@@ -142,7 +145,9 @@ class DeliveryWriter:
             loop = asyncio.get_running_loop()
             self._ride_timer = loop.call_later(self.ride_s, self._ride)
         else:
-            self.tasks.background(self._drain())
+            # Next iteration, as a task's first step was: every ack read in this one
+            # joins the write.
+            asyncio.get_running_loop().call_soon(self._write)
 
     def _ride(self) -> None:
         """Queue the write now: called by the event log just before its batch goes to
@@ -152,20 +157,28 @@ class DeliveryWriter:
             return
         self._ride_timer = None
         timer.cancel()
+        self.rides += 1
+        self._write()
+
+    # One write in flight, driven by callbacks as the event log's batches are: a write
+    # costs one future and one callback on the loop, not a task and its resumptions.
+    def _write(self) -> None:
+        """Queue one write of everything recorded; its waiters are answered when it
+        commits (or at once, if there is nothing to write)."""
         waiters, write = self._take()
         if write is None:
             self._settled(waiters, None)
             return
         try:
+            # Not durable: losing an ack in a power cut only redelivers.
             fut = self.db.submit(write, durable=False)
         except Exception as exc:  # storage closed
             log.error("delivery state write failed: %s", exc)
             self._settled(waiters, exc)
             return
-        self.rides += 1
-        fut.add_done_callback(partial(self._ridden, waiters))
+        fut.add_done_callback(partial(self._written, waiters))
 
-    def _ridden(
+    def _written(
         self, waiters: list[Callable[[BaseException | None], None]], fut: asyncio.Future[None]
     ) -> None:
         error = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
@@ -218,22 +231,6 @@ class DeliveryWriter:
         finally:
             self.outbox.uncork()
 
-    async def _drain(self) -> None:
-        try:
-            while self._waiters:
-                waiters, write = self._take()
-                error: BaseException | None = None
-                if write is not None:
-                    try:
-                        # Not durable: losing an ack in a power cut only redelivers.
-                        await self.db.write(write, durable=False)
-                    except Exception as exc:
-                        log.error("delivery state write failed: %s", exc)
-                        error = exc
-                self._answer(waiters, error)
-        finally:
-            self._busy = False
-
 
 class DeliveryService:
     def __init__(
@@ -258,7 +255,7 @@ class DeliveryService:
         self.outbox = outbox
         self.clock = clock
         self.tasks = tasks
-        self.writer = DeliveryWriter(db, outbox, tasks, clock, eventlog, ride_s)
+        self.writer = DeliveryWriter(db, outbox, clock, eventlog, ride_s)
         #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
         self.requests = SendRequests()
         self.syncing: set[Session] = set()
