@@ -142,6 +142,9 @@ class MemoryOutbox(Corking[MemoryLink]):
     def send(self, s: Session, msg_type: int, request_id: str, message: Message) -> None:
         self.send_payload(s, msg_type, request_id, message.SerializeToString())
 
+    def response_frame(self, msg_type: int, request_id: str, message: Message) -> bytes:
+        return _fan.ws_frame(encode_envelope(msg_type, request_id, message.SerializeToString()))
+
     def send_error(
         self,
         s: Session,

@@ -190,6 +190,9 @@ class FakeOutbox(Corking[Session]):
     def send(self, s: Session, msg_type: int, request_id: str, message: Message) -> None:
         self.send_payload(s, msg_type, request_id, message.SerializeToString())
 
+    def response_frame(self, msg_type: int, request_id: str, message: Message) -> bytes:
+        return self.frame(encode_envelope(msg_type, request_id, message.SerializeToString()))
+
     def send_error(
         self,
         s: Session,

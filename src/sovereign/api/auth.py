@@ -13,7 +13,7 @@ from sovereign.errors import AUTH_ERROR_CODES, CloseCode, ErrorCode, SovereignEr
 from sovereign.protocol.connection import Timeouts
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.auth import AuthResult
-from sovereign.services.session import Session
+from sovereign.services.session import Session, SyncState
 from sovereign.v1 import sovereign_pb2 as pb
 
 if TYPE_CHECKING:
@@ -155,8 +155,11 @@ def install(table: dict[int, Handler], svc: Services) -> None:
             conns.ready(s)
 
     def send_success(s: Session, rid: str, result: AuthResult) -> None:
-        outbox.send(
-            s,
+        """AUTH_SUCCESS, in the READY sync's first write (SyncState.head): with no backlog
+        to read, one write carries it, SYNC_COMPLETE and presence."""
+        if s.sync is None:
+            s.sync = SyncState()
+        s.sync.head = outbox.response_frame(
             T.AUTH_SUCCESS,
             rid,
             pb.AuthSuccess(

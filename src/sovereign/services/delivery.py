@@ -566,6 +566,7 @@ class DeliveryService:
         assert sync is not None
         outbox = self.outbox
         append = outbox.append_frame
+        out = bytearray(sync.head)  # AUTH_SUCCESS first, in the same write if no read
         try:
             # A resume storm is mostly reader hops: a device not in memory comes with
             # its pending welcomes in one read (a welcome stored after it is pushed to
@@ -579,6 +580,7 @@ class DeliveryService:
                     welcomes = None  # read again below, now that the session buffers
                 dev = self._device_loaded(s, created, cursors)
             elif dev is None:
+                out = await self._head_out(s, out)
                 created, cursors, welcomes = await self.db.read(
                     partial(
                         sql.load_device_sync_txn,
@@ -592,12 +594,12 @@ class DeliveryService:
             dev.sessions.append(s)
             delivered = 0
             truncated: list[str] = []
-            out = bytearray()
             for conv_id, conv, start, upto in self._sync_ranges(s.user_id, dev):
                 if conv.purged_seq > start:
                     truncated.append(conv_id)
                 after = start
                 while after < upto:
+                    out = await self._head_out(s, out)
                     rows = await self.db.read(
                         partial(
                             sql.events_after_txn,
@@ -618,6 +620,7 @@ class DeliveryService:
                         out = bytearray()
                 sync.synced_upto[conv_id] = upto
             if welcomes is None:
+                out = await self._head_out(s, out)
                 welcomes = await self.db.read(
                     lambda c: sql.pending_welcomes_txn(
                         c, s.user_id, dev.device_id, dev.created_at_us
@@ -656,6 +659,16 @@ class DeliveryService:
         if outbox.go_live(s):
             for live_hook in self.went_live:
                 live_hook(s)
+
+    async def _head_out(self, s: Session, out: bytearray) -> bytearray:
+        """Before a sync's read: the frames ahead of its backlog (``SyncState.head``,
+        the AUTH_SUCCESS) leave now, never behind storage. Returns the buffer to go on."""
+        sync = s.sync
+        if sync is None or not sync.head:
+            return out
+        sync.head = b""
+        await self.outbox.write_backlog(s, out)
+        return bytearray()
 
     def _sync_ranges(self, user_id: str, dev: Device) -> list[tuple[str, Conv, int, int]]:
         state = self.state

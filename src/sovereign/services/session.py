@@ -38,6 +38,7 @@ class SyncState:
     __slots__ = (
         "buffer",
         "device",
+        "head",
         "key_packages",
         "synced_upto",
         "synced_welcomes",
@@ -59,6 +60,12 @@ class SyncState:
             None
         )
         self.welcome_mark = welcome_mark
+        # Frames that go ahead of the backlog, in the sync's first write: the
+        # AUTH_SUCCESS that made the session READY. With nothing to read, AUTH_SUCCESS,
+        # SYNC_COMPLETE and presence leave in one write; before any read it goes alone,
+        # so it never waits for storage. (A request the client sent before it received
+        # AUTH_SUCCESS may be answered ahead of it: SPEC §4 has clients wait for it.)
+        self.head = b""
 
 
 class Session:

@@ -167,6 +167,14 @@ class LocalOutbox(Corking[Connection]):
     def send(self, s: Session, msg_type: int, request_id: str, message: Message) -> None:
         self.send_payload(s, msg_type, request_id, message.SerializeToString())
 
+    def response_frame(self, msg_type: int, request_id: str, message: Message) -> bytes:
+        out = self._out
+        if out is not None:
+            out[msg_type] = out.get(msg_type, 0) + 1
+        envelope = encode_envelope(msg_type, request_id, message.SerializeToString())
+        frame: bytes = _fan.ws_frame(envelope)
+        return frame
+
     def send_error(
         self,
         s: Session,

@@ -277,6 +277,60 @@ async def test_a_token_resume_reads_the_session_and_the_device_in_one_read(
         assert len(reads) == 2 and reads[1].func is events_after_txn
 
 
+async def test_a_resume_with_nothing_to_read_is_one_write_from_auth_success_to_presence(
+    h: Harness, world: World
+) -> None:
+    """AUTH_SUCCESS rides in the sync's first write (SyncState.head): a resume whose
+    backlog is in memory costs the socket one write, not two."""
+    w = world
+    m = await h.send(w.a1, w.conv)
+    await h.ack(w.b1, m.message_id)  # cumulative: nothing above bob's cursor is left
+    h.disconnect(w.b1)
+    b1 = h.open()
+    h.request(b1, T.AUTH_REQUEST, pb.AuthRequest(session_token=w.bob.token), "auth")
+    await h.settle()
+    [write] = h.outbox.writes(b1)
+    assert write.via == "backlog"
+    frames = write.frames()
+    assert (frames[0].type, frames[0].request_id) == (T.AUTH_SUCCESS, "auth")
+    assert frames[0].msg.user_id == w.bob.user_id
+    _, done, after = split_at_sync_complete(frames[1:])
+    assert done.msg.delivered == 0
+    assert [(f.type, f.msg) for f in after] == [
+        (T.PRESENCE_NOTIFY, pb.PresenceNotify(user_id=w.alice.user_id, status="online"))
+    ]
+    assert h.outbox.is_live(b1)
+
+
+async def test_auth_success_never_waits_for_a_backlog_read(h: Harness, world: World) -> None:
+    """With a backlog to read, AUTH_SUCCESS leaves alone before the read; the backlog
+    and SYNC_COMPLETE follow once storage answers."""
+    w = world
+    h.disconnect(w.b1)
+    m = await h.send(w.a1, w.conv)
+    real = h.db.read
+    backlog_read, go = asyncio.Event(), asyncio.Event()
+
+    async def held(fn: Any) -> Any:
+        if getattr(fn, "func", None) is events_after_txn:
+            backlog_read.set()
+            await go.wait()
+        return await real(fn)
+
+    h.db.read = held  # type: ignore[method-assign]
+    b1 = h.open()
+    h.request(b1, T.AUTH_REQUEST, pb.AuthRequest(session_token=w.bob.token), "auth")
+    await asyncio.wait_for(backlog_read.wait(), 5.0)
+    [first] = h.outbox.writes(b1)  # out while the backlog's read is held
+    assert [(f.type, f.request_id) for f in first.frames()] == [(T.AUTH_SUCCESS, "auth")]
+    go.set()
+    await h.settle()
+    frames = h.outbox.take(b1)
+    assert frames[0].type == T.AUTH_SUCCESS
+    backlog, done, _ = split_at_sync_complete(frames[1:])
+    assert backlog[-1].msg == m and done.msg.delivered == len(backlog)
+
+
 async def test_a_welcome_stored_between_the_token_read_and_the_sync_is_not_lost(
     h: Harness, world: World
 ) -> None:
