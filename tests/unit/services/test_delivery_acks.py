@@ -23,6 +23,18 @@ async def stored_cursor(h: Harness, device_id: str, conv_id: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+async def refuse_cursor_writes(h: Harness, refuse: bool = True) -> None:
+    """Every cursor write fails in SQLite (a trigger) until called with False."""
+    if refuse:
+        sql = (
+            "CREATE TRIGGER refuse_cursors BEFORE INSERT ON cursors"
+            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+    else:
+        sql = "DROP TRIGGER refuse_cursors"
+    await h.db.write(lambda c: c.execute(sql))
+
+
 async def test_ack_is_cumulative_and_answers_how_many_ids_moved_the_cursor(
     h: Harness, world: World
 ) -> None:

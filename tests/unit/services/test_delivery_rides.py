@@ -16,7 +16,7 @@ from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.fakes import Sent
 from tests.helpers.services import Harness, World
-from tests.unit.services.test_delivery_acks import stored_cursor
+from tests.unit.services.test_delivery_acks import refuse_cursor_writes, stored_cursor
 
 
 def ride(h: Harness, ride_s: float) -> None:
@@ -117,12 +117,7 @@ async def test_a_failed_ride_answers_the_acker_9002_and_leaves_the_events_alone(
     w = world
     ride(h, 30.0)
     m1 = await h.send(w.a1, w.conv)
-    await h.db.write(
-        lambda c: c.execute(
-            "CREATE TRIGGER refuse_cursors BEFORE INSERT ON cursors"
-            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
-        )
-    )
+    await refuse_cursor_writes(h)
     before = await stored_cursor(h, w.bob.device_id, w.conv)
     rid = ack_request(h, w, m1.message_id)
     m2 = await h.send(w.a1, w.conv)  # commits; the cursor write with it fails alone
@@ -130,7 +125,7 @@ async def test_a_failed_ride_answers_the_acker_9002_and_leaves_the_events_alone(
     assert (ack.type, ack.msg.code) == (T.ERROR, ErrorCode.DATABASE_ERROR)
     assert (await h.stored_seqs(w.conv))[-2:] == [m1.seq, m2.seq]
     assert await stored_cursor(h, w.bob.device_id, w.conv) == before
-    await h.db.write(lambda c: c.execute("DROP TRIGGER refuse_cursors"))
+    await refuse_cursor_writes(h, False)
     # The writer carries on: the retried ack is stored.
     h.delivery.writer.ride_s = 0.05
     ack = await answered(h, w, ack_request(h, w, m2.message_id))

@@ -13,7 +13,7 @@ from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.fakes import Sent
 from tests.helpers.services import Harness, World
-from tests.unit.services.test_delivery_acks import stored_cursor
+from tests.unit.services.test_delivery_acks import refuse_cursor_writes, stored_cursor
 
 
 def ack_request(h: Harness, s: Session, message_id: str) -> str:
@@ -34,14 +34,28 @@ async def answered(h: Harness, s: Session, rid: str, timeout: float = 5.0) -> Se
         await asyncio.sleep(0.005)
 
 
+async def two_messages(h: Harness, w: World) -> tuple[pb.MessageReceive, pb.MessageReceive, int]:
+    """alice sends two messages to bob; everything settles. Returns them and the
+    count of committed writes so far."""
+    m1 = await h.send(w.a1, w.conv)
+    m2 = await h.send(w.a1, w.conv)
+    await h.settle()
+    return m1, m2, h.db.stats().writes_committed
+
+
+async def settled_after(h: Harness, w: World, writes: int, n: int, seq: int) -> None:
+    """``n`` writes committed since ``writes``, the writer is free, and bob's cursor
+    is stored at ``seq``."""
+    assert h.db.stats().writes_committed - writes == n
+    assert not h.delivery.writer.busy
+    assert await stored_cursor(h, w.bob.device_id, w.conv) == seq
+
+
 async def test_acks_read_in_one_iteration_share_one_write_and_no_task(
     h: Harness, world: World
 ) -> None:
     w = world
-    m1 = await h.send(w.a1, w.conv)
-    m2 = await h.send(w.a1, w.conv)
-    await h.settle()
-    writes = h.db.stats().writes_committed
+    m1, m2, writes = await two_messages(h, w)
     writer = h.delivery.writer
     # Two acks in one iteration, as two frames of one read: each moves bob's cursor.
     first = ack_request(h, w.b1, m1.message_id)
@@ -51,19 +65,14 @@ async def test_acks_read_in_one_iteration_share_one_write_and_no_task(
     for rid in (first, second):
         ack = await answered(h, w.b1, rid)
         assert (ack.type, ack.msg.count) == (T.ACK, 1)
-    assert h.db.stats().writes_committed - writes == 1
-    assert not writer.busy
-    assert await stored_cursor(h, w.bob.device_id, w.conv) == m2.seq
+    await settled_after(h, w, writes, 1, m2.seq)
 
 
 async def test_an_ack_recorded_while_a_write_commits_goes_in_the_next_one(
     h: Harness, world: World
 ) -> None:
     w = world
-    m1 = await h.send(w.a1, w.conv)
-    m2 = await h.send(w.a1, w.conv)
-    await h.settle()
-    writes = h.db.stats().writes_committed
+    m1, m2, writes = await two_messages(h, w)
     writer = h.delivery.writer
     first = ack_request(h, w.b1, m1.message_id)
     loop = asyncio.get_running_loop()
@@ -74,9 +83,7 @@ async def test_an_ack_recorded_while_a_write_commits_goes_in_the_next_one(
     second = ack_request(h, w.b1, m2.message_id)
     assert (await answered(h, w.b1, first)).msg.count == 1
     assert (await answered(h, w.b1, second)).msg.count == 1
-    assert h.db.stats().writes_committed - writes == 2
-    assert not writer.busy
-    assert await stored_cursor(h, w.bob.device_id, w.conv) == m2.seq
+    await settled_after(h, w, writes, 2, m2.seq)
 
 
 async def test_a_failed_write_answers_the_acker_9002_and_the_next_ack_is_stored(
@@ -84,18 +91,13 @@ async def test_a_failed_write_answers_the_acker_9002_and_the_next_ack_is_stored(
 ) -> None:
     w = world
     m1 = await h.send(w.a1, w.conv)
-    await h.db.write(
-        lambda c: c.execute(
-            "CREATE TRIGGER refuse_cursors BEFORE INSERT ON cursors"
-            " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
-        )
-    )
+    await refuse_cursor_writes(h)
     before = await stored_cursor(h, w.bob.device_id, w.conv)
     ack = await answered(h, w.b1, ack_request(h, w.b1, m1.message_id))
     assert (ack.type, ack.msg.code) == (T.ERROR, ErrorCode.DATABASE_ERROR)
     assert await stored_cursor(h, w.bob.device_id, w.conv) == before
     assert not h.delivery.writer.busy
-    await h.db.write(lambda c: c.execute("DROP TRIGGER refuse_cursors"))
+    await refuse_cursor_writes(h, False)
     m2 = await h.send(w.a1, w.conv)
     ack = await answered(h, w.b1, ack_request(h, w.b1, m2.message_id))
     assert (ack.type, ack.msg.count) == (T.ACK, 1)
