@@ -545,7 +545,7 @@ class DeliveryService:
         return sync, read
 
     def on_ready(self, s: Session) -> None:
-        if s.sync is None:  # else it came with its device read (resume_read)
+        if s.sync is None:  # else from send_success (AUTH_SUCCESS ahead), or resume_read
             s.sync = SyncState()
         self.syncing.add(s)
         self.tasks.background(self._sync_or_close(s))
