@@ -503,3 +503,106 @@ def test_utf8_validation_matches_python_and_upb(
         assert (result[0] == "ok") == valid, (rid, result)
     assert (pb_decode(data) is not None) == valid
     check_against_protobuf(impls, data)
+
+
+# ------------------------------------------------------------------ MESSAGE_RECEIVE
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def pb_message_receive(*fields: object) -> bytes:
+    mid, cid, sid, payload, ts, mtype, seq = fields
+    return pb.MessageReceive(
+        message_id=mid,
+        conversation_id=cid,
+        sender_id=sid,
+        encrypted_payload=bytes(payload),  # type: ignore[arg-type]
+        server_timestamp=ts,
+        message_type=mtype,
+        seq=seq,
+    ).SerializeToString()
+
+
+@settings(max_examples=400)
+@given(
+    texts=st.lists(st.text(max_size=80), min_size=4, max_size=4),
+    payload=st.binary(max_size=300),
+    ts=st.integers(INT64_MIN, INT64_MAX),
+    seq=st.integers(0, UINT64_MAX),
+)
+def test_message_receive_is_protobufs_bytes(
+    impls: list[ModuleType], texts: list[str], payload: bytes, ts: int, seq: int
+) -> None:
+    fields = (texts[0], texts[1], texts[2], payload, ts, texts[3], seq)
+    wire = pb_message_receive(*fields)
+    for mod in impls:
+        assert mod.encode_message_receive(*fields) == wire
+    assert pb.MessageReceive.FromString(wire).seq == seq
+
+
+def test_message_receive_defaults_omitted_and_buffers_accepted(impl: ModuleType) -> None:
+    assert impl.encode_message_receive("", "", "", b"", 0, "", 0) == b""
+    fields = ("01J", "c", "u", b"\xa5" * 130, 1_765_000_000_000_000, "text", 7)
+    wire = pb_message_receive(*fields)
+    for payload in (bytearray(fields[3]), memoryview(fields[3])):
+        assert impl.encode_message_receive(*fields[:3], payload, *fields[4:]) == wire
+
+
+@pytest.mark.parametrize(
+    ("ts", "seq", "error"),
+    [
+        (0, -1, "seq out of uint64 range"),
+        (0, UINT64_MAX + 1, "seq out of uint64 range"),
+        (INT64_MAX + 1, 0, "server_timestamp out of int64 range"),
+        (INT64_MIN - 1, 0, "server_timestamp out of int64 range"),
+    ],
+)
+def test_message_receive_range_errors_like_protobuf(
+    impl: ModuleType, ts: int, seq: int, error: str
+) -> None:
+    fields = ("m", "c", "u", b"x", ts, "text", seq)
+    with pytest.raises(ValueError, match=error):
+        impl.encode_message_receive(*fields)
+    with pytest.raises(ValueError):
+        pb_message_receive(*fields)  # protobuf refuses the same values
+
+
+def test_message_receive_argument_types(impl: ModuleType) -> None:
+    with pytest.raises(TypeError):
+        impl.encode_message_receive(None, "c", "u", b"", 0, "", 0)
+    with pytest.raises(TypeError):
+        impl.encode_message_receive("m", "c", "u", b"", 1.5, "", 0)
+    with pytest.raises(TypeError):
+        impl.encode_message_receive("m", "c", "u", "text is no buffer", 0, "", 0)
+    surrogate = ("m", "\ud800", "u", b"", 0, "", 0)  # a lone surrogate has no UTF-8
+    with pytest.raises(UnicodeEncodeError):
+        impl.encode_message_receive(*surrogate)
+    with pytest.raises(UnicodeEncodeError):
+        pb_message_receive(*surrogate)
+
+
+# ------------------------------------------------------------------ MESSAGE_DELIVERED
+
+
+@settings(max_examples=300)
+@given(texts=st.lists(st.text(max_size=80), min_size=3, max_size=3), seq=st.integers(0, UINT64_MAX))
+def test_message_delivered_is_protobufs_bytes(
+    impls: list[ModuleType], texts: list[str], seq: int
+) -> None:
+    wire = pb.MessageDelivered(
+        message_id=texts[0], delivered_to=texts[1], conversation_id=texts[2], up_to_seq=seq
+    ).SerializeToString()
+    for mod in impls:
+        assert mod.encode_message_delivered(*texts, seq) == wire
+
+
+def test_message_delivered_errors(impl: ModuleType) -> None:
+    assert impl.encode_message_delivered("", "", "", 0) == b""
+    for seq in (-1, UINT64_MAX + 1):
+        with pytest.raises(ValueError, match="up_to_seq out of uint64 range"):
+            impl.encode_message_delivered("m", "u", "c", seq)
+    with pytest.raises(TypeError):
+        impl.encode_message_delivered("m", b"u", "c", 1)
+    with pytest.raises(TypeError):
+        impl.encode_message_delivered("m", "u", "c", "1")

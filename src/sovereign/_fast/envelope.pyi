@@ -9,6 +9,8 @@ __all__ = [
     "decode_envelope",
     "encode_envelope",
     "encode_envelope_into",
+    "encode_message_delivered",
+    "encode_message_receive",
 ]
 
 def decode_envelope(
@@ -20,3 +22,15 @@ def encode_envelope(
 def encode_envelope_into(
     out: bytearray, msg_type: int, request_id: str, payload: bytes | bytearray | memoryview
 ) -> None: ...
+def encode_message_receive(
+    message_id: str,
+    conversation_id: str,
+    sender_id: str,
+    encrypted_payload: bytes | bytearray | memoryview,
+    server_timestamp: int,
+    message_type: str,
+    seq: int,
+) -> bytes: ...
+def encode_message_delivered(
+    message_id: str, delivered_to: str, conversation_id: str, up_to_seq: int
+) -> bytes: ...

@@ -19,6 +19,8 @@ __all__ = [
     "decode_envelope",
     "encode_envelope",
     "encode_envelope_into",
+    "encode_message_delivered",
+    "encode_message_receive",
     "implementations",
 ]
 
@@ -29,10 +31,14 @@ EnvelopeError = _python.EnvelopeError  # one class: the compiled module raises i
 decode_envelope = _python.decode_envelope
 encode_envelope = _python.encode_envelope
 encode_envelope_into = _python.encode_envelope_into
+encode_message_receive = _python.encode_message_receive
+encode_message_delivered = _python.encode_message_delivered
 if _active.kind == _implementations.COMPILED:
     decode_envelope = _active.module.decode_envelope
     encode_envelope = _active.module.encode_envelope
     encode_envelope_into = _active.module.encode_envelope_into
+    encode_message_receive = _active.module.encode_message_receive
+    encode_message_delivered = _active.module.encode_message_delivered
 
 
 def implementations() -> dict[str, ModuleType]:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from sovereign.clock import Clock
-from sovereign.codec import encode_envelope
+from sovereign.codec import encode_envelope, encode_message_delivered, encode_message_receive
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
@@ -435,15 +435,15 @@ class DeliveryService:
         op = Op()
         ev = op.allocate(conv, T.MESSAGE_RECEIVE, user_id, self.clock.now_us())
         ev.recipients = conv.recipients
-        ev.payload = pb.MessageReceive(
-            message_id=ev.event_id,
-            conversation_id=conv.conversation_id,
-            sender_id=user_id,
-            encrypted_payload=req.encrypted_payload,
-            server_timestamp=ev.ts_us,
-            message_type=req.message_type,
-            seq=ev.seq,
-        ).SerializeToString()
+        ev.payload = encode_message_receive(
+            ev.event_id,
+            conv.conversation_id,
+            user_id,
+            req.encrypted_payload,
+            ev.ts_us,
+            req.message_type,
+            ev.seq,
+        )
         requests = self.requests
         key = (user_id, rid)
         if rid:
@@ -784,7 +784,7 @@ class DeliveryService:
                 dev.cursors[conv_id] = seq
                 touched[conv_id] = seq
                 moved += 1
-        delivered_msgs: list[tuple[str, pb.MessageDelivered]] = []
+        delivered_msgs: list[tuple[str, bytes]] = []
         for conv_id, seq in touched.items():
             conv = convs[conv_id]
             m = conv.member_view(user_id)
@@ -804,8 +804,8 @@ class DeliveryService:
                     s, ErrorCode.DATABASE_ERROR, rid, "could not store the acknowledgement"
                 )
                 return
-            for sender, msg in delivered_msgs:
-                self._delivered(sender, msg)
+            for sender, payload in delivered_msgs:
+                self._delivered(sender, payload)
             if rid:
                 outbox.send(s, T.ACK, rid, pb.Ack(count=moved))
 
@@ -826,7 +826,7 @@ class DeliveryService:
 
     def _advance_delivered(
         self, conv: Conv, user_id: str, seq: int
-    ) -> list[tuple[str, pb.MessageDelivered]]:
+    ) -> list[tuple[str, bytes]]:
         """The first device of a user to pass messages moves its delivered position; each
         sender passed gets one MESSAGE_DELIVERED naming its last message (§12.14)."""
         delivered = self.state.delivered
@@ -868,29 +868,24 @@ class DeliveryService:
                 last_by_sender[sender] = event_id
         msgs = _delivered_msgs(conv, user_id, seq, last_by_sender)
         await self.writer.flush()
-        for sender, msg in msgs:
-            self._delivered(sender, msg)
+        for sender, payload in msgs:
+            self._delivered(sender, payload)
 
-    def _delivered(self, sender: str, msg: pb.MessageDelivered) -> None:
-        """MESSAGE_DELIVERED to the sender's connections, on every node (§12.14)."""
-        self.outbox.publish_message((sender,), T.MESSAGE_DELIVERED, msg)
+    def _delivered(self, sender: str, payload: bytes) -> None:
+        """MESSAGE_DELIVERED (a serialized MessageDelivered) to the sender's
+        connections, on every node (§12.14)."""
+        env = encode_envelope(T.MESSAGE_DELIVERED, "", payload)
+        self.outbox.publish(self.outbox.frame(env), (sender,), None)
         if self.peers.clustered:
-            env = encode_envelope(T.MESSAGE_DELIVERED, "", msg.SerializeToString())
             self.peers.push((sender,), env)
 
 
 def _delivered_msgs(
     conv: Conv, user_id: str, seq: int, last_by_sender: dict[str, str]
-) -> list[tuple[str, pb.MessageDelivered]]:
+) -> list[tuple[str, bytes]]:
+    """(sender, serialized MessageDelivered) for each sender passed."""
+    conv_id = conv.conversation_id
     return [
-        (
-            sender,
-            pb.MessageDelivered(
-                message_id=event_id,
-                delivered_to=user_id,
-                conversation_id=conv.conversation_id,
-                up_to_seq=seq,
-            ),
-        )
+        (sender, encode_message_delivered(event_id, user_id, conv_id, seq))
         for sender, event_id in last_by_sender.items()
     ]
