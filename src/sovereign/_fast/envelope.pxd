@@ -20,6 +20,7 @@ cdef enum:
     ENV_TRUNCATED_FIELD = 8
     ENV_BAD_UTF8 = 9
     ENV_RID_TOO_LONG = 10
+    ENV_BAD_UTF8_FIELD = 11
 
 # Scan a whole message; no Python objects, no exceptions. Superseded request_id
 # occurrences are UTF-8-checked here; the winning one is left to the caller.

@@ -2,11 +2,14 @@
 
 from sovereign.codec.envelope import REASONS as REASONS
 from sovereign.codec.envelope import EnvelopeError as EnvelopeError
+from sovereign.codec.envelope import PayloadError as PayloadError
 
 __all__ = [
     "REASONS",
     "EnvelopeError",
+    "PayloadError",
     "decode_envelope",
+    "decode_fields",
     "encode_envelope",
     "encode_envelope_into",
     "encode_message_delivered",
@@ -34,3 +37,4 @@ def encode_message_receive(
 def encode_message_delivered(
     message_id: str, delivered_to: str, conversation_id: str, up_to_seq: int
 ) -> bytes: ...
+def decode_fields(buf: bytes | bytearray | memoryview, kinds: bytes) -> tuple[object, ...]: ...

@@ -23,6 +23,8 @@ from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
 cdef bytes _EMPTY = b""
 
@@ -445,14 +447,129 @@ def encode_message_delivered(
     return out
 
 
+# ---------------------------------------------------------------- hot payloads, decoded
+# MessageSend and MessageAck: every field length-delimited. protobuf's runtime took
+# ~1.1 us and ~1.8 us to parse them and hand out their fields.
+
+cdef int _scan_fields(
+    const unsigned char* p, Py_ssize_t n, const unsigned char* kinds, Py_ssize_t nk,
+    Py_ssize_t* offs, Py_ssize_t* lens, list lists,
+) except -1:
+    """Scan a whole message (rules as parse_envelope's); returns a status code. String
+    occurrences are UTF-8-checked as met; repeated ones are appended to ``lists``."""
+    cdef Py_ssize_t pos = 0
+    cdef uint64_t tag, value, length
+    cdef uint32_t field, wire
+    cdef unsigned char kind
+    cdef int st
+    while pos < n:
+        tag = p[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            st = _read_varint(p, n, &pos, 5, ENV_TAG_TOO_LONG, &tag)
+            if st:
+                return st
+            if tag > 0xFFFFFFFFULL:
+                return ENV_TAG_TOO_LONG
+        field = <uint32_t>(tag >> 3)
+        wire = <uint32_t>(tag & 7)
+        if field == 0:
+            return ENV_FIELD_ZERO
+        if wire == 2:
+            if pos < n and p[pos] < 0x80:
+                length = p[pos]
+                pos += 1
+            else:
+                st = _read_varint(p, n, &pos, 5, ENV_LENGTH_TOO_LONG, &length)
+                if st:
+                    return st
+            if length > <uint64_t>(n - pos):
+                return ENV_TRUNCATED_FIELD
+            if field <= <uint32_t>nk:
+                kind = kinds[field - 1]
+                if kind != b"b" and not _utf8_valid(p + pos, <Py_ssize_t>length):
+                    return ENV_BAD_UTF8_FIELD  # upb checks every occurrence
+                if kind == b"S":
+                    (<list>lists[field - 1]).append(
+                        PyUnicode_DecodeUTF8(<char*>(p + pos), <Py_ssize_t>length, NULL)
+                    )
+                else:
+                    offs[field - 1] = pos
+                    lens[field - 1] = <Py_ssize_t>length
+            pos += <Py_ssize_t>length
+        elif wire == 0:
+            st = _read_varint(p, n, &pos, 10, ENV_VARINT_TOO_LONG, &value)
+            if st:
+                return st
+        elif wire == 1:
+            if n - pos < 8:
+                return ENV_TRUNCATED_FIELD
+            pos += 8
+        elif wire == 5:
+            if n - pos < 4:
+                return ENV_TRUNCATED_FIELD
+            pos += 4
+        elif wire == 3 or wire == 4:
+            return ENV_GROUP
+        else:
+            return ENV_BAD_WIRE_TYPE
+    return ENV_OK
+
+
+def decode_fields(buf, bytes kinds not None):
+    """Decode a proto3 message whose fields 1..len(kinds) are all length-delimited
+    (``s`` string, ``b`` bytes, ``S`` repeated string); see the twin's docstring."""
+    cdef Py_ssize_t nk = len(kinds)
+    cdef const unsigned char* k = kinds
+    cdef Py_ssize_t offs[8]
+    cdef Py_ssize_t lens[8]
+    cdef Py_ssize_t i
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef int st
+    cdef list lists
+    cdef tuple out
+    cdef object value
+    if nk > 8:
+        raise ValueError("kinds: at most 8 of b's', b'b', b'S'")
+    for i in range(nk):
+        if k[i] != b"s" and k[i] != b"b" and k[i] != b"S":
+            raise ValueError("kinds: at most 8 of b's', b'b', b'S'")
+        offs[i] = 0
+        lens[i] = 0
+    lists = [[] if k[i] == b"S" else None for i in range(nk)]
+    cdef int acquired = acquire_bytes(buf, &view)
+    try:
+        p = <const unsigned char*>view.buf
+        st = _scan_fields(p, view.len, k, nk, offs, lens, lists)
+        if st != ENV_OK:
+            raise PayloadError(REASONS[st])
+        out = PyTuple_New(nk)
+        for i in range(nk):
+            if k[i] == b"S":
+                value = lists[i]
+            elif k[i] == b"s":
+                value = PyUnicode_DecodeUTF8(<char*>(p + offs[i]), lens[i], NULL)
+            else:
+                value = PyBytes_FromStringAndSize(<char*>(p + offs[i]), lens[i])
+            Py_INCREF(value)
+            PyTuple_SET_ITEM(out, i, value)
+        return out
+    finally:
+        release_bytes(&view, acquired)
+
+
 # Imported last: importing sovereign.codec.envelope runs sovereign/codec/__init__.py,
 # which picks up this (then partially initialised) module and needs its functions.
-from sovereign.codec.envelope import REASONS, EnvelopeError  # noqa: E402
+from sovereign.codec.envelope import REASONS, EnvelopeError, PayloadError  # noqa: E402
 
 __all__ = [
     "REASONS",
     "EnvelopeError",
+    "PayloadError",
     "decode_envelope",
+    "decode_fields",
     "encode_envelope",
     "encode_envelope_into",
     "encode_message_delivered",

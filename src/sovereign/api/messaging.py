@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sovereign.api.parsing import Handler, catching_up, catching_up_later, later, now
+from sovereign.codec import payloads
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.session import Session
 from sovereign.v1 import sovereign_pb2 as pb
@@ -23,10 +24,11 @@ def install(table: dict[int, Handler], svc: Services) -> None:
     # Cluster mode: what names a conversation is decided again once this node has
     # caught up with the database on it, if its memory refused (SPEC §12.27).
     catch_up = svc.cluster.catch_up_conversation if svc.cluster is not None else None
+    # The two payloads of every message: decoded by the codec, not protobuf's runtime.
     table[T.MESSAGE_SEND] = now(
-        out, pb.MessageSend, catching_up(tasks, catch_up, delivery.send_message)
+        out, payloads.MessageSend, catching_up(tasks, catch_up, delivery.send_message)
     )
-    table[T.MESSAGE_ACK] = now(out, pb.MessageAck, delivery.ack)
+    table[T.MESSAGE_ACK] = now(out, payloads.MessageAck, delivery.ack)
     table[T.MESSAGE_HISTORY_REQUEST] = later(
         out, tasks, pb.HistoryRequest, catching_up_later(catch_up, history.history)
     )

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.services.ports import Outbox, Tasks
 from sovereign.services.session import Session
 
-M = TypeVar("M", bound=Message)
+
+class Payload(Protocol):
+    """What :func:`parse` needs of a payload class: protobuf's generated classes have
+    it, and so do the codec's hot payloads (:mod:`sovereign.codec.payloads`)."""
+
+    @classmethod
+    def FromString(cls, s: bytes, /) -> Self: ...  # protobuf's name
+
+
+M = TypeVar("M", bound=Payload)
 Handler = Callable[[Session, int, str, memoryview], None]
 
 
@@ -60,7 +69,7 @@ def later(
     return handler
 
 
-C = TypeVar("C", bound=Message)
+C = TypeVar("C", bound=Payload)
 #: (conversation id, user id) -> this node has caught up with the database on it
 CatchUp = Callable[[str, str], Awaitable[None]]
 #: Answers a node's memory may give too early in cluster mode (SPEC §12.27)

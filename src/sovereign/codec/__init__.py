@@ -16,7 +16,9 @@ from sovereign.codec import envelope as _python
 __all__ = [
     "IMPLEMENTATION",
     "EnvelopeError",
+    "PayloadError",
     "decode_envelope",
+    "decode_fields",
     "encode_envelope",
     "encode_envelope_into",
     "encode_message_delivered",
@@ -28,13 +30,16 @@ _active = _implementations.select("envelope")
 IMPLEMENTATION: str = _active.kind
 
 EnvelopeError = _python.EnvelopeError  # one class: the compiled module raises it too
+PayloadError = _python.PayloadError  # likewise
 decode_envelope = _python.decode_envelope
+decode_fields = _python.decode_fields
 encode_envelope = _python.encode_envelope
 encode_envelope_into = _python.encode_envelope_into
 encode_message_receive = _python.encode_message_receive
 encode_message_delivered = _python.encode_message_delivered
 if _active.kind == _implementations.COMPILED:
     decode_envelope = _active.module.decode_envelope
+    decode_fields = _active.module.decode_fields
     encode_envelope = _active.module.encode_envelope
     encode_envelope_into = _active.module.encode_envelope_into
     encode_message_receive = _active.module.encode_message_receive

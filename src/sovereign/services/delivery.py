@@ -27,6 +27,7 @@ from functools import partial
 
 from sovereign.clock import Clock
 from sovereign.codec import encode_envelope, encode_message_delivered, encode_message_receive
+from sovereign.codec.payloads import MessageAck, MessageSend
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
@@ -328,7 +329,7 @@ class DeliveryService:
                 s.sync.buffer.append(("", 0, event_id, frame))
 
     # -- MESSAGE_SEND (SPEC §5, §12.1, §12.16) -------------------------------------------
-    def send_message(self, s: Session, rid: str, req: pb.MessageSend) -> None:
+    def send_message(self, s: Session, rid: str, req: MessageSend) -> None:
         """Idempotency is checked first: a retry of a stored send returns the original
         echo even if the sender has since left the conversation (docs/decisions.md)."""
         user_id = s.user_id
@@ -391,7 +392,7 @@ class DeliveryService:
                 s, ErrorCode.INTERNAL_ERROR, rid, "original message no longer stored"
             )
 
-    async def _send_checked(self, s: Session, rid: str, req: pb.MessageSend, conv: Conv) -> None:
+    async def _send_checked(self, s: Session, rid: str, req: MessageSend, conv: Conv) -> None:
         """A request_id not in memory may be in storage: one indexed read (the key and
         its event's payload). The original may also commit during the read: ``watch``
         catches it even if the recent tier has already let it go."""
@@ -430,7 +431,7 @@ class DeliveryService:
             raise SovereignError(ErrorCode.INTERNAL_ERROR, "original message no longer stored")
         self.outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, row[2])
 
-    def _send_now(self, s: Session, rid: str, req: pb.MessageSend, conv: Conv) -> None:
+    def _send_now(self, s: Session, rid: str, req: MessageSend, conv: Conv) -> None:
         user_id = s.user_id
         op = Op()
         ev = op.allocate(conv, T.MESSAGE_RECEIVE, user_id, self.clock.now_us())
@@ -698,17 +699,21 @@ class DeliveryService:
         return ranges
 
     # -- acks and delivered (SPEC §5, §12.14, §12.15, §12.22) ----------------------------
-    def ack(self, s: Session, rid: str, req: pb.MessageAck) -> None:
+    def ack(self, s: Session, rid: str, req: MessageAck) -> None:
         """MESSAGE_ACK. Fast path with everything in memory: no task, no disk read; the
         response follows the coalesced cursor write (DeliveryWriter.after)."""
-        count = len(req.message_ids) + (1 if req.message_id else 0)
-        if count > MAX_ACK_IDS:
-            # SPEC §12.32: the work of one request is bounded.
-            raise SovereignError(
-                ErrorCode.MALFORMED_MESSAGE, f"MESSAGE_ACK carries more than {MAX_ACK_IDS} ids"
-            )
-        # Order kept, duplicates dropped: a dict, not a list scan (was quadratic).
-        ids = list(dict.fromkeys(i for i in (req.message_id, *req.message_ids) if i))
+        first, more = req.message_id, req.message_ids
+        if not more:  # one id, as most acks carry: no dedup to do
+            ids = [first] if first else []
+        else:
+            if len(more) + (1 if first else 0) > MAX_ACK_IDS:
+                # SPEC §12.32: the work of one request is bounded.
+                raise SovereignError(
+                    ErrorCode.MALFORMED_MESSAGE,
+                    f"MESSAGE_ACK carries more than {MAX_ACK_IDS} ids",
+                )
+            # Order kept, duplicates dropped: a dict, not a list scan (was quadratic).
+            ids = list(dict.fromkeys(i for i in (first, *more) if i))
         state = self.state
         dev = state.devices.get(s.device_id)
         index, delivered, user_id = state.event_index, state.delivered, s.user_id
@@ -824,9 +829,7 @@ class DeliveryService:
             pos = delivered.setdefault(key, pos)
         return pos
 
-    def _advance_delivered(
-        self, conv: Conv, user_id: str, seq: int
-    ) -> list[tuple[str, bytes]]:
+    def _advance_delivered(self, conv: Conv, user_id: str, seq: int) -> list[tuple[str, bytes]]:
         """The first device of a user to pass messages moves its delivered position; each
         sender passed gets one MESSAGE_DELIVERED naming its last message (§12.14)."""
         delivered = self.state.delivered
