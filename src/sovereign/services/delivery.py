@@ -812,7 +812,7 @@ class DeliveryService:
             for sender, payload in delivered_msgs:
                 self._delivered(sender, payload)
             if rid:
-                outbox.send(s, T.ACK, rid, pb.Ack(count=moved))
+                outbox.send_payload(s, T.ACK, rid, _ack_payload(moved))
 
         writer.after(done)
 
@@ -881,6 +881,17 @@ class DeliveryService:
         self.outbox.publish(self.outbox.frame(env), (sender,), None)
         if self.peers.clustered:
             self.peers.push((sender,), env)
+
+
+#: Serialized Ack{count} for the counts one MESSAGE_ACK usually moves (protobuf's
+#: runtime took 0.5 us to build one, once per ack).
+_ACK_PAYLOADS = tuple(pb.Ack(count=n).SerializeToString() for n in range(128))
+
+
+def _ack_payload(count: int) -> bytes:
+    if count < len(_ACK_PAYLOADS):
+        return _ACK_PAYLOADS[count]
+    return pb.Ack(count=count).SerializeToString()
 
 
 def _delivered_msgs(

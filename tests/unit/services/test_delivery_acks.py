@@ -181,3 +181,10 @@ async def test_ack_of_an_event_the_bounded_index_let_go_is_resolved_from_storage
     ack = await h.ack(w.b1, m[4].message_id)  # the newest: from memory, no read
     assert (ack.msg.count, reads) == (1, before)
     assert await stored_cursor(h, w.bob.device_id, w.conv) == 7
+
+
+@pytest.mark.parametrize("count", [0, 1, 127, 128, 1000])
+def test_ack_payloads_are_protobufs(count: int) -> None:
+    from sovereign.services.delivery import _ack_payload
+
+    assert _ack_payload(count) == pb.Ack(count=count).SerializeToString()
