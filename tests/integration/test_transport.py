@@ -121,6 +121,28 @@ async def test_ws_ping_answered_with_pong(server: RunningServer) -> None:
     await c.close()
 
 
+async def test_accepted_socket_options_set_through_one_socket_object(
+    server: RunningServer,
+) -> None:
+    """picows' connection_made goes through OpeningSocket (one socket object, detached
+    after): TCP_NODELAY is really set on the accepted socket, the stand-in is gone
+    once it returns, and the descriptor it used still carries the connection."""
+    c = await WsClient.connect(server.url)
+    (s,) = list(server.app.outbox.all_sessions())
+    lt = s.link.transport.underlying_transport
+    assert lt.opening is None
+    sock = lt.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert lt.get_extra_info("sockname")[1] == server.app.port
+    c.transport.send_ping(b"still here")
+    for _ in range(100):
+        if c.listener.control:
+            break
+        await asyncio.sleep(0.01)
+    assert c.listener.control == [(int(WSMsgType.PONG), b"still here")]
+    await c.close()
+
+
 async def test_frame_over_max_frame_bytes_closes_1009(server_with: ServerWith) -> None:
     async with server_with(max_frame_bytes=100_000, max_envelope_bytes=1000) as srv:
         c = await WsClient.connect(srv.url)

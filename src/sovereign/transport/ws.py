@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import sys
 from collections.abc import Callable
@@ -468,6 +469,7 @@ class LingeringTransport:
         "_timer",
         "conn",
         "get_write_buffer_size",
+        "opening",
         "raw",
         "write",
     )
@@ -480,11 +482,19 @@ class LingeringTransport:
         self._deadline = 0.0
         self.write = raw.write
         self.get_write_buffer_size = raw.get_write_buffer_size
+        #: While picows' connection_made runs: its socket (see :class:`OpeningSocket`).
+        self.opening: OpeningSocket | None = None
 
     def writelines(self, data: Any) -> None:
         self.raw.writelines(data)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        opening = self.opening
+        if opening is not None:
+            if name == "socket":
+                return opening
+            if name == "sockname":
+                return opening.sock.getsockname()
         return self.raw.get_extra_info(name, default)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
@@ -554,12 +564,56 @@ class LingeringTransport:
         raw.close()
 
 
+class OpeningSocket:
+    """An accepted connection's socket, as picows' ``connection_made`` uses it: it sets
+    TCP_NODELAY and TCP_QUICKACK, reads four options for a log line and asks for the
+    socket's name. uvloop's socket stand-in builds a new ``socket.socket`` for each of
+    those calls, and each one validates the descriptor with a ``getsockname``: seven
+    objects and eight ``getsockname`` calls per accepted connection (strace of a resume
+    storm). This is one socket object on the descriptor for the whole call, then
+    :meth:`release`: it never owns the descriptor (uvloop's transport does), so it is
+    detached, never closed. The options are set and read for real."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, fd: int) -> None:
+        # The family comes from the getsockname that validates the descriptor; type and
+        # protocol are given, so no getsockopt is spent finding them.
+        self.sock = socket.socket(-1, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
+
+    @classmethod
+    def of(cls, transport: asyncio.BaseTransport) -> OpeningSocket | None:
+        """For ``transport``'s socket, or None when it has none to give."""
+        stand_in = transport.get_extra_info("socket")
+        fd = stand_in.fileno() if stand_in is not None else -1
+        return cls(fd) if fd >= 0 else None
+
+    def setsockopt(self, *args: Any) -> None:
+        self.sock.setsockopt(*args)
+
+    def getsockopt(self, *args: Any) -> Any:
+        return self.sock.getsockopt(*args)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def release(self) -> None:
+        self.sock.detach()
+
+
 class _Protocol(WSProtocol):  # type: ignore[misc]  # untyped (no stub)
     """picows's protocol over a :class:`LingeringTransport`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._lingering: LingeringTransport | None = LingeringTransport(transport, self)
-        super().connection_made(self._lingering)
+        lt = LingeringTransport(transport, self)
+        self._lingering: LingeringTransport | None = lt
+        lt.opening = OpeningSocket.of(transport)
+        try:
+            super().connection_made(lt)
+        finally:
+            if lt.opening is not None:
+                lt.opening.release()
+                lt.opening = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
