@@ -84,6 +84,7 @@ def build_services(
     auth.device_hooks.append(delivery.device_created)
     conns.ready_hooks.append(delivery.on_ready)
     conns.closed_hooks.extend((delivery.detach, ephemeral.on_closed))
+    delivery.sync_tail.append(mls.sync_tail)
     delivery.after_sync.append(mls.on_sync_end)
     if not clustered:  # other nodes' KeyPackage writes are not counted: it reads again
         delivery.sync_reads.append(mls.sync_read)  # its count, read with the device

@@ -260,8 +260,11 @@ class DeliveryService:
         #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
         self.requests = SendRequests()
         self.syncing: set[Session] = set()
-        #: Awaited at the end of a connection's offline sync, after presence (SPEC §4):
-        #: the MLS service's MLS_KEY_PACKAGE_LOW.
+        #: Called as the sync's last write is made, after presence: frames to end it
+        #: with (the MLS service's MLS_KEY_PACKAGE_LOW, when it can tell without a read).
+        self.sync_tail: list[Callable[[Session], bytes]] = []
+        #: Awaited after that write (SPEC §4): what a sync tail could not decide (the
+        #: MLS service's LOW when its count must be read).
         self.after_sync: list[Callable[[Session], Awaitable[None]]] = []
         #: Reads that ride on the sync's read of a device not in memory, in the same
         #: transaction (a reader hop each saved in a resume storm): each gets the
@@ -640,8 +643,10 @@ class DeliveryService:
                 if status is not None and status != "offline":
                     note = pb.PresenceNotify(user_id=uid, status=status)
                     append(out, encode_envelope(T.PRESENCE_NOTIFY, "", note.SerializeToString()))
+            for end in self.sync_tail:  # MLS_KEY_PACKAGE_LOW, in this write
+                out += end(s)
             await outbox.write_backlog(s, out)
-            for hook in self.after_sync:  # MLS_KEY_PACKAGE_LOW
+            for hook in self.after_sync:  # or after it, when a read decides
                 await hook(s)
             # Live events committed meanwhile, minus what the backlog already carried.
             tail = bytearray()

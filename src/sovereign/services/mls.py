@@ -202,29 +202,52 @@ class MlsService:
 
         return read
 
-    async def on_sync_end(self, s: Session) -> None:
-        """On READY, after presence: LOW if the device's pool is below the minimum.
-
-        The count read with the device (:meth:`sync_read`, before the backlog) stands
-        only if no KeyPackage write of this process has completed since it was
-        requested, and on a single node. A write that commits after that read but
-        whose completion is not yet counted here sends its own live LOW (fetch) to
-        this session, which is on the device by now; other nodes' writes are not
-        counted, so a cluster node always reads again, as before.
-        """
-        sync = s.sync
+    def _count_read_with_device(self, sync: SyncState | None) -> int | None:
+        """The count read with the device (:meth:`sync_read`, before the backlog), if it
+        stands: only if no KeyPackage write of this process has completed since it was
+        requested, and on a single node. A write that commits after that read but whose
+        completion is not yet counted here sends its own live LOW (fetch) to this
+        session, which is on the device by now; other nodes' writes are not counted,
+        so a cluster node always reads again."""
         pre = sync.key_packages if sync is not None else None
         if pre is not None and pre[0] == self._kp_writes and not self.delivery.peers.clustered:
-            remaining = pre[1]
-        else:
-            remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=s.device_id))
+            return pre[1]
+        return None
+
+    def _low(self, remaining: int) -> pb.KeyPackageLow | None:
         if remaining < self.config.min_key_packages:
-            self.outbox.send(
-                s,
-                T.MLS_KEY_PACKAGE_LOW,
-                "",
-                pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages),
-            )
+            return pb.KeyPackageLow(remaining=remaining, minimum=self.config.min_key_packages)
+        return None
+
+    def sync_tail(self, s: Session) -> bytes:
+        """On READY, after presence, in the sync's own write (one socket write less per
+        resume of a device low on KeyPackages): LOW if the count read with the device
+        stands and is below the minimum. b"" otherwise; :meth:`on_sync_end` then reads
+        the count, after that write."""
+        sync = s.sync
+        remaining = self._count_read_with_device(sync)
+        if sync is None or remaining is None:
+            return b""
+        sync.low_checked = self._kp_writes
+        low = self._low(remaining)
+        if low is None:
+            return b""
+        return self.outbox.response_frame(T.MLS_KEY_PACKAGE_LOW, "", low)
+
+    async def on_sync_end(self, s: Session) -> None:
+        """On READY, after presence: LOW if the device's pool is below the minimum,
+        unless :meth:`sync_tail` decided it and no KeyPackage write has completed since
+        (one may, while the sync's write waits for the socket: then the count is read
+        again, as it always was before)."""
+        sync = s.sync
+        if sync is not None and sync.low_checked == self._kp_writes:
+            return
+        remaining = self._count_read_with_device(sync)
+        if remaining is None:
+            remaining = await self.db.read(partial(kpsql.ordinary_count_txn, device_id=s.device_id))
+        low = self._low(remaining)
+        if low is not None:
+            self.outbox.send(s, T.MLS_KEY_PACKAGE_LOW, "", low)
 
     # -- Welcomes (SPEC §7, §12.6, §12.15) ---------------------------------------------
     def _check_welcome(self, conv: Conv, w: pb.MLSWelcome) -> None:

@@ -40,6 +40,7 @@ class SyncState:
         "device",
         "head",
         "key_packages",
+        "low_checked",
         "synced_upto",
         "synced_welcomes",
         "welcome_mark",
@@ -53,6 +54,9 @@ class SyncState:
         # The MLS service's (generation, ordinary KeyPackage count), read with the
         # device when it was not in memory (MlsService.sync_read); None otherwise.
         self.key_packages: tuple[int, int] | None = None
+        # The MLS service's KeyPackage write count when it decided MLS_KEY_PACKAGE_LOW
+        # in the sync's own write (MlsService.sync_tail); -1: not decided there.
+        self.low_checked = -1
         # What a READY needs of a device not in memory (created_at_us, cursors, pending
         # welcomes), read with the session token (DeliveryService.resume_read); the
         # welcomes stand only if no welcome was pushed since ``welcome_mark``.

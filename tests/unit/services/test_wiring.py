@@ -51,6 +51,7 @@ async def test_harness_is_wired_as_the_server(h: Harness) -> None:
     # The comparison is not vacuous: the hooks and the shared ports are in it.
     assert expected["connections"]["ready_hooks"] == ["delivery.on_ready"]
     assert expected["delivery"]["after_sync"] == ["mls.on_sync_end"]
+    assert expected["delivery"]["sync_tail"] == ["mls.sync_tail"]
     assert expected["delivery"]["sync_reads"] == ["mls.sync_read"]
     assert expected["groups"]["introduce"] == "ephemeral.introduce"
     assert expected["ephemeral"]["writer"] == "delivery.writer"
