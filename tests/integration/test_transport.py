@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -141,6 +142,37 @@ async def test_accepted_socket_options_set_through_one_socket_object(
         await asyncio.sleep(0.01)
     assert c.listener.control == [(int(WSMsgType.PONG), b"still here")]
     await c.close()
+
+
+def test_opening_socket_stands_aside_for_a_descriptor_that_is_no_socket() -> None:
+    """A descriptor the socket module refuses (here a pipe) gives no OpeningSocket:
+    picows then asks the transport's own stand-in, as it did before."""
+    from sovereign.transport.ws import OpeningSocket
+
+    class Transport:
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self if name == "socket" else default
+
+        def fileno(self) -> int:
+            return self.fd
+
+    r, w = os.pipe()
+    try:
+        assert OpeningSocket.of(Transport(r)) is None  # type: ignore[arg-type]
+        os.fstat(r)  # still open: nothing took it over
+    finally:
+        os.close(r)
+        os.close(w)
+    a, b = socket.socketpair()
+    with a, b:
+        opening = OpeningSocket.of(Transport(a.fileno()))  # type: ignore[arg-type]
+        assert opening is not None and opening.fileno() == a.fileno()
+        opening.release()
+        a.sendall(b"x")  # the descriptor survived the release
+        assert b.recv(1) == b"x"
 
 
 async def test_frame_over_max_frame_bytes_closes_1009(server_with: ServerWith) -> None:

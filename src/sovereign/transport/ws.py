@@ -583,10 +583,16 @@ class OpeningSocket:
 
     @classmethod
     def of(cls, transport: asyncio.BaseTransport) -> OpeningSocket | None:
-        """For ``transport``'s socket, or None when it has none to give."""
+        """For ``transport``'s socket; None when it has none to give or its descriptor
+        is refused (picows then asks the transport itself, as before)."""
         stand_in = transport.get_extra_info("socket")
         fd = stand_in.fileno() if stand_in is not None else -1
-        return cls(fd) if fd >= 0 else None
+        if fd < 0:
+            return None
+        try:
+            return cls(fd)
+        except OSError:
+            return None
 
     def setsockopt(self, *args: Any) -> None:
         self.sock.setsockopt(*args)
