@@ -111,14 +111,19 @@ async def test_text_frame_closes_1003(server: RunningServer) -> None:
     assert await c.closed() == 1003
 
 
-async def test_ws_ping_answered_with_pong(server: RunningServer) -> None:
-    c = await WsClient.connect(server.url)
-    c.transport.send_ping(b"abc")
+async def pong_to(c: WsClient, payload: bytes) -> list[tuple[int, bytes]]:
+    """Send a WebSocket ping; the control frames received within ~1 s."""
+    c.transport.send_ping(payload)
     for _ in range(100):
         if c.listener.control:
             break
         await asyncio.sleep(0.01)
-    assert c.listener.control == [(int(WSMsgType.PONG), b"abc")]
+    return list(c.listener.control)
+
+
+async def test_ws_ping_answered_with_pong(server: RunningServer) -> None:
+    c = await WsClient.connect(server.url)
+    assert await pong_to(c, b"abc") == [(int(WSMsgType.PONG), b"abc")]
     await c.close()
 
 
@@ -135,12 +140,7 @@ async def test_accepted_socket_options_set_through_one_socket_object(
     sock = lt.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assert lt.get_extra_info("sockname")[1] == server.app.port
-    c.transport.send_ping(b"still here")
-    for _ in range(100):
-        if c.listener.control:
-            break
-        await asyncio.sleep(0.01)
-    assert c.listener.control == [(int(WSMsgType.PONG), b"still here")]
+    assert await pong_to(c, b"still here") == [(int(WSMsgType.PONG), b"still here")]
     await c.close()
 
 

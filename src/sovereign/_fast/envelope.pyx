@@ -97,9 +97,60 @@ cdef bint _utf8_valid(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     return True
 
 
+cdef inline int _next_field(
+    const unsigned char* p, Py_ssize_t n, Py_ssize_t* pos,
+    uint32_t* field, uint32_t* wire, uint64_t* value,
+) noexcept nogil:
+    """Read the field at pos[0] (the twin's _field): its number and wire type; value is
+    the varint of wire type 0 and the length of wire type 2, whose bytes end at the new
+    pos[0]. Fixed-size values are skipped; groups and wire types 6/7 are errors."""
+    cdef uint64_t tag
+    cdef int st
+    # Tag: at most 5 bytes, value <= 2**32-1 (as upb).
+    tag = p[pos[0]]
+    if tag < 0x80:
+        pos[0] += 1
+    else:
+        st = _read_varint(p, n, pos, 5, ENV_TAG_TOO_LONG, &tag)
+        if st:
+            return st
+        if tag > 0xFFFFFFFFULL:
+            return ENV_TAG_TOO_LONG
+    field[0] = <uint32_t>(tag >> 3)
+    wire[0] = <uint32_t>(tag & 7)
+    if field[0] == 0:
+        return ENV_FIELD_ZERO
+    if wire[0] == 2:
+        if pos[0] < n and p[pos[0]] < 0x80:
+            value[0] = p[pos[0]]
+            pos[0] += 1
+        else:
+            st = _read_varint(p, n, pos, 5, ENV_LENGTH_TOO_LONG, value)
+            if st:
+                return st
+        if value[0] > <uint64_t>(n - pos[0]):
+            return ENV_TRUNCATED_FIELD
+        pos[0] += <Py_ssize_t>value[0]
+    elif wire[0] == 0:
+        return _read_varint(p, n, pos, 10, ENV_VARINT_TOO_LONG, value)
+    elif wire[0] == 1:
+        if n - pos[0] < 8:
+            return ENV_TRUNCATED_FIELD
+        pos[0] += 8
+    elif wire[0] == 5:
+        if n - pos[0] < 4:
+            return ENV_TRUNCATED_FIELD
+        pos[0] += 4
+    elif wire[0] == 3 or wire[0] == 4:
+        return ENV_GROUP
+    else:
+        return ENV_BAD_WIRE_TYPE
+    return ENV_OK
+
+
 cdef int parse_envelope(const unsigned char* p, Py_ssize_t n, EnvelopeView* v) noexcept nogil:
     cdef Py_ssize_t pos = 0
-    cdef uint64_t tag, value, length
+    cdef uint64_t value
     cdef uint32_t field, wire
     cdef int st
     v.msg_type = 0
@@ -108,58 +159,21 @@ cdef int parse_envelope(const unsigned char* p, Py_ssize_t n, EnvelopeView* v) n
     v.pay_off = 0
     v.pay_len = 0
     while pos < n:
-        # Tag: at most 5 bytes, value <= 2**32-1 (as upb).
-        tag = p[pos]
-        if tag < 0x80:
-            pos += 1
-        else:
-            st = _read_varint(p, n, &pos, 5, ENV_TAG_TOO_LONG, &tag)
-            if st:
-                return st
-            if tag > 0xFFFFFFFFULL:
-                return ENV_TAG_TOO_LONG
-        field = <uint32_t>(tag >> 3)
-        wire = <uint32_t>(tag & 7)
-        if field == 0:
-            return ENV_FIELD_ZERO
+        st = _next_field(p, n, &pos, &field, &wire, &value)
+        if st:
+            return st
         if wire == 2:
-            if pos < n and p[pos] < 0x80:
-                length = p[pos]
-                pos += 1
-            else:
-                st = _read_varint(p, n, &pos, 5, ENV_LENGTH_TOO_LONG, &length)
-                if st:
-                    return st
-            if length > <uint64_t>(n - pos):
-                return ENV_TRUNCATED_FIELD
             if field == 2:
                 # upb validates every occurrence, not only the one that wins.
                 if v.rid_len > 0 and not _utf8_valid(p + v.rid_off, v.rid_len):
                     return ENV_BAD_UTF8
-                v.rid_off = pos
-                v.rid_len = <Py_ssize_t>length
+                v.rid_off = pos - <Py_ssize_t>value
+                v.rid_len = <Py_ssize_t>value
             elif field == 3:
-                v.pay_off = pos
-                v.pay_len = <Py_ssize_t>length
-            pos += <Py_ssize_t>length
-        elif wire == 0:
-            st = _read_varint(p, n, &pos, 10, ENV_VARINT_TOO_LONG, &value)
-            if st:
-                return st
-            if field == 1:
-                v.msg_type = <int32_t><uint32_t>value  # int32: low 32 bits
-        elif wire == 1:
-            if n - pos < 8:
-                return ENV_TRUNCATED_FIELD
-            pos += 8
-        elif wire == 5:
-            if n - pos < 4:
-                return ENV_TRUNCATED_FIELD
-            pos += 4
-        elif wire == 3 or wire == 4:
-            return ENV_GROUP
-        else:
-            return ENV_BAD_WIRE_TYPE
+                v.pay_off = pos - <Py_ssize_t>value
+                v.pay_len = <Py_ssize_t>value
+        elif wire == 0 and field == 1:
+            v.msg_type = <int32_t><uint32_t>value  # int32: low 32 bits
     return ENV_OK
 
 
@@ -457,63 +471,27 @@ cdef int _scan_fields(
 ) except -1:
     """Scan a whole message (rules as parse_envelope's); returns a status code. String
     occurrences are UTF-8-checked as met; repeated ones are appended to ``lists``."""
-    cdef Py_ssize_t pos = 0
-    cdef uint64_t tag, value, length
+    cdef Py_ssize_t pos = 0, off, length
+    cdef uint64_t value
     cdef uint32_t field, wire
     cdef unsigned char kind
     cdef int st
     while pos < n:
-        tag = p[pos]
-        if tag < 0x80:
-            pos += 1
+        st = _next_field(p, n, &pos, &field, &wire, &value)
+        if st:
+            return st
+        if wire != 2 or field > <uint32_t>nk:
+            continue  # unknown, or not the wire type its number has: skipped
+        length = <Py_ssize_t>value
+        off = pos - length
+        kind = kinds[field - 1]
+        if kind != b"b" and not _utf8_valid(p + off, length):
+            return ENV_BAD_UTF8_FIELD  # upb checks every occurrence
+        if kind == b"S":
+            (<list>lists[field - 1]).append(PyUnicode_DecodeUTF8(<char*>(p + off), length, NULL))
         else:
-            st = _read_varint(p, n, &pos, 5, ENV_TAG_TOO_LONG, &tag)
-            if st:
-                return st
-            if tag > 0xFFFFFFFFULL:
-                return ENV_TAG_TOO_LONG
-        field = <uint32_t>(tag >> 3)
-        wire = <uint32_t>(tag & 7)
-        if field == 0:
-            return ENV_FIELD_ZERO
-        if wire == 2:
-            if pos < n and p[pos] < 0x80:
-                length = p[pos]
-                pos += 1
-            else:
-                st = _read_varint(p, n, &pos, 5, ENV_LENGTH_TOO_LONG, &length)
-                if st:
-                    return st
-            if length > <uint64_t>(n - pos):
-                return ENV_TRUNCATED_FIELD
-            if field <= <uint32_t>nk:
-                kind = kinds[field - 1]
-                if kind != b"b" and not _utf8_valid(p + pos, <Py_ssize_t>length):
-                    return ENV_BAD_UTF8_FIELD  # upb checks every occurrence
-                if kind == b"S":
-                    (<list>lists[field - 1]).append(
-                        PyUnicode_DecodeUTF8(<char*>(p + pos), <Py_ssize_t>length, NULL)
-                    )
-                else:
-                    offs[field - 1] = pos
-                    lens[field - 1] = <Py_ssize_t>length
-            pos += <Py_ssize_t>length
-        elif wire == 0:
-            st = _read_varint(p, n, &pos, 10, ENV_VARINT_TOO_LONG, &value)
-            if st:
-                return st
-        elif wire == 1:
-            if n - pos < 8:
-                return ENV_TRUNCATED_FIELD
-            pos += 8
-        elif wire == 5:
-            if n - pos < 4:
-                return ENV_TRUNCATED_FIELD
-            pos += 4
-        elif wire == 3 or wire == 4:
-            return ENV_GROUP
-        else:
-            return ENV_BAD_WIRE_TYPE
+            offs[field - 1] = off
+            lens[field - 1] = length
     return ENV_OK
 
 

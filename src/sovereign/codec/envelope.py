@@ -107,6 +107,42 @@ def _varint(
             raise _error(too_long)
 
 
+def _field(data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int, int, int]:
+    """Read the field at ``pos``; returns (number, wire type, value, new pos). ``value`` is
+    the varint of wire type 0 and the length of wire type 2, whose bytes end at the new
+    pos. Fixed-size values are skipped; groups and wire types 6/7 are errors."""
+    # Tag: a varint of at most 5 bytes whose value fits in uint32.
+    tag = data[pos]
+    if tag < 0x80:
+        pos += 1
+    else:
+        tag, pos = _varint(data, pos, end, 5, _TAG_TOO_LONG)
+        if tag > 0xFFFF_FFFF:
+            raise _error(_TAG_TOO_LONG)
+    field = tag >> 3
+    wire = tag & 7
+    if field == 0:
+        raise _error(_FIELD_ZERO)
+    if wire == 0:
+        value, pos = _varint(data, pos, end, 10, _VARINT_TOO_LONG)
+        return field, 0, value, pos
+    if wire == 2:
+        if pos < end and data[pos] < 0x80:
+            length = data[pos]
+            pos += 1
+        else:
+            length, pos = _varint(data, pos, end, 5, _LENGTH_TOO_LONG)
+        if length > end - pos:
+            raise _error(_TRUNCATED_FIELD)
+        return field, 2, length, pos + length
+    if wire == 1 or wire == 5:
+        size = 8 if wire == 1 else 4
+        if end - pos < size:
+            raise _error(_TRUNCATED_FIELD)
+        return field, wire, 0, pos + size
+    raise _error(_GROUP if wire == 3 or wire == 4 else _BAD_WIRE_TYPE)
+
+
 def _parse(data: bytes | bytearray | memoryview, end: int) -> tuple[int, int, int, int, int]:
     """Scan the whole message; returns (type, rid_off, rid_len, pay_off, pay_len)."""
     msg_type = 0
@@ -114,51 +150,18 @@ def _parse(data: bytes | bytearray | memoryview, end: int) -> tuple[int, int, in
     pay_off = pay_len = 0
     pos = 0
     while pos < end:
-        # Tag: a varint of at most 5 bytes whose value fits in uint32.
-        tag = data[pos]
-        if tag < 0x80:
-            pos += 1
-        else:
-            tag, pos = _varint(data, pos, end, 5, _TAG_TOO_LONG)
-            if tag > 0xFFFF_FFFF:
-                raise _error(_TAG_TOO_LONG)
-        field = tag >> 3
-        wire = tag & 7
-        if field == 0:
-            raise _error(_FIELD_ZERO)
-        if wire == 0:
-            value, pos = _varint(data, pos, end, 10, _VARINT_TOO_LONG)
-            if field == 1:
-                value &= 0xFFFF_FFFF  # int32: low 32 bits, sign-interpreted
-                msg_type = value - 0x1_0000_0000 if value >= 0x8000_0000 else value
+        field, wire, value, pos = _field(data, pos, end)
+        if wire == 0 and field == 1:
+            value &= 0xFFFF_FFFF  # int32: low 32 bits, sign-interpreted
+            msg_type = value - 0x1_0000_0000 if value >= 0x8000_0000 else value
         elif wire == 2:
-            if pos < end and data[pos] < 0x80:
-                length = data[pos]
-                pos += 1
-            else:
-                length, pos = _varint(data, pos, end, 5, _LENGTH_TOO_LONG)
-            if length > end - pos:
-                raise _error(_TRUNCATED_FIELD)
             if field == 2:
                 if rid_len > 0:
                     # upb validates every occurrence, not only the one that wins.
                     _check_utf8(data, rid_off, rid_len)
-                rid_off, rid_len = pos, length
+                rid_off, rid_len = pos - value, value
             elif field == 3:
-                pay_off, pay_len = pos, length
-            pos += length
-        elif wire == 1:
-            if end - pos < 8:
-                raise _error(_TRUNCATED_FIELD)
-            pos += 8
-        elif wire == 5:
-            if end - pos < 4:
-                raise _error(_TRUNCATED_FIELD)
-            pos += 4
-        elif wire == 3 or wire == 4:
-            raise _error(_GROUP)
-        else:
-            raise _error(_BAD_WIRE_TYPE)
+                pay_off, pay_len = pos - value, value
     return msg_type, rid_off, rid_len, pay_off, pay_len
 
 
@@ -360,53 +363,22 @@ def _decode_fields(data: bytes | bytearray | memoryview, kinds: bytes) -> tuple[
     end = len(data)
     pos = 0
     while pos < end:
-        tag = data[pos]
-        if tag < 0x80:
-            pos += 1
+        field, wire, length, pos = _field(data, pos, end)
+        if wire != 2 or field > nk:
+            continue  # unknown, or not the wire type its number has: skipped
+        off = pos - length
+        kind = kinds[field - 1]
+        if kind == 0x62:  # b
+            spans[field - 1] = (off, length)
+            continue
+        try:
+            text = str(data[off:pos], "utf-8")
+        except UnicodeDecodeError:
+            raise _error(_BAD_UTF8_FIELD) from None
+        if kind == 0x73:  # s: upb checks every occurrence; the last wins
+            spans[field - 1] = (off, length)
         else:
-            tag, pos = _varint(data, pos, end, 5, _TAG_TOO_LONG)
-            if tag > 0xFFFF_FFFF:
-                raise _error(_TAG_TOO_LONG)
-        field = tag >> 3
-        wire = tag & 7
-        if field == 0:
-            raise _error(_FIELD_ZERO)
-        if wire == 2:
-            if pos < end and data[pos] < 0x80:
-                length = data[pos]
-                pos += 1
-            else:
-                length, pos = _varint(data, pos, end, 5, _LENGTH_TOO_LONG)
-            if length > end - pos:
-                raise _error(_TRUNCATED_FIELD)
-            if field <= nk:
-                kind = kinds[field - 1]
-                if kind == 0x62:  # b
-                    spans[field - 1] = (pos, length)
-                else:
-                    try:
-                        text = str(data[pos : pos + length], "utf-8")
-                    except UnicodeDecodeError:
-                        raise _error(_BAD_UTF8_FIELD) from None
-                    if kind == 0x73:  # s: upb checks every occurrence; the last wins
-                        spans[field - 1] = (pos, length)
-                    else:
-                        lists[field - 1].append(text)
-            pos += length
-        elif wire == 0:
-            _value, pos = _varint(data, pos, end, 10, _VARINT_TOO_LONG)
-        elif wire == 1:
-            if end - pos < 8:
-                raise _error(_TRUNCATED_FIELD)
-            pos += 8
-        elif wire == 5:
-            if end - pos < 4:
-                raise _error(_TRUNCATED_FIELD)
-            pos += 4
-        elif wire == 3 or wire == 4:
-            raise _error(_GROUP)
-        else:
-            raise _error(_BAD_WIRE_TYPE)
+            lists[field - 1].append(text)
     out: list[object] = []
     for i, kind in enumerate(kinds):
         off, n = spans[i]
