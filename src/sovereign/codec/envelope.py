@@ -357,35 +357,37 @@ def decode_fields(buf: bytes | bytearray | memoryview, kinds: bytes) -> tuple[ob
 
 
 def _decode_fields(data: bytes | bytearray | memoryview, kinds: bytes) -> tuple[object, ...]:
+    # By field index: the last string, the last bytes' span, a repeated field's strings.
+    texts: dict[int, str] = {}
+    spans: dict[int, tuple[int, int]] = {}
+    lists: dict[int, list[str]] = {}
     nk = len(kinds)
-    spans = [(0, 0)] * nk
-    lists: list[list[str]] = [[] for _ in range(nk)]
     end = len(data)
     pos = 0
     while pos < end:
         field, wire, length, pos = _field(data, pos, end)
         if wire != 2 or field > nk:
             continue  # unknown, or not the wire type its number has: skipped
-        off = pos - length
-        kind = kinds[field - 1]
+        i, off = field - 1, pos - length
+        kind = kinds[i]
         if kind == 0x62:  # b
-            spans[field - 1] = (off, length)
+            spans[i] = (off, length)
             continue
         try:
-            text = str(data[off:pos], "utf-8")
+            text = str(data[off:pos], "utf-8")  # upb checks every occurrence
         except UnicodeDecodeError:
             raise _error(_BAD_UTF8_FIELD) from None
-        if kind == 0x73:  # s: upb checks every occurrence; the last wins
-            spans[field - 1] = (off, length)
+        if kind == 0x73:  # s: the last wins
+            texts[i] = text
         else:
-            lists[field - 1].append(text)
+            lists.setdefault(i, []).append(text)
     out: list[object] = []
     for i, kind in enumerate(kinds):
-        off, n = spans[i]
         if kind == 0x73:
-            out.append(str(data[off : off + n], "utf-8"))
+            out.append(texts.get(i, ""))
         elif kind == 0x62:
+            off, n = spans.get(i, (0, 0))
             out.append(bytes(data[off : off + n]))
         else:
-            out.append(lists[i])
+            out.append(lists.get(i, []))
     return tuple(out)
