@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="encrypted_payload size of each message (default 200, min 8)",
     )
+    g.add_argument(
+        "--request-ids",
+        choices=("counter", "uuid4"),
+        default="counter",
+        help="MESSAGE_SEND request_ids (relay): 'counter' (default; a per-pair prefix"
+        " and a count, so a sender's ids sort in sending order) or 'uuid4' (random, as"
+        " the SDK and the SPEC's recommendation make them)",
+    )
     s = common.add_argument_group("server")
     s.add_argument(
         "--url",

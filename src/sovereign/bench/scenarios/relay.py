@@ -36,6 +36,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
+from os import urandom as _urandom
 from typing import Any
 
 from picows import WSFrame
@@ -132,7 +133,8 @@ class Pair:
         assert a is not None and a.transport is not None
         self.k += 1
         body = self.head + _TS.pack(t_ns) + self.pad + self.tail
-        a.transport.send(BINARY, encode_envelope(_MESSAGE_SEND, f"{self.rid_prefix}{self.k}", body))
+        rid = _urandom(16).hex() if self.w.random_ids else f"{self.rid_prefix}{self.k}"
+        a.transport.send(BINARY, encode_envelope(_MESSAGE_SEND, rid, body))
         self.sent += 1
         self.wait_echo.append(t_ns)
         self.w.sent += 1
@@ -276,6 +278,7 @@ class RelayWorker(WorkerBase):
         self.size = 200
         self.window = 8
         self.nonce = ""
+        self.random_ids = False
         self.closed_loop = True
         self.issuing = False
         self.cap = math.inf
@@ -300,6 +303,7 @@ class RelayWorker(WorkerBase):
         self.size = int(data["size"])
         self.window = int(data["window"])
         self.nonce = data["nonce"]
+        self.random_ids = data.get("request_ids") == "uuid4"
         pairs = data["pairs"]
         self.pairs = [Pair(self, i) for i in range(len(pairs))]
         tokens: list[str] = []
@@ -510,6 +514,7 @@ class RelaySpec(Spec):
                 "size": self.args.size,
                 "window": self.args.window,
                 "nonce": self.args.nonce,
+                "request_ids": self.args.request_ids,
                 "concurrency": self.args.connect_concurrency,
                 **self.extra_plan(),
             }
@@ -602,6 +607,7 @@ class RelaySpec(Spec):
             "window": self.args.window if out.phase.params["rate"] is None else None,
             "target_rate": out.phase.params.get("total"),
             "payload_bytes": self.args.size,
+            "request_ids": self.args.request_ids,
             "sent": sent,
             "echoed": echoed,
             "received": received,
