@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 
 from sovereign.protocol.types import MessageType as T
-from sovereign.storage.migrate import COPY_ORDER, sqlite_tables
+from sovereign.storage import SqliteDatabase
+from sovereign.storage.migrate import COPY_ORDER, copy_to_postgres, sqlite_tables
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers import pg
 from tests.helpers.flows import login, register
@@ -98,6 +99,33 @@ async def test_copy_sqlite_data_dir_into_postgres_and_serve_it(
         nxt = await send(c, conv, b"after the move")
         assert nxt.seq == sent[-1].seq + 1
         await c.close()
+
+
+async def test_a_request_id_kept_in_two_generations_is_copied_once_the_newer(
+    tmp_path: Path, empty_pg: str
+) -> None:
+    db = tmp_path / "sovereign.db"
+    await (await SqliteDatabase.open(db)).close()
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO send_requests (gen, user_id, request_id, event_id, created_at_us)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [
+                (0, "u1", "k", "E-old", 100),
+                (3, "u1", "k", "E-new", 9000),
+                (3, "u1", "j", "E-j", 9001),
+            ],
+        )
+    said: list[str] = []
+    copied = await copy_to_postgres(db, empty_pg, say=said.append)
+    assert copied["send_requests"] == 2
+    assert "copied send_requests: 2 rows (verified)" in said
+    conn2 = await asyncpg.connect(empty_pg)
+    try:
+        rows = await conn2.fetch("SELECT gen, user_id, request_id, event_id FROM send_requests")
+    finally:
+        await conn2.close()
+    assert sorted(tuple(r) for r in rows) == [(3, "u1", "j", "E-j"), (3, "u1", "k", "E-new")]
 
 
 def test_copy_order_names_every_table(tmp_path: Path) -> None:

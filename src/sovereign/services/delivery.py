@@ -279,7 +279,7 @@ class DeliveryService:
         """The idempotency filters from the stored keys of the window (keys only, in
         pages: memory stays bounded however many there are)."""
         since = self.clock.now_us() - IDEMPOTENCY_US
-        after: tuple[str, str] | None = None
+        after: tuple[int, str, str] | None = None
         total = 0
         while True:
             rows = await self.db.read(
@@ -289,7 +289,7 @@ class DeliveryService:
             total += len(rows)
             if len(rows) < LOAD_PAGE:
                 break
-            after = (rows[-1][0], rows[-1][1])
+            after = rows[-1][:3]
         log.info("loaded %d idempotency keys", total)
 
     async def stop(self) -> None:
@@ -451,7 +451,7 @@ class DeliveryService:
         requests = self.requests
         key = (user_id, rid)
         if rid:
-            requests.begin(key, op, ev.ts_us)
+            gen = requests.begin(key, op, ev.ts_us)
             op.on_undo(partial(requests.undo, key))
             if self.eventlog.clustered:
                 # The database decides (another node may hold the same request_id).
@@ -459,7 +459,7 @@ class DeliveryService:
                 op.guard = csql.SendClaim(user_id, rid, ev.event_id, ev.ts_us, since)
                 op.conflict = lambda verdict: self._answer_original(s, rid, verdict)
             else:
-                op.send_request = (user_id, rid, ev.event_id, ev.ts_us)
+                op.send_request = (gen, user_id, rid, ev.event_id, ev.ts_us)
         outbox = self.outbox
 
         def finish() -> None:

@@ -230,8 +230,8 @@ class Op:
         self.before: list[Callable[[Conn], None]] | None = None
         self.guard: Callable[[Conn], object] | None = None
         self.conflict: Callable[[object], None] | None = None
-        # (user_id, request_id, event_id, ts_us) of an idempotent MESSAGE_SEND
-        self.send_request: tuple[str, str, str, int] | None = None
+        # (gen, user_id, request_id, event_id, ts_us) of an idempotent MESSAGE_SEND
+        self.send_request: tuple[int, str, str, str, int] | None = None
         self.txns: list[Callable[[Conn], None]] = []
         self.undos: list[Callable[[], object]] = []
         self.finish: Callable[[], None] | None = None
@@ -373,7 +373,7 @@ class EventLog:
         """The one transaction of ``batch`` (runs on the writer thread)."""
         rows: list[sql.EventRow] = []
         txns: list[Callable[[Conn], None]] = []
-        requests: list[tuple[str, str, str, int]] = []
+        requests: list[tuple[int, str, str, str, int]] = []
         for op in batch:
             for ev in op.events:
                 rows.append(ev.row())

@@ -121,6 +121,25 @@ class SqliteEngine:
         return ""
 
     @staticmethod
+    def send_request_key() -> str:
+        """The primary key of ``send_requests``: generation first (migration 0008), so
+        the keys stored together share leaves whatever their request_ids."""
+        return "gen, user_id, request_id"
+
+    @staticmethod
+    def send_request_gens() -> tuple[str, str]:
+        """(a ``WITH`` prefix, a ``FROM`` source) that give the rows of ``send_requests``
+        as ``r`` such that ``r.user_id = ? AND r.request_id = ?`` seeks once per
+        generation: the generations are enumerated one seek each (``min(gen) > g``),
+        and ``CROSS JOIN`` keeps them the outer loop."""
+        return (
+            "WITH RECURSIVE gens(gen) AS (SELECT min(gen) FROM send_requests UNION ALL"
+            " SELECT (SELECT min(gen) FROM send_requests WHERE gen > gens.gen) FROM gens"
+            " WHERE gens.gen IS NOT NULL) ",
+            "gens CROSS JOIN send_requests r ON r.gen = gens.gen",
+        )
+
+    @staticmethod
     def is_unique_violation(exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.IntegrityError) and getattr(exc, "sqlite_errorname", "") in (
             "SQLITE_CONSTRAINT_UNIQUE",
@@ -148,6 +167,16 @@ class PostgresEngine:
     def skip_locked() -> str:
         return " FOR UPDATE SKIP LOCKED"
 
+    @staticmethod
+    def send_request_key() -> str:
+        """(user_id, request_id) stays unique here: cluster mode's claim needs it
+        (0008_send_request_gens.postgres.sql)."""
+        return "user_id, request_id"
+
+    @staticmethod
+    def send_request_gens() -> tuple[str, str]:
+        return "", "send_requests r"
+
 
 class Engine(Protocol):
     @property
@@ -156,6 +185,10 @@ class Engine(Protocol):
     def greatest(self, a: str, b: str) -> str: ...
 
     def skip_locked(self) -> str: ...
+
+    def send_request_key(self) -> str: ...
+
+    def send_request_gens(self) -> tuple[str, str]: ...
 
 
 SQLITE: Final = SqliteEngine()

@@ -7,6 +7,7 @@ many events per transaction. Reads here serve offline sync and history pages.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,45 @@ _SAVE_READ_MARKER = per_engine(
         " VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE SET up_to_seq = "
         + e.greatest("read_markers.up_to_seq", "excluded.up_to_seq")
         + ", updated_at_us = excluded.updated_at_us"
+    )
+)
+# Idempotency keys (migration 0008): SQLite keys them by generation first, PostgreSQL
+# by (user_id, request_id) alone (engines.py), so the upsert names each engine's key.
+# Rows are (gen, user_id, request_id, event_id, created_at_us).
+_INSERT_SEND_REQUEST = per_engine(
+    lambda e: (
+        "INSERT INTO send_requests (gen, user_id, request_id, event_id, created_at_us)"
+        f" VALUES (?, ?, ?, ?, ?) ON CONFLICT ({e.send_request_key()}) DO UPDATE SET"
+        " gen = excluded.gen, event_id = excluded.event_id,"
+        " created_at_us = excluded.created_at_us"
+    )
+)
+# The start-up load's pages, in each engine's key order (keyset paging): the first
+# page by engine (True: SQLite), then the pages after a key.
+_KEYS_FIRST = {
+    True: "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
+    " WHERE created_at_us >= ? ORDER BY gen, user_id, request_id LIMIT ?",
+    False: "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
+    " WHERE created_at_us >= ? ORDER BY user_id, request_id LIMIT ?",
+}
+_KEYS_AFTER_SQLITE = (
+    "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
+    " WHERE (gen, user_id, request_id) > (?, ?, ?) AND created_at_us >= ?"
+    " ORDER BY gen, user_id, request_id LIMIT ?"
+)
+_KEYS_AFTER_POSTGRES = (
+    "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
+    " WHERE (user_id, request_id) > (?, ?) AND created_at_us >= ?"
+    " ORDER BY user_id, request_id LIMIT ?"
+)
+_SEND_REQUEST_EVENT = per_engine(
+    lambda e: (
+        e.send_request_gens()[0]
+        + "SELECT r.event_id, e.payload FROM "
+        + e.send_request_gens()[1]
+        + " LEFT JOIN events e ON e.event_id = r.event_id"
+        " WHERE r.user_id = ? AND r.request_id = ? AND r.created_at_us >= ?"
+        " ORDER BY r.created_at_us DESC LIMIT 1"
     )
 )
 # Retention also records the head it removed: once a conversation's newest events are
@@ -194,15 +234,12 @@ def start_device_cursors_txn(
     )
 
 
-def insert_send_requests_txn(conn: Conn, rows: Sequence[tuple[str, str, str, int]]) -> None:
-    """(user_id, request_id, event_id, created_at_us) of idempotent sends, one batch."""
-    insert_rows(
-        conn,
-        "INSERT INTO send_requests (user_id, request_id, event_id, created_at_us)"
-        " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, request_id) DO UPDATE SET"
-        " event_id = excluded.event_id, created_at_us = excluded.created_at_us",
-        rows,
-    )
+def insert_send_requests_txn(conn: Conn, rows: Sequence[tuple[int, str, str, str, int]]) -> None:
+    """(gen, user_id, request_id, event_id, created_at_us) of idempotent sends, one
+    batch. A key stored again (only ever after the 24 h window) replaces its row in the
+    same generation; in another generation it is a second row (migration 0008), and
+    :func:`send_request_event_txn` takes the newer."""
+    insert_rows(conn, _INSERT_SEND_REQUEST, rows)
 
 
 def insert_welcome_txn(
@@ -424,39 +461,34 @@ def pending_welcomes_txn(
 
 
 def send_request_keys_txn(
-    conn: Conn, since_us: int, after: tuple[str, str] | None, limit: int
-) -> list[tuple[str, str, int]]:
-    """(user_id, request_id, created_at_us) of idempotency keys newer than ``since_us``,
-    in primary-key order after ``after``: a page of the start-up load (keyset paging
-    on the primary key: no sort, no extra index)."""
+    conn: Conn, since_us: int, after: tuple[int, str, str] | None, limit: int
+) -> list[tuple[int, str, str, int]]:
+    """(gen, user_id, request_id, created_at_us) of idempotency keys newer than
+    ``since_us``, in primary-key order after ``after`` (a row's first three values): a
+    page of the start-up load (keyset paging on the primary key: no sort, no extra
+    index). The primary key differs per engine (:meth:`SqliteEngine.send_request_key`),
+    so the page's order and ``after``'s comparison do too."""
     if after is None:
-        cur = conn.execute(
-            "SELECT user_id, request_id, created_at_us FROM send_requests"
-            " WHERE created_at_us >= ? ORDER BY user_id, request_id LIMIT ?",
-            (since_us, limit),
-        )
+        cur = conn.execute(_KEYS_FIRST[_is_sqlite(conn)], (since_us, limit))
+    elif _is_sqlite(conn):
+        cur = conn.execute(_KEYS_AFTER_SQLITE, (*after, since_us, limit))
     else:
-        cur = conn.execute(
-            "SELECT user_id, request_id, created_at_us FROM send_requests"
-            " WHERE (user_id, request_id) > (?, ?) AND created_at_us >= ?"
-            " ORDER BY user_id, request_id LIMIT ?",
-            (after[0], after[1], since_us, limit),
-        )
-    return [(str(r[0]), str(r[1]), int(r[2])) for r in cur]
+        cur = conn.execute(_KEYS_AFTER_POSTGRES, (after[1], after[2], since_us, limit))
+    return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in cur]
+
+
+def _is_sqlite(conn: Conn) -> bool:
+    return isinstance(conn, sqlite3.Connection)
 
 
 def send_request_event_txn(
     conn: Conn, user_id: str, request_id: str, since_us: int
 ) -> tuple[str, bytes | None] | None:
-    """The stored send with this idempotency key within the window, in one indexed
-    read: (event id, its MessageReceive payload, None if retention removed the event),
-    or None if the key is not stored."""
-    row = conn.execute(
-        "SELECT r.event_id, e.payload FROM send_requests r"
-        " LEFT JOIN events e ON e.event_id = r.event_id"
-        " WHERE r.user_id = ? AND r.request_id = ? AND r.created_at_us >= ?",
-        (user_id, request_id, since_us),
-    ).fetchone()
+    """The stored send with this idempotency key within the window: (event id, its
+    MessageReceive payload, None if retention removed the event), or None if the key is
+    not stored. SQLite seeks once per generation of keys (a few per 10,000 keys kept,
+    see services/idempotency.py); PostgreSQL reads its unique key once."""
+    row = conn.execute(_SEND_REQUEST_EVENT, (user_id, request_id, since_us)).fetchone()
     if row is None:
         return None
     return str(row[0]), None if row[1] is None else bytes(row[1])

@@ -40,6 +40,14 @@ COPY_ORDER: tuple[str, ...] = (
     "send_requests",
     "key_packages",
 )
+#: Tables read through a query rather than whole. SQLite may hold a request_id twice,
+#: in two generations, once it was used again after the 24 h window (migration 0008);
+#: PostgreSQL keeps one row per (user_id, request_id), and the newer is the one that
+#: counts (SQLite takes a bare column's value from the row that ``max`` picked).
+_SOURCES = {
+    "send_requests": "(SELECT gen, user_id, request_id, event_id, max(created_at_us)"
+    " AS created_at_us FROM send_requests GROUP BY user_id, request_id)",
+}
 #: Rows per COPY round trip.
 CHUNK_ROWS = 5000
 #: Tables with an identity column whose sequence must move past the copied ids.
@@ -109,8 +117,9 @@ async def copy_to_postgres(
                         f"{table}: columns differ (SQLite {sorted(src_cols)}, PostgreSQL"
                         f" {sorted(cols)})"
                     )
-                expected = int(src.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-                cur = src.execute(f"SELECT {', '.join(cols)} FROM {table}")
+                source = _SOURCES.get(table, table)
+                expected = int(src.execute(f"SELECT COUNT(*) FROM {source}").fetchone()[0])
+                cur = src.execute(f"SELECT {', '.join(cols)} FROM {source}")
                 n = 0
                 while rows := cur.fetchmany(CHUNK_ROWS):
                     await dst.copy_records_to_table(table, records=rows, columns=cols)

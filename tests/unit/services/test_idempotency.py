@@ -20,6 +20,7 @@ import pytest
 from sovereign.errors import ErrorCode
 from sovereign.protocol.types import MessageType as T
 from sovereign.services import delivery as delivery_mod
+from sovereign.services import idempotency as idempotency_mod
 from sovereign.services import ids
 from sovereign.services.eventlog import Op
 from sovereign.services.idempotency import (
@@ -66,6 +67,18 @@ def test_recent_tier_keeps_the_newest_keys_and_lets_the_oldest_go() -> None:
     assert [r.known(key(i), T0 + 10) for i in range(5)] == [None, None, *eids[2:]]
     # Let go of from memory, never from the filter: every key still needs a storage check.
     assert all(r.maybe_stored(key(i)) for i in range(5))
+
+
+def test_keys_go_to_generations_of_gen_keys_and_a_restart_starts_a_new_one() -> None:
+    r = SendRequests(gen_keys=3)
+    assert [r.begin(key(i), Op(), T0 + i) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    loaded = SendRequests(gen_keys=3)
+    loaded.load_page([(4, "u1", "a", T0), (2, "u2", "b", T0)])
+    loaded.load_page([(1, "u1", "c", T0)])  # a later page of lower generations
+    assert [loaded.begin(key(i), Op(), T0) for i in range(4)] == [5, 5, 5, 6]
+    assert all(loaded.maybe_stored(k) for k in [("u1", "a"), ("u2", "b"), ("u1", "c")])
+    with pytest.raises(ValueError):
+        SendRequests(gen_keys=0)
 
 
 def test_a_pending_key_is_never_evicted_and_a_failed_commit_forgets_it() -> None:
@@ -349,14 +362,21 @@ async def test_restart_rebuilds_the_filters_from_storage_in_pages(
     harness_with: HarnessWith, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(delivery_mod, "LOAD_PAGE", 3)
+    monkeypatch.setattr(idempotency_mod, "GEN_KEYS", 3)  # the keys span generations
+
+    def gens(conn: Any) -> list[int]:
+        return [int(g) for (g,) in conn.execute("SELECT DISTINCT gen FROM send_requests")]
+
     data = tmp_path / "restart"
     async with harness_with(data_dir=data) as h:
         w = await build_world(h)
         originals = [await send_rid(h, w.a1, w.conv, f"p{i}") for i in range(7)]
+        assert await h.db.read(gens) == [0, 1, 2]
         clock = h.clock
     async with harness_with(data_dir=data, clock=clock) as h:
         r = h.delivery.requests
         assert r.recent == {} and r.filter_bytes > 0
+        assert r.gen == 3  # new keys start a generation after every stored one
         a1 = await h.connect(w.alice)
         h.request(a1, T.MESSAGE_SEND, send_req(w.conv), "brand-new")
         await h.settle()
@@ -368,22 +388,7 @@ async def test_restart_rebuilds_the_filters_from_storage_in_pages(
         assert [answers[f"p{i}"] for i in range(7)] == originals
         assert r.storage_checks == 7
         assert await h.stored_seqs(w.conv) == list(range(1, 11))
-
-
-async def test_keys_page_in_primary_key_order_and_skip_expired_rows(h: Harness) -> None:
-    rows = [(f"u{i % 3}", f"r{i}", f"e{i}", 1000 + i) for i in range(10)]
-    await h.db.write(lambda c: sql.insert_send_requests_txn(c, rows))
-    got: list[tuple[str, str, int]] = []
-    after = None
-    while True:
-        page = await h.db.read(
-            functools.partial(sql.send_request_keys_txn, since_us=1002, after=after, limit=4)
-        )
-        got.extend(page)
-        if len(page) < 4:
-            break
-        after = (page[-1][0], page[-1][1])
-    assert got == sorted((u, r, t) for u, r, _e, t in rows if t >= 1002)
+        assert await h.db.read(gens) == [0, 1, 2, 3]
 
 
 async def hold_writer(h: Harness, gate: Gate) -> asyncio.Future[str]:
