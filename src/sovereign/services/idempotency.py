@@ -61,11 +61,16 @@ LOAD_PAGE = 5000
 #: Keys per generation of the stored keys (SQLite keys ``send_requests`` by generation
 #: first, migration 0008). A generation's keys share a small range of leaves, so a
 #: checkpoint interval's keys write a few hundred pages, not one each; a storage check
-#: seeks once per generation in the table (~2.4 µs each here: 1,000 generations, i.e.
-#: 4 M keys in 24 h, ~3 ms on a reader thread). Measured with uuid4 request_ids after a
-#: full-speed phase, 1,000 msgs/s: 22.6 -> 12.3 KB written per message
+#: seeks once per generation in the table (measured here: ~0.3 ms for 100 generations,
+#: ~0.8 ms for 256, on a reader thread). Measured with uuid4 request_ids after a
+#: full-speed phase, 1,000 msgs/s: 19.4-22.4 -> 11.7-12.9 KB written per message
 #: (docs/performance.md).
 GEN_KEYS = 4096
+#: ...but no more than about this many generations in the window: with more keys than
+#: GEN_KEYS * MAX_GENS in the filters' periods, a new generation takes a share of them
+#: instead (a storage check stays under ~1 ms; the keys' locality fades with the size,
+#: towards what one key per random leaf cost before).
+MAX_GENS = 256
 
 Key = tuple[str, str]  # (user_id, request_id)
 
@@ -90,11 +95,12 @@ class SendRequests:
         window_us: int = IDEMPOTENCY_US,
         period_us: int = PERIOD_US,
         gen_keys: int | None = None,
+        max_gens: int = MAX_GENS,
     ) -> None:
         gen_keys = GEN_KEYS if gen_keys is None else gen_keys
         if filter_bits < 8 or filter_bits & (filter_bits - 1):
             raise ValueError("filter_bits must be a power of two >= 8")
-        if recent_max < 0 or period_us <= 0 or window_us <= 0 or gen_keys <= 0:
+        if recent_max < 0 or period_us <= 0 or window_us <= 0 or gen_keys <= 0 or max_gens <= 0:
             raise ValueError("bad idempotency sizes")
         self.recent_max = recent_max
         self.window_us = window_us
@@ -113,8 +119,10 @@ class SendRequests:
         self._committed: dict[Key, str] = {}  # watched keys committed meanwhile
         #: The generation new keys are stored in, and how many more it takes.
         self.gen_keys = gen_keys
+        self.max_gens = max_gens
         self.gen = 0
         self._gen_left = gen_keys
+        self._counts: dict[int, int] = {}  # period number -> keys added in it
         #: Counters for /metrics-style reporting and tests.
         self.storage_checks = 0
 
@@ -147,6 +155,7 @@ class SendRequests:
     def add(self, key: Key, ts_us: int) -> None:
         """Put ``key`` (a send at ``ts_us``) in the filter of its period."""
         p = ts_us // self.period_us
+        self._counts[p] = self._counts.get(p, 0) + 1
         bits = self._newest if p == self._newest_p else self._periods.get(p) or self._period(p)
         h = hash(key)
         mask = self._mask
@@ -166,9 +175,11 @@ class SendRequests:
             self._gen_left -= 1
         else:
             self.gen += 1
-            self._gen_left = self.gen_keys - 1
+            self._gen_left = self._gen_size() - 1
         # add(key, ts_us), inlined: this runs once per send.
         p = ts_us // self.period_us
+        counts = self._counts
+        counts[p] = counts.get(p, 0) + 1
         bits = self._newest if p == self._newest_p else self._periods.get(p) or self._period(p)
         h = hash(key)
         mask = self._mask
@@ -237,6 +248,8 @@ class SendRequests:
         expired = [p for p in self._periods if p < oldest]
         for p in expired:
             del self._periods[p]
+        for p in [p for p in self._counts if p < oldest]:
+            del self._counts[p]
         if expired:
             self._filters_changed()
         recent = self.recent
@@ -262,4 +275,9 @@ class SendRequests:
                 top = gen
         if top >= self.gen:
             self.gen = top + 1
-            self._gen_left = self.gen_keys
+            self._gen_left = self._gen_size()
+
+    def _gen_size(self) -> int:
+        """Keys per new generation: GEN_KEYS, or a MAX_GENS-th of the keys counted in the
+        filters' periods when that is more."""
+        return max(self.gen_keys, sum(self._counts.values()) // self.max_gens)

@@ -81,6 +81,21 @@ def test_keys_go_to_generations_of_gen_keys_and_a_restart_starts_a_new_one() -> 
         SendRequests(gen_keys=0)
 
 
+def test_with_many_keys_in_the_window_generations_grow_and_shrink_again() -> None:
+    r = SendRequests(gen_keys=2, max_gens=3, period_us=PERIOD_US, window_us=IDEMPOTENCY_US)
+    r.load_page([(0, "u0", f"old{i}", T0) for i in range(12)])  # 12 keys: 4 per generation
+    assert r.gen == 1
+    gens = [r.begin(key(i), Op(), T0 + i) for i in range(10)]
+    # 16 keys counted when generation 2 starts: 5 each; 21 when generation 3 does: 7.
+    assert gens == [1] * 4 + [2] * 5 + [3]
+    # A day later the keys counted then have left the window: 2 per generation again
+    # once generation 3 is full.
+    later = T0 + IDEMPOTENCY_US + 2 * PERIOD_US
+    r.purge(later)
+    gens = [r.begin(key(100 + i), Op(), later + i) for i in range(10)]
+    assert gens == [3] * 6 + [4, 4, 5, 5]
+
+
 def test_a_pending_key_is_never_evicted_and_a_failed_commit_forgets_it() -> None:
     r = SendRequests(recent_max=1)
     op = Op()
