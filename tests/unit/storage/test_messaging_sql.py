@@ -139,3 +139,30 @@ async def test_keys_page_in_primary_key_order_once_each_and_skip_expired_rows(
     # SQLite's primary key leads with the generation; PostgreSQL's is (user, request).
     order = (lambda k: k[:3]) if db.engine_name == "sqlite" else (lambda k: k[1:3])
     assert got == sorted(want, key=order)
+
+
+async def test_purge_deletes_the_keys_stored_before_the_cutoff_and_no_other(
+    db: Database,
+) -> None:
+    # Generations in time order (as the server stores them): 0 and 1 wholly old, 2
+    # straddles the cutoff, 3 new.
+    rows = [
+        (0, "u1", "a", "E1", 100),
+        (0, "u2", "b", "E2", 110),
+        (1, "u1", "c", "E3", 200),
+        (2, "u1", "d", "E4", 300),
+        (2, "u2", "e", "E5", 400),
+        (2, "u3", "f", "E6", 500),
+        (3, "u1", "g", "E7", 600),
+    ]
+    await db.write(lambda c: m.insert_send_requests_txn(c, rows))
+
+    def left(conn: Conn) -> list[str]:
+        return sorted(str(r[0]) for r in conn.execute("SELECT request_id FROM send_requests"))
+
+    assert await db.write(lambda c: m.purge_send_requests_txn(c, 400)) == 4
+    assert await db.read(left) == ["e", "f", "g"]
+    assert await db.write(lambda c: m.purge_send_requests_txn(c, 400)) == 0
+    assert await db.write(lambda c: m.purge_send_requests_txn(c, 10_000)) == 3
+    assert await db.read(left) == []
+    assert await db.write(lambda c: m.purge_send_requests_txn(c, 10_000)) == 0
