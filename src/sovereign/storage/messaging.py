@@ -486,8 +486,9 @@ def send_request_event_txn(
 ) -> tuple[str, bytes | None] | None:
     """The stored send with this idempotency key within the window: (event id, its
     MessageReceive payload, None if retention removed the event), or None if the key is
-    not stored. SQLite seeks once per generation of keys (a few per 10,000 keys kept,
-    see services/idempotency.py); PostgreSQL reads its unique key once."""
+    not stored. SQLite seeks once per generation kept (one per 4,096 keys and per
+    start, at most ~256 of the former: services/idempotency.py); PostgreSQL reads its
+    unique key once."""
     row = conn.execute(_SEND_REQUEST_EVENT, (user_id, request_id, since_us)).fetchone()
     if row is None:
         return None
@@ -541,10 +542,8 @@ def purge_send_requests_txn(conn: Conn, before_us: int) -> int:
         gen = conn.execute("SELECT min(gen) FROM send_requests WHERE gen > ?", (gen,)).fetchone()[0]
     if gen is None:
         return conn.execute("DELETE FROM send_requests").rowcount
-    n = conn.execute("DELETE FROM send_requests WHERE gen < ?", (gen,)).rowcount
-    return (
-        n
-        + conn.execute(
-            "DELETE FROM send_requests WHERE gen = ? AND created_at_us < ?", (gen, before_us)
-        ).rowcount
-    )
+    whole = conn.execute("DELETE FROM send_requests WHERE gen < ?", (gen,)).rowcount
+    part = conn.execute(
+        "DELETE FROM send_requests WHERE gen = ? AND created_at_us < ?", (gen, before_us)
+    ).rowcount
+    return whole + part
