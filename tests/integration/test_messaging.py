@@ -287,6 +287,16 @@ async def test_idempotency_survives_restart(server_with: ServerWith, tmp_path: o
         assert await send(c, conv, b"x", rid="r-restart") == first
         nxt = await send(c, conv, b"y")
         assert nxt.seq == first.seq + 1  # dense across restarts, no reuse
+        second = await send(c, conv, b"z", rid="r-second")  # a new generation of keys
+        await c.close()
+    # Once more: each retry is found in storage, in its own generation (SQLite keys
+    # them by generation first, and every start begins a new one: migration 0008).
+    async with running_server(__import__("pathlib").Path(data_dir)) as srv3:
+        c = await device(srv3, w.accounts["alice"])
+        assert await send(c, conv, b"z", rid="r-second") == second
+        assert await send(c, conv, b"x", rid="r-restart") == first
+        assert (await send(c, conv, b"w")).seq == second.seq + 1
+        assert srv3.app.services.delivery.requests.storage_checks == 2
         await c.close()
 
 
