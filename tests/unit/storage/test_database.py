@@ -255,6 +255,32 @@ async def test_0007_moves_cursors_and_delivered_positions_into_one_table(
         await db.close()
 
 
+async def test_0008_keeps_every_idempotency_key_in_generation_zero(
+    tmp_path: Path, db_path: Path
+) -> None:
+    """A database made before 0008 keeps every stored key, now in generation 0 of a
+    table keyed by generation first, and the keys are still found and paged."""
+    db = await SqliteDatabase.open(db_path, migrations=_migrations_dir(tmp_path, {}, below=8))
+    assert db.schema_version == 7
+    keys = [(f"U{i % 3}", f"r{i}", f"E{i}", 1000 + i) for i in range(7)]
+    await db.write(lambda c: c.executemany("INSERT INTO send_requests VALUES (?, ?, ?, ?)", keys))
+    await db.close()
+
+    db = await SqliteDatabase.open(db_path)
+    try:
+        assert db.schema_version >= 8
+        rows = await db.read(
+            lambda c: sorted(tuple(r) for r in c.execute("SELECT * FROM send_requests"))
+        )
+        assert rows == sorted((0, *k) for k in keys)
+        found = await db.read(lambda c: msql.send_request_event_txn(c, "U1", "r4", 0))
+        assert found == ("E4", None)
+        page = await db.read(lambda c: msql.send_request_keys_txn(c, 1003, None, 100))
+        assert page == sorted((0, u, r, t) for u, r, _e, t in keys if t >= 1003)
+    finally:
+        await db.close()
+
+
 async def test_events_of_everyday_size_need_no_overflow_pages(db_path: Path) -> None:
     """Why 0006: a ~360-byte event fits in its 1 KiB leaf page. WITHOUT ROWID capped a cell
     at 231 bytes, so each such event also wrote an overflow page of its own."""
