@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from sovereign.storage._util import insert_rows, rows_in
 from sovereign.storage.database import Conn
-from sovereign.storage.engines import per_engine
+from sovereign.storage.engines import Engine, per_engine
 
 #: The ``cursors`` row whose device_id is this holds the user's delivered position in
 #: the conversation (device ids are never empty): it sits next to the cursors of the
@@ -49,34 +49,35 @@ _INSERT_SEND_REQUEST = per_engine(
         " created_at_us = excluded.created_at_us"
     )
 )
-# The start-up load's pages, in each engine's key order (keyset paging): the first
-# page by engine (True: SQLite), then the pages after a key.
-_KEYS_FIRST = {
-    True: "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
-    " WHERE created_at_us >= ? ORDER BY gen, user_id, request_id LIMIT ?",
-    False: "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
-    " WHERE created_at_us >= ? ORDER BY user_id, request_id LIMIT ?",
-}
-_KEYS_AFTER_SQLITE = (
-    "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
-    " WHERE (gen, user_id, request_id) > (?, ?, ?) AND created_at_us >= ?"
-    " ORDER BY gen, user_id, request_id LIMIT ?"
-)
-_KEYS_AFTER_POSTGRES = (
-    "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
-    " WHERE (user_id, request_id) > (?, ?) AND created_at_us >= ?"
-    " ORDER BY user_id, request_id LIMIT ?"
-)
-_SEND_REQUEST_EVENT = per_engine(
-    lambda e: (
-        e.send_request_gens()[0]
-        + "SELECT r.event_id, e.payload FROM "
-        + e.send_request_gens()[1]
-        + " LEFT JOIN events e ON e.event_id = r.event_id"
+
+
+# The start-up load's pages, in each engine's key order (keyset paging): the first page,
+# then the pages after a key (as many parameters as the engine's key has columns).
+def _keys_sql(engine: Engine, after: bool) -> str:
+    key = engine.send_request_key()
+    marks = ", ".join("?" * len(key.split(",")))
+    where = f"({key}) > ({marks}) AND " if after else ""
+    return (
+        "SELECT gen, user_id, request_id, created_at_us FROM send_requests"
+        f" WHERE {where}created_at_us >= ? ORDER BY {key} LIMIT ?"
+    )
+
+
+_KEYS_FIRST = per_engine(lambda e: _keys_sql(e, after=False))
+_KEYS_AFTER = per_engine(lambda e: _keys_sql(e, after=True))
+
+
+def _send_request_event_sql(engine: Engine) -> str:
+    with_gens, rows = engine.send_request_gens()
+    return (
+        f"{with_gens}SELECT r.event_id, e.payload FROM {rows}"
+        " LEFT JOIN events e ON e.event_id = r.event_id"
         " WHERE r.user_id = ? AND r.request_id = ? AND r.created_at_us >= ?"
         " ORDER BY r.created_at_us DESC LIMIT 1"
     )
-)
+
+
+_SEND_REQUEST_EVENT = per_engine(_send_request_event_sql)
 # Retention also records the head it removed: once a conversation's newest events are
 # gone, the conversations row is where its last seq and timestamp survive (see
 # load_conversations_txn).
@@ -469,11 +470,10 @@ def send_request_keys_txn(
     index). The primary key differs per engine (:meth:`SqliteEngine.send_request_key`),
     so the page's order and ``after``'s comparison do too."""
     if after is None:
-        cur = conn.execute(_KEYS_FIRST[_is_sqlite(conn)], (since_us, limit))
-    elif _is_sqlite(conn):
-        cur = conn.execute(_KEYS_AFTER_SQLITE, (*after, since_us, limit))
+        cur = conn.execute(_KEYS_FIRST, (since_us, limit))
     else:
-        cur = conn.execute(_KEYS_AFTER_POSTGRES, (after[1], after[2], since_us, limit))
+        key = after if _is_sqlite(conn) else after[1:]  # PostgreSQL's key has no gen
+        cur = conn.execute(_KEYS_AFTER, (*key, since_us, limit))
     return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in cur]
 
 
