@@ -60,6 +60,17 @@ class Person:
         return self.page.locator("#messages .msg .text").all_inner_texts()
 
 
+# Re-renders the page while the client wipes its storage, as any event arriving then
+# would: the client drops its session before that wipe, so the sign-in page is built
+# during it, and the notice of why must already be there (later renders only update it).
+RENDER_DURING_WIPE = """() => {
+  const clear = IDBObjectStore.prototype.clear;
+  IDBObjectStore.prototype.clear = function () {
+    window.dispatchEvent(new HashChangeEvent("hashchange"));
+    return clear.call(this);
+  };
+}"""
+
 DROP_GROUP_STATE = """async () => {
   const db = await new Promise((ok, no) => {
     const r = indexedDB.open("sovereign", 1);
@@ -268,6 +279,7 @@ def _scenario(browser: Browser, server: WebServer, people: list[Person]) -> None
     alice.page.get_by_role("link", name="Devices").click()
     expect(alice.page.locator("#device-list .device")).to_have_count(2, timeout=MLS_TIMEOUT)
     alice.shot("08-devices")
+    alice2.page.evaluate(RENDER_DURING_WIPE)
     alice.page.once("dialog", lambda d: d.accept())
     alice.page.get_by_role("button", name="Revoke device").click()
     expect(alice2.page.locator("#notice")).to_have_text(

@@ -221,6 +221,9 @@ export class App {
   }
 
   private async forget(notice: string): Promise<void> {
+    // The notice first: once the session is dropped below, any render (another event's,
+    // during the await) builds the sign-in page, and later renders only update it.
+    this.notice = notice;
     this.stopped = true;
     clearInterval(this.pingTimer);
     this.conn?.close();
@@ -231,7 +234,6 @@ export class App {
     this.outbox.clear();
     this.buffers.clear();
     await store.clearAll();
-    this.notice = notice;
     this.setState("signed-out");
   }
 
