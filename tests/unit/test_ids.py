@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 from ulid import ULID
 
 from sovereign.services import ids
@@ -36,3 +37,18 @@ def test_encoding_matches_the_reference_for_random_values() -> None:
 def test_floor_sorts_before_every_id_of_that_millisecond() -> None:
     ms = int(time.time() * 1000) + 10_000  # in the future: new_ulid(ms) starts a fresh ms
     assert ids.ulid_floor(ms) < ids.new_ulid(ms) < ids.ulid_floor(ms + 1)
+
+
+def test_ids_start_after_a_stored_id_even_with_the_clock_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ids, "_state", [0, 0])  # this process's state, restored after
+    now_ms = int(time.time() * 1000)
+    stored = str(ULID.from_timestamp((now_ms + 60_000) / 1000))  # a minute ahead
+    ids.start_after(stored)
+    behind = ids.new_ulid(now_ms)
+    assert behind > stored and ULID.from_str(behind).milliseconds == now_ms + 60_000
+    ids.start_after(ids.encode(0))  # an older id moves nothing back
+    assert ids.new_ulid(now_ms) > behind
+    ids.start_after("")  # an empty database
+    assert ids.new_ulid() > behind

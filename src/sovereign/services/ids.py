@@ -86,6 +86,24 @@ def new_ulid(now_ms: int | None = None) -> str:
     return _time_prefix(ms) + _random_part(rand)
 
 
+def start_after(ulid: str) -> None:
+    """Make every id this process makes from now on sort after ``ulid`` (the newest
+    stored event id, at start-up), even if the clock is now behind it: idempotency
+    keys not yet folded into ``send_requests`` are found as the events after a stored
+    id (storage/messaging.py, fold_send_requests_txn)."""
+    if not ulid:
+        return
+    value = int(ulid.translate(_TO_BASE32), 32)
+    ms, rand = value >> 80, value & ((1 << 80) - 1)
+    if (ms, rand) > (_state[0], _state[1]):
+        _state[0] = ms
+        _state[1] = rand
+
+
+# Crockford's alphabet -> int(..., 32)'s digits 0-9a-v (ULIDs have no I, L, O, U).
+_TO_BASE32 = str.maketrans(_ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+
+
 def ulid_floor(ms: int) -> str:
     """The smallest ULID of millisecond ``ms`` (for range deletes)."""
     return encode(ms << 80)
