@@ -31,6 +31,7 @@ from sovereign.codec.payloads import MessageAck, MessageSend
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
+from sovereign.services import ids
 from sovereign.services.eventlog import Conv, Event, EventInfo, EventLog, Op
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
@@ -259,6 +260,8 @@ class DeliveryService:
         self.writer = DeliveryWriter(db, outbox, clock, eventlog, ride_s)
         #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
         self.requests = SendRequests()
+        #: The last fold of keys into storage (SQLite on one node; tests settle on it).
+        self.fold_write: asyncio.Future[int] | None = None
         self.syncing: set[Session] = set()
         #: Called as the sync's last write is made, after presence: frames to end it
         #: with (the MLS service's MLS_KEY_PACKAGE_LOW, when it can tell without a read).
@@ -290,6 +293,13 @@ class DeliveryService:
             if len(rows) < LOAD_PAGE:
                 break
             after = rows[-1][:3]
+        requests = self.requests
+        requests.fold = self.db.engine_name == "sqlite" and not self.eventlog.clustered
+        if requests.fold:
+            unfolded, newest = await self.db.read(sql.unfolded_send_requests_txn)
+            ids.start_after(newest)
+            requests.load_unfolded(unfolded)
+            total += len(unfolded)
         log.info("loaded %d idempotency keys", total)
 
     async def stop(self) -> None:
@@ -355,8 +365,13 @@ class DeliveryService:
                 ErrorCode.MESSAGE_TOO_LARGE, "encrypted_payload exceeds max_message_size_bytes"
             )
         if rid and requests.maybe_stored(key):
-            # Older than the recent tier (or a filter false positive): one storage read.
-            self.tasks.spawn(s, rid, self._send_checked(s, rid, req, conv))
+            # Older than the recent tier (or a filter false positive): in memory if its
+            # key is not folded yet, else one storage read.
+            event_id = requests.unfolded_event(key, self.clock.now_us())
+            if event_id is not None:
+                self.tasks.spawn(s, rid, self._replay_send(s, rid, event_id))
+            else:
+                self.tasks.spawn(s, rid, self._send_checked(s, rid, req, conv))
             return
         self._send_now(s, rid, req, conv)
 
@@ -453,7 +468,12 @@ class DeliveryService:
         if rid:
             gen = requests.begin(key, op, ev.ts_us)
             op.on_undo(partial(requests.undo, key))
-            if self.eventlog.clustered:
+            ev.request_id = rid
+            if requests.fold:
+                # The key rides in the event row; full generations are folded.
+                if gen != requests.collecting:
+                    self._fold(requests.start_fold(gen))
+            elif self.eventlog.clustered:
                 # The database decides (another node may hold the same request_id).
                 since = ev.ts_us - IDEMPOTENCY_US
                 op.guard = csql.SendClaim(user_id, rid, ev.event_id, ev.ts_us, since)
@@ -470,6 +490,25 @@ class DeliveryService:
             self.publish(ev, s)
 
         self.submit(s, rid, op, finish, "could not store the message")
+
+    def _fold(self, gen: int | None) -> None:
+        """Copy the keys of the sends stored since the last fold into ``send_requests``
+        as generation ``gen`` (None: a fold is in flight, and the next one takes them).
+        Not durable on its own: it commits with the next event batch, and if a crash
+        loses it the keys are still in their event rows, after the fold's mark."""
+        if gen is None:
+            return
+        requests = self.requests
+        fut = self.db.submit(partial(sql.fold_send_requests_txn, gen=gen), durable=False)
+        self.fold_write = fut
+
+        def done(f: asyncio.Future[int]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                log.warning("folding idempotency keys failed (kept in memory): %s", exc)
+            requests.fold_done(not f.cancelled() and exc is None)
+
+        fut.add_done_callback(done)
 
     def purge_idempotency(self) -> None:
         """Forget request_ids older than the 24 h window (filters and recent keys)."""

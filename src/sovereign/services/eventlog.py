@@ -164,6 +164,7 @@ class Event:
         "info",
         "payload",
         "recipients",
+        "request_id",
         "sender_id",
         "seq",
         "ts_us",
@@ -182,6 +183,9 @@ class Event:
         self.payload = b""
         self.recipients: tuple[str, ...] = ()
         self.info: EventInfo | None = None
+        #: A MESSAGE_SEND's idempotency key's request_id, stored in the event row
+        #: (migration 0009).
+        self.request_id: str | None = None
 
     def record(self) -> EventInfo:
         """Its :class:`EventInfo`, made once (the recent window and the index share it)."""
@@ -201,6 +205,7 @@ class Event:
             self.sender_id,
             self.ts_us,
             self.payload,
+            self.request_id,
         )
 
 

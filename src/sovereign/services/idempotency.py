@@ -5,10 +5,16 @@ and stores nothing).
 Theory of operation
 -------------------
 The durable record is the ``send_requests`` table: (user_id, request_id) -> event id,
-written in the same transaction as the event, in the current *generation* (``gen``,
-raised every :data:`GEN_KEYS` keys and at each start). On SQLite the table's key leads
-with it, so the keys stored together share leaves whatever their request_ids
-(migration 0008). Memory only has to answer one question
+in *generations* (``gen``, raised every :data:`GEN_KEYS` keys and at each start). On
+SQLite the table's key leads with it (migration 0008), and on one node a send's key
+is first stored in its event row, in the event's own commit; when a generation is
+full, one statement copies the keys of the events after the *fold's mark* into
+``send_requests`` and moves the mark (migration 0009: ``fold_send_requests_txn``).
+Until that fold commits, the committed keys it has not copied are in memory
+(``unfolded``, ``folding``; read back from the event rows at start-up). PostgreSQL,
+and cluster mode, write the ``send_requests`` row in the event's transaction.
+
+Memory only has to answer one question
 fast, for every send: *could this key already be stored?* Almost always the answer is
 "certainly not" (a new message), and that must cost no storage read. Three tiers:
 
@@ -22,12 +28,13 @@ fast, for every send: *could this key already be stored?* Almost always the answ
    :data:`FILTER_BITS` bits per :data:`PERIOD_US` (12 h) of send time, at most
    ``IDEMPOTENCY_US / PERIOD_US + 1`` = 3 arrays. A filter has no false negatives: a
    key it has not seen was certainly not used in the window, so the send goes ahead
-   with no read. A key it may have seen (an older retry, or a false positive) costs
-   ONE storage read (``send_requests`` joined to the event; on SQLite one seek per
-   generation kept).
+   with no read. A key it may have seen (an older retry, or a false positive) is
+   looked up in ``unfolded`` / ``folding``, else costs ONE storage read
+   (``send_requests`` joined to the event; on SQLite one seek per generation kept).
 
 Memory is therefore fixed: 3 x FILTER_BITS / 8 bytes for the filters (6 MiB), plus
-RECENT_MAX small entries (~0.2 KB each, ~2 MB), whatever the traffic. What traffic
+RECENT_MAX small entries (~0.2 KB each, ~2 MB), plus up to about two generations of
+unfolded keys, whatever the traffic. What traffic
 changes is the filter's false-positive rate, so the share of new sends that pay one
 read (see docs/performance.md, "Memory bounds"). A restart rebuilds the filters from
 ``send_requests`` (keys only, in primary-key pages).
@@ -59,17 +66,16 @@ PERIOD_US = 12 * 3600 * 1_000_000
 #: Start-up: keys read from storage per page.
 LOAD_PAGE = 5000
 #: Keys per generation of the stored keys (SQLite keys ``send_requests`` by generation
-#: first, migration 0008). A generation's keys share a small range of leaves, so a
-#: checkpoint interval's keys write a few hundred pages, not one each; a storage check
-#: seeks once per generation in the table (measured here: ~0.3 ms for 100 generations,
-#: ~0.8 ms for 256, on a reader thread). Measured with uuid4 request_ids after a
-#: full-speed phase, 1,000 msgs/s: 19.4-22.4 -> 11.7-12.9 KB written per message
-#: (docs/performance.md).
-GEN_KEYS = 4096
+#: first, migration 0008). A generation's keys share a small range of leaves; on SQLite
+#: they are written together, sorted, by one fold (migration 0009), which holds the
+#: writer ~1.5-3 ms for 1,024 keys on a grown database here (7-14 ms for 4,096). A
+#: storage check seeks once per generation in the table (measured here: ~0.3 ms for 100
+#: generations, ~0.8 ms for 256, on a reader thread). See docs/performance.md.
+GEN_KEYS = 1024
 #: ...but no more than about this many generations in the window: with more keys than
 #: GEN_KEYS * MAX_GENS in the filters' periods, a new generation takes a share of them
-#: instead (a storage check stays under ~1 ms; the keys' locality fades with the size,
-#: towards what one key per random leaf cost before).
+#: instead (a storage check stays under ~1 ms; a fold takes longer, and where keys are
+#: stored with their events, as on PostgreSQL, their locality fades with the size).
 MAX_GENS = 256
 
 Key = tuple[str, str]  # (user_id, request_id)
@@ -123,6 +129,15 @@ class SendRequests:
         self.gen = 0
         self._gen_left = gen_keys
         self._counts: dict[int, int] = {}  # period number -> keys added in it
+        #: SQLite on one node (migration 0009): a send's key is stored in its event row
+        #: and folded into ``send_requests`` a generation at a time. Until then its
+        #: committed key is here (-> event id), as are, while a fold is in flight, the
+        #: keys that fold copies (``folding``).
+        self.fold = False
+        self.unfolded: dict[Key, str] = {}
+        self.folding: dict[Key, str] | None = None
+        #: The generation whose keys ``unfolded`` collects.
+        self.collecting = 0
         #: Counters for /metrics-style reporting and tests.
         self.storage_checks = 0
 
@@ -205,6 +220,50 @@ class SendRequests:
             recent.popitem(last=False)
         if self._watching and key in self._watching:
             self._committed[key] = event_id
+        if self.fold:
+            self.unfolded[key] = event_id
+
+    # -- folding (SQLite on one node) ---------------------------------------------------
+    def unfolded_event(self, key: Key, now_us: int) -> str | None:
+        """The event id of a committed send with this key whose key is not in
+        ``send_requests`` yet (not folded, or its fold not committed), or None."""
+        event_id = self.unfolded.get(key)
+        if event_id is None and self.folding is not None:
+            event_id = self.folding.get(key)
+        if event_id is not None and ulid_ms(event_id) * 1000 < now_us - self.window_us:
+            return None  # past the window: a new message
+        return event_id
+
+    def start_fold(self, gen: int) -> int | None:
+        """:meth:`begin` returned ``gen``, a generation after the one being collected:
+        returns the generation to fold the collected keys into (the fold copies every
+        event's key after the mark, so it takes any committed meanwhile too), or None
+        while a fold is in flight (the next one takes these keys as well)."""
+        done, self.collecting = self.collecting, gen
+        if self.folding is not None:
+            return None
+        self.folding, self.unfolded = self.unfolded, {}
+        return done
+
+    def fold_done(self, ok: bool) -> None:
+        """The fold committed (its keys are in ``send_requests``) or failed (they stay
+        in memory, and the next fold copies them from the events again)."""
+        folding, self.folding = self.folding, None
+        if not ok and folding:
+            folding.update(self.unfolded)
+            self.unfolded = folding
+
+    def load_unfolded(self, rows: list[tuple[str, str, str, int]]) -> None:
+        """Start-up, after :meth:`load_page`: (user_id, request_id, event_id, ts_us) of
+        stored sends whose keys were not folded yet, oldest first. The next fold takes
+        them into the generation new keys go to."""
+        unfolded = self.unfolded
+        for user_id, request_id, event_id, ts_us in rows:
+            key = (user_id, request_id)
+            self.add(key, ts_us)
+            unfolded[key] = event_id
+        self.collecting = self.gen
+        self._gen_left -= min(len(rows), self._gen_left)
 
     # -- storage checks -----------------------------------------------------------------
     def watch(self, key: Key) -> None:

@@ -50,6 +50,20 @@ _INSERT_SEND_REQUEST = per_engine(
     )
 )
 
+# A generation's keys, folded from the event rows after the mark (migration 0009), in
+# event order: a key used twice keeps the newer event, as the upsert above does.
+_FOLD_SEND_REQUESTS = per_engine(
+    lambda e: (
+        "INSERT INTO send_requests (gen, user_id, request_id, event_id, created_at_us)"
+        " SELECT ?, sender_id, request_id, event_id, ts_us FROM events"
+        " WHERE event_id > ? AND request_id IS NOT NULL ORDER BY event_id"
+        f" ON CONFLICT ({e.send_request_key()}) DO UPDATE SET"
+        " gen = excluded.gen, event_id = excluded.event_id,"
+        " created_at_us = excluded.created_at_us"
+    )
+)
+_FOLD_MARK = "SELECT event_id FROM send_request_folds WHERE id = 1"
+
 
 # The start-up load's pages, in each engine's key order (keyset paging): the first page,
 # then the pages after a key (as many parameters as the engine's key has columns).
@@ -119,8 +133,8 @@ class MemberRecord:
     left_seq: int | None = None
 
 
-#: (conversation_id, seq, event_id, type, sender_id, ts_us, payload)
-EventRow = tuple[str, int, str, int, str, int, bytes]
+#: (conversation_id, seq, event_id, type, sender_id, ts_us, payload, request_id)
+EventRow = tuple[str, int, str, int, str, int, bytes, str | None]
 #: (seq, event_id, type, sender_id, ts_us, payload)
 StoredEvent = tuple[int, str, int, str, int, bytes]
 #: (event_id, conversation_id, sender_id, ts_us, payload)
@@ -166,8 +180,9 @@ def load_conversations_txn(conn: Conn) -> tuple[list[ConversationRecord], list[M
 def insert_events_txn(conn: Conn, events: Sequence[EventRow]) -> None:
     insert_rows(
         conn,
-        "INSERT INTO events (conversation_id, seq, event_id, type, sender_id, ts_us, payload)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events"
+        " (conversation_id, seq, event_id, type, sender_id, ts_us, payload, request_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         events,
     )
 
@@ -241,6 +256,47 @@ def insert_send_requests_txn(conn: Conn, rows: Sequence[tuple[int, str, str, str
     same generation; in another generation it is a second row (migration 0008), and
     :func:`send_request_event_txn` takes the newer."""
     insert_rows(conn, _INSERT_SEND_REQUEST, rows)
+
+
+def fold_send_requests_txn(conn: Conn, gen: int) -> int:
+    """Copy the idempotency keys of the events after the fold's mark into
+    ``send_requests`` as generation ``gen``, and move the mark to the newest event;
+    returns how many keys were copied (SQLite, single node: migration 0009).
+
+    Exact by construction: one transaction reads the events it folds and sets the mark
+    to the newest of them, whatever the server's memory holds. Event ids only grow
+    (services/ids.py: monotonic, and started past the newest stored id), so every
+    event committed after this one is after the mark."""
+    row = conn.execute(_FOLD_MARK).fetchone()
+    mark = str(row[0]) if row else ""
+    newest = conn.execute("SELECT max(event_id) FROM events").fetchone()[0]
+    if newest is None or newest <= mark:
+        return 0
+    n = conn.execute(_FOLD_SEND_REQUESTS, (gen, mark)).rowcount
+    conn.execute(
+        "INSERT INTO send_request_folds (id, event_id) VALUES (1, ?)"
+        " ON CONFLICT (id) DO UPDATE SET event_id = excluded.event_id",
+        (newest,),
+    )
+    return int(n)
+
+
+def unfolded_send_requests_txn(conn: Conn) -> tuple[list[tuple[str, str, str, int]], str]:
+    """Start-up (SQLite, single node): (user_id, request_id, event_id, ts_us) of the
+    idempotent sends after the fold's mark, oldest first, and the newest stored event
+    id ("" if none), past which the server's new ids must start."""
+    row = conn.execute(_FOLD_MARK).fetchone()
+    mark = str(row[0]) if row else ""
+    rows = [
+        (str(r[0]), str(r[1]), str(r[2]), int(r[3]))
+        for r in conn.execute(
+            "SELECT sender_id, request_id, event_id, ts_us FROM events"
+            " WHERE event_id > ? AND request_id IS NOT NULL ORDER BY event_id",
+            (mark,),
+        )
+    ]
+    newest = conn.execute("SELECT max(event_id) FROM events").fetchone()[0]
+    return rows, "" if newest is None else str(newest)
 
 
 def insert_welcome_txn(
@@ -486,7 +542,7 @@ def send_request_event_txn(
 ) -> tuple[str, bytes | None] | None:
     """The stored send with this idempotency key within the window: (event id, its
     MessageReceive payload, None if retention removed the event), or None if the key is
-    not stored. SQLite seeks once per generation kept (one per 4,096 keys and per
+    not stored. SQLite seeks once per generation kept (one per 1,024 keys and per
     start, at most ~256 of the former: services/idempotency.py); PostgreSQL reads its
     unique key once."""
     row = conn.execute(_SEND_REQUEST_EVENT, (user_id, request_id, since_us)).fetchone()

@@ -44,10 +44,17 @@ COPY_ORDER: tuple[str, ...] = (
 #: in two generations, once it was used again after the 24 h window (migration 0008);
 #: PostgreSQL keeps one row per (user_id, request_id), and the newer is the one that
 #: counts (SQLite takes a bare column's value from the row that ``max`` picked).
+#: The keys not folded into send_requests yet are in their event rows, after the fold's
+#: mark (migration 0009): PostgreSQL, which does not fold, gets them as rows.
 _SOURCES = {
     "send_requests": "(SELECT gen, user_id, request_id, event_id, max(created_at_us)"
-    " AS created_at_us FROM send_requests GROUP BY user_id, request_id)",
+    " AS created_at_us FROM (SELECT gen, user_id, request_id, event_id, created_at_us"
+    " FROM send_requests UNION ALL SELECT 0, sender_id, request_id, event_id, ts_us"
+    " FROM events WHERE request_id IS NOT NULL AND event_id > coalesce((SELECT event_id"
+    " FROM send_request_folds WHERE id = 1), '')) GROUP BY user_id, request_id)",
 }
+#: Tables with nothing to copy: the fold's mark means nothing where every key is a row.
+NOT_COPIED = frozenset({"send_request_folds"})
 #: Rows per COPY round trip.
 CHUNK_ROWS = 5000
 #: Tables with an identity column whose sequence must move past the copied ids.
@@ -89,7 +96,7 @@ async def copy_to_postgres(
     src = sqlite3.connect(f"{sqlite_path.resolve().as_uri()}?mode=ro", uri=True)
     dst: asyncpg.Connection[Any] = await asyncpg.connect(dsn)
     try:
-        unknown = sqlite_tables(src) - set(COPY_ORDER)
+        unknown = sqlite_tables(src) - set(COPY_ORDER) - NOT_COPIED
         if unknown:
             raise MigrateError(f"tables this command does not know how to copy: {sorted(unknown)}")
         for table in COPY_ORDER:

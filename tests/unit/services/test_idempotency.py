@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -382,16 +383,34 @@ async def test_restart_rebuilds_the_filters_from_storage_in_pages(
     def gens(conn: Any) -> list[int]:
         return [int(g) for (g,) in conn.execute("SELECT DISTINCT gen FROM send_requests")]
 
+    def gen_ids(gen: int) -> Any:
+        def read(conn: Any) -> list[str]:
+            return [
+                str(r)
+                for (r,) in conn.execute(
+                    "SELECT request_id FROM send_requests WHERE gen = ? ORDER BY request_id",
+                    (gen,),
+                )
+            ]
+
+        return read
+
+    def unfolded_ids(conn: Any) -> list[str]:
+        return [request_id for _, request_id, _, _ in sql.unfolded_send_requests_txn(conn)[0]]
+
     data = tmp_path / "restart"
     async with harness_with(data_dir=data) as h:
         w = await build_world(h)
         originals = [await send_rid(h, w.a1, w.conv, f"p{i}") for i in range(7)]
-        assert await h.db.read(gens) == [0, 1, 2]
+        # Full generations are folded (p0-p2, then p3-p5); p6 is only in its event row.
+        assert await h.db.read(gens) == [0, 1]
+        assert await h.db.read(unfolded_ids) == ["p6"]
         clock = h.clock
     async with harness_with(data_dir=data, clock=clock) as h:
         r = h.delivery.requests
         assert r.recent == {} and r.filter_bytes > 0
-        assert r.gen == 3  # new keys start a generation after every stored one
+        assert r.gen == 2  # new keys start a generation after every stored one
+        assert list(r.unfolded) == [(w.alice.user_id, "p6")]  # read back from events
         a1 = await h.connect(w.alice)
         h.request(a1, T.MESSAGE_SEND, send_req(w.conv), "brand-new")
         await h.settle()
@@ -401,12 +420,69 @@ async def test_restart_rebuilds_the_filters_from_storage_in_pages(
         await h.settle()
         answers = {f.request_id: f.msg for f in h.outbox.take(a1) if f.request_id}
         assert [answers[f"p{i}"] for i in range(7)] == originals
-        assert r.storage_checks == 7
+        assert r.storage_checks == 6  # p6 was answered from memory
         assert await h.stored_seqs(w.conv) == list(range(1, 11))
-        assert await h.db.read(gens) == [0, 1, 2, 3]
+        # Two more new keys fill generation 2 (p6 counts in it) and start the next:
+        # the fold takes p6 from before the restart with the new ones.
+        await send_rid(h, a1, w.conv, "new-2")
+        await send_rid(h, a1, w.conv, "new-3")
+        assert await h.db.read(gens) == [0, 1, 2]
+        assert await h.db.read(gen_ids(2)) == ["brand-new", "new-2", "p6"]
+        assert await h.db.read(unfolded_ids) == ["new-3"]
 
 
 async def hold_writer(h: Harness, gate: Gate) -> asyncio.Future[str]:
     held = asyncio.ensure_future(h.db.write(gate.fn))
     await gate.wait_entered()
     return held
+
+
+async def test_a_failed_fold_keeps_its_keys_and_the_next_fold_takes_them(
+    harness_with: HarnessWith, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fold that does not commit (an error here; a crash before its commit leaves the
+    database the same) loses no key: they stay in memory, in their event rows after
+    the unmoved mark, and the next fold copies them."""
+    monkeypatch.setattr(idempotency_mod, "GEN_KEYS", 2)
+    real = sql.fold_send_requests_txn
+    calls: list[int] = []
+
+    def failing_once(conn: Any, gen: int) -> int:
+        calls.append(gen)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error (test)")
+        return real(conn, gen)
+
+    monkeypatch.setattr(sql, "fold_send_requests_txn", failing_once)
+
+    def stored(conn: Any) -> list[str]:
+        rows = conn.execute("SELECT request_id FROM send_requests ORDER BY request_id")
+        return [str(r) for (r,) in rows]
+
+    data = tmp_path / "fold"
+    async with harness_with(data_dir=data) as h:
+        w = await build_world(h)
+        r = h.delivery.requests
+        first = [await send_rid(h, w.a1, w.conv, f"p{i}") for i in range(3)]  # p2 folds p0-p1
+        assert calls == [0] and await h.db.read(stored) == []
+        assert r.folding is None and set(r.unfolded) >= {(w.alice.user_id, "p0")}
+        h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"again"), "p0")
+        await h.settle()
+        [again] = [f.msg for f in h.outbox.take(w.a1) if f.request_id == "p0"]
+        assert again == first[0] and r.storage_checks == 0
+        clock = h.clock
+    async with harness_with(data_dir=data, clock=clock) as h:  # the keys are read back
+        r = h.delivery.requests
+        assert {k[1] for k in r.unfolded} == {"p0", "p1", "p2"}
+        a1 = await h.connect(w.alice)
+        # They fill the generation (nothing was stored, so it is 0 again): the next new
+        # key starts another, and the fold takes them.
+        await send_rid(h, a1, w.conv, "p3")
+        assert calls == [0, 0]
+        assert await h.db.read(stored) == ["p0", "p1", "p2"]
+        assert {k[1] for k in r.unfolded} == {"p3"}
+        h.request(a1, T.MESSAGE_SEND, send_req(w.conv, b"again"), "p1")
+        await h.settle()
+        [again] = [f.msg for f in h.outbox.take(a1) if f.request_id == "p1"]
+        assert again == first[1] and r.storage_checks == 1  # found in send_requests
+        assert await h.stored_seqs(w.conv) == list(range(1, 3 + 4))

@@ -167,7 +167,11 @@ async def test_0006_keeps_every_event_and_drops_without_rowid(
         assert db.schema_version >= 6
         got = await db.read(
             lambda c: [
-                tuple(r) for r in c.execute("SELECT * FROM events ORDER BY conversation_id, seq")
+                tuple(r)
+                for r in c.execute(
+                    "SELECT conversation_id, seq, event_id, type, sender_id, ts_us, payload"
+                    " FROM events ORDER BY conversation_id, seq"
+                )
             ]
         )
         assert got == sorted(rows)
@@ -281,6 +285,46 @@ async def test_0008_keeps_every_idempotency_key_in_generation_zero(
         await db.close()
 
 
+async def test_0009_marks_the_stored_keys_folded(tmp_path: Path, db_path: Path) -> None:
+    """A database made before 0009 has every key in send_requests already: the fold's
+    mark starts at its newest event, so a start reads nothing back from event rows; a
+    new database has no mark and nothing to read."""
+    db = await SqliteDatabase.open(db_path, migrations=_migrations_dir(tmp_path, {}, below=9))
+    assert db.schema_version == 8
+
+    def fill(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO conversations (conversation_id, created_by, created_at_us)"
+            " VALUES ('01JCONVA', 'u', 0)"
+        )
+        conn.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", _event_rows(5, "01JCONVA")
+        )
+        conn.execute("INSERT INTO send_requests VALUES (0, 'U', 'r', 'E', 1000)")
+
+    await db.write(fill)
+    newest = await db.read(lambda c: c.execute("SELECT max(event_id) FROM events").fetchone()[0])
+    await db.close()
+
+    db = await SqliteDatabase.open(db_path)
+    try:
+        assert db.schema_version >= 9
+        assert await db.read(msql.unfolded_send_requests_txn) == ([], newest)
+        mark = await db.read(lambda c: c.execute("SELECT * FROM send_request_folds").fetchall())
+        assert [tuple(r) for r in mark] == [(1, newest)]
+        nulls = await db.read(
+            lambda c: c.execute("SELECT count(*) FROM events WHERE request_id IS NULL").fetchone()
+        )
+        assert nulls[0] == 5
+    finally:
+        await db.close()
+    fresh = await SqliteDatabase.open(tmp_path / "fresh.db")
+    try:
+        assert await fresh.read(msql.unfolded_send_requests_txn) == ([], "")
+    finally:
+        await fresh.close()
+
+
 async def test_events_of_everyday_size_need_no_overflow_pages(db_path: Path) -> None:
     """Why 0006: a ~360-byte event fits in its 1 KiB leaf page. WITHOUT ROWID capped a cell
     at 231 bytes, so each such event also wrote an overflow page of its own."""
@@ -292,7 +336,9 @@ async def test_events_of_everyday_size_need_no_overflow_pages(db_path: Path) -> 
             " VALUES ('01JCONVA', 'u', 0)"
         )
         conn.executemany(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", _event_rows(200, "01JCONVA")
+            "INSERT INTO events (conversation_id, seq, event_id, type, sender_id, ts_us, payload)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            _event_rows(200, "01JCONVA"),
         )
 
     def pages(conn: sqlite3.Connection) -> dict[str, int]:

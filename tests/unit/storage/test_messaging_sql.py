@@ -63,7 +63,7 @@ async def test_device_cursors_start_once(db: Database) -> None:
 
 async def test_purge_only_raises_purged_seq(db: Database) -> None:
     await db.write(_conv)
-    rows = [("c1", seq, f"E{seq:02d}", 1, "u1", seq, b"x") for seq in range(1, 6)]
+    rows = [("c1", seq, f"E{seq:02d}", 1, "u1", seq, b"x", None) for seq in range(1, 6)]
     await db.write(lambda c: m.insert_events_txn(c, rows))
     assert await db.write(lambda c: m.purge_events_txn(c, "E04")) == {"c1": 3}
     assert await db.write(lambda c: m.purge_events_txn(c, "E02")) == {}  # nothing left below
@@ -74,7 +74,7 @@ async def test_purge_only_raises_purged_seq(db: Database) -> None:
     assert await db.read(purged_seq) == 3
     # Retention never lowers it, e.g. below a position set by an earlier, wider purge.
     await db.write(lambda c: c.execute("UPDATE conversations SET purged_seq = 20"))
-    await db.write(lambda c: m.insert_events_txn(c, [("c1", 12, "E00", 1, "u1", 12, b"x")]))
+    await db.write(lambda c: m.insert_events_txn(c, [("c1", 12, "E00", 1, "u1", 12, b"x", None)]))
     assert await db.write(lambda c: m.purge_events_txn(c, "E01")) == {"c1": 12}
     assert await db.read(purged_seq) == 20
 
@@ -86,7 +86,7 @@ async def test_a_stored_key_is_found_in_any_generation_within_the_window(db: Dat
     await db.write(_conv)
     await db.write(
         lambda c: m.insert_events_txn(
-            c, [("c1", s, f"E{s}", 1, "u1", 1000 + s, b"p%d" % s) for s in (1, 2, 3)]
+            c, [("c1", s, f"E{s}", 1, "u1", 1000 + s, b"p%d" % s, None) for s in (1, 2, 3)]
         )
     )
     rows = [(g, "u1", f"r{g}", f"E{g + 1}", 1000 + g) for g in range(3)]
@@ -166,3 +166,53 @@ async def test_purge_deletes_the_keys_stored_before_the_cutoff_and_no_other(
     assert await db.write(lambda c: m.purge_send_requests_txn(c, 10_000)) == 3
     assert await db.read(left) == []
     assert await db.write(lambda c: m.purge_send_requests_txn(c, 10_000)) == 0
+
+
+# -- keys in event rows, folded a generation at a time (migration 0009) --------------------
+
+
+def _send(seq: int, event_id: str, rid: str | None, user: str = "u1") -> m.EventRow:
+    return ("c1", seq, event_id, 1, user, 1000 + seq, b"p%d" % seq, rid)
+
+
+def _stored(conn: Conn) -> list[tuple[object, ...]]:
+    return sorted(
+        tuple(r)
+        for r in conn.execute(
+            "SELECT gen, user_id, request_id, event_id, created_at_us FROM send_requests"
+        )
+    )
+
+
+async def test_a_fold_copies_the_keys_after_its_mark_once(db: Database) -> None:
+    await db.write(_conv)
+    await db.write(
+        lambda c: m.insert_events_txn(
+            c, [_send(1, "E1", "a"), _send(2, "E2", None), _send(3, "E3", "b", "u2")]
+        )
+    )
+    assert await db.read(m.unfolded_send_requests_txn) == (
+        [("u1", "a", "E1", 1001), ("u2", "b", "E3", 1003)],
+        "E3",
+    )
+    assert await db.write(lambda c: m.fold_send_requests_txn(c, 4)) == 2
+    assert await db.read(_stored) == [(4, "u1", "a", "E1", 1001), (4, "u2", "b", "E3", 1003)]
+    assert await db.read(m.unfolded_send_requests_txn) == ([], "E3")
+    assert await db.write(lambda c: m.fold_send_requests_txn(c, 5)) == 0  # nothing new
+    # Events after the mark (a newer one without a key still moves it).
+    await db.write(lambda c: m.insert_events_txn(c, [_send(4, "E4", "c"), _send(5, "E5", None)]))
+    assert await db.read(m.unfolded_send_requests_txn) == ([("u1", "c", "E4", 1004)], "E5")
+    assert await db.write(lambda c: m.fold_send_requests_txn(c, 5)) == 1
+    assert (await db.read(_stored))[-1] == (5, "u1", "c", "E4", 1004)
+    assert await db.read(m.unfolded_send_requests_txn) == ([], "E5")
+    # Folded keys are found as every stored key is.
+    assert await db.read(lambda c: m.send_request_event_txn(c, "u2", "b", 0)) == ("E3", b"p3")
+
+
+async def test_a_key_used_twice_before_its_fold_keeps_the_newer_event(db: Database) -> None:
+    if db.engine_name != "sqlite":
+        return  # PostgreSQL does not fold (one upsert may not meet a key twice there)
+    await db.write(_conv)
+    await db.write(lambda c: m.insert_events_txn(c, [_send(1, "E1", "k"), _send(2, "E2", "k")]))
+    assert await db.write(lambda c: m.fold_send_requests_txn(c, 0)) == 2  # two upserts
+    assert await db.read(_stored) == [(0, "u1", "k", "E2", 1002)]
