@@ -466,39 +466,36 @@ class DeliveryService:
         requests = self.requests
         key = (user_id, rid)
         if rid:
-            gen = requests.begin(key, op, ev.ts_us)
+            requests.begin(key, op, ev.ts_us)
             op.on_undo(partial(requests.undo, key))
+            # In the event row; on SQLite with one node its only record until a fold
+            # copies it (requests.fold), elsewhere with a send_requests row as well.
             ev.request_id = rid
-            if requests.fold:
-                # The key rides in the event row; full generations are folded.
-                if gen != requests.collecting:
-                    self._fold(requests.start_fold(gen))
-            elif self.eventlog.clustered:
+            if self.eventlog.clustered:
                 # The database decides (another node may hold the same request_id).
                 since = ev.ts_us - IDEMPOTENCY_US
                 op.guard = csql.SendClaim(user_id, rid, ev.event_id, ev.ts_us, since)
                 op.conflict = lambda verdict: self._answer_original(s, rid, verdict)
-            else:
-                op.send_request = (gen, user_id, rid, ev.event_id, ev.ts_us)
+            elif not requests.fold:
+                op.send_request = (requests.next_gen(), user_id, rid, ev.event_id, ev.ts_us)
         outbox = self.outbox
 
         def finish() -> None:
-            if rid:
-                requests.committed(key, ev.event_id)
+            if rid and requests.committed(key, ev.event_id):
+                self._fold()
             self.state.index(ev)
             outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, ev.payload)  # the echo = response
             self.publish(ev, s)
 
         self.submit(s, rid, op, finish, "could not store the message")
 
-    def _fold(self, gen: int | None) -> None:
+    def _fold(self) -> None:
         """Copy the keys of the sends stored since the last fold into ``send_requests``
-        as generation ``gen`` (None: a fold is in flight, and the next one takes them).
-        Not durable on its own: it commits with the next event batch, and if a crash
-        loses it the keys are still in their event rows, after the fold's mark."""
-        if gen is None:
-            return
+        (SQLite, one node: migration 0009). Not durable on its own: it commits with the
+        next event batch, and if a crash loses it the keys are still in their event
+        rows, after the fold's mark."""
         requests = self.requests
+        gen = requests.start_fold()
         fut = self.db.submit(partial(sql.fold_send_requests_txn, gen=gen), durable=False)
         self.fold_write = fut
 
@@ -506,7 +503,7 @@ class DeliveryService:
             exc = None if f.cancelled() else f.exception()
             if exc is not None:
                 log.warning("folding idempotency keys failed (kept in memory): %s", exc)
-            requests.fold_done(not f.cancelled() and exc is None)
+            requests.fold_done(None if f.cancelled() or exc is not None else f.result())
 
         fut.add_done_callback(done)
 

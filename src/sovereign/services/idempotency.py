@@ -7,9 +7,9 @@ Theory of operation
 The durable record is the ``send_requests`` table: (user_id, request_id) -> event id,
 in *generations* (``gen``, raised every :data:`GEN_KEYS` keys and at each start). On
 SQLite the table's key leads with it (migration 0008), and on one node a send's key
-is first stored in its event row, in the event's own commit; when a generation is
-full, one statement copies the keys of the events after the *fold's mark* into
-``send_requests`` and moves the mark (migration 0009: ``fold_send_requests_txn``).
+is first stored in its event row, in the event's own commit; every :data:`GEN_KEYS`
+committed keys, one statement copies the keys of the events after the *fold's mark*
+into ``send_requests`` and moves the mark (migration 0009: ``fold_send_requests_txn``).
 Until that fold commits, the committed keys it has not copied are in memory
 (``unfolded``, ``folding``; read back from the event rows at start-up). PostgreSQL,
 and cluster mode, write the ``send_requests`` row in the event's transaction.
@@ -67,8 +67,8 @@ PERIOD_US = 12 * 3600 * 1_000_000
 LOAD_PAGE = 5000
 #: Keys per generation of the stored keys (SQLite keys ``send_requests`` by generation
 #: first, migration 0008). A generation's keys share a small range of leaves; on SQLite
-#: they are written together, sorted, by one fold (migration 0009), which holds the
-#: writer ~1.5-3 ms for 1,024 keys on a grown database here (7-14 ms for 4,096). A
+#: they are written together, sorted, by a fold of this many keys (migration 0009),
+#: which holds the writer ~1.5-3 ms on a grown database here (7-14 ms for 4,096). A
 #: storage check seeks once per generation in the table (measured here: ~0.3 ms for 100
 #: generations, ~0.8 ms for 256, on a reader thread). See docs/performance.md.
 GEN_KEYS = 1024
@@ -136,8 +136,7 @@ class SendRequests:
         self.fold = False
         self.unfolded: dict[Key, str] = {}
         self.folding: dict[Key, str] | None = None
-        #: The generation whose keys ``unfolded`` collects.
-        self.collecting = 0
+        self._gen_filled = 0  # keys folded into generation ``gen`` so far
         #: Counters for /metrics-style reporting and tests.
         self.storage_checks = 0
 
@@ -182,15 +181,19 @@ class SendRequests:
         i = (i + step) & mask
         bits[i >> 3] |= 1 << (i & 7)
 
-    def begin(self, key: Key, op: Op, ts_us: int) -> int:
-        """A new send with ``key`` is queued for commit (``op``); returns the generation
-        to store the key in."""
-        self.pending[key] = op
+    def next_gen(self) -> int:
+        """The generation to store a new key's row in (PostgreSQL, cluster mode: a row per
+        send); a new one every :meth:`_gen_size` keys. Folds count their own."""
         if self._gen_left:
             self._gen_left -= 1
         else:
             self.gen += 1
             self._gen_left = self._gen_size() - 1
+        return self.gen
+
+    def begin(self, key: Key, op: Op, ts_us: int) -> None:
+        """A new send with ``key`` is queued for commit (``op``)."""
+        self.pending[key] = op
         # add(key, ts_us), inlined: this runs once per send.
         p = ts_us // self.period_us
         counts = self._counts
@@ -205,14 +208,14 @@ class SendRequests:
         bits[i >> 3] |= 1 << (i & 7)
         i = (i + step) & mask
         bits[i >> 3] |= 1 << (i & 7)
-        return self.gen
 
     def undo(self, key: Key) -> None:
         """Its commit failed: the key was not spent (its filter bits stay: harmless)."""
         self.pending.pop(key, None)
 
-    def committed(self, key: Key, event_id: str) -> None:
-        """Its commit succeeded: remember the event id among the recent keys."""
+    def committed(self, key: Key, event_id: str) -> bool:
+        """Its commit succeeded: remember the event id among the recent keys (and, when
+        folding, among the unfolded ones). True when a fold is due: :meth:`start_fold`."""
         self.pending.pop(key, None)
         recent = self.recent
         recent[key] = event_id
@@ -221,7 +224,10 @@ class SendRequests:
         if self._watching and key in self._watching:
             self._committed[key] = event_id
         if self.fold:
-            self.unfolded[key] = event_id
+            unfolded = self.unfolded
+            unfolded[key] = event_id
+            return len(unfolded) >= self.gen_keys and self.folding is None
+        return False
 
     # -- folding (SQLite on one node) ---------------------------------------------------
     def unfolded_event(self, key: Key, now_us: int) -> str | None:
@@ -234,24 +240,30 @@ class SendRequests:
             return None  # past the window: a new message
         return event_id
 
-    def start_fold(self, gen: int) -> int | None:
-        """:meth:`begin` returned ``gen``, a generation after the one being collected:
-        returns the generation to fold the collected keys into (the fold copies every
-        event's key after the mark, so it takes any committed meanwhile too), or None
-        while a fold is in flight (the next one takes these keys as well)."""
-        done, self.collecting = self.collecting, gen
-        if self.folding is not None:
-            return None
+    def start_fold(self) -> int:
+        """:data:`GEN_KEYS` keys were committed since the last fold: returns the
+        generation to fold them into. The fold copies every event's key after the mark,
+        so it also takes any committed since this call; until it commits its keys are
+        in ``folding``. A generation takes folds until it holds :meth:`_gen_size` keys
+        (one fold at everyday load; with many keys in the window, a few, each bounded
+        by GEN_KEYS keys: a fold holds the writer)."""
         self.folding, self.unfolded = self.unfolded, {}
-        return done
+        return self.gen
 
-    def fold_done(self, ok: bool) -> None:
-        """The fold committed (its keys are in ``send_requests``) or failed (they stay
-        in memory, and the next fold copies them from the events again)."""
+    def fold_done(self, copied: int | None) -> None:
+        """The fold committed, having copied ``copied`` keys (they are in
+        ``send_requests`` now), or failed (None: they stay in memory, and the next fold
+        copies them from the events again)."""
         folding, self.folding = self.folding, None
-        if not ok and folding:
-            folding.update(self.unfolded)
-            self.unfolded = folding
+        if copied is None:
+            if folding:
+                folding.update(self.unfolded)
+                self.unfolded = folding
+            return
+        self._gen_filled += copied
+        if self._gen_filled >= self._gen_size():
+            self.gen += 1
+            self._gen_filled = 0
 
     def load_unfolded(self, rows: list[tuple[str, str, str, int]]) -> None:
         """Start-up, after :meth:`load_page`: (user_id, request_id, event_id, ts_us) of
@@ -262,8 +274,6 @@ class SendRequests:
             key = (user_id, request_id)
             self.add(key, ts_us)
             unfolded[key] = event_id
-        self.collecting = self.gen
-        self._gen_left -= min(len(rows), self._gen_left)
 
     # -- storage checks -----------------------------------------------------------------
     def watch(self, key: Key) -> None:

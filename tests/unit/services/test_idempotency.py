@@ -70,13 +70,19 @@ def test_recent_tier_keeps_the_newest_keys_and_lets_the_oldest_go() -> None:
     assert all(r.maybe_stored(key(i)) for i in range(5))
 
 
+def row_gen(r: SendRequests, k: tuple[str, str], ts_us: int) -> int:
+    """A send stored with its own send_requests row: the generation of that row."""
+    r.begin(k, Op(), ts_us)
+    return r.next_gen()
+
+
 def test_keys_go_to_generations_of_gen_keys_and_a_restart_starts_a_new_one() -> None:
     r = SendRequests(gen_keys=3)
-    assert [r.begin(key(i), Op(), T0 + i) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    assert [row_gen(r, key(i), T0 + i) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
     loaded = SendRequests(gen_keys=3)
     loaded.load_page([(4, "u1", "a", T0), (2, "u2", "b", T0)])
     loaded.load_page([(1, "u1", "c", T0)])  # a later page of lower generations
-    assert [loaded.begin(key(i), Op(), T0) for i in range(4)] == [5, 5, 5, 6]
+    assert [row_gen(loaded, key(i), T0) for i in range(4)] == [5, 5, 5, 6]
     assert all(loaded.maybe_stored(k) for k in [("u1", "a"), ("u2", "b"), ("u1", "c")])
     with pytest.raises(ValueError):
         SendRequests(gen_keys=0)
@@ -86,15 +92,44 @@ def test_with_many_keys_in_the_window_generations_grow_and_shrink_again() -> Non
     r = SendRequests(gen_keys=2, max_gens=3, period_us=PERIOD_US, window_us=IDEMPOTENCY_US)
     r.load_page([(0, "u0", f"old{i}", T0) for i in range(12)])  # 12 keys: 4 per generation
     assert r.gen == 1
-    gens = [r.begin(key(i), Op(), T0 + i) for i in range(10)]
+    gens = [row_gen(r, key(i), T0 + i) for i in range(10)]
     # 16 keys counted when generation 2 starts: 5 each; 21 when generation 3 does: 7.
     assert gens == [1] * 4 + [2] * 5 + [3]
     # A day later the keys counted then have left the window: 2 per generation again
     # once generation 3 is full.
     later = T0 + IDEMPOTENCY_US + 2 * PERIOD_US
     r.purge(later)
-    gens = [r.begin(key(100 + i), Op(), later + i) for i in range(10)]
+    gens = [row_gen(r, key(100 + i), later + i) for i in range(10)]
     assert gens == [3] * 6 + [4, 4, 5, 5]
+
+
+def test_folds_come_every_gen_keys_and_fill_a_generation_to_its_size() -> None:
+    r = SendRequests(gen_keys=2, max_gens=3)
+    r.fold = True
+    r.load_page([(0, "u0", f"old{i}", T0) for i in range(12)])
+    assert r.gen == 1
+
+    def commit(i: int) -> bool:
+        r.begin(key(i), Op(), T0 + i)
+        return r.committed(key(i), ulid_at(T0 // 1000 + i))
+
+    assert [commit(0), commit(1)] == [False, True]
+    assert r.start_fold() == 1 and set(r.folding or ()) == {key(0), key(1)}
+    assert r.unfolded_event(key(0), T0) is not None  # found while its fold is in flight
+    assert [commit(2), commit(3)] == [False, False]  # one fold at a time
+    r.fold_done(2)
+    # 16 keys counted in the window: 16 // 3 = 5 per generation; 2 folded so far.
+    assert r.gen == 1 and r.folding is None
+    assert r.unfolded_event(key(0), T0) is None and r.unfolded_event(key(3), T0) is not None
+    assert commit(4)
+    assert r.start_fold() == 1
+    r.fold_done(3)
+    assert r.gen == 2  # 5 keys folded into generation 1: the next starts
+    assert commit(5) is False and commit(6) is True
+    r.start_fold()
+    r.fold_done(None)  # failed: its keys are back, with those committed meanwhile
+    assert set(r.unfolded) == {key(5), key(6)} and r.gen == 2
+    assert r.unfolded_event(key(5), T0 + IDEMPOTENCY_US + 10_000_000) is None  # too old
 
 
 def test_a_pending_key_is_never_evicted_and_a_failed_commit_forgets_it() -> None:
@@ -440,20 +475,21 @@ async def hold_writer(h: Harness, gate: Gate) -> asyncio.Future[str]:
 async def test_a_failed_fold_keeps_its_keys_and_the_next_fold_takes_them(
     harness_with: HarnessWith, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fold that does not commit (an error here; a crash before its commit leaves the
-    database the same) loses no key: they stay in memory, in their event rows after
-    the unmoved mark, and the next fold copies them."""
+    """Folds that do not commit (an error here; a crash before a fold's commit leaves
+    the database the same) lose no key: they stay in memory, in their event rows after
+    the unmoved mark, a restart reads them back, and the next fold copies them."""
     monkeypatch.setattr(idempotency_mod, "GEN_KEYS", 2)
     real = sql.fold_send_requests_txn
     calls: list[int] = []
+    failing = [True]
 
-    def failing_once(conn: Any, gen: int) -> int:
+    def fold(conn: Any, gen: int) -> int:
         calls.append(gen)
-        if len(calls) == 1:
+        if failing[0]:
             raise sqlite3.OperationalError("disk I/O error (test)")
         return real(conn, gen)
 
-    monkeypatch.setattr(sql, "fold_send_requests_txn", failing_once)
+    monkeypatch.setattr(sql, "fold_send_requests_txn", fold)
 
     def stored(conn: Any) -> list[str]:
         rows = conn.execute("SELECT request_id FROM send_requests ORDER BY request_id")
@@ -463,24 +499,25 @@ async def test_a_failed_fold_keeps_its_keys_and_the_next_fold_takes_them(
     async with harness_with(data_dir=data) as h:
         w = await build_world(h)
         r = h.delivery.requests
-        first = [await send_rid(h, w.a1, w.conv, f"p{i}") for i in range(3)]  # p2 folds p0-p1
-        assert calls == [0] and await h.db.read(stored) == []
-        assert r.folding is None and set(r.unfolded) >= {(w.alice.user_id, "p0")}
+        first = [await send_rid(h, w.a1, w.conv, f"p{i}") for i in range(3)]
+        assert calls == [0, 0]  # due at p1 and again at p2: both failed
+        assert await h.db.read(stored) == []
+        assert r.folding is None and {k[1] for k in r.unfolded} == {"p0", "p1", "p2"}
         h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv, b"again"), "p0")
         await h.settle()
         [again] = [f.msg for f in h.outbox.take(w.a1) if f.request_id == "p0"]
-        assert again == first[0] and r.storage_checks == 0
+        assert again == first[0] and r.storage_checks == 0  # answered from memory
         clock = h.clock
-    async with harness_with(data_dir=data, clock=clock) as h:  # the keys are read back
+    failing[0] = False
+    async with harness_with(data_dir=data, clock=clock) as h:
         r = h.delivery.requests
-        assert {k[1] for k in r.unfolded} == {"p0", "p1", "p2"}
+        assert {k[1] for k in r.unfolded} == {"p0", "p1", "p2"}  # read back from events
+        assert r.gen == 0  # nothing was stored
         a1 = await h.connect(w.alice)
-        # They fill the generation (nothing was stored, so it is 0 again): the next new
-        # key starts another, and the fold takes them.
-        await send_rid(h, a1, w.conv, "p3")
-        assert calls == [0, 0]
-        assert await h.db.read(stored) == ["p0", "p1", "p2"]
-        assert {k[1] for k in r.unfolded} == {"p3"}
+        await send_rid(h, a1, w.conv, "p3")  # a fold is due: it takes all four
+        assert calls == [0, 0, 0]
+        assert await h.db.read(stored) == ["p0", "p1", "p2", "p3"]
+        assert r.unfolded == {} and r.gen == 1  # generation 0 holds its 2 keys (and more)
         h.request(a1, T.MESSAGE_SEND, send_req(w.conv, b"again"), "p1")
         await h.settle()
         [again] = [f.msg for f in h.outbox.take(a1) if f.request_id == "p1"]
