@@ -33,8 +33,8 @@ fast, for every send: *could this key already be stored?* Almost always the answ
    (``send_requests`` joined to the event; on SQLite one seek per generation kept).
 
 Memory is therefore fixed: 3 x FILTER_BITS / 8 bytes for the filters (6 MiB), plus
-RECENT_MAX small entries (~0.2 KB each, ~2 MB), plus up to about two generations of
-unfolded keys, whatever the traffic. What traffic
+RECENT_MAX small entries (~0.2 KB each, ~2 MB), plus up to about 2 x GEN_KEYS unfolded
+keys, whatever the traffic. What traffic
 changes is the filter's false-positive rate, so the share of new sends that pay one
 read (see docs/performance.md, "Memory bounds"). A restart rebuilds the filters from
 ``send_requests`` (keys only, in primary-key pages).
@@ -49,6 +49,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import TYPE_CHECKING
+
+from sovereign.services.ids import ulid_ms
 
 if TYPE_CHECKING:
     from sovereign.services.eventlog import Op
@@ -74,21 +76,11 @@ LOAD_PAGE = 5000
 GEN_KEYS = 1024
 #: ...but no more than about this many generations in the window: with more keys than
 #: GEN_KEYS * MAX_GENS in the filters' periods, a new generation takes a share of them
-#: instead (a storage check stays under ~1 ms; a fold takes longer, and where keys are
-#: stored with their events, as on PostgreSQL, their locality fades with the size).
+#: instead (a storage check stays under ~1 ms; such a generation takes several folds,
+#: or rows one per send as on PostgreSQL, and its keys' locality fades with its size).
 MAX_GENS = 256
 
 Key = tuple[str, str]  # (user_id, request_id)
-
-
-def ulid_ms(event_id: str) -> int:
-    """The millisecond time in a ULID's first 10 characters (Crockford base32)."""
-    return int(event_id[:10].translate(_TO_BASE32), 32)
-
-
-# Crockford's alphabet -> int(..., 32)'s digits 0-9a-v (ULIDs have no I, L, O, U).
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789abcdefghijklmnopqrstuv")
 
 
 class SendRequests:
@@ -130,7 +122,7 @@ class SendRequests:
         self._gen_left = gen_keys
         self._counts: dict[int, int] = {}  # period number -> keys added in it
         #: SQLite on one node (migration 0009): a send's key is stored in its event row
-        #: and folded into ``send_requests`` a generation at a time. Until then its
+        #: and folded into ``send_requests`` GEN_KEYS keys at a time. Until then its
         #: committed key is here (-> event id), as are, while a fold is in flight, the
         #: keys that fold copies (``folding``).
         self.fold = False

@@ -100,6 +100,11 @@ def start_after(ulid: str) -> None:
         _state[1] = rand
 
 
+def ulid_ms(ulid: str) -> int:
+    """The millisecond time in a ULID's first 10 characters."""
+    return int(ulid[:10].translate(_TO_BASE32), 32)
+
+
 # Crockford's alphabet -> int(..., 32)'s digits 0-9a-v (ULIDs have no I, L, O, U).
 _TO_BASE32 = str.maketrans(_ALPHABET, "0123456789abcdefghijklmnopqrstuv")
 
