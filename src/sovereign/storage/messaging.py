@@ -62,7 +62,6 @@ _FOLD_SEND_REQUESTS = per_engine(
         " created_at_us = excluded.created_at_us"
     )
 )
-_FOLD_MARK = "SELECT event_id FROM send_request_folds WHERE id = 1"
 
 
 # The start-up load's pages, in each engine's key order (keyset paging): the first page,
@@ -267,8 +266,7 @@ def fold_send_requests_txn(conn: Conn, gen: int) -> int:
     to the newest of them, whatever the server's memory holds. Event ids only grow
     (services/ids.py: monotonic, and started past the newest stored id), so every
     event committed after this one is after the mark."""
-    row = conn.execute(_FOLD_MARK).fetchone()
-    mark = str(row[0]) if row else ""
+    mark = _fold_mark(conn)
     newest = conn.execute("SELECT max(event_id) FROM events").fetchone()[0]
     if newest is None or newest <= mark:
         return 0
@@ -281,12 +279,17 @@ def fold_send_requests_txn(conn: Conn, gen: int) -> int:
     return int(n)
 
 
+def _fold_mark(conn: Conn) -> str:
+    """The newest event whose key is in ``send_requests`` ("": none folded yet)."""
+    row = conn.execute("SELECT event_id FROM send_request_folds WHERE id = 1").fetchone()
+    return str(row[0]) if row else ""
+
+
 def unfolded_send_requests_txn(conn: Conn) -> tuple[list[tuple[str, str, str, int]], str]:
     """Start-up (SQLite, single node): (user_id, request_id, event_id, ts_us) of the
     idempotent sends after the fold's mark, oldest first, and the newest stored event
     id ("" if none), past which the server's new ids must start."""
-    row = conn.execute(_FOLD_MARK).fetchone()
-    mark = str(row[0]) if row else ""
+    mark = _fold_mark(conn)
     rows = [
         (str(r[0]), str(r[1]), str(r[2]), int(r[3]))
         for r in conn.execute(
