@@ -181,16 +181,12 @@ class Harness:
         writer = self.delivery.writer  # its writes are callback chains, not tasks
         while True:
             await self.eventlog.wait_idle()
-            fold = self.delivery.fold_write  # a fold of idempotency keys
-            folding = fold is not None and not fold.done()
-            if not self.tasks.pending and not writer.busy and not folding:
+            if not self.tasks.pending and not writer.busy:
                 return
             left = deadline - loop.time()
             assert left > 0, "the services did not settle"
             if writer.busy:
                 await asyncio.wait_for(writer.flush(), left)
-            if folding:
-                await asyncio.wait({fold}, timeout=left)
             await self.tasks.drain(left)
 
     async def call(self, s: Session, msg_type: T, message: Message) -> Sent:

@@ -40,6 +40,7 @@ from sovereign.services.state import ConversationState, Device
 from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn, Database
+from sovereign.storage.errors import StorageError
 from sovereign.storage.sessions import SessionRow
 from sovereign.v1 import sovereign_pb2 as pb
 
@@ -260,8 +261,6 @@ class DeliveryService:
         self.writer = DeliveryWriter(db, outbox, clock, eventlog, ride_s)
         #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
         self.requests = SendRequests()
-        #: The last fold of keys into storage (SQLite on one node; tests settle on it).
-        self.fold_write: asyncio.Future[int] | None = None
         self.syncing: set[Session] = set()
         #: Called as the sync's last write is made, after presence: frames to end it
         #: with (the MLS service's MLS_KEY_PACKAGE_LOW, when it can tell without a read).
@@ -482,30 +481,27 @@ class DeliveryService:
 
         def finish() -> None:
             if rid and requests.committed(key, ev.event_id):
-                self._fold()
+                self.tasks.background(self._fold(requests.start_fold()))
             self.state.index(ev)
             outbox.send_payload(s, T.MESSAGE_RECEIVE, rid, ev.payload)  # the echo = response
             self.publish(ev, s)
 
         self.submit(s, rid, op, finish, "could not store the message")
 
-    def _fold(self) -> None:
+    async def _fold(self, gen: int) -> None:
         """Copy the keys of the sends stored since the last fold into ``send_requests``
-        (SQLite, one node: migration 0009). Not durable on its own: it commits with the
-        next event batch, and if a crash loses it the keys are still in their event
-        rows, after the fold's mark."""
-        requests = self.requests
-        gen = requests.start_fold()
-        fut = self.db.submit(partial(sql.fold_send_requests_txn, gen=gen), durable=False)
-        self.fold_write = fut
-
-        def done(f: asyncio.Future[int]) -> None:
-            exc = None if f.cancelled() else f.exception()
-            if exc is not None:
-                log.warning("folding idempotency keys failed (kept in memory): %s", exc)
-            requests.fold_done(None if f.cancelled() or exc is not None else f.result())
-
-        fut.add_done_callback(done)
+        as generation ``gen`` (SQLite, one node: migration 0009). Not durable on its own:
+        it commits with the next event batch, and if it fails or a crash loses it, the
+        keys are still in their event rows, after the fold's mark."""
+        copied = None
+        try:
+            copied = await self.db.write(
+                partial(sql.fold_send_requests_txn, gen=gen), durable=False
+            )
+        except StorageError as exc:
+            log.warning("folding idempotency keys failed (kept in memory): %s", exc)
+        finally:
+            self.requests.fold_done(copied)
 
     def purge_idempotency(self) -> None:
         """Forget request_ids older than the 24 h window (filters and recent keys)."""

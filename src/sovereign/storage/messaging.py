@@ -38,28 +38,30 @@ _SAVE_READ_MARKER = per_engine(
         + ", updated_at_us = excluded.updated_at_us"
     )
 )
+
+
 # Idempotency keys (migration 0008): SQLite keys them by generation first, PostgreSQL
 # by (user_id, request_id) alone (engines.py), so the upsert names each engine's key.
 # Rows are (gen, user_id, request_id, event_id, created_at_us).
-_INSERT_SEND_REQUEST = per_engine(
-    lambda e: (
-        "INSERT INTO send_requests (gen, user_id, request_id, event_id, created_at_us)"
-        f" VALUES (?, ?, ?, ?, ?) ON CONFLICT ({e.send_request_key()}) DO UPDATE SET"
+def _store_send_requests(engine: Engine, rows: str) -> str:
+    """Store ``rows`` (gen, user_id, request_id, event_id, created_at_us): a key stored
+    again replaces its row in the same generation."""
+    return (
+        f"INSERT INTO send_requests (gen, user_id, request_id, event_id, created_at_us) {rows}"
+        f" ON CONFLICT ({engine.send_request_key()}) DO UPDATE SET"
         " gen = excluded.gen, event_id = excluded.event_id,"
         " created_at_us = excluded.created_at_us"
     )
-)
 
+
+_INSERT_SEND_REQUEST = per_engine(lambda e: _store_send_requests(e, "VALUES (?, ?, ?, ?, ?)"))
 # A generation's keys, folded from the event rows after the mark (migration 0009), in
-# event order: a key used twice keeps the newer event, as the upsert above does.
+# event order: a key used twice keeps the newer event.
 _FOLD_SEND_REQUESTS = per_engine(
-    lambda e: (
-        "INSERT INTO send_requests (gen, user_id, request_id, event_id, created_at_us)"
-        " SELECT ?, sender_id, request_id, event_id, ts_us FROM events"
-        " WHERE event_id > ? AND request_id IS NOT NULL ORDER BY event_id"
-        f" ON CONFLICT ({e.send_request_key()}) DO UPDATE SET"
-        " gen = excluded.gen, event_id = excluded.event_id,"
-        " created_at_us = excluded.created_at_us"
+    lambda e: _store_send_requests(
+        e,
+        "SELECT ?, sender_id, request_id, event_id, ts_us FROM events"
+        " WHERE event_id > ? AND request_id IS NOT NULL ORDER BY event_id",
     )
 )
 
