@@ -261,6 +261,8 @@ class DeliveryService:
         self.writer = DeliveryWriter(db, outbox, clock, eventlog, ride_s)
         #: Idempotency keys in bounded memory, storage behind (services/idempotency.py).
         self.requests = SendRequests()
+        # SQLite on one node: keys ride in the event rows and are folded (migration 0009).
+        self.requests.fold = db.engine_name == "sqlite" and not eventlog.clustered
         self.syncing: set[Session] = set()
         #: Called as the sync's last write is made, after presence: frames to end it
         #: with (the MLS service's MLS_KEY_PACKAGE_LOW, when it can tell without a read).
@@ -293,7 +295,6 @@ class DeliveryService:
                 break
             after = rows[-1][:3]
         requests = self.requests
-        requests.fold = self.db.engine_name == "sqlite" and not self.eventlog.clustered
         if requests.fold:
             unfolded, newest = await self.db.read(sql.unfolded_send_requests_txn)
             ids.start_after(newest)
