@@ -93,6 +93,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # SQLite: a commit's WAL frames reach the file one write per page, durable commits
     # padded to a page of the WAL (storage/walvfs.py)
     sqlite_coalesce_wal: bool = True
+    # SQLite: an event batch commits on the event loop itself while the writer thread is
+    # idle and the last commit took less than this many ms; 0 keeps every commit on the
+    # writer thread
+    sqlite_inline_commit_ms: float = 2.0
     metrics: bool = True  # count for /metrics; false removes even the hot path's counting
 
     @property
@@ -133,7 +137,12 @@ _POSITIVE = {
     "send_buffer_limit",
     "group_commit_max_batch",
 }
-_NON_NEGATIVE = {"min_key_packages", "retention_days", "max_auth_failures"}
+_NON_NEGATIVE = {
+    "min_key_packages",
+    "retention_days",
+    "max_auth_failures",
+    "sqlite_inline_commit_ms",
+}
 
 
 def _hints() -> dict[str, Any]:

@@ -346,6 +346,7 @@ class App:
             commit_seconds=db.commit_seconds,
             writes_committed=lambda: db.stats().writes_committed,
             writes_failed=lambda: db.stats().writes_failed,
+            commits_on_loop=lambda: db.inline_batches,
             rejected=outbox.rejected,
             pools_below_min=lambda: 0,
             **self._bus_sources(),
@@ -471,6 +472,7 @@ async def open_configured_storage(config: Config) -> Storage:
         postgres_dsn=config.storage_dsn,
         max_batch=config.group_commit_max_batch,
         coalesce_wal=config.sqlite_coalesce_wal,
+        inline_ms=config.sqlite_inline_commit_ms,
     )
 
 

@@ -16,7 +16,7 @@ from sovereign.admin.http import is_public
 from sovereign.client.authenticator import SoftwareAuthenticator
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
-from tests.helpers import mls
+from tests.helpers import mls, pg
 from tests.helpers.admin import (
     AdminApi,
     admin_token,
@@ -527,6 +527,11 @@ async def test_metrics_count_the_request_path(server: RunningServer) -> None:
     assert re.search(r'sovereign_send_commit_seconds_bucket\{le="\+Inf"\} [1-9]', text)
     assert re.search(r"sovereign_writer_batch_size_count [1-9]", text)
     assert "sovereign_writer_commit_seconds_sum" in text
+    # SQLite: the sends' batches committed on the event loop (this disk syncs in well
+    # under sqlite_inline_commit_ms); PostgreSQL commits on the writer thread only.
+    on_loop = re.search(r"^sovereign_writer_commits_on_loop_total (\S+)$", text, re.M)
+    assert on_loop is not None
+    assert (float(on_loop.group(1)) > 0) == (pg.STORAGE == "sqlite")
     assert "sovereign_rate_limited_total" in text
     # No user ids or tokens in label values.
     assert not re.search(r"\{[^}]*[0-9A-HJKMNP-TV-Z]{26}", text)

@@ -200,3 +200,11 @@ def test_sources_say_where_each_value_came_from(tmp_path: Path) -> None:
     assert sources["rate_limit_burst"] == "env"
     assert sources["registration"] == "flag"
     assert "listen" not in sources and "max_connections" not in sources  # defaults
+
+
+def test_sqlite_inline_commit_ms_defaults_to_two_and_refuses_negative_values() -> None:
+    assert load(None, {}, environ={}).sqlite_inline_commit_ms == 2.0
+    env = {"SOVEREIGN_SQLITE_INLINE_COMMIT_MS": "0"}
+    assert load(None, {}, environ=env).sqlite_inline_commit_ms == 0.0  # always the thread
+    with pytest.raises(ConfigError, match=r"^sqlite_inline_commit_ms: must be 0 or more"):
+        load(None, {"sqlite_inline_commit_ms": -1}, environ={})

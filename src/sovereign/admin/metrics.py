@@ -37,6 +37,7 @@ class Sources:
     commit_seconds: Histogram
     writes_committed: Callable[[], int]
     writes_failed: Callable[[], int]
+    commits_on_loop: Callable[[], int]  # SQLite, sqlite_inline_commit_ms
     rejected: dict[int, int]  # outbox: envelope-level refusals by error code
     pools_below_min: Callable[[], int]  # refreshed before each scrape (a DB read)
     # cluster mode (SPEC §12.27): the bus's counters by name, and whether its link is up
@@ -82,6 +83,11 @@ class SovereignCollector(Collector):
             "sovereign_writer_commit_seconds",
             "Duration of one writer transaction (BEGIN to COMMIT)",
             src.commit_seconds,
+        )
+        yield CounterMetricFamily(
+            "sovereign_writer_commits_on_loop",
+            "Writer transactions run on the event loop, not the writer thread",
+            value=src.commits_on_loop(),
         )
         yield CounterMetricFamily(
             "sovereign_mls_epoch_conflicts",

@@ -348,16 +348,23 @@ class EventLog:
             self._idle.set()
             return
         batch, self._queue = self._queue, []
+        db = self.db
         try:
             txn = self._txn(batch)
-            if self._riders:
-                riders, self._riders = self._riders, []
-                for submit in riders:
-                    try:
-                        submit()
-                    except Exception:  # never at the cost of this batch
-                        log.exception("a write riding with an event batch failed to queue")
-            fut = self.db.submit(txn)
+            # The riders' writes and the batch go to storage as one batch, which may
+            # commit right here (Database.release).
+            db.hold()
+            try:
+                if self._riders:
+                    riders, self._riders = self._riders, []
+                    for submit in riders:
+                        try:
+                            submit()
+                        except Exception:  # never at the cost of this batch
+                            log.exception("a write riding with an event batch failed to queue")
+                fut = db.submit(txn)
+            finally:
+                db.release()
         except Exception as exc:  # storage closed, or a bug building the batch
             # The same path as a failed COMMIT: undone, answered, then the next batch.
             fut = asyncio.get_running_loop().create_future()

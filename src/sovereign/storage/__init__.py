@@ -133,6 +133,12 @@ CURSOR_LAZY_MS = 2.0
 #: (Database ``checkpoint_s``): off the writer's COMMIT path, so a checkpoint never
 #: holds up a commit; ~2 s of writes lets hot pages be copied once per interval.
 CHECKPOINT_S = 2.0
+#: An event batch commits on the event loop, not the writer thread, while the writer
+#: thread is idle and the last commit took less than this (Database ``inline_ms``).
+#: Measured (docs/performance.md, twelfth session): the hand-off to the thread and
+#: back cost more CPU at everyday load than the commit; a fast disk's durable commit
+#: takes 0.3-0.7 ms here. A slower disk (an SD card) keeps every commit on the thread.
+INLINE_COMMIT_MS = 2.0
 
 
 async def open_storage(
@@ -145,6 +151,7 @@ async def open_storage(
     lazy_ms: float = CURSOR_LAZY_MS,
     checkpoint_s: float = CHECKPOINT_S,
     coalesce_wal: bool = True,
+    inline_ms: float = INLINE_COMMIT_MS,
 ) -> Storage:
     """Open (creating and migrating as needed) the database: PostgreSQL at
     ``postgres_dsn`` if one is given, else the SQLite database at ``path``."""
@@ -163,5 +170,6 @@ async def open_storage(
         lazy_ms=lazy_ms,
         checkpoint_s=checkpoint_s,
         coalesce_wal=coalesce_wal,
+        inline_ms=inline_ms,
     )
     return Storage(db)

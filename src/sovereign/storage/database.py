@@ -14,6 +14,19 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
   of a batch of several runs inside its own SAVEPOINT, so a failing ``fn`` undoes only
   its own work and gets its exception while the rest of the batch still commits; a
   write alone in its batch needs none (its failure rolls the transaction back).
+- Commits on the event loop (SQLite, ``inline_ms`` > 0): the event log hands its batch,
+  with the writes riding on it, over with ``hold()`` … ``release()``. While the writer
+  thread is idle and the last durable commit took less than ``inline_ms``, ``release``
+  runs that batch right there, on the loop, in the same way the thread would. The
+  hand-off to the thread and back (a queue put, a futex wake-up, the GIL, a
+  ``call_soon_threadsafe`` wake-up of the loop) cost more CPU than the commit at
+  everyday load, and the batch waited for the commit anyway (one in flight). A slow
+  disk sends the next commit back to the thread (and a quick one there brings them
+  back), so the loop is never held up by more than one slow commit: an SQLite
+  write lock held by another process (an admin command's write) makes ``BEGIN`` wait,
+  which is one such slow commit. Whoever uses the writer connection holds
+  ``_batch_gate``, so the two never overlap; the loop never waits for it (it queues
+  instead).
 - A write's future is resolved only after COMMIT returned, so "awaited" means
   "durable" (``synchronous=FULL``). All futures of a batch are resolved by ONE
   ``call_soon_threadsafe`` (one loop wake-up per batch, not per write).
@@ -21,7 +34,8 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
   lost gets a :class:`DatabaseError`; a write that failed on its own keeps its own error.
 - A batch that starts with only non-durable writes (delivery cursors, ``durable=False``)
   waits up to ``lazy_ms`` for a durable write to share its transaction, if durable
-  writes are coming (one started within ``2 * lazy_ms``). At everyday
+  writes are coming (one started within ``2 * lazy_ms``): on the writer thread, or,
+  with commits on the loop, on the loop (``release`` takes them along). At everyday
   load an ack arrives between two messages: this turns two commits per message (the
   event's, then the cursor's) into one, with the cursor pages in the event's commit.
   Durable writes never wait.
@@ -41,8 +55,8 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
 - Reads run on ``readers`` read-only connections in a small thread pool; WAL lets them
   run beside the writer. Each read runs in one read transaction, so ``fn`` sees one
   consistent snapshot of committed data.
-- The event loop never blocks on SQLite: opening, migrating, checkpointing and closing
-  all happen on the writer thread.
+- Opening, migrating, checkpointing and closing happen on the writer thread (and the
+  checkpointer's); the loop runs only the event log's quick commits, above.
 
 Write functions must not COMMIT or ROLLBACK themselves (they may use their own
 SAVEPOINTs). Cancelling an awaiting ``write()`` does not un-queue it: it may still
@@ -211,11 +225,29 @@ class Database:
     #: What a reader runs to start its one read transaction (a consistent snapshot).
     _READ_BEGIN = "BEGIN"
 
-    def __init__(self, *, max_batch: int, readers: int, lazy_ms: float = 0.0) -> None:
+    def __init__(
+        self, *, max_batch: int, readers: int, lazy_ms: float = 0.0, inline_ms: float = 0.0
+    ) -> None:
         # Use open(); the constructor only records settings.
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be >= 1")
         self._lazy_s = max(0.0, lazy_ms) / 1000
+        self._inline_s = max(0.0, inline_ms) / 1000
+        #: Writes held for :meth:`release` (None: not holding).
+        self._held: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]] | None = None
+        #: Non-durable writes waiting (up to ``lazy_ms``) for a durable batch to share its
+        #: commit, when commits may run on the loop (else the thread gathers them).
+        self._lazy: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]] = []
+        self._lazy_timer: asyncio.TimerHandle | None = None
+        # Writes queued for the writer thread (counted by the loop) and writes it has
+        # finished with (counted by the thread): equal, the thread is not using the
+        # connection. Each is written by one thread only.
+        self._queued = 0
+        self._finished = 0
+        #: How long the last batch took, from BEGIN to the end of COMMIT (seconds).
+        self._last_commit_s = 0.0
+        #: Batches committed on the event loop (:meth:`release`).
+        self.inline_batches = 0
         self._last_durable = -1e9  # monotonic start of the last batch with a durable write
         self.max_batch = max_batch
         self._n_readers = readers
@@ -285,13 +317,22 @@ class Database:
             await asyncio.shield(self._closing)
             return
         closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lazy = self._take_lazy()
+        refused: list[_Outcome] = []
         with self._lock:
             if self._writer is None or self._dead:
                 self._closed = True
-                return
-            self._closed = True
-            self._closing = closing
-            self._queue.put(_Stop(closing))
+                refused = [(fut, DatabaseClosed("database is closed"), None) for _, fut, _ in lazy]
+            else:
+                self._closed = True
+                self._closing = closing
+                self._queued += len(lazy)
+                for item in lazy:  # committed before the stop
+                    self._queue.put(item)
+                self._queue.put(_Stop(closing))
+        if self._closing is not closing:  # the writer had already stopped
+            _settle(refused)
+            return
         await asyncio.shield(closing)
 
     @property
@@ -322,13 +363,86 @@ class Database:
         submitted in one go, with nothing awaited between them, reach the writer
         together and share its wake-up and its transaction (EventLog riders)."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        item = (fn, fut, durable)
         # The lock pairs with _shutdown: a write is either queued before the writer's
         # final drain (and answered) or refused here, never stranded.
         with self._lock:
             if self._closed:
                 raise DatabaseClosed("database is closed")
-            self._queue.put((fn, fut, durable))
+            if self._held is not None:
+                self._held.append(item)
+                return fut
+            if not durable and self._inline_s > 0:
+                self._lazy.append(item)  # below, outside the lock
+            else:
+                self._queued += 1
+                self._queue.put(item)
+                return fut
+        if self._lazy_timer is None:
+            # Commits on the loop: the lazy wait is kept here, not on the thread.
+            loop = asyncio.get_running_loop()
+            coming = time.monotonic() - self._last_durable < 2 * self._lazy_s
+            self._lazy_timer = loop.call_later(self._lazy_s if coming else 0, self._flush_lazy)
         return fut
+
+    def hold(self) -> None:
+        """Keep the writes submitted from now until :meth:`release` together: they go
+        to storage as one batch (the event log's batch and the writes riding with it)."""
+        self._held = []
+
+    def release(self) -> None:
+        """Send the writes held since :meth:`hold`, and any non-durable writes waiting
+        for company, as one batch (:meth:`_send`)."""
+        held, self._held = self._held, None
+        if self._lazy:
+            held = self._take_lazy() + (held or [])
+        if held:
+            self._send(held)
+
+    def _flush_lazy(self) -> None:
+        """Non-durable writes waited ``lazy_ms`` and no durable batch came: alone."""
+        self._lazy_timer = None
+        if self._lazy:
+            self._send(self._take_lazy())
+
+    def _take_lazy(self) -> list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]:
+        lazy, self._lazy = self._lazy, []
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        return lazy
+
+    def _send(self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]) -> None:
+        """One batch to storage. While the writer thread is idle and durable commits are
+        quick (the last one took less than ``inline_ms``), it commits here, on the event
+        loop, before this returns: no hand-off to the thread and back, which costs more
+        CPU than the commit itself at everyday load (docs/performance.md, twelfth
+        session). Otherwise it is queued for the thread. Either way the futures'
+        callbacks run later, from the loop."""
+        if (
+            self._inline_s > 0
+            and not self._closed
+            and self._last_commit_s < self._inline_s
+            and self._queued == self._finished
+            and self._batch_gate.acquire(blocking=False)  # the checkpointer's last round
+        ):
+            outcomes: list[_Outcome] = []
+            try:
+                self._run_batch(batch, outcomes)
+            except Exception:  # the futures have their errors (_run_batch's finally)
+                log.exception("storage: a commit on the event loop failed")
+            finally:
+                self._batch_gate.release()
+                self.inline_batches += 1
+                _settle(outcomes)
+            return
+        with self._lock:
+            if not self._closed:
+                self._queued += len(batch)
+                for item in batch:
+                    self._queue.put(item)
+                return
+        _settle([(fut, DatabaseClosed("database is closed"), None) for _, fut, _ in batch])
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
@@ -412,7 +526,8 @@ class Database:
     def _serve(self) -> _Stop:
         q = self._queue
         limit = self.max_batch
-        lazy = self._lazy_s
+        # With commits on the loop (inline_ms), non-durable writes have waited there.
+        lazy = self._lazy_s if self._inline_s == 0 else 0.0
         while True:
             first = q.get()
             if isinstance(first, _Stop):
@@ -432,8 +547,13 @@ class Database:
                     stop = item
                     break
                 batch.append(item)
-            with self._batch_gate:
-                self._run_batch(batch)
+            outcomes: list[_Outcome] = []
+            try:
+                with self._batch_gate:
+                    self._run_batch(batch, outcomes)
+            finally:
+                self._finished += len(batch)  # done with the connection: before the answers
+                _post(outcomes)
             if stop is not None:
                 return stop
 
@@ -460,8 +580,12 @@ class Database:
         return None
 
     def _run_batch(
-        self, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]
+        self,
+        batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]],
+        outcomes: list[_Outcome],
     ) -> None:
+        """Run ``batch`` in one transaction; every write's outcome goes into ``outcomes``
+        (the caller answers them), even when this raises."""
         conn = self._wconn
         assert conn is not None
         durable = any(item[2] for item in batch)
@@ -470,7 +594,6 @@ class Database:
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
             self._set_durable(conn, durable)
             self._sync_full = durable
-        outcomes: list[_Outcome] = []
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
         # A write alone in its transaction needs no SAVEPOINT: if it fails, rolling the
@@ -530,15 +653,17 @@ class Database:
             ]
             raise
         finally:
+            took = time.perf_counter() - started
+            if durable:  # what the disk takes decides where the next commits run
+                self._last_commit_s = took
             if committed:
                 self._batches += 1
                 self._largest = max(self._largest, len(batch))
                 self.batch_sizes.observe(len(batch))
-                self.commit_seconds.observe(time.perf_counter() - started)
+                self.commit_seconds.observe(took)
             ok = sum(1 for o in outcomes if o[1] is None)
             self._writes_ok += ok
             self._writes_failed += len(outcomes) - ok
-            _post(outcomes)
 
     def _shutdown(self, stop: _Stop | None) -> None:
         with self._lock:
@@ -560,7 +685,8 @@ class Database:
         if self._rpool is not None:
             self._rpool.shutdown()  # in-flight reads finish first
         self._before_close()
-        self._close_connections()
+        with self._batch_gate:  # a commit on the loop that began before _closed was set
+            self._close_connections()
         _post([(s.fut, None, None) for s in stops])
 
     def _close_connections(self) -> None:
@@ -630,8 +756,9 @@ class SqliteDatabase(Database):
         lazy_ms: float = 0.0,
         checkpoint_s: float = 0.0,
         coalesce_wal: bool = True,
+        inline_ms: float = 0.0,
     ) -> None:
-        super().__init__(max_batch=max_batch, readers=readers, lazy_ms=lazy_ms)
+        super().__init__(max_batch=max_batch, readers=readers, lazy_ms=lazy_ms, inline_ms=inline_ms)
         self.path = path
         self._coalesce_wal = coalesce_wal
         #: Whether the writer's WAL writes go through the coalescing shim (walvfs.py).
@@ -655,6 +782,7 @@ class SqliteDatabase(Database):
         lazy_ms: float = 0.0,
         checkpoint_s: float = 0.0,
         coalesce_wal: bool = True,
+        inline_ms: float = 0.0,
     ) -> SqliteDatabase:
         """Create (if needed), migrate and open the database at ``path`` (SPEC §11).
 
@@ -679,6 +807,7 @@ class SqliteDatabase(Database):
             lazy_ms=lazy_ms,
             checkpoint_s=checkpoint_s,
             coalesce_wal=coalesce_wal,
+            inline_ms=inline_ms,
         )
         await db._start()
         return db
@@ -708,7 +837,11 @@ class SqliteDatabase(Database):
     def _startup(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         target, self.wal_coalesced = walvfs.writer_uri(self.path, self._coalesce_wal)
-        conn = sqlite3.connect(target, uri=True, isolation_level=None, cached_statements=256)
+        # Not only this thread's: release() commits on the event loop while this thread
+        # is idle (never both at once).
+        conn = sqlite3.connect(
+            target, uri=True, isolation_level=None, cached_statements=256, check_same_thread=False
+        )
         self._wconn = conn
         self.engine.configure_writer(conn, self._busy_timeout_ms)
         self.schema_version = apply_migrations(
@@ -770,7 +903,8 @@ class SqliteDatabase(Database):
         if conn is not None:
             try:
                 # Fold the WAL back so the closed database is one self-contained file.
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                with self._batch_gate:  # after the checkpointer's join: it takes the gate
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 log.exception("WAL checkpoint at close failed")
 

@@ -429,8 +429,8 @@ class PostgresDatabase(Database):
             )
             self._size_at = time.monotonic()
 
-    def _run_batch(self, batch: list[Any]) -> None:
-        super()._run_batch(batch)
+    def _run_batch(self, batch: list[Any], outcomes: list[Any]) -> None:
+        super()._run_batch(batch, outcomes)
         if time.monotonic() - self._size_at > SIZE_REFRESH_S:
             self._refresh_size()
 

@@ -678,6 +678,12 @@ async def test_an_event_batch_costs_as_many_statements_for_forty_sends_as_for_on
             fut.add_done_callback(lambda _: statements.append(counter[0]))
             return fut
 
+        def hold(self) -> None:
+            real.hold()
+
+        def release(self) -> None:
+            real.release()
+
     log.db = CountingDb()  # type: ignore[assignment]
     p.a.outbox.take(a1)
     p.b.outbox.take(b1)
