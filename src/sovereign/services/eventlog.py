@@ -295,6 +295,9 @@ class EventLog:
         #: (DeliveryWriter: cursor writes in a stream of sends). See :meth:`ride`.
         self._riders: list[Callable[[], None]] = []
         self._busy = False
+        #: The batch in flight committed on the loop (Database.release): the loop read
+        #: no frames meanwhile.
+        self._held_loop = False
         self._idle = asyncio.Event()
         self._idle.set()
         self.batches = 0
@@ -369,6 +372,7 @@ class EventLog:
             # The same path as a failed COMMIT: undone, answered, then the next batch.
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
+        self._held_loop = fut.done()
         fut.add_done_callback(partial(self._written, batch))
 
     def _written(self, batch: list[Op], fut: asyncio.Future[Any]) -> None:
@@ -379,7 +383,16 @@ class EventLog:
             else:
                 self._committed(batch, fut.result())
         finally:
-            self._next()  # whatever went wrong above, the log never stays busy
+            # whatever went wrong above, the log never stays busy
+            if self._held_loop:
+                # The commit held the loop: sends that came meanwhile are still unread.
+                # One iteration more, so they form the next batch now, as they would
+                # have if read during a commit on the writer thread, rather than wait
+                # for the next gather.
+                self._held_loop = False
+                asyncio.get_running_loop().call_soon(self._next)
+            else:
+                self._next()
 
     def _txn(self, batch: list[Op]) -> Callable[[Conn], Any]:
         """The one transaction of ``batch`` (runs on the writer thread)."""

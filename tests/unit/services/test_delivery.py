@@ -8,6 +8,7 @@ GROUP_MEMBER_ADDED events) and carol is in no conversation with them.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,39 @@ async def test_a_send_read_in_the_iteration_after_the_first_joins_its_batch(
     loop.call_soon(lambda: h.request(w.b1, T.MESSAGE_SEND, send_req(w.conv), "second"))
     await h.settle()
     assert h.eventlog.batches == batches + 1
+    assert await h.stored_seqs(w.conv) == [1, 2, 3, 4]
+
+
+async def test_a_send_read_after_a_commit_on_the_loop_starts_the_next_batch_at_once(
+    h: Harness, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit on the event loop (SQLite, Database.release) holds the loop: frames that
+    came meanwhile are read only after it. The log looks once more, one iteration later,
+    so they start the next batch at once, as they would have after a commit on the
+    writer thread, instead of waiting for a stream's gather."""
+    w = world
+    await h.settle()
+    log_ = h.eventlog
+    log_.gather_s = 0.5  # a stream's wait for company, long enough to see
+    loop = asyncio.get_running_loop()
+    real = log_._written
+    late: list[str] = []
+
+    def written(batch: Any, fut: Any) -> None:
+        if not late:  # the first batch's commit: a frame read right after it
+            late.append("second")
+            loop.call_soon(lambda: h.request(w.b1, T.MESSAGE_SEND, send_req(w.conv), "second"))
+        real(batch, fut)
+
+    monkeypatch.setattr(log_, "_written", written)
+    inline = h.storage.db.inline_batches
+    batches = log_.batches
+    t0 = time.monotonic()
+    h.request(w.a1, T.MESSAGE_SEND, send_req(w.conv), "first")
+    await h.settle()
+    assert time.monotonic() - t0 < 0.4  # no gather_s wait for the second
+    assert log_.batches == batches + 2
+    assert h.storage.db.inline_batches >= inline + 2  # both committed on the loop
     assert await h.stored_seqs(w.conv) == [1, 2, 3, 4]
 
 
