@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from sovereign import storage
 from sovereign.bench import echo
 from sovereign.bench.profile import summarise_raw
 from sovereign.bench.scenarios.relay import message_send_parts
@@ -167,6 +168,7 @@ def test_the_durable_echo_batches_by_the_event_logs_rule() -> None:
     """The floor must batch as the relay does, or it is not its floor."""
     assert echo.GATHER_S == eventlog.EVENT_GATHER_S
     assert echo.STREAM_S == eventlog.STREAM_S
+    assert echo.INLINE_S * 1000 == storage.INLINE_COMMIT_MS
 
 
 def test_fanout(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:

@@ -8,10 +8,11 @@ it under the same load generator as the relay, so a report can say what fraction
 bare transport the server reaches on this machine. SIGTERM or SIGINT stops it (exit 0).
 
 A frame whose ninth byte is 0x01 (after the load tool's 8-byte timestamp) is echoed
-only once it is durable: appended to a file (:class:`DurableLog`) and fdatasync'd on a
-writer thread, in batches shaped like the relay's event batches (one in flight; in a
-stream, a batch waits ``GATHER_S`` for company). That is the relay's durable
-commit with no SQLite and no logic: the floor of this server's design on this machine.
+only once it is durable: appended to a file (:class:`DurableLog`) and fdatasync'd, in
+batches shaped like the relay's event batches (one in flight; in a stream, a batch waits
+``GATHER_S`` for company), on the event loop while syncs are quick and on a writer
+thread otherwise, as the relay's SQLite commits are. That is the relay's durable commit
+with no SQLite and no logic: the floor of this server's design on this machine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -45,6 +47,9 @@ _CLOSE = WSMsgType.CLOSE
 #: STREAM_S of the last waits GATHER_S for company.
 GATHER_S = 0.001
 STREAM_S = 0.002
+#: A batch is written and synced on the event loop while the last sync took less than
+#: this (seconds), else on the writer thread (sovereign.storage's INLINE_COMMIT_MS).
+INLINE_S = 0.002
 #: The ninth byte of a frame that is echoed only once durable.
 DURABLE_MARK = 0x01
 #: The log file is written round and round within this size, which is written once at
@@ -53,12 +58,13 @@ LOG_BYTES = 64 * 1024 * 1024
 
 
 class DurableLog:
-    """Frames appended to a file and fdatasync'd on one writer thread, each echoed once
-    its batch is synced. Batches as EventLog cuts them: one in flight, everything queued
-    meanwhile in the next; a batch starting within ``STREAM_S`` of the last waits
-    ``GATHER_S`` first."""
+    """Frames appended to a file and fdatasync'd, each echoed once its batch is synced.
+    Batches as EventLog cuts them: one in flight, everything queued meanwhile in the
+    next; a batch starting within ``STREAM_S`` of the last waits ``GATHER_S`` first. A
+    batch is written on the loop while the last sync took under ``inline_s``, else on
+    one writer thread (Database's rule for the relay's commits; 0: always the thread)."""
 
-    def __init__(self, path: str, size: int = LOG_BYTES) -> None:
+    def __init__(self, path: str, size: int = LOG_BYTES, inline_s: float = INLINE_S) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         # In 4 KiB writes, as walvfs writes the WAL: Linux sizes page-cache folios by the
         # writes that create them, and a small write later dirties (and writes back) its
@@ -72,6 +78,8 @@ class DurableLog:
         self.pending: list[tuple[WSTransport, bytes]] = []
         self.busy = False
         self.last_start = float("-inf")
+        self.inline_s = inline_s
+        self.last_sync_s = 0.0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="echo-writer")
 
     def append(self, transport: WSTransport, payload: bytes) -> None:
@@ -97,12 +105,24 @@ class DurableLog:
         data = b"".join(p for _, p in batch)
         at = self.pos if self.pos + len(data) <= self.size else 0
         self.pos = at + len(data)
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._write, data, at)
+        loop = asyncio.get_running_loop()
+        if self.last_sync_s < self.inline_s:
+            fut: asyncio.Future[None] = loop.create_future()
+            try:
+                self._write(data, at)
+            except OSError as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(None)
+        else:
+            fut = loop.run_in_executor(self.pool, self._write, data, at)
         fut.add_done_callback(partial(self._written, batch))
 
     def _write(self, data: bytes, at: int) -> None:
+        t0 = time.perf_counter()
         os.pwrite(self.fd, data, at)
         os.fdatasync(self.fd)
+        self.last_sync_s = time.perf_counter() - t0
 
     def _written(self, batch: list[tuple[WSTransport, bytes]], fut: asyncio.Future[None]) -> None:
         exc = fut.exception()
