@@ -395,7 +395,8 @@ class EventLog:
                 self._next()
 
     def _txn(self, batch: list[Op]) -> Callable[[Conn], Any]:
-        """The one transaction of ``batch`` (runs on the writer thread)."""
+        """The one transaction of ``batch`` (runs on the writer thread, or on the loop:
+        Database.release)."""
         rows: list[sql.EventRow] = []
         txns: list[Callable[[Conn], None]] = []
         requests: list[tuple[int, str, str, str, int]] = []

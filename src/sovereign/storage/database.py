@@ -29,7 +29,8 @@ Theory of operation (SPEC §5 "durable before acknowledged", §11 storage):
   instead).
 - A write's future is resolved only after COMMIT returned, so "awaited" means
   "durable" (``synchronous=FULL``). All futures of a batch are resolved by ONE
-  ``call_soon_threadsafe`` (one loop wake-up per batch, not per write).
+  ``call_soon_threadsafe`` (one loop wake-up per batch, not per write), or at once
+  when the batch committed on the loop (their callbacks still run later).
 - If SQLite aborts the whole transaction, or COMMIT fails, every write whose work was
   lost gets a :class:`DatabaseError`; a write that failed on its own keeps its own error.
 - A batch that starts with only non-durable writes (delivery cursors, ``durable=False``)
