@@ -347,7 +347,9 @@ class Database:
         await self.close()
 
     # -- public API -------------------------------------------------------------
-    async def write(self, fn: Callable[[Conn], T], *, durable: bool = True) -> T:
+    async def write(
+        self, fn: Callable[[Conn], T], *, durable: bool = True, long: bool = False
+    ) -> T:
         """Run ``fn(conn)`` on the writer inside a group-committed transaction.
 
         Returns ``fn``'s result once the transaction holding it has committed.
@@ -355,11 +357,14 @@ class Database:
         cursors: at worst events are delivered again): a batch of only such writes
         commits with ``synchronous=NORMAL`` (no fsync; measured here ~100 us of CPU per
         FULL commit vs ~20 us). They become durable with the next FULL commit or
-        checkpoint, as WAL frames are synced in order.
+        checkpoint, as WAL frames are synced in order. ``long=True``: a write that takes
+        milliseconds (the idempotency fold) runs on the writer thread, never on the loop.
         """
-        return await self.submit(fn, durable=durable)
+        return await self.submit(fn, durable=durable, long=long)
 
-    def submit(self, fn: Callable[[Conn], T], *, durable: bool = True) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[Conn], T], *, durable: bool = True, long: bool = False
+    ) -> asyncio.Future[T]:
         """:meth:`write`, queued now: the future resolves as ``write`` returns. Writes
         submitted in one go, with nothing awaited between them, reach the writer
         together and share its wake-up and its transaction (EventLog riders)."""
@@ -370,10 +375,10 @@ class Database:
         with self._lock:
             if self._closed:
                 raise DatabaseClosed("database is closed")
-            if self._held is not None:
+            if self._held is not None and not long:
                 self._held.append(item)
                 return fut
-            if not durable and self._inline_s > 0:
+            if not durable and not long and self._inline_s > 0:
                 self._lazy.append(item)  # below, outside the lock
             else:
                 self._queued += 1

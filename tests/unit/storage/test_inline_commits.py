@@ -249,3 +249,16 @@ async def test_inline_ms_zero_keeps_every_commit_on_the_thread(tmp_path: Path) -
         assert db.inline_batches == 0
     finally:
         await db.close()
+
+
+async def test_a_long_write_runs_on_the_writer_thread_even_when_held(db: SqliteDatabase) -> None:
+    where: list[str] = []
+    db.hold()
+    try:
+        fut = db.submit(_insert("fold", where), durable=False, long=True)
+    finally:
+        db.release()
+    assert await fut == "fold"
+    assert await db.write(_insert("alone", where), durable=False, long=True) == "alone"
+    assert where == ["sovereign-db-writer"] * 2
+    assert db.inline_batches == 0
