@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from sovereign import storage
+from sovereign.bench import cli as bench_cli
 from sovereign.bench import echo
 from sovereign.bench.profile import summarise_raw
 from sovereign.bench.scenarios.relay import message_send_parts
@@ -48,7 +49,9 @@ RUNS: dict[str, list[str]] = {
     "mixed": ["mixed", "--users", "20", "--rate", "200", "--duration", "1", "--group-size", "4"],
 }
 # No CPU pinning: CI machines may have one core. The JSON still carries every figure.
+# A short tail (the default is a checkpoint interval and a second) keeps the runs quick.
 COMMON = ["--server-cpu", "none", "--load-cpus", "none", "--quiet", "--settle", "0.2"]
+COMMON += ["--tail", "0.3"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,7 @@ def _common(name: str, runs: dict[str, tuple[int, str, dict[str, Any]]]) -> list
         assert r["complete"] is True, r
         assert all(r["checks"].values()), r["checks"]
         assert r["wall_s"] > 0
+        assert r["tail_s"] == 0.3
         assert r["server_cpu_s"] is not None and r["server_cpu_s"] >= 0
         assert r["load_cpu_s"] > 0
         assert r["load_procs"] >= 1
@@ -169,6 +173,12 @@ def test_the_durable_echo_batches_by_the_event_logs_rule() -> None:
     assert echo.GATHER_S == eventlog.EVENT_GATHER_S
     assert echo.STREAM_S == eventlog.STREAM_S
     assert echo.INLINE_S * 1000 == storage.INLINE_COMMIT_MS
+
+
+def test_the_default_tail_covers_a_checkpoint_interval() -> None:
+    """A phase's last WAL checkpoint comes up to CHECKPOINT_S after its load stopped;
+    the default tail waits for it, so the next phase is not charged with it."""
+    assert bench_cli.TAIL_S >= storage.CHECKPOINT_S + 0.5
 
 
 def test_fanout(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:

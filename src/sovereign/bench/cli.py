@@ -39,8 +39,12 @@ from sovereign.bench.server import (
     provision_tokens,
     provision_tokens_with,
 )
+from sovereign.storage import CHECKPOINT_S
 
 FD_MARGIN = 1000  # fds a process keeps for itself (listener, SQLite, pipes, ...)
+#: --tail's default: one checkpoint interval of the server's (storage.CHECKPOINT_S) and a
+#: second for the round itself, so a phase's last checkpoint is counted in the phase.
+TAIL_S = CHECKPOINT_S + 1.0
 
 EPILOG = """\
 examples:
@@ -281,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=15.0,
         metavar="S",
         help="after a phase stops issuing, how long to wait for every answer (default 15)",
+    )
+    r.add_argument(
+        "--tail",
+        type=float,
+        default=TAIL_S,
+        metavar="S",
+        help="after a phase drained, keep counting the server's CPU and disk this long, so "
+        "the work it deferred (the WAL checkpoint, every 2 s) is charged to the phase that "
+        f"caused it and not to the next one (default {TAIL_S:g}; rates and latencies are "
+        "not affected)",
     )
     r.add_argument(
         "--setup-timeout",
@@ -612,6 +626,7 @@ class Run:
             setup_timeout=args.setup_timeout,
             drain_timeout=args.drain_timeout,
             deadline=self.t0 + args.timeout,
+            tail=args.tail,
         )
         self.log(f"starting {args.procs} load processes on CPUs {args.load_cpus or 'any'}")
         coord.start()
@@ -901,7 +916,8 @@ class Run:
         return (
             f"sovereign-bench {args.scenario}: {m['cpus_online']} CPUs ({m['cpu_model']}), "
             f"server on CPUs {args.server_cpu or 'any'}, {args.procs} load processes on CPUs "
-            f"{args.load_cpus or 'any'}, {args.source_addrs} source addresses"
+            f"{args.load_cpus or 'any'}, {args.source_addrs} source addresses, "
+            f"{args.tail:g} s tail"
         )
 
     def cleanup(self) -> None:
