@@ -134,7 +134,8 @@ def headline_lines(h: dict[str, Any]) -> list[str]:
             f"at {_num(f['rate'])} msgs/s, server CPU per message: bare echo "
             f"{f['echo_cpu_us']:,.0f} us (2 frames in, 2 out), echo after an fdatasync "
             f"{f['durable_echo_cpu_us']:,.0f} us (the same, batched like the relay's "
-            f"commits), relay {f['relay_cpu_us']:,.0f} us (2 in, 3 out, durable)"
+            f"commits), relay {f['relay_cpu_us']:,.0f} us (2 in, 4 out: echo, delivery, Ack, "
+            "MESSAGE_DELIVERED; durable)"
         )
     return lines
 
