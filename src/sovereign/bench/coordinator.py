@@ -319,7 +319,7 @@ class Coordinator:
                     dst[str(k)] = dst.get(str(k), 0) + int(v)
         acc: dict[str, Any] = {
             "wall_s": round(wall, 3),
-            "tail_s": self.tail,
+            "tail_s": self.tail if out.server_cpu_s is not None else 0.0,  # (no server pid)
             "server_cpu_s": None if out.server_cpu_s is None else round(out.server_cpu_s, 2),
             "server_cpu_parts": out.server_cpu_parts or None,
             "server_user_s": None if out.server_split is None else round(out.server_split[0], 2),
