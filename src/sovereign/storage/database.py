@@ -76,7 +76,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -327,9 +327,7 @@ class Database:
             else:
                 self._closed = True
                 self._closing = closing
-                self._queued += len(lazy)
-                for item in lazy:  # committed before the stop
-                    self._queue.put(item)
+                self._enqueue(lazy)  # committed before the stop
                 self._queue.put(_Stop(closing))
         if self._closing is not closing:  # the writer had already stopped
             _settle(refused)
@@ -381,8 +379,7 @@ class Database:
             if not durable and not long and self._inline_s > 0:
                 self._lazy.append(item)  # below, outside the lock
             else:
-                self._queued += 1
-                self._queue.put(item)
+                self._enqueue((item,))
                 return fut
         if self._lazy_timer is None:
             # Commits on the loop: the lazy wait is kept here, not on the thread.
@@ -444,11 +441,18 @@ class Database:
             return
         with self._lock:
             if not self._closed:
-                self._queued += len(batch)
-                for item in batch:
-                    self._queue.put(item)
+                self._enqueue(batch)
                 return
         _settle([(fut, DatabaseClosed("database is closed"), None) for _, fut, _ in batch])
+
+    def _enqueue(
+        self, items: Sequence[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]]
+    ) -> None:
+        """Queue writes for the writer thread, counted in ``_queued`` (with ``_lock``
+        held): the loop commits only while the thread has finished all it was given."""
+        self._queued += len(items)
+        for item in items:
+            self._queue.put(item)
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection, in one read transaction."""
