@@ -40,6 +40,21 @@ from sovereign.client import Client, Event, MessageType, SessionEnded, Sovereign
 log = logging.getLogger("echo_bot")
 
 
+# Options whose value may start with "-". argparse reads ``--token -x…`` as a missing
+# value followed by an unknown option, and a base64url token starts with "-" one time
+# in 64, so the value is joined to its option (``--token=-x…``) before parsing.
+_VALUE_OPTIONS = ("--token", "--prefix")
+
+
+def _join_values(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg in _VALUE_OPTIONS else None
+        joined.append(arg if value is None else f"{arg}={value}")
+    return joined
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sovereign echo bot")
     p.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="server WebSocket URL")
@@ -53,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", default="text", help="comma-separated message_types to echo")
     p.add_argument("--prefix", default="", help="bytes to put before every echo")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = p.parse_args(argv)
+    args = p.parse_args(_join_values(sys.argv[1:] if argv is None else argv))
     if not args.token:
         p.error("--token (or SOVEREIGN_BOT_TOKEN) is required")
     return args

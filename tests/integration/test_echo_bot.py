@@ -6,6 +6,7 @@ catches up on what it missed while stopped (once), and stops cleanly on SIGTERM/
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import pytest
 
 from sovereign.client import Backoff, Client, Event, MessageType, SoftwareAuthenticator
 from sovereign.v1 import sovereign_pb2 as pb
@@ -180,3 +183,24 @@ async def test_echo_bot_echoes_text_catches_up_and_stops_cleanly(tmp_path: Path)
             assert [e.seq for e in history] == list(range(1, after.seq + 2))  # nothing else
         finally:
             await alice.close()
+
+
+def test_bot_takes_a_token_or_prefix_that_starts_with_a_dash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A base64url token starts with "-" one time in 64; argparse alone reads
+    ``--token -x…`` as a missing value (a CI run lost the echo bot test to exactly that)."""
+    spec = importlib.util.spec_from_file_location("echo_bot", BOT)
+    assert spec is not None and spec.loader is not None
+    bot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bot)
+    monkeypatch.delenv("SOVEREIGN_BOT_TOKEN", raising=False)
+
+    token = "-" + "A" * 42
+    args = bot.parse_args(["--url", "ws://h/ws", "--token", token, "--prefix", "- ", "-v"])
+    assert (args.url, args.token, args.prefix, args.verbose) == ("ws://h/ws", token, "- ", True)
+    assert bot.parse_args([f"--token={token}"]).token == token
+    with pytest.raises(SystemExit):
+        bot.parse_args(["--token"])  # no value at all is still an error
+    with pytest.raises(SystemExit):
+        bot.parse_args([])
