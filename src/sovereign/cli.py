@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from sovereign import __version__
-from sovereign.config import Config, ConfigError, dump_toml, load, load_with_sources
+from sovereign.config import (
+    Config,
+    ConfigError,
+    dump_toml,
+    load,
+    load_with_sources,
+    stray_environment,
+)
 
 log = logging.getLogger("sovereign.cli")
 
@@ -262,6 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _check_workers(cfg, args.workers)
     if args.worker_index is not None:
         return _serve_worker(args, cfg, sources)
+    for stray in stray_environment():  # once, not again in each worker
+        log.warning("%s", stray)
     if args.workers > 1:
         return _supervise(args, cfg)
     try:

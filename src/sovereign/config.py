@@ -14,6 +14,7 @@ settings view shows it, SPEC §12.23).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -289,6 +290,44 @@ def load(
 ) -> Config:
     """Build the effective configuration: flags > environment > file > default."""
     return load_with_sources(config_file, overrides, environ)[0]
+
+
+#: ``SOVEREIGN_*`` variables that are read, but are not settings: the build's and the
+#: compiled modules' switches, the tests' and tools' own (``SOVEREIGN_TEST_*`` too).
+NOT_SETTINGS = frozenset(
+    {
+        "PURE",
+        "ALLOW_PURE",
+        "REQUIRE_FAST",
+        "BOT_TOKEN",
+        "CHROMIUM",
+        "MLS_VECTORS",
+        "MLS_EXAMPLES",
+        "CRASH_SEED",
+        "CRASH_ROUNDS",
+    }
+)
+
+
+def stray_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per ``SOVEREIGN_*`` variable that names no setting. A misspelt key in
+    the config file is refused (``forbid_unknown_fields``); in the environment it would
+    otherwise be ignored without a word, and the server would run on the default.
+    Names only: a value may be a secret (a DSN's password)."""
+    env = os.environ if environ is None else environ
+    settings = sorted(key.upper() for key in _hints())
+    known = set(settings)
+    out = []
+    for name in sorted(env):
+        if not name.startswith("SOVEREIGN_"):
+            continue
+        key = name[len("SOVEREIGN_") :]
+        if key in known or key in NOT_SETTINGS or key.startswith("TEST_"):
+            continue
+        close = difflib.get_close_matches(key, settings, n=1)
+        hint = f" (did you mean SOVEREIGN_{close[0]}?)" if close else ""
+        out.append(f"{name} is not a setting; it is ignored{hint}")
+    return out
 
 
 def load_with_sources(

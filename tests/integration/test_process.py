@@ -161,6 +161,25 @@ async def test_shutdown_with_no_connections_exits_0(tmp_path: Path) -> None:
     assert await srv.stop(signal.SIGTERM) == 0
 
 
+async def test_a_misspelt_environment_setting_is_named_at_start(tmp_path: Path) -> None:
+    """A typo in a config file is refused; in the environment the server starts, on the
+    default, and says which variable it ignored and which one was likely meant."""
+    env = {"SOVEREIGN_MAX_CONECTIONS": "5", "SOVEREIGN_RATE_LIMIT_BURST": "50"}
+    srv = Server(tmp_path / "data", env=env)
+    await srv.start()
+    try:
+        out = srv.output()
+        assert (
+            "SOVEREIGN_MAX_CONECTIONS is not a setting; it is ignored"
+            " (did you mean SOVEREIGN_MAX_CONNECTIONS?)" in out
+        ), out
+        assert "SOVEREIGN_RATE_LIMIT_BURST" not in out  # a real setting: no word
+        assert "WARNING" in next(line for line in srv.lines if "MAX_CONECTIONS" in line)
+        await wait_handlers_installed(srv)
+    finally:
+        assert await srv.stop() == 0
+
+
 # -- implementations, SOVEREIGN_REQUIRE_FAST and SOVEREIGN_PURE -------------------------
 
 # Whatever the caller's shell has: each test below sets the flags it is about.

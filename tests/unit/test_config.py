@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from sovereign.config import Config, ConfigError, dump_toml, load, load_with_sources
+from sovereign.config import (
+    NOT_SETTINGS,
+    Config,
+    ConfigError,
+    dump_toml,
+    load,
+    load_with_sources,
+    stray_environment,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_match_spec_section_9() -> None:
@@ -70,6 +80,41 @@ def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
     f.write_text("no_such_key = 1\n")
     with pytest.raises(ConfigError, match="no_such_key"):
         load(f, {}, environ={})
+
+
+def test_a_misspelt_environment_setting_is_named_with_the_likely_one() -> None:
+    env = {
+        "SOVEREIGN_MAX_CONECTIONS": "5",  # misspelt
+        "SOVEREIGN_RATE_LIMIT_BURST": "50",  # a setting
+        "SOVEREIGN_REQUIRE_FAST": "1",  # read, not a setting
+        "SOVEREIGN_TEST_LOOP": "both",  # the tests' own
+        "SOVEREIGN_ZZZ": "1",  # like nothing
+        "PATH": "/bin",
+    }
+    assert stray_environment(env) == [
+        "SOVEREIGN_MAX_CONECTIONS is not a setting; it is ignored"
+        " (did you mean SOVEREIGN_MAX_CONNECTIONS?)",
+        "SOVEREIGN_ZZZ is not a setting; it is ignored",
+    ]
+    # The settings still load: a stray variable is reported, never fatal.
+    assert load(None, {}, environ=env).rate_limit_burst == 50
+    # Every setting's own variable is accepted.
+    every = {"SOVEREIGN_" + k.upper(): "" for k in Config.__struct_fields__}
+    assert stray_environment(every) == []
+
+
+def test_every_variable_that_is_not_a_setting_is_read_somewhere() -> None:
+    """The exemption list cannot keep a name that nothing reads any more."""
+    files = [
+        p
+        for folder in ("src", "tests", "benchmarks", "examples")
+        for p in (ROOT / folder).rglob("*")
+        if p.suffix in (".py", ".pyx", ".js") and p.name != "test_config.py"
+    ]
+    files += [ROOT / "setup.py", ROOT / "Makefile", *(ROOT / ".ci").iterdir()]
+    text = "".join(p.read_text(errors="replace") for p in files if p.is_file())
+    for name in NOT_SETTINGS:
+        assert f"SOVEREIGN_{name}" in text, name
 
 
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
