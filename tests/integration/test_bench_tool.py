@@ -47,6 +47,12 @@ RUNS: dict[str, list[str]] = {
     ],
     "idle": ["idle", "--connections", "50", "--duration", "1", "--heartbeat", "0.5"],
     "mixed": ["mixed", "--users", "20", "--rate", "200", "--duration", "1", "--group-size", "4"],
+    # Two sides, one round: A as spawned by default, B with a setting of its own. ab's
+    # options come before the scenario; the common ones after it go to the scenario.
+    "ab": [
+        *("ab", "--rounds", "1", "--b-env", "METRICS=false", "--b-label", "no metrics"),
+        *("relay", "--pairs", "2", "--rate", "50", "--duration", "0.5"),
+    ],
 }
 # No CPU pinning: CI machines may have one core. The JSON still carries every figure.
 # A short tail (the default is a checkpoint interval and a second) keeps the runs quick.
@@ -64,7 +70,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, 
         common = [a for a in COMMON if name == "idle" or a not in ("--settle", "0.2")]
         procs_flag = [] if "--procs" in argv else ["--procs", "1"]
         cmd = [sys.executable, "-m", "sovereign.bench", *argv, *procs_flag, *common]
-        cmd += ["--json", str(out)]
+        if name == "ab":  # its own --json comes before the scenario
+            cmd[4:4] = ["--json", str(out)]
+        else:
+            cmd += ["--json", str(out)]
         procs[name] = (
             subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -216,6 +225,30 @@ def test_mixed(runs: dict[str, tuple[int, str, dict[str, Any]]]) -> None:
     assert r["deliveries_unique"] == r["deliveries_expected"]
     assert r["by_kind"]["message"]["done"] > 0
     assert all(k["failed"] == 0 for k in r["by_kind"].values())
+
+
+def test_ab_runs_each_side_with_its_own_settings_and_reports_the_ratio(
+    runs: dict[str, tuple[int, str, dict[str, Any]]],
+) -> None:
+    code, text, doc = runs["ab"]
+    assert code == 0, text
+    assert (doc["a"]["label"], doc["b"]["label"]) == ("before", "no metrics")
+    (rnd,) = doc["rounds"]
+    assert rnd["order"] == ["a", "b"]
+    for side in ("a", "b"):
+        (r,) = rnd[side]["results"]
+        assert r["phase"] == "fixed@50" and r["complete"] and all(r["checks"].values())
+        assert rnd[side]["problems"] == [], rnd[side]["problems"]
+    # B's server got its setting, A's did not.
+    assert rnd["b"]["server"]["settings"]["SOVEREIGN_METRICS"] == "false"
+    assert "SOVEREIGN_METRICS" not in rnd["a"]["server"]["settings"]
+    # The ratio is B over A, from the two runs' own figures.
+    cell = doc["ratios"]["relay/fixed@50"]["CPU us per unit"]
+    a_us = rnd["a"]["results"][0]["server_cpu_us_per_unit"]
+    b_us = rnd["b"]["results"][0]["server_cpu_us_per_unit"]
+    assert cell["a"] == [a_us] and cell["b"] == [b_us]
+    assert cell["ratio"] == [round(b_us / a_us, 3)] == [cell["median"]]
+    assert "relay/fixed@50" in text and "CPU us per unit" in text and "median" in text
 
 
 def test_message_send_parts_is_a_valid_message_send() -> None:

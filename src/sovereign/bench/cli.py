@@ -57,6 +57,8 @@ examples:
   sovereign-bench relay --url ws://127.0.0.1:8080/ws --data-dir ./data --server-pid 1234
   sovereign-bench relay --storage postgres --workers 2   # a throwaway DB + redis-server
   sovereign-bench compare --duration 10   # SQLite vs PostgreSQL, 1 vs 2 workers, one run
+  sovereign-bench ab --a-python ../before/.venv/bin/python relay --rate max --fixed 1000
+                                          # two builds back to back, ratios per round
 
 By default the tool spawns `python -m sovereign serve` on a temporary data dir (SQLite,
 synchronous=FULL), pinned with taskset to --server-cpu, with the rate limit, per-user
@@ -965,6 +967,10 @@ def main(argv: list[str] | None = None) -> int:
         from sovereign.bench.compare import main as compare
 
         return compare(argv[1:])
+    if argv[:1] == ["ab"]:  # two sides, alternating, each run a child (ab.py)
+        from sovereign.bench.ab import main as ab
+
+        return ab(argv[1:])
     args = build_parser().parse_args(argv)
     if args.duration is None:
         args.duration = args.duration_default
