@@ -42,20 +42,33 @@ log = logging.getLogger("echo_bot")
 
 # Options whose value may start with "-". argparse reads ``--token -x…`` as a missing
 # value followed by an unknown option, and a base64url token starts with "-" one time
-# in 64, so the value is joined to its option (``--token=-x…``) before parsing.
+# in 64, so such a value is joined to its option (``--token=-x…``) before parsing;
+# unless it is one of the bot's own options (``--token --url …``: the token is missing,
+# and argparse says so).
 _VALUE_OPTIONS = ("--token", "--prefix")
+#: Every option string of :func:`build_parser` (a test keeps the two in step).
+_OPTIONS = frozenset(
+    {"-h", "--help", "--url", "--token", "--cafile", "--types", "--prefix", "-v", "--verbose"}
+)
 
 
 def _join_values(argv: list[str]) -> list[str]:
     joined: list[str] = []
-    rest = iter(argv)
-    for arg in rest:
-        value = next(rest, None) if arg in _VALUE_OPTIONS else None
-        joined.append(arg if value is None else f"{arg}={value}")
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUE_OPTIONS and i + 1 < len(argv):
+            value = argv[i + 1]
+            if value.startswith("-") and value not in _OPTIONS:
+                joined.append(f"{arg}={value}")
+                i += 2
+                continue
+        joined.append(arg)
+        i += 1
     return joined
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sovereign echo bot")
     p.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="server WebSocket URL")
     p.add_argument(
@@ -68,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", default="text", help="comma-separated message_types to echo")
     p.add_argument("--prefix", default="", help="bytes to put before every echo")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(_join_values(sys.argv[1:] if argv is None else argv))
     if not args.token:
         p.error("--token (or SOVEREIGN_BOT_TOKEN) is required")

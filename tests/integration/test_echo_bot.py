@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,15 +186,20 @@ async def test_echo_bot_echoes_text_catches_up_and_stops_cleanly(tmp_path: Path)
             await alice.close()
 
 
+def _load_bot() -> Any:
+    spec = importlib.util.spec_from_file_location("echo_bot", BOT)
+    assert spec is not None and spec.loader is not None
+    bot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bot)
+    return bot
+
+
 def test_bot_takes_a_token_or_prefix_that_starts_with_a_dash(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A base64url token starts with "-" one time in 64; argparse alone reads
     ``--token -x…`` as a missing value (a CI run lost the echo bot test to exactly that)."""
-    spec = importlib.util.spec_from_file_location("echo_bot", BOT)
-    assert spec is not None and spec.loader is not None
-    bot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bot)
+    bot = _load_bot()
     monkeypatch.delenv("SOVEREIGN_BOT_TOKEN", raising=False)
 
     token = "-" + "A" * 42
@@ -204,3 +210,16 @@ def test_bot_takes_a_token_or_prefix_that_starts_with_a_dash(
         bot.parse_args(["--token"])  # no value at all is still an error
     with pytest.raises(SystemExit):
         bot.parse_args([])
+
+
+def test_a_forgotten_token_is_still_named_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--token --url X``: the next word is one of the bot's options, not a token."""
+    bot = _load_bot()
+    monkeypatch.delenv("SOVEREIGN_BOT_TOKEN", raising=False)
+    with pytest.raises(SystemExit):
+        bot.parse_args(["--token", "--url", "ws://h/ws"])
+    assert "argument --token: expected one argument" in capsys.readouterr().err
+    # The joining rule knows every option the parser has.
+    assert set(bot.build_parser()._option_string_actions) == bot._OPTIONS
