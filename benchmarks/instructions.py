@@ -2,9 +2,11 @@
 
 Wall-clock benchmarks drift on shared machines; the number of instructions a fixed
 piece of work executes does not (to well under 1%). ``make bench-instructions`` runs
-this module under ``valgrind --tool=callgrind`` once per workload and once with no
-workload, and reports the difference — the instructions of the workload alone, every
-thread included (the SQLite writer's commits too), start-up and set-up excluded:
+this module under ``valgrind --tool=callgrind`` in two processes at once (``GROUPS``):
+each sets up once, then runs its two workloads one after the other. callgrind dumps its
+counters at every call of libc's ``sched_yield`` (:func:`mark`, made only around a
+workload), so each workload is counted alone, every thread included (the SQLite
+writer's commits too), start-up, set-up and teardown excluded:
 
 - ``send``: decode + dispatch + handle of 2,000 MESSAGE_SEND envelopes in a 1:1
   conversation, one at a time (each its own group commit, as at everyday load): the
@@ -27,8 +29,9 @@ one, and counts bytes instead of writing to sockets.
 
 ``python -m benchmarks.instructions --check FILE`` (from the repository root) compares
 with a stored baseline and exits 1 if a count rose by more than ``--tolerance`` (5%);
-``--update FILE`` writes the baseline. ``--workload NAME`` (used under valgrind) runs
-one workload; counts are per unit (per message, cycle or delivery).
+``--update FILE`` writes the baseline. ``--workload NAME[,NAME...]`` (used under
+valgrind) runs workloads without valgrind; counts are per unit (per message, cycle or
+delivery).
 """
 
 from __future__ import annotations
@@ -66,12 +69,16 @@ _fan = implementations.load("fanout")
 #: near 1% of the difference.
 UNITS = {"send": 2000, "send_batched": 6000, "cycle": 2000, "fanout": 100_000}
 WORKLOADS = tuple(UNITS)
+#: The workloads that share one process, in order, after one set-up: two processes,
+#: about even. Fixed, not derived from ``--jobs``: a workload's count depends on what
+#: ran before it in its process (the tables' size, the idempotency keys).
+GROUPS = (("send", "cycle"), ("send_batched", "fanout"))
 BATCH = 50  # send_batched: sends per commit
 GROUP = 101  # fanout: members (100 deliveries per message)
 #: The storage's ``inline_ms``: commits on the loop whatever their wall time (see run()).
 INLINE_ALWAYS_MS = float("inf")
 _ROOT = Path(__file__).resolve().parents[1]
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+_SUMMARY = re.compile(r"^summary:\s*(\d+)", re.MULTILINE)
 
 
 class MemorySink:
@@ -298,15 +305,25 @@ def _send_envelopes(conv_id: str, n: int, prefix: str) -> list[bytes]:
     ]
 
 
-async def run(workload: str, scale: float = 1.0) -> dict[str, int]:
-    """Set everything up (the same for every workload), then run ``workload`` (or
-    nothing, for ``none``). Returns a few counters that say the work was done."""
+def mark() -> None:
+    """A workload's boundary: the one call of libc's ``sched_yield`` in a run, on which
+    callgrind dumps and zeroes its counters (``--dump-before=sched_yield``)."""
+    os.sched_yield()
+
+
+async def run(workloads: Sequence[str], scale: float = 1.0) -> dict[str, dict[str, int]]:
+    """Set everything up (the same for every run), then run ``workloads`` one after
+    another, each between two :func:`mark` calls. Returns, per workload, a few counters
+    that say the work was done."""
     import gc
 
+    from sovereign.collector import tune_gc
     from sovereign.config import load
-    from sovereign.server import tune_gc
     from sovereign.storage import open_storage
 
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workload(s): {', '.join(sorted(unknown))}")
     tmp = tempfile.mkdtemp(prefix="sovereign-instr-")
     try:
         cfg = load(
@@ -353,43 +370,45 @@ async def run(workload: str, scale: float = 1.0) -> dict[str, int]:
         recent = rig.services.state.convs[pair].recent
         tune_gc()
         gc.collect()
-        out0 = sum(lk.out.bytes for lk in rig.outbox.links)
-        db = storage.db
-        batches0, inline0 = db.batches_committed, db.inline_batches
-
-        if workload == "send":
-            for env in sends:
-                rig.dispatch(a, env)
-                await rig.eventlog.wait_idle()
-        elif workload == "send_batched":
-            for i in range(0, len(batched), BATCH):
-                for env in batched[i : i + BATCH]:
+        db, eventlog = storage.db, rig.eventlog
+        results: dict[str, dict[str, int]] = {}
+        for workload in workloads:
+            out0 = sum(lk.out.bytes for lk in rig.outbox.links)
+            batches0, inline0 = db.batches_committed, db.inline_batches
+            events0 = eventlog.events_written
+            mark()
+            if workload == "send":
+                for env in sends:
                     rig.dispatch(a, env)
-                await rig.eventlog.wait_idle()
-        elif workload == "cycle":
-            writer = rig.services.delivery.writer
-            for i, env in enumerate(cycles):
-                rig.dispatch(a, env)
-                await rig.eventlog.wait_idle()
-                ack = pb.MessageAck(message_id=recent[-1].event_id).SerializeToString()
-                rig.dispatch(b, encode_envelope(T.MESSAGE_ACK, f"k{i}", ack))
-                await writer.flush()
-        elif workload == "fanout":
-            for env in fan_sends:
-                rig.dispatch(a, env)
-                await rig.eventlog.wait_idle()
-        elif workload != "none":
-            raise ValueError(f"unknown workload {workload!r}")
-        await rig.settle()
-        written = sum(lk.out.bytes for lk in rig.outbox.links) - out0
-        batches = db.batches_committed - batches0
+                    await eventlog.wait_idle()
+            elif workload == "send_batched":
+                for i in range(0, len(batched), BATCH):
+                    for env in batched[i : i + BATCH]:
+                        rig.dispatch(a, env)
+                    await eventlog.wait_idle()
+            elif workload == "cycle":
+                writer = rig.services.delivery.writer
+                for i, env in enumerate(cycles):
+                    rig.dispatch(a, env)
+                    await eventlog.wait_idle()
+                    ack = pb.MessageAck(message_id=recent[-1].event_id).SerializeToString()
+                    rig.dispatch(b, encode_envelope(T.MESSAGE_ACK, f"k{i}", ack))
+                    await writer.flush()
+            else:  # fanout
+                for env in fan_sends:
+                    rig.dispatch(a, env)
+                    await eventlog.wait_idle()
+            await rig.settle()
+            mark()
+            batches = db.batches_committed - batches0
+            results[workload] = {
+                "bytes_written": sum(lk.out.bytes for lk in rig.outbox.links) - out0,
+                "events_written": eventlog.events_written - events0,
+                "batches": batches,
+                "batches_on_thread": batches - (db.inline_batches - inline0),
+            }
         await storage.close()
-        return {
-            "bytes_written": written,
-            "events_written": rig.eventlog.events_written,
-            "batches": batches,
-            "batches_on_thread": batches - (db.inline_batches - inline0),
-        }
+        return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -397,46 +416,63 @@ async def run(workload: str, scale: float = 1.0) -> dict[str, int]:
 # -- the valgrind driver -------------------------------------------------------------------
 
 
-def _valgrind_one(workload: str, scale: float) -> int:
+def _valgrind_group(group: Sequence[str], scale: float) -> dict[str, int]:
+    """One process under callgrind: the set-up, then ``group``'s workloads in order,
+    each counted between its two marks (the dumps callgrind makes on them)."""
     env = {**os.environ, "PYTHONHASHSEED": "0", "SOVEREIGN_REQUIRE_FAST": "1"}
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        "-m",
-        "benchmarks.instructions",
-        "--workload",
-        workload,
-        "--scale",
-        str(scale),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_ROOT)
-    m = _COLLECTED.search(p.stderr)
-    if p.returncode != 0 or m is None:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return int(m.group(1))
+    with tempfile.TemporaryDirectory(prefix="sovereign-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            "--dump-before=sched_yield",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            "-m",
+            "benchmarks.instructions",
+            "--workload",
+            ",".join(group),
+            "--scale",
+            str(scale),
+        ]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_ROOT)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        # Dump k is what ran before the k-th mark: 1 the set-up, then per workload its
+        # work (2, 4, ...) and the bookkeeping between two workloads (3, 5, ...).
+        dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda f: int(f.suffix[1:]))
+        if len(dumps) != 2 * len(group):
+            raise RuntimeError(
+                f"expected {2 * len(group)} callgrind dumps, got {len(dumps)}: something "
+                "else called sched_yield, which marks the workloads"
+            )
+        counts = []
+        for f in dumps:
+            m = _SUMMARY.search(f.read_text())
+            if m is None:
+                raise RuntimeError(f"no summary line in {f}")
+            counts.append(int(m.group(1)))
+    return {w: counts[1 + 2 * i] for i, w in enumerate(group)}
 
 
-def measure(workloads: Sequence[str], scale: float, jobs: int) -> dict[str, Any]:
-    names = ["none", *workloads]
+def measure(scale: float, jobs: int) -> dict[str, Any]:
     t0 = time.monotonic()
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        totals = dict(zip(names, pool.map(lambda w: _valgrind_one(w, scale), names), strict=True))
-    base = totals["none"]
+        totals: dict[str, int] = {}
+        for part in pool.map(lambda g: _valgrind_group(g, scale), GROUPS):
+            totals.update(part)
     counts = {}
-    for w in workloads:
+    for w in WORKLOADS:
         n = max(1, int(UNITS[w] * scale))
         if w == "fanout":
             n = max(1, n // (GROUP - 1)) * (GROUP - 1)
         counts[w] = {
-            "instructions": totals[w] - base,
+            "instructions": totals[w],
             "units": n,
-            "per_unit": round((totals[w] - base) / n),
+            "per_unit": round(totals[w] / n),
         }
     return {
         "counts": counts,
-        "setup_instructions": base,
         "seconds": round(time.monotonic() - t0, 1),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
@@ -462,10 +498,23 @@ def compare(baseline: dict[str, Any], now: dict[str, Any], tolerance: float) -> 
     return lines
 
 
+def _workload_list(text: str) -> list[str]:
+    names = [w for w in text.split(",") if w]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: name workloads from {', '.join(WORKLOADS)}, separated by commas"
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__)
     p.add_argument(
-        "--workload", choices=("none", *WORKLOADS), help="run one workload (no valgrind)"
+        "--workload",
+        type=_workload_list,
+        metavar="NAME[,NAME...]",
+        help=f"run these workloads in order after one set-up, no valgrind ({', '.join(WORKLOADS)})",
     )
     p.add_argument(
         "--scale", type=float, default=1.0, help="multiply every workload's units (default 1)"
@@ -486,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("bench-instructions: valgrind is missing (apt-get install valgrind)", file=sys.stderr)
         return 2
-    now = measure(WORKLOADS, args.scale, args.jobs)
+    now = measure(args.scale, args.jobs)
     print(f"instruction counts (valgrind callgrind, {now['seconds']} s):")
     if args.check:
         baseline = json.loads(Path(args.check).read_text())

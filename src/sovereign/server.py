@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import ipaddress
 import logging
 import signal
@@ -31,6 +30,7 @@ from sovereign.api import handler_table
 from sovereign.auth import webauthn as wa
 from sovereign.clock import SYSTEM_CLOCK, Clock
 from sovereign.cluster.redisbus import RedisBus
+from sovereign.collector import tune_gc
 from sovereign.config import Config, ConfigError
 from sovereign.errors import CloseCode, ErrorCode
 from sovereign.protocol.connection import Timeouts
@@ -438,23 +438,6 @@ def make_ssl_context(cfg: Config) -> ssl.SSLContext | None:
             f"tls_cert: cannot load {cfg.tls_cert!r} with key {cfg.tls_key!r}: {exc}"
         ) from None
     return ctx
-
-
-#: The collector's thresholds while serving (see :func:`tune_gc`).
-GC_THRESHOLDS = (50_000, 50, 1_000)
-
-
-def tune_gc() -> None:
-    """Collect less often, and never scan what start-up loaded.
-
-    Measured with py-spy (native frames) under the relay load: 36% of the event loop's
-    busy time was CPython's cyclic collector, run every 700 allocations and walking the
-    large, long-lived caches (conversations, event index, idempotency keys). The hot
-    path makes little cyclic garbage, so a higher first threshold costs little memory.
-    """
-    gc.collect()
-    gc.freeze()  # everything loaded so far: permanent generation, never traversed
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def make_bus(config: Config) -> Bus:

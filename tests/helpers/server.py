@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from sovereign import logs
+from sovereign.collector import GC_THRESHOLDS
 from sovereign.config import Config, load_with_sources
-from sovereign.server import GC_THRESHOLDS, App, create_app
+from sovereign.server import App, create_app
 from tests.helpers import pg
 
 ORIGIN = "http://localhost:8080"
@@ -82,7 +83,7 @@ _gc_depth = 0
 
 @contextmanager
 def serving_gc() -> Iterator[None]:
-    """The collector policy ``sovereign serve`` sets (``server.tune_gc``), for a server
+    """The collector policy ``sovereign serve`` sets (``collector.tune_gc``), for a server
     that shares this process with pytest.
 
     ``serve`` freezes what start-up loaded, so a full collection walks only the server's

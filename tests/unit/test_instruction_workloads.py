@@ -35,27 +35,37 @@ def slow_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(database, "time", clock)
 
 
-@pytest.mark.parametrize("workload", instructions.WORKLOADS)
-async def test_a_workload_commits_on_the_loop_however_slow(
-    workload: str, slow_commits: None
+@pytest.mark.parametrize("group", instructions.GROUPS)
+async def test_workloads_commit_on_the_loop_however_slow(
+    group: tuple[str, ...], slow_commits: None
 ) -> None:
-    got = await instructions.run(workload, SCALE)
-    units = max(1, int(instructions.UNITS[workload] * SCALE))
-    assert got["batches_on_thread"] == 0, got
-    assert got["bytes_written"] > 0
-    if workload == "send":  # one commit per message
-        assert got["batches"] == units
-    elif workload == "send_batched":  # 50 per commit
-        assert got["batches"] == -(-units // instructions.BATCH)
-    elif workload == "cycle":  # the message's commit, then the ack's cursor
-        assert got["batches"] == 2 * units
-    else:
-        assert got["batches"] == units // (instructions.GROUP - 1)
+    """Each group as the guard runs it: one set-up, its workloads in order."""
+    got = await instructions.run(group, SCALE)
+    assert list(got) == list(group)
+    for workload, counters in got.items():
+        units = max(1, int(instructions.UNITS[workload] * SCALE))
+        assert counters["batches_on_thread"] == 0, (workload, counters)
+        assert counters["bytes_written"] > 0
+        if workload == "send":  # one commit per message
+            assert counters["batches"] == counters["events_written"] == units
+        elif workload == "send_batched":  # 50 per commit
+            assert counters["batches"] == -(-units // instructions.BATCH)
+            assert counters["events_written"] == units
+        elif workload == "cycle":  # the message's commit, then the ack's cursor
+            assert counters["batches"] == 2 * units
+            assert counters["events_written"] == units
+        else:
+            assert counters["batches"] == units // (instructions.GROUP - 1)
 
 
-async def test_the_empty_run_commits_nothing() -> None:
-    got = await instructions.run("none", SCALE)
-    assert got["batches"] == 0 and got["bytes_written"] == 0
+def test_the_groups_run_every_workload_once() -> None:
+    names = [w for group in instructions.GROUPS for w in group]
+    assert sorted(names) == sorted(instructions.WORKLOADS)
+
+
+async def test_an_unknown_workload_is_refused() -> None:
+    with pytest.raises(ValueError, match="nonsense"):
+        await instructions.run(["send", "nonsense"], SCALE)
 
 
 def test_a_rise_past_the_tolerance_is_a_regression() -> None:

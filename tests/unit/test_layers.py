@@ -30,6 +30,7 @@ SERVER_SIDE = {"server", "cli", "api", "admin", "services", "transport", "storag
 FORBIDDEN: dict[str, set[str]] = {
     "errors": {"*"},
     "clock": {"*"},
+    "collector": {"*"},
     "stats": {"*"},
     "protocol": {
         "server",

@@ -627,7 +627,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]  # untyped (no stub)
         finally:
             # Break the reference cycles of a closed connection (protocol, transport
             # wrapper, listener), so it is freed when its last reference goes, not at
-            # the next full collection: `serve` collects rarely (server.tune_gc), and
+            # the next full collection: `serve` collects rarely (collector.tune_gc), and
             # a storm of short connections otherwise piles up tens of MB until then.
             lt, self._lingering = self._lingering, None
             if lt is not None:
