@@ -65,8 +65,7 @@ from sovereign.v1 import sovereign_pb2 as pb
 _fan = implementations.load("fanout")
 
 #: Units of each workload: enough that each counts a few hundred million instructions,
-#: so set-up noise between runs (~0.2% of ~2.4 G: random ids shape the B-trees) stays
-#: near 1% of the difference.
+#: so what differs between runs (random ids shape the B-trees) stays under ~0.5% of it.
 UNITS = {"send": 2000, "send_batched": 6000, "cycle": 2000, "fanout": 100_000}
 WORKLOADS = tuple(UNITS)
 #: The workloads that share one process, in order, after one set-up: two processes,
@@ -306,8 +305,8 @@ def _send_envelopes(conv_id: str, n: int, prefix: str) -> list[bytes]:
 
 
 def mark() -> None:
-    """A workload's boundary: the one call of libc's ``sched_yield`` in a run, on which
-    callgrind dumps and zeroes its counters (``--dump-before=sched_yield``)."""
+    """A workload's start or end: the only calls of libc's ``sched_yield`` in a run, on
+    which callgrind dumps and zeroes its counters (``--dump-before=sched_yield``)."""
     os.sched_yield()
 
 
