@@ -31,11 +31,13 @@ test: $(STAMP) interop web-deps lint typecheck
 
 ## test-postgres: the storage tests and the integration suite with every test server on
 ## a throwaway PostgreSQL database (local server, 127.0.0.1:5432, user postgres), uvloop
-# Tests that run on PostgreSQL whatever SOVEREIGN_TEST_STORAGE says (the cluster, the
-# workers, the Redis bus, the migration) already ran in the main pass: not twice.
+# Tests whose storage SOVEREIGN_TEST_STORAGE does not choose (the cluster and its admin
+# state, the workers, the Redis bus, the migration: PostgreSQL always; the load tool:
+# the servers it spawns itself) already ran in the main pass: not twice.
 PG_ONLY_ONCE = --ignore=tests/integration/test_cluster.py --ignore=tests/integration/test_workers.py \
   --ignore=tests/integration/test_redis_bus.py --ignore=tests/integration/test_redis_nodes.py \
-  --ignore=tests/integration/test_postgres_migration.py
+  --ignore=tests/integration/test_postgres_migration.py \
+  --ignore=tests/integration/test_cluster_admin.py --ignore=tests/integration/test_bench_tool.py
 test-postgres: $(STAMP)
 	SOVEREIGN_TEST_LOOP=uvloop SOVEREIGN_TEST_STORAGE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit/storage tests/integration $(PG_ONLY_ONCE) $(PG_ARGS)
 
