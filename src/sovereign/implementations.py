@@ -54,7 +54,7 @@ PYTHON: Final = "python"
 
 @dataclass(frozen=True, slots=True)
 class Component:
-    name: str  # the key callers use: "envelope", "dispatch", "fanout", "walvfs"
+    name: str  # the key callers use: "envelope", "dispatch", "fanout", "walvfs", "ids"
     label: str  # as the start-up log names it
     compiled: str  # the Cython module
     python: str  # its pure-Python twin
@@ -73,6 +73,7 @@ COMPONENTS: Final[Mapping[str, Component]] = {
         Component(
             "walvfs", "WAL coalescing", "sovereign._fast.walvfs", "sovereign.storage.walvfs_twin"
         ),
+        Component("ids", "event ids", "sovereign._fast.ids", "sovereign.services.ids"),
     )
 }
 

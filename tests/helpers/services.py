@@ -22,10 +22,10 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from sovereign import implementations
 from sovereign.api import handler_table
 from sovereign.config import Config, validate
 from sovereign.protocol.types import MessageType as T
-from sovereign.services import ids
 from sovereign.services.compose import build_services
 from sovereign.services.eventlog import Conv
 from sovereign.services.ports import Bus
@@ -35,6 +35,8 @@ from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.bus import Hub
 from tests.helpers.fakes import FakeClock, FakeOutbox, Hold, Sent
 
+#: The event-id generator the services use (its state is put back after a harness).
+_IDS = implementations.load("ids")
 SETTLE_TIMEOUT = 10.0  # a guard against a hung test, not a wait for time to pass
 
 
@@ -249,10 +251,10 @@ async def harness(
     unless overridden, so READY ends at presence unless a test asks for
     MLS_KEY_PACKAGE_LOW."""
     settings: dict[str, Any] = {"min_key_packages": 0, **overrides}
-    # Event ids are monotonic per process (sovereign.services.ids keeps the last
+    # Event ids are monotonic per process (the "ids" component keeps the last
     # millisecond): ids stamped with the fake clock's 2030 would hold every later id of
     # this test process in 2030, so that state is put back when the harness closes.
-    id_state = list(ids._state)
+    id_state = _IDS.state()
     config = validate(Config(data_dir=str(data_dir), **settings))
     storage = await open_storage(config.sqlite_path, max_batch=config.group_commit_max_batch)
     try:
@@ -260,7 +262,7 @@ async def harness(
         await h.load()
     except BaseException:
         await storage.close()
-        ids._state[:] = id_state
+        _IDS.set_state(*id_state)
         raise
     try:
         yield h
@@ -268,7 +270,7 @@ async def harness(
         try:
             await h.close()
         finally:
-            ids._state[:] = id_state
+            _IDS.set_state(*id_state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +339,7 @@ async def cluster_pair(
     never concurrent inside one commit; on PostgreSQL the two writers' transactions
     really overlap (row locks, unique-key waits)."""
     settings: dict[str, Any] = {"min_key_packages": 0, **overrides}
-    id_state = list(ids._state)
+    id_state = _IDS.state()
     clock = clock or FakeClock()
     config = validate(Config(data_dir=str(data_dir), **settings))
     hub = Hub()
@@ -364,4 +366,4 @@ async def cluster_pair(
             for h in reversed(nodes):
                 await h.close()
         finally:
-            ids._state[:] = id_state
+            _IDS.set_state(*id_state)

@@ -106,7 +106,8 @@ def test_every_caller_gets_the_cached_choice() -> None:
 def test_describe_names_every_component_for_the_startup_log() -> None:
     kind = "(compiled|python)"
     assert re.fullmatch(
-        f"envelope codec: {kind}, dispatcher: {kind}, fan-out: {kind}, WAL coalescing: {kind}",
+        f"envelope codec: {kind}, dispatcher: {kind}, fan-out: {kind}, WAL coalescing: {kind},"
+        f" event ids: {kind}",
         impls.describe(),
     )
 
@@ -160,7 +161,8 @@ def test_pure_gives_the_twins_everywhere() -> None:
         "python sovereign.codec.envelope",
         "sovereign.transport.fanout",
         "sovereign.protocol.dispatch python",
-        "envelope codec: python, dispatcher: python, fan-out: python, WAL coalescing: python",
+        "envelope codec: python, dispatcher: python, fan-out: python, WAL coalescing: python,"
+        " event ids: python",
         "[]",  # no compiled module was even imported
     ]
 
@@ -178,7 +180,7 @@ def test_compiled_everywhere_by_default() -> None:
     ]
     assert lines[3] == (
         "envelope codec: compiled, dispatcher: compiled, fan-out: compiled,"
-        " WAL coalescing: compiled"
+        " WAL coalescing: compiled, event ids: compiled"
     )
     assert lines[4] == str(sorted(c.compiled for c in impls.COMPONENTS.values()))
 

@@ -25,13 +25,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+from sovereign import implementations
 from sovereign.clock import Clock
 from sovereign.codec import encode_envelope, encode_message_delivered, encode_message_receive
 from sovereign.codec.payloads import MessageAck, MessageSend
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
-from sovereign.services import ids
 from sovereign.services.eventlog import Conv, Event, EventInfo, EventLog, Op
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
@@ -297,7 +297,7 @@ class DeliveryService:
         requests = self.requests
         if requests.fold:
             unfolded, newest = await self.db.read(sql.unfolded_send_requests_txn)
-            ids.start_after(newest)
+            implementations.load("ids").start_after(newest)
             requests.load_unfolded(unfolded)
             total += len(unfolded)
         log.info("loaded %d idempotency keys", total)

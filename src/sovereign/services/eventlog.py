@@ -29,13 +29,17 @@ from typing import Any
 
 import msgspec
 
+from sovereign import implementations
 from sovereign.protocol.types import MessageType as T
-from sovereign.services.ids import new_ulid
 from sovereign.stats import Histogram
 from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
 from sovereign.storage.database import Conn, Database
 from sovereign.v1 import sovereign_pb2 as pb
+
+#: Event ids (also for groups and MLS), from the compiled generator or its twin:
+#: one generator, so one monotonic state, per process.
+new_ulid = implementations.load("ids").new_ulid
 
 log = logging.getLogger("sovereign.eventlog")
 

@@ -16,8 +16,7 @@ from sovereign.config import Config
 from sovereign.errors import ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.delivery import DeliveryService
-from sovereign.services.eventlog import PENDING_SEQ, Conv, Event, EventLog, Member, Op
-from sovereign.services.ids import new_ulid
+from sovereign.services.eventlog import PENDING_SEQ, Conv, Event, EventLog, Member, Op, new_ulid
 from sovereign.services.ports import Outbox
 from sovereign.services.session import Session
 from sovereign.services.state import ConversationState, Device

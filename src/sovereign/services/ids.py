@@ -3,10 +3,18 @@
 python-ulid costs ~4 us per id; this costs 1.3 us, and 0.3 us for another id in the same
 millisecond. Within one millisecond the random part is incremented, so ids sort in
 creation order (retention deletes by id range).
+
+This is the pure-Python twin of ``sovereign._fast.ids`` (the component "ids" in
+``sovereign.implementations``): :func:`new_ulid`, :func:`start_after`, :func:`state` and
+:func:`set_state` are the component's API, and callers that make ids take them from
+``implementations.load("ids")``, so that one generator (one state) serves the process.
+The helpers below them (:func:`encode`, :func:`ulid_ms`, :func:`ulid_floor`) are
+stateless and have no compiled twin.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -14,6 +22,9 @@ _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> 2 chars
 _rng = random.SystemRandom()
 _fast = random.Random(_rng.getrandbits(128))
+# A forked child must not repeat its parent's random parts (random.Random instances are
+# not reseeded by the random module's own fork hook).
+os.register_at_fork(after_in_child=lambda: _fast.seed(_rng.getrandbits(128)))
 _state = [0, 0]  # last ms, last random part
 
 
@@ -84,6 +95,17 @@ def new_ulid(now_ms: int | None = None) -> str:
     _state[0] = ms
     _state[1] = rand
     return _time_prefix(ms) + _random_part(rand)
+
+
+def state() -> tuple[int, int]:
+    """(millisecond, 80-bit random part) of the last id."""
+    return _state[0], _state[1]
+
+
+def set_state(ms: int, rand: int) -> None:
+    """Make the next id follow (``ms``, ``rand``) as if it were the last one made."""
+    _state[0] = ms
+    _state[1] = rand
 
 
 def start_after(ulid: str) -> None:

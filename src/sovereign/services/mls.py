@@ -32,8 +32,7 @@ from sovereign.mls.validate import (
 from sovereign.mls.wire import MLSDecodeError
 from sovereign.protocol.types import MessageType as T
 from sovereign.services.delivery import DeliveryService
-from sovereign.services.eventlog import Conv, EventLog, Op
-from sovereign.services.ids import new_ulid
+from sovereign.services.eventlog import Conv, EventLog, Op, new_ulid
 from sovereign.services.ports import Outbox
 from sovereign.services.session import Session, SyncState
 from sovereign.services.state import ConversationState
