@@ -54,7 +54,7 @@ PYTHON: Final = "python"
 
 @dataclass(frozen=True, slots=True)
 class Component:
-    name: str  # the key callers use: "envelope", "dispatch", "fanout", "walvfs", "ids"
+    name: str  # the key callers use: "envelope", "dispatch", "fanout", "walvfs", "ids", "keyfilter"
     label: str  # as the start-up log names it
     compiled: str  # the Cython module
     python: str  # its pure-Python twin
@@ -74,6 +74,12 @@ COMPONENTS: Final[Mapping[str, Component]] = {
             "walvfs", "WAL coalescing", "sovereign._fast.walvfs", "sovereign.storage.walvfs_twin"
         ),
         Component("ids", "event ids", "sovereign._fast.ids", "sovereign.services.ids"),
+        Component(
+            "keyfilter",
+            "idempotency filter",
+            "sovereign._fast.keyfilter",
+            "sovereign.services.keyfilter",
+        ),
     )
 }
 

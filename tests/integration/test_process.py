@@ -196,6 +196,7 @@ async def test_startup_log_names_the_compiled_implementations(tmp_path: Path) ->
         assert "dispatcher: compiled" in listening
         assert "WAL coalescing: compiled" in listening  # storage/walvfs.py
         assert "event ids: compiled" in listening
+        assert "idempotency filter: compiled" in listening
         assert "WAL writes are not coalesced" not in srv.output()  # SQLite: it runs
         await wait_handlers_installed(srv)
     finally:
@@ -263,6 +264,7 @@ async def test_without_require_fast_the_python_twins_run(tmp_path: Path) -> None
         listening = next(line for line in srv.lines if "listening on" in line)
         assert "envelope codec: python" in listening and "dispatcher: python" in listening
         assert "WAL coalescing: python" in listening and "event ids: python" in listening
+        assert "idempotency filter: python" in listening
         if pg.STORAGE == "sqlite":  # the SQLite writer says why it writes as SQLite does
             assert "WAL writes are not coalesced: the pure-Python twin runs" in srv.output()
         await wait_handlers_installed(srv)

@@ -107,7 +107,7 @@ def test_describe_names_every_component_for_the_startup_log() -> None:
     kind = "(compiled|python)"
     assert re.fullmatch(
         f"envelope codec: {kind}, dispatcher: {kind}, fan-out: {kind}, WAL coalescing: {kind},"
-        f" event ids: {kind}",
+        f" event ids: {kind}, idempotency filter: {kind}",
         impls.describe(),
     )
 
@@ -162,7 +162,7 @@ def test_pure_gives_the_twins_everywhere() -> None:
         "sovereign.transport.fanout",
         "sovereign.protocol.dispatch python",
         "envelope codec: python, dispatcher: python, fan-out: python, WAL coalescing: python,"
-        " event ids: python",
+        " event ids: python, idempotency filter: python",
         "[]",  # no compiled module was even imported
     ]
 
@@ -180,7 +180,7 @@ def test_compiled_everywhere_by_default() -> None:
     ]
     assert lines[3] == (
         "envelope codec: compiled, dispatcher: compiled, fan-out: compiled,"
-        " WAL coalescing: compiled, event ids: compiled"
+        " WAL coalescing: compiled, event ids: compiled, idempotency filter: compiled"
     )
     assert lines[4] == str(sorted(c.compiled for c in impls.COMPONENTS.values()))
 

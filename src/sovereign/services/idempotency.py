@@ -43,17 +43,24 @@ A storage read runs while other sends go on. If the original commits during that
 read, the read may not see it and the recent tier may already have let it go again
 (under heavy traffic); :meth:`SendRequests.watch` records the event id of a watched
 key committed meanwhile, so the check still finds the original (never a duplicate).
+
+What every send calls, and the state it touches, is ``KeyFilter``
+(``services/keyfilter.py``, compiled as ``sovereign._fast.keyfilter`` where built);
+``SendRequests`` adds the rest.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from sovereign import implementations
 from sovereign.services.ids import ulid_ms
+from sovereign.services.keyfilter import Key
 
 if TYPE_CHECKING:
-    from sovereign.services.eventlog import Op
+    from sovereign.services.keyfilter import KeyFilter
+else:  # the compiled filter, or its twin (the per-send calls: services/keyfilter.py)
+    KeyFilter = implementations.load("keyfilter").KeyFilter
 
 #: SPEC §5: the idempotency window.
 IDEMPOTENCY_US = 24 * 3600 * 1_000_000
@@ -80,11 +87,13 @@ GEN_KEYS = 1024
 #: or rows one per send as on PostgreSQL, and its keys' locality fades with its size).
 MAX_GENS = 256
 
-Key = tuple[str, str]  # (user_id, request_id)
 
+class SendRequests(KeyFilter):
+    """The idempotency keys of MESSAGE_SEND: ``pending``, ``recent`` and the filters.
 
-class SendRequests:
-    """The idempotency keys of MESSAGE_SEND: ``pending``, ``recent`` and the filters."""
+    What every send calls (``maybe_stored``, ``begin``, ``committed``, ``undo``, ``add``)
+    and the state it touches are :class:`KeyFilter`'s, compiled where built; this class
+    adds what runs rarely."""
 
     def __init__(
         self,
@@ -96,82 +105,24 @@ class SendRequests:
         max_gens: int = MAX_GENS,
     ) -> None:
         gen_keys = GEN_KEYS if gen_keys is None else gen_keys
-        if filter_bits < 8 or filter_bits & (filter_bits - 1):
-            raise ValueError("filter_bits must be a power of two >= 8")
-        if recent_max < 0 or period_us <= 0 or window_us <= 0 or gen_keys <= 0 or max_gens <= 0:
+        if window_us <= 0 or max_gens <= 0:
             raise ValueError("bad idempotency sizes")
-        self.recent_max = recent_max
+        super().__init__(recent_max, filter_bits, period_us, gen_keys)
         self.window_us = window_us
-        self.period_us = period_us
-        self.pending: dict[Key, Op] = {}
-        self.recent: OrderedDict[Key, str] = OrderedDict()
-        self._mask = filter_bits - 1
-        self._bytes = filter_bits // 8
-        self._periods: dict[int, bytearray] = {}  # period number -> filter bits
-        # The same arrays as a list (the per-send test iterates it: no dict view), and
-        # the newest period's array (nearly every add lands there: no dict lookup).
-        self._filters: list[bytearray] = []
-        self._newest_p: int | None = None
-        self._newest: bytearray = bytearray()
-        self._watching: dict[Key, int] = {}  # key -> storage checks in flight
-        self._committed: dict[Key, str] = {}  # watched keys committed meanwhile
         #: The generation new keys are stored in, and how many more it takes.
-        self.gen_keys = gen_keys
         self.max_gens = max_gens
         self.gen = 0
         self._gen_left = gen_keys
-        self._counts: dict[int, int] = {}  # period number -> keys added in it
-        #: SQLite on one node (migration 0009): a send's key is stored in its event row
-        #: and folded into ``send_requests`` GEN_KEYS keys at a time. Until then its
-        #: committed key is here (-> event id), as are, while a fold is in flight, the
-        #: keys that fold copies (``folding``).
-        self.fold = False
-        self.unfolded: dict[Key, str] = {}
-        self.folding: dict[Key, str] | None = None
         self._gen_filled = 0  # keys folded into generation ``gen`` so far
         #: Counters for /metrics-style reporting and tests.
         self.storage_checks = 0
 
-    # -- the hot path -------------------------------------------------------------------
     def known(self, key: Key, now_us: int) -> str | None:
         """The event id of a recent committed send with this key, or None."""
         event_id = self.recent.get(key)
         if event_id is not None and ulid_ms(event_id) * 1000 < now_us - self.window_us:
             return None  # past the window (not purged yet): a new message
         return event_id
-
-    def maybe_stored(self, key: Key) -> bool:
-        """False when ``key`` was certainly not used in the window (no storage read
-        needed); True when it may have been (look it up in storage)."""
-        h = hash(key)
-        mask = self._mask
-        i1 = h & mask
-        step = (h >> 32) | 1
-        i2 = (i1 + step) & mask
-        i3 = (i2 + step) & mask
-        for bits in self._filters:
-            if (
-                bits[i1 >> 3] >> (i1 & 7) & 1
-                and bits[i2 >> 3] >> (i2 & 7) & 1
-                and bits[i3 >> 3] >> (i3 & 7) & 1
-            ):
-                return True
-        return False
-
-    def add(self, key: Key, ts_us: int) -> None:
-        """Put ``key`` (a send at ``ts_us``) in the filter of its period."""
-        p = ts_us // self.period_us
-        self._counts[p] = self._counts.get(p, 0) + 1
-        bits = self._newest if p == self._newest_p else self._periods.get(p) or self._period(p)
-        h = hash(key)
-        mask = self._mask
-        i = h & mask
-        step = (h >> 32) | 1
-        bits[i >> 3] |= 1 << (i & 7)
-        i = (i + step) & mask
-        bits[i >> 3] |= 1 << (i & 7)
-        i = (i + step) & mask
-        bits[i >> 3] |= 1 << (i & 7)
 
     def next_gen(self) -> int:
         """The generation to store a new key's row in (PostgreSQL, cluster mode: a row per
@@ -182,44 +133,6 @@ class SendRequests:
             self.gen += 1
             self._gen_left = self._gen_size() - 1
         return self.gen
-
-    def begin(self, key: Key, op: Op, ts_us: int) -> None:
-        """A new send with ``key`` is queued for commit (``op``)."""
-        self.pending[key] = op
-        # add(key, ts_us), inlined: this runs once per send.
-        p = ts_us // self.period_us
-        counts = self._counts
-        counts[p] = counts.get(p, 0) + 1
-        bits = self._newest if p == self._newest_p else self._periods.get(p) or self._period(p)
-        h = hash(key)
-        mask = self._mask
-        i = h & mask
-        step = (h >> 32) | 1
-        bits[i >> 3] |= 1 << (i & 7)
-        i = (i + step) & mask
-        bits[i >> 3] |= 1 << (i & 7)
-        i = (i + step) & mask
-        bits[i >> 3] |= 1 << (i & 7)
-
-    def undo(self, key: Key) -> None:
-        """Its commit failed: the key was not spent (its filter bits stay: harmless)."""
-        self.pending.pop(key, None)
-
-    def committed(self, key: Key, event_id: str) -> bool:
-        """Its commit succeeded: remember the event id among the recent keys (and, when
-        folding, among the unfolded ones). True when a fold is due: :meth:`start_fold`."""
-        self.pending.pop(key, None)
-        recent = self.recent
-        recent[key] = event_id
-        if len(recent) > self.recent_max:
-            recent.popitem(last=False)
-        if self._watching and key in self._watching:
-            self._committed[key] = event_id
-        if self.fold:
-            unfolded = self.unfolded
-            unfolded[key] = event_id
-            return len(unfolded) >= self.gen_keys and self.folding is None
-        return False
 
     # -- folding (SQLite on one node) ---------------------------------------------------
     def unfolded_event(self, key: Key, now_us: int) -> str | None:
@@ -283,25 +196,6 @@ class SendRequests:
         return self._committed.pop(key, None)
 
     # -- the filters --------------------------------------------------------------------
-    def _period(self, p: int) -> bytearray:
-        periods = self._periods
-        if periods and p < min(periods):
-            # The clock stepped back past the oldest filter kept: the oldest one covers
-            # it (a key must never be missing from every filter while in the window).
-            return periods[min(periods)]
-        bits = periods[p] = bytearray(self._bytes)
-        self._filters_changed()
-        return bits
-
-    def _filters_changed(self) -> None:
-        periods = self._periods
-        self._filters = list(periods.values())
-        if periods:
-            self._newest_p = max(periods)
-            self._newest = periods[self._newest_p]
-        else:
-            self._newest_p, self._newest = None, bytearray()
-
     def purge(self, now_us: int) -> None:
         """Forget what is past the window: whole filters, and old recent keys."""
         since = now_us - self.window_us
