@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,7 +63,9 @@ def insert_rows(conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         return
     for i in range(0, n, ROWS_CHUNK):
         chunk = rows[i : i + ROWS_CHUNK]
-        conn.execute(_multi_row(sql, len(chunk)), [v for row in chunk for v in row])
+        # chain, not a comprehension: the values are copied in C, not one opcode loop
+        # per value (8 per event row: ~46 opcodes per message in send_batched).
+        conn.execute(_multi_row(sql, len(chunk)), tuple(chain.from_iterable(chunk)))
 
 
 _MULTI: dict[tuple[str, int], str] = {}
