@@ -22,7 +22,8 @@ serve: $(STAMP)
 	$(BIN)/sovereign serve $(ARGS)
 
 ## test: lint, type-check and the whole test suite (what CI runs); every async test
-## runs on uvloop and again on the stdlib event loop (SOVEREIGN_TEST_LOOP=both)
+## runs on uvloop and again on the stdlib event loop (SOVEREIGN_TEST_LOOP=both; once for
+## the tests marked server_in_subprocess: their servers run uvloop in any case)
 TEST_LOOP ?= both
 test: $(STAMP) interop web-deps lint typecheck
 	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=30

@@ -30,6 +30,11 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     choice = os.environ.get("SOVEREIGN_TEST_LOOP", "uvloop")
     if choice == "both":
+        if item.get_closest_marker("server_in_subprocess"):
+            # Its servers are child processes on uvloop whatever the test runs on: a
+            # second pass would run only the test's own driver on the stdlib loop (the
+            # crash, cluster and CLI tests: ~1.5 of CI's minutes on a fast machine).
+            return {"uvloop": _LOOPS["uvloop"]}
         return dict(_LOOPS)
     return {choice: _LOOPS[choice]}
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers import pg
@@ -17,6 +19,9 @@ from tests.helpers.flows import register, resume
 from tests.helpers.wsclient import WsClient
 from tests.integration.test_cli import cli, serving
 from tests.integration.test_process import Server
+
+# Every server here is a child process (conftest: one loop under SOVEREIGN_TEST_LOOP=both).
+pytestmark = pytest.mark.server_in_subprocess
 
 
 async def _token(d: Path, name: str) -> str:

@@ -24,6 +24,9 @@ from tests.helpers.server import run_cli
 from tests.helpers.wsclient import WsClient
 from tests.integration.test_process import Server
 
+# Every server here is a child process (conftest: one loop under SOVEREIGN_TEST_LOOP=both).
+pytestmark = pytest.mark.server_in_subprocess
+
 
 async def cli(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> Result:
     """``sovereign ARGS --data-dir DIR`` in a subprocess (off the event loop)."""

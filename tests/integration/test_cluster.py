@@ -31,6 +31,9 @@ from tests.helpers.cluster import Cluster, Node, PostgresInstance, cluster, prov
 from tests.helpers.flows import resume
 from tests.helpers.wsclient import Received, WsClient
 
+# Every server here is a child process (conftest: one loop under SOVEREIGN_TEST_LOOP=both).
+pytestmark = pytest.mark.server_in_subprocess
+
 Key = tuple[str, int]  # (conversation id, seq)
 
 

@@ -28,11 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sovereign.protocol.types import MessageType as T
 from sovereign.v1 import sovereign_pb2 as pb
 from tests.helpers.flows import resume
 from tests.helpers.server import ServerProcess, run_cli
 from tests.helpers.wsclient import Received, WsClient
+
+# Every server here is a child process (conftest: one loop under SOVEREIGN_TEST_LOOP=both).
+pytestmark = pytest.mark.server_in_subprocess
 
 ROUNDS = int(os.environ.get("SOVEREIGN_CRASH_ROUNDS", "12"))
 WINDOW = 32  # sends in flight per client
