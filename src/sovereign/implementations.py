@@ -139,7 +139,7 @@ def active(name: str) -> Kind:
 def describe() -> str:
     """Every component's choice, for the start-up log:
     ``envelope codec: compiled, dispatcher: compiled, fan-out: compiled, WAL
-    coalescing: compiled``."""
+    coalescing: compiled, event ids: compiled, idempotency filter: compiled``."""
     return ", ".join(f"{c.label}: {active(c.name)}" for c in COMPONENTS.values())
 
 
