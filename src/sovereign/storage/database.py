@@ -606,6 +606,7 @@ class Database:
             self._sync_full = durable
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
+        ok = 0  # writes answered with their result (the rest of ``outcomes`` failed)
         # A write alone in its transaction needs no SAVEPOINT: if it fails, rolling the
         # transaction back undoes exactly its work (two statements fewer per commit at
         # everyday load, where most batches hold one write: docs/performance.md).
@@ -654,6 +655,7 @@ class Database:
                     outcomes += [(f, _db_error("COMMIT failed", exc), None) for f, _ in pending]
                 else:
                     outcomes += [(f, None, r) for f, r in pending]
+                    ok = len(pending)
                 pending.clear()
         except BaseException as exc:  # a bug here must never leave a caller waiting
             self._rollback_all(conn)
@@ -671,7 +673,6 @@ class Database:
                 self._largest = max(self._largest, len(batch))
                 self.batch_sizes.observe(len(batch))
                 self.commit_seconds.observe(took)
-            ok = sum(1 for o in outcomes if o[1] is None)
             self._writes_ok += ok
             self._writes_failed += len(outcomes) - ok
 
