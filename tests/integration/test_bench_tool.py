@@ -53,6 +53,10 @@ RUNS: dict[str, list[str]] = {
         *("ab", "--rounds", "1", "--b-env", "METRICS=false", "--b-label", "no metrics"),
         *("relay", "--pairs", "2", "--rate", "50", "--duration", "0.5"),
     ],
+    # Its own options only (it passes its runs theirs): every configuration, tiny.
+    "compare": [
+        *("compare", "--duration", "0.5", "--pairs", "2", "--group", "4", "--tail", "0.3"),
+    ],
 }
 # No CPU pinning: CI machines may have one core. The JSON still carries every figure.
 # A short tail (the default is a checkpoint interval and a second) keeps the runs quick.
@@ -70,6 +74,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, 
         common = [a for a in COMMON if name == "idle" or a not in ("--settle", "0.2")]
         procs_flag = [] if "--procs" in argv else ["--procs", "1"]
         cmd = [sys.executable, "-m", "sovereign.bench", *argv, *procs_flag, *common]
+        if name == "compare":
+            cmd = [sys.executable, "-m", "sovereign.bench", *argv]
         if name == "ab":  # its own --json comes before the scenario
             cmd[4:4] = ["--json", str(out)]
         else:
@@ -249,6 +255,36 @@ def test_ab_runs_each_side_with_its_own_settings_and_reports_the_ratio(
     assert cell["a"] == [a_us] and cell["b"] == [b_us]
     assert cell["ratio"] == [round(b_us / a_us, 3)] == [cell["median"]]
     assert "relay/fixed@50" in text and "CPU us per unit" in text and "median" in text
+
+
+def test_compare_runs_every_configuration_and_reports_their_ratios(
+    runs: dict[str, tuple[int, str, dict[str, Any]]],
+) -> None:
+    code, text, doc = runs["compare"]
+    assert code == 0, text
+    figures = doc["figures"]
+    assert list(figures) == ["sqlite, 1 process", "postgres, 1 process", "postgres, 2 workers"]
+    for name, by in figures.items():
+        for scenario in ("relay", "fanout"):
+            r = by[scenario]
+            assert "error" not in r, (name, scenario, r)
+            assert r["problems"] == [] and all(r["checks"].values()), (name, scenario, r)
+            assert r["count"] > 0 and r["per_server_cpu_s"] > 0, (name, scenario, r)
+        parts = by["relay"]["server_cpu_parts"] or {}
+        if name != "sqlite, 1 process":  # PostgreSQL's backends count as server CPU
+            assert parts.get("postgres", 0) > 0, (name, parts)
+        if name == "postgres, 2 workers":  # and so does the redis-server linking them
+            assert "redis" in parts, parts
+    # Each ratio from the two configurations' own figures.
+    pg, lite = figures["postgres, 1 process"]["relay"], figures["sqlite, 1 process"]["relay"]
+    ratios = doc["ratios"]
+    assert ratios["postgres_vs_sqlite_relay_per_cpu"] == round(
+        pg["per_server_cpu_s"] / lite["per_server_cpu_s"], 3
+    )
+    two = figures["postgres, 2 workers"]["relay"]
+    assert ratios["workers_2_vs_1_relay_throughput"] == round(two["per_s"] / pg["per_s"], 3)
+    assert all(v is not None for v in ratios.values()), ratios
+    assert "target: PostgreSQL >= 60% of SQLite relay per CPU-s" in text
 
 
 def test_message_send_parts_is_a_valid_message_send() -> None:

@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", default="", help="comma-separated config numbers to run (1-3; default all)"
     )
     p.add_argument("--json", default="", metavar="FILE", help="write every figure as JSON")
+    p.add_argument(
+        "--tail",
+        type=float,
+        default=None,
+        metavar="S",
+        help="each run's --tail (default: the scenarios' own, a checkpoint interval and more)",
+    )
     return p
 
 
@@ -63,6 +70,8 @@ def _run(scenario: str, extra: list[str], args: argparse.Namespace, log: Any) ->
     ]  # fmt: skip
     if args.pg_dsn:
         cmd += ["--pg-dsn", args.pg_dsn]
+    if args.tail is not None:
+        cmd += ["--tail", str(args.tail)]
     if scenario == "relay":
         cmd += ["--pairs", str(args.pairs), "--window", str(args.window), "--rate", "max"]
     else:
