@@ -78,3 +78,27 @@ def test_a_rise_past_the_tolerance_is_a_regression() -> None:
     assert same.startswith("ok") and "+4.9%" in same
     assert rose.startswith("REGRESSION") and "+5.1%" in rose
     assert fell.startswith("ok")
+
+
+def test_glibc_takes_every_pinned_tunable() -> None:
+    """The guard's GLIBC_TUNABLES: glibc ignores a name it does not know, so check that
+    the dynamic loader reports each pinned value (x86-64 glibc only)."""
+    import os
+    import platform
+    import subprocess
+
+    loader = "/lib64/ld-linux-x86-64.so.2"
+    if platform.machine() != "x86_64" or not os.path.exists(loader):
+        pytest.skip("the tunables are x86-64 glibc's")
+    env = {**os.environ, "GLIBC_TUNABLES": instructions.PINNED_LIBC}
+    shown = subprocess.run(
+        [loader, "--list-tunables"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    for item in instructions.PINNED_LIBC.split(":"):
+        name, value = item.split("=", 1)
+        line = next(ln for ln in shown.splitlines() if ln.startswith(name + ":"))
+        assert line.split(": ", 1)[1].split(" (")[0] == value, line
+    features = subprocess.run(
+        [loader, "--list-diagnostics"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "x86.cpu_features.preferred.Fast_Unaligned_Load=0x0" in features
