@@ -511,7 +511,18 @@ def measure(scale: float, jobs: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "machine": platform.machine(),
+        "cpu": cpu_model(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), or "" where /proc/cpuinfo does not say."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return m.group(1).strip() if m else ""
 
 
 def compare(baseline: dict[str, Any], now: dict[str, Any], tolerance: float) -> list[str]:
@@ -529,6 +540,11 @@ def compare(baseline: dict[str, Any], now: dict[str, Any], tolerance: float) -> 
             f"{tag} {w}: {got['per_unit']:,} instructions per unit "
             f"(baseline {was['per_unit']:,}, {100 * (ratio - 1):+.1f}%)"
         )
+    then, here = baseline.get("cpu"), now.get("cpu")
+    if then and here and then != here:
+        # Not a pass: a reader of a REGRESSION line needs to know (docs/performance.md:
+        # send_batched read 6% apart between two CPU kinds for the same code).
+        lines.append(f"note: the baseline was counted on {then!r}, this run on {here!r}")
     return lines
 
 

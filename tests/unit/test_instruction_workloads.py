@@ -80,6 +80,18 @@ def test_a_rise_past_the_tolerance_is_a_regression() -> None:
     assert fell.startswith("ok")
 
 
+def test_a_baseline_from_another_cpu_is_named() -> None:
+    def run(cpu: str) -> dict[str, object]:
+        return {"counts": {"cycle": {"per_unit": 1000}}, "cpu": cpu}
+
+    rose = {"counts": {"cycle": {"per_unit": 1100}}, "cpu": "AMD EPYC"}
+    lines = instructions.compare(run("Intel Xeon"), rose, 0.05)
+    assert lines[0].startswith("REGRESSION")
+    assert lines[1] == "note: the baseline was counted on 'Intel Xeon', this run on 'AMD EPYC'"
+    assert len(instructions.compare(run("AMD EPYC"), rose, 0.05)) == 1  # same CPU: no note
+    assert isinstance(instructions.cpu_model(), str)
+
+
 def test_glibc_takes_every_pinned_tunable() -> None:
     """The guard's GLIBC_TUNABLES: glibc ignores a name it does not know, so check that
     the dynamic loader reports each pinned value (x86-64 glibc only)."""
