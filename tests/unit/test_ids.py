@@ -93,12 +93,12 @@ def test_ids_start_after_a_stored_id_even_with_the_clock_behind(mod: ModuleType)
     mod.set_state(0, 0)
     now_ms = int(time.time() * 1000)
     stored = str(ULID.from_timestamp((now_ms + 60_000) / 1000))  # a minute ahead
-    mod.start_after(stored)
+    ids.start_after(stored, mod)
     behind = mod.new_ulid(now_ms)
     assert behind > stored and ULID.from_str(behind).milliseconds == now_ms + 60_000
-    mod.start_after(ids.encode(0))  # an older id moves nothing back
+    ids.start_after(ids.encode(0), mod)  # an older id moves nothing back
     assert mod.new_ulid(now_ms) > behind
-    mod.start_after("")  # an empty database
+    ids.start_after("", mod)  # an empty database
     assert mod.new_ulid() > behind
 
 

@@ -111,19 +111,3 @@ def set_state(ms, rand):
     _last_ms = <uint64_t>ms
     _last_hi = <uint16_t>((rand >> 64) & 0xFFFF)
     _last_lo = <uint64_t>(rand & 0xFFFFFFFFFFFFFFFF)
-
-
-_TO_BASE32 = str.maketrans(
-    "0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv"
-)
-
-
-def start_after(ulid):
-    """Make every id made from now on sort after ``ulid`` (the newest stored event id,
-    at start-up), even if the clock is behind it."""
-    if not ulid:
-        return
-    value = int(ulid.translate(_TO_BASE32), 32)
-    ms, rand = value >> 80, value & ((1 << 80) - 1)
-    if (ms, rand) > state():
-        set_state(ms, rand)

@@ -32,6 +32,7 @@ from sovereign.codec.payloads import MessageAck, MessageSend
 from sovereign.config import Config
 from sovereign.errors import CloseCode, ErrorCode, SovereignError
 from sovereign.protocol.types import MessageType as T
+from sovereign.services import ids
 from sovereign.services.eventlog import Conv, Event, EventInfo, EventLog, Op
 from sovereign.services.idempotency import IDEMPOTENCY_US, LOAD_PAGE, SendRequests
 from sovereign.services.ports import NullPeers, Outbox, Peers, Tasks
@@ -297,7 +298,7 @@ class DeliveryService:
         requests = self.requests
         if requests.fold:
             unfolded, newest = await self.db.read(sql.unfolded_send_requests_txn)
-            implementations.load("ids").start_after(newest)
+            ids.start_after(newest, implementations.load("ids"))
             requests.load_unfolded(unfolded)
             total += len(unfolded)
         log.info("loaded %d idempotency keys", total)

@@ -5,11 +5,11 @@ millisecond. Within one millisecond the random part is incremented, so ids sort 
 creation order (retention deletes by id range).
 
 This is the pure-Python twin of ``sovereign._fast.ids`` (the component "ids" in
-``sovereign.implementations``): :func:`new_ulid`, :func:`start_after`, :func:`state` and
-:func:`set_state` are the component's API, and callers that make ids take them from
+``sovereign.implementations``): :func:`new_ulid`, :func:`state` and :func:`set_state`
+are the component's API, and callers that make ids take them from
 ``implementations.load("ids")``, so that one generator (one state) serves the process.
-The helpers below them (:func:`encode`, :func:`ulid_ms`, :func:`ulid_floor`) are
-stateless and have no compiled twin.
+The helpers here (:func:`start_after`, which takes the generator to move, :func:`encode`,
+:func:`ulid_ms`, :func:`ulid_floor`) have no compiled twin.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from typing import Protocol
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> 2 chars
@@ -108,18 +109,25 @@ def set_state(ms: int, rand: int) -> None:
     _state[1] = rand
 
 
-def start_after(ulid: str) -> None:
-    """Make every id this process makes from now on sort after ``ulid`` (the newest
+class Generator(Protocol):
+    """The component "ids": this module, or ``sovereign._fast.ids``."""
+
+    def state(self) -> tuple[int, int]: ...
+    def set_state(self, ms: int, rand: int) -> None: ...
+
+
+def start_after(ulid: str, generator: Generator) -> None:
+    """Make every id ``generator`` makes from now on sort after ``ulid`` (the newest
     stored event id, at start-up), even if the clock is now behind it: idempotency
     keys not yet folded into ``send_requests`` are found as the events after a stored
-    id (storage/messaging.py, fold_send_requests_txn)."""
+    id (storage/messaging.py, fold_send_requests_txn). One function for both
+    generators: it runs once per start."""
     if not ulid:
         return
     value = int(ulid.translate(_TO_BASE32), 32)
     ms, rand = value >> 80, value & ((1 << 80) - 1)
-    if (ms, rand) > (_state[0], _state[1]):
-        _state[0] = ms
-        _state[1] = rand
+    if (ms, rand) > generator.state():
+        generator.set_state(ms, rand)
 
 
 def ulid_ms(ulid: str) -> int:
