@@ -598,7 +598,11 @@ class Database:
         (the caller answers them), even when this raises."""
         conn = self._wconn
         assert conn is not None
-        durable = any(item[2] for item in batch)
+        # A write alone in its transaction needs no SAVEPOINT: if it fails, rolling the
+        # transaction back undoes exactly its work (two statements fewer per commit at
+        # everyday load, where most batches hold one write: docs/performance.md).
+        alone = len(batch) == 1
+        durable = batch[0][2] if alone else any(item[2] for item in batch)
         if durable:
             self._last_durable = time.monotonic()
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
@@ -607,10 +611,6 @@ class Database:
         pending: list[tuple[asyncio.Future[Any], Any]] = []  # done, awaiting COMMIT
         committed = False
         ok = 0  # writes answered with their result (the rest of ``outcomes`` failed)
-        # A write alone in its transaction needs no SAVEPOINT: if it fails, rolling the
-        # transaction back undoes exactly its work (two statements fewer per commit at
-        # everyday load, where most batches hold one write: docs/performance.md).
-        alone = len(batch) == 1
         started = time.perf_counter()
         try:
             for i, (fn, fut, _durable) in enumerate(batch):
@@ -670,7 +670,8 @@ class Database:
                 self._last_commit_s = took
             if committed:
                 self._batches += 1
-                self._largest = max(self._largest, len(batch))
+                if len(batch) > self._largest:
+                    self._largest = len(batch)
                 self.batch_sizes.observe(len(batch))
                 self.commit_seconds.observe(took)
             self._writes_ok += ok
