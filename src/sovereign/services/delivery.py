@@ -205,13 +205,25 @@ class DeliveryWriter:
         """The waiters so far, and one write of everything recorded for them (None if
         there is nothing to write)."""
         waiters, self._waiters = self._waiters, []
-        positions = [(c, u, d, s) for (c, u, d), s in self.positions.items()]
-        dropped = list(self.dropped)
-        acks = list(self.welcome_acks)
-        now = self.clock.now_us()
-        marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
-        self.positions, self.dropped = {}, set()
-        self.welcome_acks, self.read_markers = set(), {}
+        # Most writes hold cursors and delivered positions only: the other kinds are
+        # taken (and the clock read) only when there are some.
+        positions: list[tuple[str, str, str, int]] = []
+        dropped: list[tuple[str, str]] = []
+        acks: list[tuple[str, str]] = []
+        marks: list[tuple[str, str, int, int]] = []
+        if self.positions:
+            positions = [(c, u, d, s) for (c, u, d), s in self.positions.items()]
+            self.positions = {}
+        if self.dropped:
+            dropped = list(self.dropped)
+            self.dropped = set()
+        if self.welcome_acks:
+            acks = list(self.welcome_acks)
+            self.welcome_acks = set()
+        if self.read_markers:
+            now = self.clock.now_us()
+            marks = [(c, u, s, now) for (c, u), s in self.read_markers.items()]
+            self.read_markers = {}
         if not (positions or dropped or acks or marks):
             return waiters, None
         return waiters, partial(
