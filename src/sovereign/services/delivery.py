@@ -770,11 +770,18 @@ class DeliveryService:
         state = self.state
         dev = state.devices.get(s.device_id)
         index, delivered, user_id = state.event_index, state.delivered, s.user_id
-        if dev is None or any(
-            i not in index or (index[i].conv_id, user_id) not in delivered for i in ids
-        ):
+        # A loop, not any() over a generator: most acks carry one id.
+        slow = dev is None
+        if not slow:
+            for i in ids:
+                info = index.get(i)
+                if info is None or (info.conv_id, user_id) not in delivered:
+                    slow = True
+                    break
+        if slow:
             self.tasks.spawn(s, rid, self._ack_slow(s, rid, ids))
             return
+        assert dev is not None
         self._ack_apply(s, rid, dev, ids, {})
 
     async def _ack_slow(self, s: Session, rid: str, ids: list[str]) -> None:

@@ -654,7 +654,8 @@ class Database:
                     self._rollback_all(conn)
                     outcomes += [(f, _db_error("COMMIT failed", exc), None) for f, _ in pending]
                 else:
-                    outcomes += [(f, None, r) for f, r in pending]
+                    for f, r in pending:  # a loop, not a comprehension's call: 1-2 here
+                        outcomes.append((f, None, r))
                     ok = len(pending)
                 pending.clear()
         except BaseException as exc:  # a bug here must never leave a caller waiting
