@@ -54,6 +54,9 @@ async def test_workloads_commit_on_the_loop_however_slow(
         elif workload == "cycle":  # the message's commit, then the ack's cursor
             assert counters["batches"] == 2 * units
             assert counters["events_written"] == units
+        elif workload == "relay":  # each ack's cursor rides with the next message
+            assert counters["batches"] == units + 1  # the last ack's: alone
+            assert counters["events_written"] == units
         else:
             assert counters["batches"] == units // (instructions.GROUP - 1)
 
