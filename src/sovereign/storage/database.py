@@ -217,7 +217,8 @@ class Database:
     (``_before_close``) and which exceptions are the driver's (``_db_errors``: they
     reach callers as DatabaseError). The writer and reader connections speak the
     ``sqlite3`` connection API (PostgreSQL through an adapter), so the batch loop
-    below, the SAVEPOINT per write included, is the same for every engine."""
+    below, a SAVEPOINT per write after a transaction's first included, is the same for
+    every engine."""
 
     #: The engine's name ("sqlite", "postgres").
     engine_name: str = ""
@@ -598,11 +599,7 @@ class Database:
         (the caller answers them), even when this raises."""
         conn = self._wconn
         assert conn is not None
-        # A write alone in its transaction needs no SAVEPOINT: if it fails, rolling the
-        # transaction back undoes exactly its work (two statements fewer per commit at
-        # everyday load, where most batches hold one write: docs/performance.md).
-        alone = len(batch) == 1
-        durable = batch[0][2] if alone else any(item[2] for item in batch)
+        durable = batch[0][2] if len(batch) == 1 else any(item[2] for item in batch)
         if durable:
             self._last_durable = time.monotonic()
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
@@ -614,7 +611,13 @@ class Database:
         started = time.perf_counter()
         try:
             for i, (fn, fut, _durable) in enumerate(batch):
-                if not conn.in_transaction:
+                # The write that opens a transaction needs no SAVEPOINT: if it fails,
+                # rolling the transaction back undoes exactly its work, and the next
+                # write opens a new one. Two statements fewer per commit (of 4 alone, of
+                # 8 with a riding cursor write: docs/performance.md), and no page copied
+                # into a savepoint's journal before it is first changed.
+                opens = not conn.in_transaction
+                if opens:
                     try:
                         conn.execute("BEGIN IMMEDIATE")
                     except self._db_errors as exc:
@@ -624,8 +627,12 @@ class Database:
                         ]
                         break
                 try:
-                    if alone:
+                    if opens:
                         result = fn(conn)
+                        if not conn.in_transaction:
+                            # It ended the transaction itself (a bug: a SAVEPOINT's
+                            # RELEASE would catch it): what it left is not known.
+                            raise RuntimeError("a write ended the writer's transaction")
                     else:
                         conn.execute("SAVEPOINT batch_item")
                         result = fn(conn)
@@ -635,7 +642,7 @@ class Database:
                         _db_error("write failed", exc) if isinstance(exc, self._db_errors) else exc
                     )
                     outcomes.append((fut, err, None))
-                    if alone:
+                    if opens:  # nothing else in it: ``pending`` is empty
                         self._rollback_all(conn)
                     elif not self._rollback_item(conn):
                         # SQLite rolled back the whole transaction (e.g. SQLITE_FULL): the

@@ -575,8 +575,53 @@ async def test_a_write_alone_in_its_batch_fails_alone(db: Database) -> None:
     assert (stats.writes_failed, stats.batches_committed) == (3, 2)
 
 
+async def test_a_failing_write_that_opens_a_transaction_leaves_the_rest_to_a_new_one(
+    db: Database, gate: Gate
+) -> None:
+    """The write that opens a transaction runs without a SAVEPOINT: its failure rolls
+    that transaction back, and the batch's next write opens another."""
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
+        raise RuntimeError("boom")
+
+    def ends_it(conn: sqlite3.Connection) -> str:
+        _insert("ended")(conn)
+        conn.execute("ROLLBACK")
+        return "no error raised"
+
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    futs = [
+        asyncio.ensure_future(db.write(half_then_fail)),
+        asyncio.ensure_future(db.write(_insert("a"))),
+        asyncio.ensure_future(db.write(half_then_fail)),
+        asyncio.ensure_future(db.write(_insert("b"))),
+    ]
+    await asyncio.sleep(0)
+    batches = db.stats().batches_committed
+    gate.release()
+    await first
+    res = await asyncio.gather(*futs, return_exceptions=True)
+    assert isinstance(res[0], RuntimeError) and isinstance(res[2], RuntimeError), res
+    assert res[1] == "a" and res[3] == "b"
+    assert await db.read(_keys) == ["a", "b"]
+    bad = await db.read(
+        lambda c: c.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0]
+    )
+    assert bad == 0
+    assert db.stats().batches_committed == batches + 2  # the gate's, then a's and b's
+
+    # A write that ends the transaction itself, raising nothing, is refused, not
+    # answered as stored (nor left unanswered).
+    with pytest.raises(RuntimeError, match="ended the writer's transaction"):
+        await db.write(ends_it)
+    assert await db.write(_insert("c")) == "c"
+    assert await db.read(_keys) == ["a", "b", "c"]
+
+
 @pytest.mark.usefixtures("sqlite_only")  # the statements SQLite ran, from its trace hook
-async def test_only_a_batch_of_several_writes_uses_savepoints(db: Database, gate: Gate) -> None:
+async def test_a_transactions_first_write_needs_no_savepoint(db: Database, gate: Gate) -> None:
     ran: list[str] = []
     # The writer's connection belongs to its thread: hooked from a write.
     await db.write(lambda c: c.set_trace_callback(ran.append))
@@ -593,7 +638,7 @@ async def test_only_a_batch_of_several_writes_uses_savepoints(db: Database, gate
         gate.release()
         await first
         assert await asyncio.gather(*pair) == ["x", "y"]
-        assert ran.count("SAVEPOINT batch_item") == 2, ran
+        assert ran.count("SAVEPOINT batch_item") == 1, ran  # y's: x opened it
     finally:
         await db.write(lambda c: c.set_trace_callback(None))
 
