@@ -16,8 +16,9 @@ What the adapter does, and only this (see ``engines.py``):
 - Transaction control is deferred and merged: ``BEGIN``, ``SAVEPOINT batch_item`` and
   ``RELEASE batch_item`` are queued and sent in one simple-query round trip together
   with whatever comes next (the next item's SAVEPOINT, COMMIT); a write that ran no
-  SQL costs nothing, and a batch of one write costs BEGIN+SAVEPOINT and RELEASE+COMMIT:
-  two round trips, as many as a bare transaction.
+  SQL costs nothing. The write that opens a transaction has no SAVEPOINT
+  (``Database._run_batch``), so a batch of one write costs BEGIN and COMMIT, as many
+  round trips as a bare transaction.
 - ``rowcount`` comes from the command tag (``UPDATE 3``) or the rows returned.
 
 Errors are asyncpg's (``asyncpg.PostgresError``) or, when the server is gone, its
