@@ -40,7 +40,7 @@ from sovereign.services.session import Session, SyncState
 from sovereign.services.state import ConversationState, Device
 from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
-from sovereign.storage.database import Conn, Database
+from sovereign.storage.database import Conn, Database, replayable
 from sovereign.storage.errors import StorageError
 from sovereign.storage.sessions import SessionRow
 from sovereign.v1 import sovereign_pb2 as pb
@@ -226,12 +226,15 @@ class DeliveryWriter:
             self.read_markers = {}
         if not (positions or dropped or acks or marks):
             return waiters, None
-        return waiters, partial(
-            sql.save_delivery_state_txn,
-            positions=positions,
-            dropped_cursors=dropped,
-            welcome_acks=acks,
-            read_markers=marks,
+        # Replayable: upserts and deletes of its own arguments, nothing else.
+        return waiters, replayable(
+            partial(
+                sql.save_delivery_state_txn,
+                positions=positions,
+                dropped_cursors=dropped,
+                welcome_acks=acks,
+                read_markers=marks,
+            )
         )
 
     def _answer(

@@ -34,7 +34,7 @@ from sovereign.protocol.types import MessageType as T
 from sovereign.stats import Histogram
 from sovereign.storage import cluster as csql
 from sovereign.storage import messaging as sql
-from sovereign.storage.database import Conn, Database
+from sovereign.storage.database import Conn, Database, replayable
 from sovereign.v1 import sovereign_pb2 as pb
 
 #: Event ids (also for groups and MLS), from the compiled generator or its twin:
@@ -424,7 +424,8 @@ class EventLog:
             if requests:
                 sql.insert_send_requests_txn(conn, requests)
 
-        return txn
+        # Inserts of rows built above, nothing else, unless an op brought SQL of its own.
+        return txn if txns else replayable(txn)
 
     def _failed(self, batch: list[Op], exc: BaseException) -> None:
         """The batch's transaction failed: undo every op (newest first), answer each."""

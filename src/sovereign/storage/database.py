@@ -97,6 +97,20 @@ Conn: TypeAlias = sqlite3.Connection
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
+#: The attribute :func:`replayable` sets on a write.
+_REPLAYABLE = "_sovereign_replayable"
+
+
+def replayable(fn: T) -> T:
+    """Mark a write (a function or a ``partial``) as safe to run again from the start
+    once its transaction has been rolled back: it changes nothing but the database and
+    reads nothing but the database and its arguments. A batch whose writes are all
+    marked runs them in one transaction without a SAVEPOINT each; only if one of them
+    fails are they run again, each in its own (:meth:`Database._run_batch`)."""
+    setattr(fn, _REPLAYABLE, True)
+    return fn
+
+
 _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 #: The writer checkpoints the WAL itself only past this size (the checkpointer thread
 #: normally keeps it far smaller).
@@ -599,7 +613,8 @@ class Database:
         (the caller answers them), even when this raises."""
         conn = self._wconn
         assert conn is not None
-        durable = batch[0][2] if len(batch) == 1 else any(item[2] for item in batch)
+        size = len(batch)
+        durable = batch[0][2] if size == 1 else any(item[2] for item in batch)
         if durable:
             self._last_durable = time.monotonic()
         if durable != self._sync_full:  # outside any transaction, as SQLite requires
@@ -610,6 +625,10 @@ class Database:
         ok = 0  # writes answered with their result (the rest of ``outcomes`` failed)
         started = time.perf_counter()
         try:
+            if size > 1 and self._all_at_once(conn, batch, outcomes):
+                committed = True
+                ok = size
+                batch = []  # all answered: nothing left for the loop below
             for i, (fn, fut, _durable) in enumerate(batch):
                 # The write that opens a transaction needs no SAVEPOINT: if it fails,
                 # rolling the transaction back undoes exactly its work, and the next
@@ -678,12 +697,42 @@ class Database:
                 self._last_commit_s = took
             if committed:
                 self._batches += 1
-                if len(batch) > self._largest:
-                    self._largest = len(batch)
-                self.batch_sizes.observe(len(batch))
+                if size > self._largest:
+                    self._largest = size
+                self.batch_sizes.observe(size)
                 self.commit_seconds.observe(took)
             self._writes_ok += ok
             self._writes_failed += len(outcomes) - ok
+
+    def _all_at_once(
+        self,
+        conn: Any,
+        batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], bool]],
+        outcomes: list[_Outcome],
+    ) -> bool:
+        """Commit ``batch`` with no SAVEPOINT per write, if every write in it is
+        :func:`replayable`: at everyday load a commit holds a cursor write riding with
+        an event batch, and the second one's savepoint cost ~15k instructions (SQLite
+        copies each page into the savepoint's journal before its first change:
+        docs/performance.md, seventeenth session). True once committed, the writes'
+        results in ``outcomes``; False, with nothing changed, if a write is not
+        replayable or anything failed (rolled back: the caller runs the batch again,
+        write by write, and whatever failed fails there alone)."""
+        for fn, _fut, _durable in batch:
+            if not getattr(fn, _REPLAYABLE, False):
+                return False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [fn(conn) for fn, _fut, _durable in batch]
+            if not conn.in_transaction:
+                return False  # a write ended it (the careful run says which)
+            conn.execute("COMMIT")
+        except Exception:
+            self._rollback_all(conn)
+            return False
+        for (_fn, fut, _durable), result in zip(batch, results, strict=True):
+            outcomes.append((fut, None, result))
+        return True
 
     def _shutdown(self, stop: _Stop | None) -> None:
         with self._lock:

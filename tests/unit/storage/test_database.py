@@ -643,6 +643,72 @@ async def test_a_transactions_first_write_needs_no_savepoint(db: Database, gate:
         await db.write(lambda c: c.set_trace_callback(None))
 
 
+async def test_replayable_writes_commit_together_and_fail_alone(db: Database) -> None:
+    """A batch of replayable writes runs without a SAVEPOINT each; when one fails, the
+    batch is rolled back and run again write by write: that one fails alone, the others
+    commit, and what they did is in the database once."""
+    runs: dict[str, int] = {}
+
+    def counted(value: str) -> Callable[[sqlite3.Connection], str]:
+        def fn(conn: sqlite3.Connection) -> str:
+            runs[value] = runs.get(value, 0) + 1
+            return _insert(value)(conn)
+
+        return database_mod.replayable(fn)
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
+        raise RuntimeError("boom")
+
+    async def batch(*fns: Callable[[sqlite3.Connection], object]) -> list[object]:
+        gate = Gate()  # one per batch: a released gate stays open
+        first = asyncio.ensure_future(db.write(gate.fn))
+        await gate.wait_entered()
+        futs = [asyncio.ensure_future(db.write(fn)) for fn in fns]
+        await asyncio.sleep(0)
+        gate.release()
+        await first
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    assert await batch(counted("a"), counted("b")) == ["a", "b"]
+    assert runs == {"a": 1, "b": 1}  # together, once
+    res = await batch(counted("c"), database_mod.replayable(half_then_fail), counted("d"))
+    assert res[0] == "c" and isinstance(res[1], RuntimeError) and res[2] == "d", res
+    # Tried together up to the failure, then one by one.
+    assert runs == {"a": 1, "b": 1, "c": 2, "d": 1}
+    assert await db.read(_keys) == ["a", "b", "c", "d"]
+    bad = await db.read(
+        lambda c: c.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0]
+    )
+    assert bad == 0
+    assert db.stats().writes_failed == 1
+
+
+@pytest.mark.usefixtures("sqlite_only")  # the statements SQLite ran, from its trace hook
+async def test_only_a_batch_of_replayable_writes_goes_without_savepoints(db: Database) -> None:
+    ran: list[str] = []
+    await db.write(lambda c: c.set_trace_callback(ran.append))
+    try:
+        for fns, savepoints in (
+            ((database_mod.replayable(_insert("x")), database_mod.replayable(_insert("y"))), 0),
+            ((database_mod.replayable(_insert("z")), _insert("w")), 1),
+        ):
+            gate = Gate()
+            first = asyncio.ensure_future(db.write(gate.fn))
+            await gate.wait_entered()
+            futs = [asyncio.ensure_future(db.write(fn)) for fn in fns]
+            await asyncio.sleep(0)
+            ran.clear()
+            gate.release()
+            await first
+            await asyncio.gather(*futs)
+            assert ran.count("SAVEPOINT batch_item") == savepoints, ran
+            ours = ran[ran.index("BEGIN IMMEDIATE") :]  # after the gate's COMMIT
+            assert ours.count("COMMIT") == 1 and ours[-1] == "COMMIT", ran
+    finally:
+        await db.write(lambda c: c.set_trace_callback(None))
+
+
 @pytest.mark.usefixtures("sqlite_only")  # PostgreSQL: no deferrable constraint to trip
 async def test_failed_commit_fails_every_write_in_the_batch(db: Database, gate: Gate) -> None:
     def deferred_violation(conn: sqlite3.Connection) -> str:
