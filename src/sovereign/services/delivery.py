@@ -226,16 +226,7 @@ class DeliveryWriter:
             self.read_markers = {}
         if not (positions or dropped or acks or marks):
             return waiters, None
-        # Replayable: upserts and deletes of its own arguments, nothing else.
-        return waiters, replayable(
-            partial(
-                sql.save_delivery_state_txn,
-                positions=positions,
-                dropped_cursors=dropped,
-                welcome_acks=acks,
-                read_markers=marks,
-            )
-        )
+        return waiters, _StateWrite(positions, dropped, acks, marks)
 
     def _answer(
         self, waiters: list[Callable[[BaseException | None], None]], error: BaseException | None
@@ -249,6 +240,26 @@ class DeliveryWriter:
                     log.exception("ack completion failed")
         finally:
             self.outbox.uncork()
+
+
+@replayable
+class _StateWrite:
+    """One write of delivery state (replayable: upserts and deletes of its own rows,
+    marked once on the class rather than on each write)."""
+
+    __slots__ = ("acks", "dropped", "marks", "positions")
+
+    def __init__(
+        self,
+        positions: list[tuple[str, str, str, int]],
+        dropped: list[tuple[str, str]],
+        acks: list[tuple[str, str]],
+        marks: list[tuple[str, str, int, int]],
+    ) -> None:
+        self.positions, self.dropped, self.acks, self.marks = positions, dropped, acks, marks
+
+    def __call__(self, conn: Conn) -> None:
+        sql.save_delivery_state_txn(conn, self.positions, self.dropped, self.acks, self.marks)
 
 
 class DeliveryService:

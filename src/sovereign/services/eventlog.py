@@ -265,6 +265,27 @@ class Op:
         self.undos.append(fn)
 
 
+@replayable
+class _Inserts:
+    """A batch's rows, inserted: its whole transaction when no op brings SQL of its own
+    (replayable: it writes its own rows and reads nothing)."""
+
+    __slots__ = ("requests", "rows")
+
+    def __init__(
+        self, rows: list[sql.EventRow], requests: list[tuple[int, str, str, str, int]]
+    ) -> None:
+        self.rows = rows
+        self.requests = requests
+
+    def __call__(self, conn: Conn) -> None:
+        if self.rows:
+            # No conversations-row update: a head is its newest event (load_state).
+            sql.insert_events_txn(conn, self.rows)
+        if self.requests:
+            sql.insert_send_requests_txn(conn, self.requests)
+
+
 class EventLog:
     #: False: seqs come from memory (one process owns the database); see ClusterEventLog.
     clustered = False
@@ -414,18 +435,16 @@ class EventLog:
             if op.send_request is not None:
                 requests.append(op.send_request)
 
+        if not txns:  # nearly every batch: replayable, marked once on its class
+            return _Inserts(rows, requests)
+
         def txn(conn: Conn) -> None:
             # Extra SQL first: it creates conversations and members the events refer to.
             for fn in txns:
                 fn(conn)
-            if rows:
-                # No conversations-row update: a head is its newest event (load_state).
-                sql.insert_events_txn(conn, rows)
-            if requests:
-                sql.insert_send_requests_txn(conn, requests)
+            _Inserts(rows, requests)(conn)
 
-        # Inserts of rows built above, nothing else, unless an op brought SQL of its own.
-        return txn if txns else replayable(txn)
+        return txn
 
     def _failed(self, batch: list[Op], exc: BaseException) -> None:
         """The batch's transaction failed: undo every op (newest first), answer each."""

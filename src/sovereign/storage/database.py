@@ -102,11 +102,12 @@ _REPLAYABLE = "_sovereign_replayable"
 
 
 def replayable(fn: T) -> T:
-    """Mark a write (a function or a ``partial``) as safe to run again from the start
-    once its transaction has been rolled back: it changes nothing but the database and
-    reads nothing but the database and its arguments. A batch whose writes are all
-    marked runs them in one transaction without a SAVEPOINT each; only if one of them
-    fails are they run again, each in its own (:meth:`Database._run_batch`)."""
+    """Mark a write (a function, a ``partial``, or a class whose instances are writes:
+    marked once, not per write) as safe to run again from the start once its
+    transaction has been rolled back: it changes nothing but the database and reads
+    nothing but the database and its arguments. A batch whose writes are all marked
+    runs them in one transaction without a SAVEPOINT each; only if one of them fails
+    are they run again, each in its own (:meth:`Database._run_batch`)."""
     setattr(fn, _REPLAYABLE, True)
     return fn
 
