@@ -66,7 +66,8 @@ bench-compare: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=mean:10% $(ARGS)
 
 ## bench-instructions: instruction counts (valgrind callgrind) of fixed work — sends one
-## commit each, sends 50 per commit, acks, fan-out deliveries — against the baseline in
+## commit each, sends 50 per commit, acks alone and riding with the next send, fan-out
+## deliveries — against the baseline in
 ## benchmarks/instructions.json; fails when a count rose > 5% (noise-free; CI runs it)
 INSTRUCTIONS = benchmarks/instructions.json
 bench-instructions: $(STAMP)
