@@ -21,8 +21,9 @@ writer's commits too), start-up, set-up and teardown excluded:
   commit each;
 - ``relay``: 1,000 relay cycles as the server runs them in a stream of sends: B's ack of
   each message rides with A's next send (``EventLog.ride``), so a commit holds two
-  writes, each in its SAVEPOINT, and answers the ack (Ack, MESSAGE_DELIVERED) along
-  with the new message's echo and push; ``cycle`` commits each write alone.
+  writes (replayable, so with no SAVEPOINT: ``storage.database.replayable``) and
+  answers the ack (Ack, MESSAGE_DELIVERED) along with the new message's echo and push;
+  ``cycle`` commits each write alone.
 
 The services are wired as ``server.App`` wires them (:class:`Rig`), minus the timed
 commit-gathering waits and the checkpointer thread, and with every commit on the event
@@ -414,8 +415,7 @@ async def run(workloads: Sequence[str], scale: float = 1.0) -> dict[str, dict[st
                         await eventlog.wait_idle()
                         ack = pb.MessageAck(message_id=recent[-1].event_id).SerializeToString()
                         rig.dispatch(b, encode_envelope(T.MESSAGE_ACK, f"r{i}", ack))
-                    await rig.settle()  # the last ack's write, which no send follows
-                finally:
+                finally:  # the last ack's write, which no send follows: the settle below
                     writer.ride_s, eventlog.stream_s = ride0, stream0
             else:  # fanout
                 for env in fan_sends:

@@ -42,6 +42,29 @@ def _keys(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute("SELECT key FROM settings ORDER BY key")]
 
 
+def _half_then_fail(conn: sqlite3.Connection) -> None:
+    """A write that fails after a change of its own (which must not stay)."""
+    conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
+    raise RuntimeError("boom")
+
+
+def _bad_rows(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0])
+
+
+async def _one_batch(db: Database, *fns: Callable[[sqlite3.Connection], object]) -> list[object]:
+    """``fns`` written as one batch (queued behind a write that holds the writer); their
+    results or exceptions, in order."""
+    gate = Gate()  # one per batch: a released gate stays open
+    first = asyncio.ensure_future(db.write(gate.fn))
+    await gate.wait_entered()
+    futs = [asyncio.ensure_future(db.write(fn)) for fn in fns]
+    await asyncio.sleep(0)
+    gate.release()
+    await first
+    return await asyncio.gather(*futs, return_exceptions=True)
+
+
 # -- opening, pragmas, migrations ------------------------------------------------------
 
 
@@ -512,10 +535,6 @@ async def test_max_batch_caps_a_transaction(db_path: Path, gate: Gate) -> None:
 
 
 async def test_failing_write_rolls_back_only_itself(db: Database, gate: Gate) -> None:
-    def half_then_fail(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
-        raise RuntimeError("boom")
-
     def sql_error(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO no_such_table VALUES (1)")
 
@@ -523,7 +542,7 @@ async def test_failing_write_rolls_back_only_itself(db: Database, gate: Gate) ->
     await gate.wait_entered()
     futs = [
         asyncio.ensure_future(db.write(_insert("a"))),
-        asyncio.ensure_future(db.write(half_then_fail)),
+        asyncio.ensure_future(db.write(_half_then_fail)),
         asyncio.ensure_future(db.write(_insert("b"))),
         asyncio.ensure_future(db.write(sql_error)),
         asyncio.ensure_future(db.write(_insert("c"))),
@@ -545,10 +564,6 @@ async def test_a_write_alone_in_its_batch_fails_alone(db: Database) -> None:
     """A batch of one write runs without a SAVEPOINT; its failure, whatever the kind,
     rolls the transaction back: nothing of it stays, and the writer goes on."""
 
-    def half_then_fail(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
-        raise RuntimeError("boom")
-
     def sql_error(conn: sqlite3.Connection) -> None:
         _insert("half")(conn)
         conn.execute("INSERT INTO no_such_table VALUES (1)")
@@ -560,56 +575,35 @@ async def test_a_write_alone_in_its_batch_fails_alone(db: Database) -> None:
 
     assert await db.write(_insert("a")) == "a"
     with pytest.raises(RuntimeError, match="boom"):
-        await db.write(half_then_fail)
+        await db.write(_half_then_fail)
     with pytest.raises(DatabaseError):
         await db.write(sql_error)
     with pytest.raises(RuntimeError, match="aborted"):
         await db.write(abort)
     assert await db.write(_insert("b")) == "b"
     assert await db.read(_keys) == ["a", "b"]
-    bad = await db.read(
-        lambda c: c.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0]
-    )
-    assert bad == 0
+    assert await db.read(_bad_rows) == 0
     stats = db.stats()
     assert (stats.writes_failed, stats.batches_committed) == (3, 2)
 
 
 async def test_a_failing_write_that_opens_a_transaction_leaves_the_rest_to_a_new_one(
-    db: Database, gate: Gate
+    db: Database,
 ) -> None:
     """The write that opens a transaction runs without a SAVEPOINT: its failure rolls
     that transaction back, and the batch's next write opens another."""
-
-    def half_then_fail(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
-        raise RuntimeError("boom")
 
     def ends_it(conn: sqlite3.Connection) -> str:
         _insert("ended")(conn)
         conn.execute("ROLLBACK")
         return "no error raised"
 
-    first = asyncio.ensure_future(db.write(gate.fn))
-    await gate.wait_entered()
-    futs = [
-        asyncio.ensure_future(db.write(half_then_fail)),
-        asyncio.ensure_future(db.write(_insert("a"))),
-        asyncio.ensure_future(db.write(half_then_fail)),
-        asyncio.ensure_future(db.write(_insert("b"))),
-    ]
-    await asyncio.sleep(0)
     batches = db.stats().batches_committed
-    gate.release()
-    await first
-    res = await asyncio.gather(*futs, return_exceptions=True)
+    res = await _one_batch(db, _half_then_fail, _insert("a"), _half_then_fail, _insert("b"))
     assert isinstance(res[0], RuntimeError) and isinstance(res[2], RuntimeError), res
     assert res[1] == "a" and res[3] == "b"
     assert await db.read(_keys) == ["a", "b"]
-    bad = await db.read(
-        lambda c: c.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0]
-    )
-    assert bad == 0
+    assert await db.read(_bad_rows) == 0
     assert db.stats().batches_committed == batches + 2  # the gate's, then a's and b's
 
     # A write that ends the transaction itself, raising nothing, is refused, not
@@ -656,31 +650,16 @@ async def test_replayable_writes_commit_together_and_fail_alone(db: Database) ->
 
         return database_mod.replayable(fn)
 
-    def half_then_fail(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO settings (key, value) VALUES ('bad', '1')")
-        raise RuntimeError("boom")
-
-    async def batch(*fns: Callable[[sqlite3.Connection], object]) -> list[object]:
-        gate = Gate()  # one per batch: a released gate stays open
-        first = asyncio.ensure_future(db.write(gate.fn))
-        await gate.wait_entered()
-        futs = [asyncio.ensure_future(db.write(fn)) for fn in fns]
-        await asyncio.sleep(0)
-        gate.release()
-        await first
-        return await asyncio.gather(*futs, return_exceptions=True)
-
-    assert await batch(counted("a"), counted("b")) == ["a", "b"]
+    assert await _one_batch(db, counted("a"), counted("b")) == ["a", "b"]
     assert runs == {"a": 1, "b": 1}  # together, once
-    res = await batch(counted("c"), database_mod.replayable(half_then_fail), counted("d"))
+    # A function of its own: the mark must not stay on the shared helper.
+    failing = database_mod.replayable(lambda c: _half_then_fail(c))
+    res = await _one_batch(db, counted("c"), failing, counted("d"))
     assert res[0] == "c" and isinstance(res[1], RuntimeError) and res[2] == "d", res
     # Tried together up to the failure, then one by one.
     assert runs == {"a": 1, "b": 1, "c": 2, "d": 1}
     assert await db.read(_keys) == ["a", "b", "c", "d"]
-    bad = await db.read(
-        lambda c: c.execute("SELECT count(*) FROM settings WHERE key = 'bad'").fetchone()[0]
-    )
-    assert bad == 0
+    assert await db.read(_bad_rows) == 0
     assert db.stats().writes_failed == 1
 
 
